@@ -1,0 +1,228 @@
+//! The validated configuration: the only config types the rest of pullgate sees.
+//!
+//! Everything here has already been checked by `validate.rs`: addresses parsed, sizes and
+//! durations converted, zone and identity names resolved, hosts lowercased, the upstream URL
+//! split. Code outside `config/` must never need to re-validate a field, and must never see the
+//! serde schema in `file.rs`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use crate::secret::Secret;
+
+/// The whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: Server,
+    pub cache: Cache,
+    pub zones: Vec<Zone>,
+    pub identities: Vec<Identity>,
+    pub registries: Vec<Arc<Registry>>,
+    /// Findings that do not stop pullgate from starting (inline passwords, keys whose behaviour
+    /// is not built yet). `pullgate check` prints them; `serve` logs them once at start.
+    pub warnings: Vec<Warning>,
+}
+
+/// A non-fatal finding about the config, tied to the key it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Warning {
+    /// Dotted key path, e.g. `registry.hub.credentials.password`.
+    pub key: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Server {
+    /// Plain HTTP listeners.
+    pub listen: Vec<SocketAddr>,
+    /// `/metrics`, `/healthz`, `/readyz`; `None` when set to `""`.
+    pub admin_listen: Option<SocketAddr>,
+    /// Worker threads of the gateway service.
+    pub threads: usize,
+    /// Peers whose `X-Forwarded-For`/`Forwarded`/PROXY headers are believed.
+    pub trusted_proxies: Vec<IpNet>,
+    pub log_format: LogFormat,
+    pub audit_log: AuditSink,
+    pub tls: Vec<TlsListener>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditSink {
+    Stdout,
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsListener {
+    pub listen: SocketAddr,
+    /// Certificate/key pairs; the first is the default for clients without SNI.
+    pub certs: Vec<CertPair>,
+    pub client_ca: Option<PathBuf>,
+    pub require_client_cert: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertPair {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Cache {
+    pub dir: PathBuf,
+    /// Bytes.
+    pub max_size: u64,
+    /// How long a tag -> digest answer is reused without asking the upstream.
+    pub tag_ttl: Duration,
+    /// How long cached tags keep serving while the upstream fails.
+    pub stale_if_error: Duration,
+    /// Manifests larger than this are refused (invariant 7). Default 4 MiB.
+    pub max_manifest_size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Zone {
+    pub name: String,
+    pub nets: Vec<IpNet>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub name: String,
+    pub auth: IdentityAuth,
+    pub roles: Roles,
+}
+
+#[derive(Debug, Clone)]
+pub enum IdentityAuth {
+    /// A verified client certificate whose CN or a DNS SAN equals `subject`.
+    Mtls { subject: String },
+    /// HTTP Basic with a username and a password checked against a SHA-256 hash.
+    Password {
+        username: String,
+        password: PasswordCheck,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub enum PasswordCheck {
+    /// 32 bytes, from `password_sha256` (hex).
+    Sha256([u8; 32]),
+    /// The password is the (trimmed) content of this file, read when checked.
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Roles {
+    pub pull: bool,
+    pub push: bool,
+}
+
+/// One upstream registry and the names it answers to.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    /// Unique; used in metrics, logs and the audit log.
+    pub name: String,
+    pub upstream: Upstream,
+    /// Lowercased Host names (no port) this registry answers at.
+    /// Default: `["private.<upstream host>"]`.
+    pub hosts: Vec<String>,
+    /// Lowercased blob-only Host names.
+    pub data_hosts: Vec<String>,
+    /// containerd `?ns=` values (lowercased; may carry a `:port`).
+    pub ns: Vec<String>,
+    /// Path prefix: `/v2/<prefix>/<repository>/...`. No leading or trailing `/`.
+    pub prefix: Option<String>,
+    /// Requests that no other rule routes go here. At most one registry has it.
+    pub default: bool,
+    /// One-component names get `library/` (Docker Hub's convention). Default: true when the
+    /// upstream host is Docker Hub's, else false.
+    pub library_namespace: bool,
+    /// `None`: anonymous upstream access.
+    pub credentials: Option<CredentialSource>,
+    /// Extra token realm hosts that may receive the credentials, besides the upstream host and
+    /// hosts on its registrable domain.
+    pub realm_hosts: Vec<String>,
+    /// Extra trust anchors (PEM file) for this upstream and its token realm.
+    pub ca: Option<PathBuf>,
+    pub network_access: NetworkAccess,
+    /// Zone names, each known to `Config::zones`.
+    pub zones: Vec<String>,
+    pub trusted_identities: bool,
+    /// Allowed repository globs; empty means all.
+    pub repositories: Vec<String>,
+    /// Denied repository globs, checked before `repositories`.
+    pub deny_repositories: Vec<String>,
+    pub push: bool,
+    pub redirect: RedirectMode,
+    /// Per-registry override of `cache.tag_ttl`.
+    pub tag_ttl: Option<Duration>,
+}
+
+/// The upstream registry's origin, split once at load time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// `https://host[:port]` exactly as requests are built from it (no path, no trailing `/`).
+    pub origin: String,
+    pub https: bool,
+    /// Lowercased host name or IP literal (IPv6 without brackets).
+    pub host: String,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone)]
+pub enum CredentialSource {
+    Basic {
+        username: String,
+        password: PasswordSource,
+    },
+    /// A docker `config.json`; the entry for the upstream host is used (`auths` or its helpers).
+    DockerConfig { path: PathBuf },
+    /// `docker-credential-<name> get`, the upstream host on stdin.
+    Helper { name: String },
+}
+
+#[derive(Debug, Clone)]
+pub enum PasswordSource {
+    /// `password = "..."` in the file itself (`check` warns).
+    Inline(Secret),
+    /// `password_env`: read once at load; an unset variable is a config error.
+    Env { var: String, value: Secret },
+    /// `password_file`: read when used, re-read when the file changes.
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetworkAccess {
+    /// Any source address.
+    Enabled,
+    /// Only sources in the registry's zones (and trusted identities).
+    Selected,
+    /// Only identities.
+    Disabled,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedirectMode {
+    /// pullgate follows upstream storage redirects itself.
+    Follow,
+    /// Blob GETs on registry hosts are answered with a signed 307 to a data host.
+    DataEndpoint,
+}
+
+impl Registry {
+    /// The tag TTL in force for this registry.
+    pub fn tag_ttl(&self, cache: &Cache) -> Duration {
+        self.tag_ttl.unwrap_or(cache.tag_ttl)
+    }
+}

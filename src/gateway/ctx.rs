@@ -1,0 +1,75 @@
+//! `RequestCtx`: what is known about one request as it moves through the gateway, and the
+//! access log line written from it at the end.
+
+use std::time::Instant;
+
+/// Per-request state, filled as the request is routed and served.
+#[derive(Debug)]
+pub struct RequestCtx {
+    pub request_id: String,
+    pub started: Instant,
+    pub method: String,
+    /// The request path, escaped and cut to a safe length: fit for a log line.
+    pub path: String,
+    /// The registry the request was routed to.
+    pub registry: Option<String>,
+    /// `manifest`, `blob`, `tags`, `referrers`, `base`, ...
+    pub kind: &'static str,
+    /// Echoed as `OCI-Namespace` when the request was routed by `?ns=`.
+    pub namespace: Option<String>,
+    pub upstream_status: Option<u16>,
+    /// Body bytes written to the client.
+    pub bytes_sent: u64,
+    /// Why the request failed, for the access line (never a secret: built from our own errors).
+    pub error: Option<String>,
+}
+
+impl RequestCtx {
+    pub fn new(request_id: String) -> Self {
+        RequestCtx {
+            request_id,
+            started: Instant::now(),
+            method: String::new(),
+            path: String::new(),
+            registry: None,
+            kind: "other",
+            namespace: None,
+            upstream_status: None,
+            bytes_sent: 0,
+            error: None,
+        }
+    }
+
+    pub fn note_error(&mut self, message: &str) {
+        self.error = Some(message.chars().take(512).collect());
+    }
+
+    /// One access line per request.
+    pub fn log_access(&self, status: u16) {
+        tracing::info!(
+            target: "pullgate::access",
+            request_id = %self.request_id,
+            method = %self.method,
+            path = %self.path,
+            status,
+            registry = self.registry.as_deref().unwrap_or("-"),
+            kind = self.kind,
+            upstream_status = self.upstream_status.unwrap_or(0),
+            bytes = self.bytes_sent,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            error = self.error.as_deref().unwrap_or(""),
+            "request"
+        );
+    }
+}
+
+/// A path made safe to log: control characters escaped, at most 256 characters.
+pub fn loggable_path(path: &str) -> String {
+    let escaped: String = path.escape_debug().collect();
+    if escaped.chars().count() > 256 {
+        let cut: String = escaped.chars().take(256).collect();
+        format!("{cut}...")
+    } else {
+        escaped
+    }
+}

@@ -1,0 +1,131 @@
+//! The edge: the only `impl ProxyHttp`, where Pingora's `Session` meets pullgate.
+//!
+//! Every registry request is answered from `request_filter` (the `Ok(true)` contract): parse the
+//! path, route, ask the upstream through `UpstreamClient`, write the answer. Nothing reaches
+//! Pingora's proxy path yet, so `upstream_peer` only refuses. The hooks stay short; the work
+//! lives in `serve.rs` (what to ask and answer) and `respond.rs` (how bytes are written).
+
+mod ctx;
+mod respond;
+mod serve;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use pingora::prelude::*;
+use pingora::proxy::{ProxyHttp, Session};
+
+use crate::config::Config;
+use crate::route::RouteTable;
+use crate::upstream::UpstreamClient;
+pub use ctx::RequestCtx;
+
+/// Shared, read-only state of a running gateway.
+pub struct Gateway {
+    config: Arc<Config>,
+    routes: RouteTable,
+    upstreams: HashMap<String, Arc<UpstreamClient>>,
+    next_request: AtomicU64,
+    /// Mixed into request ids so they differ across restarts.
+    id_nonce: u64,
+}
+
+impl Gateway {
+    pub fn new(config: Arc<Config>) -> Result<Self, String> {
+        let routes = RouteTable::new(&config.registries);
+        let mut upstreams = HashMap::new();
+        for registry in &config.registries {
+            let client = UpstreamClient::new(registry.clone())
+                .map_err(|e| format!("registry.{}: {e}", registry.name))?;
+            upstreams.insert(registry.name.clone(), Arc::new(client));
+        }
+        let id_nonce = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+            .rotate_left(32);
+        Ok(Gateway {
+            config,
+            routes,
+            upstreams,
+            next_request: AtomicU64::new(1),
+            id_nonce,
+        })
+    }
+
+    fn request_id(&self) -> String {
+        let n = self.next_request.fetch_add(1, Ordering::Relaxed);
+        format!("{:016x}", n.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ self.id_nonce)
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::new(self.request_id())
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        match serve::serve(self, session, ctx).await {
+            Ok(()) => Ok(true),
+            Err(serve::Failure::Respond(error)) => {
+                respond::oci_error(session, ctx, &error).await?;
+                Ok(true)
+            }
+            Err(serve::Failure::Abort(reason)) => {
+                // Invariant 3: the response head is out; ending the body early would look
+                // complete. Failing the request drops the connection mid-body instead.
+                ctx.note_error(&reason);
+                Err(Error::explain(ErrorType::WriteError, reason))
+            }
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        Err(Error::explain(
+            ErrorType::InternalError,
+            "pullgate answers every request in request_filter",
+        ))
+    }
+
+    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, _error: &Error) -> bool {
+        // The access line below already carries the error.
+        ctx.error.is_some()
+    }
+
+    async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut RequestCtx) {
+        let status = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .unwrap_or(0);
+        if let Some(e) = error {
+            if ctx.error.is_none() {
+                ctx.note_error(&e.to_string());
+            }
+        }
+        ctx.log_access(status);
+    }
+}
+
+/// The Host a request was sent to: the `Host` header (HTTP/1) or the `:authority` (HTTP/2).
+fn request_host(req: &pingora::http::RequestHeader) -> Option<&str> {
+    req.headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri.authority().map(|a| a.as_str()))
+}
+
+/// Route table and upstream client lookups for `serve.rs`.
+impl Gateway {
+    fn upstream(&self, registry: &str) -> Option<&Arc<UpstreamClient>> {
+        self.upstreams.get(registry)
+    }
+}

@@ -1,0 +1,126 @@
+//! Writing answers through Pingora's `Session`: OCI errors, buffered bodies (manifests) and
+//! streamed upstream bodies (blobs).
+//!
+//! Every response carries `Content-Length` (or is a HEAD), so keep-alive connections survive
+//! expected errors such as 404 probes. A streamed body that breaks returns `Err`, which makes the
+//! gateway drop the connection mid-body (invariant 3).
+
+use bytes::Bytes;
+use http::{header, HeaderMap, Method};
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+use pingora::Result;
+
+use super::ctx::RequestCtx;
+use crate::oci::OciError;
+
+/// Upstream response headers a client may see; everything else stays behind.
+const PASSED_HEADERS: &[&str] = &[
+    "content-type",
+    "content-length",
+    "content-range",
+    "accept-ranges",
+    "docker-content-digest",
+    "etag",
+    "last-modified",
+    "oci-filters-applied",
+    "oci-subject",
+];
+
+/// A response head with the headers every pullgate answer carries.
+pub fn head(status: u16, ctx: &RequestCtx) -> Result<ResponseHeader> {
+    let mut resp = ResponseHeader::build(status, Some(8))?;
+    resp.insert_header("Docker-Distribution-API-Version", "registry/2.0")?;
+    resp.insert_header("X-Request-Id", ctx.request_id.as_str())?;
+    if let Some(ns) = &ctx.namespace {
+        // distribution-spec "Registry Proxying": echo OCI-Namespace when routed by ns.
+        resp.insert_header("OCI-Namespace", ns.as_str())?;
+    }
+    Ok(resp)
+}
+
+/// Copy the upstream headers a client may see.
+pub fn pass_headers(resp: &mut ResponseHeader, upstream: &HeaderMap) -> Result<()> {
+    for name in PASSED_HEADERS {
+        if let Some(v) = upstream.get(*name) {
+            resp.insert_header(*name, v.clone())?;
+        }
+    }
+    Ok(())
+}
+
+fn is_head(session: &Session) -> bool {
+    session.req_header().method == Method::HEAD
+}
+
+/// An OCI error, JSON body, connection kept alive.
+pub async fn oci_error(session: &mut Session, ctx: &mut RequestCtx, error: &OciError) -> Result<()> {
+    if ctx.error.is_none() {
+        ctx.note_error(&error.to_string());
+    }
+    let body = Bytes::from(error.to_json());
+    let mut resp = head(error.status, ctx)?;
+    resp.insert_header(header::CONTENT_TYPE, "application/json")?;
+    resp.insert_header(header::CONTENT_LENGTH, body.len())?;
+    if let Some(retry) = &error.retry_after {
+        resp.insert_header(header::RETRY_AFTER, retry.as_str())?;
+    }
+    if error.status == 401 {
+        resp.insert_header(header::WWW_AUTHENTICATE, "Basic realm=\"pullgate\"")?;
+    }
+    write_body(session, ctx, resp, body).await
+}
+
+/// A complete response with a body already in memory (HEAD gets the head only).
+pub async fn write_body(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    mut resp: ResponseHeader,
+    body: Bytes,
+) -> Result<()> {
+    resp.insert_header(header::CONTENT_LENGTH, body.len())?;
+    if is_head(session) || body.is_empty() {
+        session.write_response_header(Box::new(resp), true).await?;
+        return session.write_response_body(None, true).await;
+    }
+    session.write_response_header(Box::new(resp), false).await?;
+    ctx.bytes_sent += body.len() as u64;
+    session.write_response_body(Some(body), true).await
+}
+
+/// Stream an upstream body to the client. `Err` from here means the body broke after the head
+/// was sent: the caller must abort, not finish, the response.
+pub async fn stream_body(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    resp: ResponseHeader,
+    mut upstream: reqwest::Response,
+) -> std::result::Result<(), String> {
+    let head_only = is_head(session);
+    session
+        .write_response_header(Box::new(resp), head_only)
+        .await
+        .map_err(|e| format!("writing the response head: {e}"))?;
+    if head_only {
+        return session
+            .write_response_body(None, true)
+            .await
+            .map_err(|e| format!("finishing a HEAD response: {e}"));
+    }
+    loop {
+        let chunk = upstream
+            .chunk()
+            .await
+            .map_err(|e| format!("upstream body broke after {} bytes: {}", ctx.bytes_sent, e.without_url()))?;
+        let Some(chunk) = chunk else { break };
+        ctx.bytes_sent += chunk.len() as u64;
+        session
+            .write_response_body(Some(chunk), false)
+            .await
+            .map_err(|e| format!("client went away: {e}"))?;
+    }
+    session
+        .write_response_body(None, true)
+        .await
+        .map_err(|e| format!("finishing the body: {e}"))
+}

@@ -1,0 +1,531 @@
+//! What the gateway asks the upstream for each registry API request, and how it answers.
+//!
+//! The request path of DESIGN.md in order: parse (OCI grammar) -> route (closed world) ->
+//! method check -> upstream (credentials injected) -> answer. Manifests are read whole (capped,
+//! invariant 7) so their digest can be checked and their bytes passed on unchanged; blobs stream.
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use pingora::proxy::Session;
+use sha2::{Digest as _, Sha256};
+
+use super::ctx::loggable_path;
+use super::respond;
+use super::{request_host, Gateway, RequestCtx};
+use crate::oci::{self, ApiRequest, Digest, Endpoint, ErrorCode, OciError, Reference};
+use crate::route::{Routed, RoutedBy};
+use crate::upstream::{self, UpstreamClient, UpstreamError, UpstreamRequest};
+
+/// How a request ended badly.
+pub enum Failure {
+    /// Nothing was sent yet: answer with this OCI error.
+    Respond(OciError),
+    /// The head was sent and the body broke: drop the connection.
+    Abort(String),
+}
+
+impl From<OciError> for Failure {
+    fn from(e: OciError) -> Self {
+        Failure::Respond(e)
+    }
+}
+
+impl From<UpstreamError> for Failure {
+    fn from(e: UpstreamError) -> Self {
+        Failure::Respond(upstream_error(&e))
+    }
+}
+
+impl From<pingora::BError> for Failure {
+    fn from(e: Box<pingora::Error>) -> Self {
+        Failure::Abort(e.to_string())
+    }
+}
+
+/// Every manifest media type pullgate understands, for clients that send no `Accept`.
+const DEFAULT_MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
+
+pub async fn serve(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), Failure> {
+    let req = session.req_header();
+    ctx.method = req.method.to_string();
+    ctx.path = loggable_path(req.uri.path());
+    let method = req.method.clone();
+    let path = req.uri.path().to_string();
+    let query = req.uri.query().map(str::to_string);
+    let host = request_host(req).map(str::to_string);
+    let ns = query.as_deref().and_then(|q| query_value(q, "ns"));
+
+    match oci::parse_path(&path)? {
+        ApiRequest::Base => {
+            ctx.kind = "base";
+            if let Some(registry) = gw.routes.registry_for(host.as_deref(), ns.as_deref())? {
+                ctx.registry = Some(registry.name.clone());
+            }
+            if !matches!(method, Method::GET | Method::HEAD) {
+                return Err(unsupported_method(&method).into());
+            }
+            let mut resp = respond::head(200, ctx)?;
+            resp.insert_header(header::CONTENT_TYPE, "application/json")?;
+            respond::write_body(session, ctx, resp, Bytes::from_static(b"{}")).await?;
+            Ok(())
+        }
+        ApiRequest::Catalog => {
+            ctx.kind = "catalog";
+            Err(OciError::new(
+                ErrorCode::Unsupported,
+                "the catalog is not served: it would list what the injected credentials can see",
+            )
+            .into())
+        }
+        ApiRequest::Api { name, endpoint } => {
+            ctx.kind = endpoint.kind();
+            let routed = gw.routes.resolve(host.as_deref(), ns.as_deref(), name)?;
+            ctx.registry = Some(routed.registry.name.clone());
+            if routed.by == RoutedBy::Ns {
+                ctx.namespace = ns.clone();
+            }
+            check_method(&routed, &endpoint, &method)?;
+            let client = gw
+                .upstream(&routed.registry.name)
+                .ok_or_else(|| OciError::new(ErrorCode::NameUnknown, "registry has no upstream client"))?
+                .clone();
+            let headers = session.req_header().headers.clone();
+            let query = query.as_deref().map(without_ns).unwrap_or_default();
+            let job = Job {
+                client: &client,
+                routed: &routed,
+                method,
+                headers,
+                query,
+                max_manifest: gw.config.cache.max_manifest_size,
+            };
+            match endpoint {
+                Endpoint::Manifest(reference) => manifest(session, ctx, &job, &reference).await,
+                Endpoint::Blob(digest) => blob(session, ctx, &job, &digest).await,
+                Endpoint::TagsList => passthrough(session, ctx, &job, "tags/list", true).await,
+                Endpoint::Referrers(digest) => {
+                    passthrough(session, ctx, &job, &format!("referrers/{digest}"), true).await
+                }
+                Endpoint::UploadStart | Endpoint::Upload(_) => Err(push_denied(&routed).into()),
+            }
+        }
+    }
+}
+
+/// Everything one upstream call needs.
+struct Job<'a> {
+    client: &'a UpstreamClient,
+    routed: &'a Routed,
+    method: Method,
+    headers: HeaderMap,
+    /// The client's query without `ns`, `?`-less; empty when none.
+    query: String,
+    max_manifest: u64,
+}
+
+impl Job<'_> {
+    fn request(&self, method: Method, tail: &str, headers: HeaderMap, query: bool) -> UpstreamRequest {
+        let mut path = format!("/v2/{}/{tail}", self.routed.repository.as_str());
+        if query && !self.query.is_empty() {
+            path.push('?');
+            path.push_str(&self.query);
+        }
+        UpstreamRequest {
+            method,
+            path_and_query: path,
+            repository: Some(self.routed.repository.clone()),
+            headers,
+        }
+    }
+}
+
+fn check_method(routed: &Routed, endpoint: &Endpoint, method: &Method) -> Result<(), OciError> {
+    let read = matches!(*method, Method::GET | Method::HEAD);
+    match endpoint {
+        Endpoint::UploadStart | Endpoint::Upload(_) => Err(push_denied(routed)),
+        _ if routed.by == RoutedBy::DataHost && !matches!(endpoint, Endpoint::Blob(_)) => {
+            Err(OciError::new(
+                ErrorCode::Unsupported,
+                "this is a data endpoint: it serves blobs only",
+            )
+            .with_status(404))
+        }
+        _ if read => Ok(()),
+        Endpoint::Manifest(_) if matches!(*method, Method::PUT | Method::DELETE) => {
+            Err(push_denied(routed))
+        }
+        Endpoint::Blob(_) if *method == Method::DELETE => Err(push_denied(routed)),
+        _ => Err(unsupported_method(method)),
+    }
+}
+
+fn push_denied(routed: &Routed) -> OciError {
+    OciError::new(
+        ErrorCode::Denied,
+        format!(
+            "pushes through pullgate are not enabled for registry {:?}",
+            routed.registry.name
+        ),
+    )
+}
+
+fn unsupported_method(method: &Method) -> OciError {
+    OciError::new(
+        ErrorCode::Unsupported,
+        format!("method {method} is not supported here"),
+    )
+    .with_status(405)
+}
+
+/// GET or HEAD a manifest. The body is read whole (capped), checked against a requested digest,
+/// and passed on byte for byte with the upstream's media type.
+async fn manifest(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    job: &Job<'_>,
+    reference: &Reference,
+) -> Result<(), Failure> {
+    let tail = format!("manifests/{reference}");
+    let mut headers = upstream::forwarded_headers(&job.headers, false);
+    if job.headers.get(header::ACCEPT).is_none() {
+        headers.insert(header::ACCEPT, HeaderValue::from_static(DEFAULT_MANIFEST_ACCEPT));
+    }
+    if job.method == Method::HEAD {
+        let answer = job
+            .client
+            .send(&job.request(Method::HEAD, &tail, headers.clone(), false))
+            .await?
+            .response;
+        ctx.upstream_status = Some(answer.status().as_u16());
+        if !answer.status().is_success() {
+            return Err(error_from_upstream(job, "manifest", answer).await.into());
+        }
+        let h = answer.headers();
+        // A HEAD must carry the real size and digest (containerd refuses a zero size); when the
+        // upstream leaves them out, fall through to a GET and compute them.
+        if h.contains_key("docker-content-digest") && h.contains_key(header::CONTENT_LENGTH) {
+            let mut resp = respond::head(200, ctx)?;
+            respond::pass_headers(&mut resp, h)?;
+            session.write_response_header(Box::new(resp), true).await?;
+            session.write_response_body(None, true).await?;
+            return Ok(());
+        }
+    }
+    let answer = job
+        .client
+        .send(&job.request(Method::GET, &tail, headers, false))
+        .await?
+        .response;
+    ctx.upstream_status = Some(answer.status().as_u16());
+    if !answer.status().is_success() {
+        return Err(error_from_upstream(job, "manifest", answer).await.into());
+    }
+    let upstream_headers = answer.headers().clone();
+    let body = upstream::read_capped(answer, job.max_manifest)
+        .await
+        .map_err(|detail| manifest_read_error(job, &detail))?;
+    let digest = manifest_digest(reference, &upstream_headers, &body).map_err(|detail| {
+        OciError::new(
+            ErrorCode::Unavailable,
+            format!(
+                "upstream registry {:?} sent a manifest that fails verification: {detail}",
+                job.routed.registry.name
+            ),
+        )
+        .with_status(502)
+    })?;
+    let mut resp = respond::head(200, ctx)?;
+    respond::pass_headers(&mut resp, &upstream_headers)?;
+    resp.insert_header("Docker-Content-Digest", digest)?;
+    respond::write_body(session, ctx, resp, Bytes::from(body)).await?;
+    Ok(())
+}
+
+fn manifest_read_error(job: &Job<'_>, detail: &str) -> OciError {
+    if detail.contains("larger than") {
+        OciError::new(
+            ErrorCode::ManifestInvalid,
+            format!(
+                "the manifest from upstream registry {:?} is larger than the {} byte limit (cache.max_manifest_size)",
+                job.routed.registry.name, job.max_manifest
+            ),
+        )
+        .with_status(502)
+    } else {
+        OciError::new(
+            ErrorCode::Unavailable,
+            format!("upstream registry {:?}: {detail}", job.routed.registry.name),
+        )
+        .with_status(502)
+    }
+}
+
+/// The digest to announce for a manifest body. By-digest requests must match what was asked
+/// for; by-tag answers get the SHA-256 of the bytes (or the upstream's own digest if it used
+/// another algorithm and the bytes match it).
+fn manifest_digest(reference: &Reference, upstream: &HeaderMap, body: &[u8]) -> Result<String, String> {
+    if let Reference::Digest(d) = reference {
+        return if d.verify(body) {
+            Ok(d.to_string())
+        } else {
+            Err(format!("its bytes do not hash to {d}"))
+        };
+    }
+    let computed = format!("sha256:{}", hex::encode(Sha256::digest(body)));
+    let announced = upstream
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| Digest::parse(v).ok());
+    match announced {
+        Some(d) if d.verify(body) => Ok(d.to_string()),
+        Some(d) if d.to_string().starts_with("sha256:") => {
+            Err(format!("the upstream announced {d} but the bytes hash to {computed}"))
+        }
+        _ => Ok(computed),
+    }
+}
+
+/// GET or HEAD a blob, streamed; `Range` is passed through.
+async fn blob(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    job: &Job<'_>,
+    digest: &Digest,
+) -> Result<(), Failure> {
+    let headers = upstream::forwarded_headers(&job.headers, true);
+    let answer = job
+        .client
+        .send(&job.request(job.method.clone(), &format!("blobs/{digest}"), headers, false))
+        .await?
+        .response;
+    let status = answer.status();
+    ctx.upstream_status = Some(status.as_u16());
+    if !status.is_success() {
+        return Err(error_from_upstream(job, "blob", answer).await.into());
+    }
+    let mut resp = respond::head(status.as_u16(), ctx)?;
+    respond::pass_headers(&mut resp, answer.headers())?;
+    resp.insert_header("Docker-Content-Digest", digest.to_string())?;
+    if resp.headers.get(header::CONTENT_TYPE).is_none() {
+        resp.insert_header(header::CONTENT_TYPE, "application/octet-stream")?;
+    }
+    respond::stream_body(session, ctx, resp, answer)
+        .await
+        .map_err(Failure::Abort)
+}
+
+/// Tags list and referrers: small JSON documents passed through (capped like manifests).
+async fn passthrough(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    job: &Job<'_>,
+    tail: &str,
+    with_query: bool,
+) -> Result<(), Failure> {
+    let headers = upstream::forwarded_headers(&job.headers, false);
+    let answer = job
+        .client
+        .send(&job.request(Method::GET, tail, headers, with_query))
+        .await?
+        .response;
+    ctx.upstream_status = Some(answer.status().as_u16());
+    if !answer.status().is_success() {
+        return Err(error_from_upstream(job, ctx.kind, answer).await.into());
+    }
+    let status = answer.status().as_u16();
+    let upstream_headers = answer.headers().clone();
+    let body = upstream::read_capped(answer, job.max_manifest)
+        .await
+        .map_err(|detail| manifest_read_error(job, &detail))?;
+    let mut resp = respond::head(status, ctx)?;
+    respond::pass_headers(&mut resp, &upstream_headers)?;
+    if let Some(link) = upstream_headers
+        .get(header::LINK)
+        .and_then(|l| l.to_str().ok())
+        .and_then(|l| rewrite_link(l, job.routed.repository.as_str(), &job.routed.client_name))
+    {
+        resp.insert_header(header::LINK, link)?;
+    }
+    respond::write_body(session, ctx, resp, Bytes::from(body)).await?;
+    Ok(())
+}
+
+/// Pagination links name the upstream's repository on the upstream's origin; the client must
+/// keep talking to pullgate under its own name. Anything unexpected is dropped, not passed on.
+fn rewrite_link(link: &str, upstream_name: &str, client_name: &str) -> Option<String> {
+    let start = link.find('<')? + 1;
+    let end = link[start..].find('>')? + start;
+    let target = &link[start..end];
+    let path_start = target.find("/v2/")?;
+    let path = &target[path_start..];
+    let rest = path.strip_prefix(&format!("/v2/{upstream_name}/"))?;
+    if !(rest.starts_with("tags/list") || rest.starts_with("referrers/")) {
+        return None;
+    }
+    Some(format!("</v2/{client_name}/{rest}>{}", &link[end + 1..]))
+}
+
+/// Map an upstream error answer to what the client sees. Upstream error codes and messages are
+/// kept where they are OCI errors; auth failures become `DENIED` naming the registry; server
+/// errors become 502 naming the registry.
+async fn error_from_upstream(job: &Job<'_>, kind: &str, answer: reqwest::Response) -> OciError {
+    let status = answer.status();
+    let registry = &job.routed.registry.name;
+    let retry_after = answer
+        .headers()
+        .get(header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let body = upstream::read_capped(answer, 64 * 1024).await.unwrap_or_default();
+    let parsed = first_oci_error(&body);
+    let message = |fallback: String| {
+        parsed
+            .as_ref()
+            .map(|(_, m)| format!("upstream registry {registry:?}: {m}"))
+            .unwrap_or(fallback)
+    };
+    match status {
+        StatusCode::TOO_MANY_REQUESTS => {
+            let mut e = OciError::new(
+                ErrorCode::TooManyRequests,
+                message(format!("upstream registry {registry:?} is rate limiting pullgate")),
+            );
+            if let Some(r) = retry_after {
+                e = e.with_retry_after(r);
+            }
+            e
+        }
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => OciError::new(
+            ErrorCode::Denied,
+            message(format!("upstream registry {registry:?} denied access ({})", status.as_u16())),
+        ),
+        s if s.is_server_error() => OciError::new(
+            ErrorCode::Unavailable,
+            format!("upstream registry {registry:?} answered {}", s.as_u16()),
+        )
+        .with_status(502),
+        s => {
+            let code = parsed
+                .as_ref()
+                .and_then(|(c, _)| ErrorCode::parse(c))
+                .unwrap_or(match (s, kind) {
+                    (StatusCode::NOT_FOUND, "manifest") => ErrorCode::ManifestUnknown,
+                    (StatusCode::NOT_FOUND, "blob") => ErrorCode::BlobUnknown,
+                    (StatusCode::NOT_FOUND, _) => ErrorCode::NameUnknown,
+                    _ => ErrorCode::Unsupported,
+                });
+            OciError::new(
+                code,
+                message(format!("upstream registry {registry:?} answered {}", s.as_u16())),
+            )
+            .with_status(s.as_u16())
+        }
+    }
+}
+
+/// The first `{code, message}` of an OCI error body.
+fn first_oci_error(body: &[u8]) -> Option<(String, String)> {
+    let json: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let first = json.get("errors")?.as_array()?.first()?;
+    let code = first.get("code")?.as_str()?.to_string();
+    let message: String = first
+        .get("message")
+        .and_then(|m| m.as_str())
+        .unwrap_or("")
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(300)
+        .collect();
+    Some((code, message))
+}
+
+/// The OCI error for an upstream that gave no usable answer.
+pub fn upstream_error(e: &UpstreamError) -> OciError {
+    let message = e.to_string();
+    match e {
+        UpstreamError::Unreachable { .. } | UpstreamError::Protocol { .. } => {
+            OciError::new(ErrorCode::Unavailable, message).with_status(502)
+        }
+        UpstreamError::Timeout { .. } => {
+            OciError::new(ErrorCode::Unavailable, message).with_status(504)
+        }
+        UpstreamError::CredentialsRejected { .. } | UpstreamError::CredentialSource { .. } => {
+            tracing::warn!(error = %message, "upstream credentials problem");
+            OciError::new(ErrorCode::Denied, message)
+        }
+        UpstreamError::AccessDenied { .. } => OciError::new(ErrorCode::Denied, message),
+        UpstreamError::RedirectRefused { .. } | UpstreamError::TooManyRedirects { .. } => {
+            tracing::warn!(error = %message, "upstream redirect refused");
+            OciError::new(ErrorCode::Unavailable, message).with_status(502)
+        }
+    }
+}
+
+/// The decoded value of a query parameter.
+fn query_value(query: &str, key: &str) -> Option<String> {
+    url::form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.into_owned())
+}
+
+/// The query without `ns` (the upstream has no use for it), re-encoded.
+fn without_ns(query: &str) -> String {
+    let pairs: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes())
+        .filter(|(k, _)| k != "ns")
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(pairs)
+        .finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_headers_are_rewritten_to_the_client_name() {
+        assert_eq!(
+            rewrite_link(
+                r#"</v2/library/alpine/tags/list?last=b&n=2>; rel="next""#,
+                "library/alpine",
+                "docker.io/alpine"
+            )
+            .as_deref(),
+            Some(r#"</v2/docker.io/alpine/tags/list?last=b&n=2>; rel="next""#)
+        );
+        assert_eq!(
+            rewrite_link(
+                r#"<https://up.example/v2/a/b/tags/list?n=1>; rel="next""#,
+                "a/b",
+                "a/b"
+            )
+            .as_deref(),
+            Some(r#"</v2/a/b/tags/list?n=1>; rel="next""#)
+        );
+        assert!(rewrite_link("<https://evil/x>; rel=next", "a", "a").is_none());
+        assert!(rewrite_link("garbage", "a", "a").is_none());
+    }
+
+    #[test]
+    fn ns_is_removed_from_forwarded_queries() {
+        assert_eq!(without_ns("ns=docker.io&n=10&last=a%20b"), "n=10&last=a+b");
+        assert_eq!(without_ns("ns=docker.io"), "");
+        assert_eq!(query_value("n=1&ns=ghcr.io", "ns").as_deref(), Some("ghcr.io"));
+    }
+
+    #[test]
+    fn manifest_digests_are_verified() {
+        let body = b"{\"schemaVersion\":2}";
+        let good = format!("sha256:{}", hex::encode(Sha256::digest(body)));
+        let by_digest = Reference::parse(&good).unwrap();
+        assert_eq!(manifest_digest(&by_digest, &HeaderMap::new(), body).unwrap(), good);
+        let other = Reference::parse(&format!("sha256:{}", "0".repeat(64))).unwrap();
+        assert!(manifest_digest(&other, &HeaderMap::new(), body).is_err());
+        let tag = Reference::parse("latest").unwrap();
+        assert_eq!(manifest_digest(&tag, &HeaderMap::new(), body).unwrap(), good);
+        let mut lying = HeaderMap::new();
+        lying.insert("docker-content-digest", HeaderValue::from_str(&format!("sha256:{}", "1".repeat(64))).unwrap());
+        assert!(manifest_digest(&tag, &lying, body).is_err());
+    }
+}

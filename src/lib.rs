@@ -1,0 +1,48 @@
+//! pullgate: a registry pull-through gateway built on Pingora.
+//!
+//! A request travels top to bottom through the modules below (DESIGN.md, "The way a request
+//! travels"): `listen` accepts it, `gateway` (the Pingora edge) parses it with `oci`, routes it
+//! with `route`, and answers it through `upstream`; `config` is loaded once at start.
+//!
+//! Dependency rule: `oci`, `config` and `secret` depend on nothing else in the crate; `route`
+//! depends only on `oci` and the config model; `upstream` on `oci`, `config` and `secret`; only
+//! `gateway` and `listen` (and this file) touch Pingora.
+
+pub mod config;
+pub mod gateway;
+pub mod listen;
+pub mod oci;
+pub mod route;
+pub mod secret;
+pub mod upstream;
+
+use std::sync::Arc;
+
+pub use listen::{build_server, RunningGateway};
+
+/// Install the process-wide rustls crypto provider (ring). Call first thing: Pingora, reqwest and
+/// the certificate verifiers all use the process default.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Set up tracing for the configured format. `RUST_LOG` overrides the default level (`info`).
+/// Safe to call more than once (later calls do nothing).
+pub fn init_logging(format: config::LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        config::LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        config::LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// Log the config's warnings once, each naming its key.
+pub fn log_warnings(config: &Arc<config::Config>) {
+    for w in &config.warnings {
+        tracing::warn!(key = %w.key, "{}", w.message);
+    }
+}

@@ -1,0 +1,110 @@
+//! Turning the listener config into a running Pingora server.
+//!
+//! `build_server` is what `pullgate serve` runs and what tests start in-process;
+//! `RunningGateway` runs it on a background thread and stops it on demand, so tests need no
+//! signals, fixed ports or sleeps.
+
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+
+use crate::config::Config;
+use crate::gateway::Gateway;
+
+/// Seconds in-flight requests get after SIGTERM before the runtime is shut down. Pingora sleeps
+/// this long unconditionally (its default is 300), so keep it short and below orchestrators'
+/// kill timeouts.
+const GRACE_PERIOD_SECS: u64 = 5;
+const SHUTDOWN_TIMEOUT_SECS: u64 = 5;
+
+/// Build the Pingora server for `config`: one gateway service on every plain listener.
+pub fn build_server(config: Arc<Config>) -> Result<Server, String> {
+    let conf = ServerConf {
+        threads: config.server.threads,
+        grace_period_seconds: Some(GRACE_PERIOD_SECS),
+        graceful_shutdown_timeout_seconds: Some(SHUTDOWN_TIMEOUT_SECS),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let gateway = Gateway::new(config.clone())?;
+    let mut service = pingora::proxy::http_proxy_service(&server.configuration, gateway);
+    for addr in &config.server.listen {
+        service.add_tcp(&addr.to_string());
+    }
+    server.add_service(service);
+    Ok(server)
+}
+
+/// A gateway running on a background thread of this process.
+pub struct RunningGateway {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    pub listen: Vec<SocketAddr>,
+}
+
+struct StopChannel(tokio::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>);
+
+#[async_trait]
+impl ShutdownSignalWatch for StopChannel {
+    async fn recv(&self) -> ShutdownSignal {
+        if let Some(rx) = self.0.lock().await.take() {
+            let _ = rx.await;
+        }
+        ShutdownSignal::FastShutdown
+    }
+}
+
+impl RunningGateway {
+    /// Start `config` in this process and wait (polling, at most 10 s) until every listener
+    /// accepts connections.
+    pub fn start(config: Arc<Config>) -> Result<RunningGateway, String> {
+        let server = build_server(config.clone())?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let watch = StopChannel(tokio::sync::Mutex::new(Some(rx)));
+        let thread = std::thread::spawn(move || {
+            server.run(RunArgs {
+                shutdown_signal: Box::new(watch),
+            })
+        });
+        let running = RunningGateway {
+            stop: Some(tx),
+            thread: Some(thread),
+            listen: config.server.listen.clone(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for addr in &running.listen {
+            while TcpStream::connect_timeout(addr, Duration::from_millis(200)).is_err() {
+                if Instant::now() > deadline {
+                    return Err(format!("gateway did not start listening on {addr}"));
+                }
+                std::thread::yield_now();
+            }
+        }
+        Ok(running)
+    }
+
+    /// Stop the server and wait for its thread.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for RunningGateway {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

@@ -1,0 +1,118 @@
+//! The `pullgate` command: `serve`, `check`, `version`.
+//!
+//! Exit codes follow sysexits: 64 for bad usage, 78 for a bad config, 1 for a failure to run.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+
+use pullgate::config::{self, Config};
+
+const EXIT_USAGE: u8 = 64;
+const EXIT_CONFIG: u8 = 78;
+
+#[derive(Parser)]
+#[command(name = "pullgate", version, about = "A registry pull-through gateway")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (with no -c: the embedded loopback mirror for docker.io and friends).
+    Serve {
+        /// Config file (TOML); without it the embedded default runs.
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a config file and print its warnings; exit 78 when it is invalid.
+    Check {
+        /// Config file (TOML); without it the embedded default is checked.
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// Treat warnings as errors.
+        #[arg(long)]
+        strict: bool,
+    },
+    /// Print the embedded default config.
+    DefaultConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    pullgate::install_crypto_provider();
+    match cli.command {
+        Command::Serve { config } => serve(config),
+        Command::Check { config, strict } => check(config, strict),
+        Command::DefaultConfig => {
+            print!("{}", config::DEFAULT_TOML);
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn load(path: &Option<PathBuf>) -> Result<Config, ExitCode> {
+    match path {
+        None => Ok(config::embedded_default()),
+        Some(p) => config::load(p).map_err(|errors| {
+            eprintln!("pullgate: {} is not a valid config:", p.display());
+            eprintln!("{errors}");
+            ExitCode::from(EXIT_CONFIG)
+        }),
+    }
+}
+
+fn check(path: Option<PathBuf>, strict: bool) -> ExitCode {
+    let config = match load(&path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let name = path
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "the embedded default".into());
+    for w in &config.warnings {
+        println!("warning: {}: {}", w.key, w.message);
+    }
+    println!(
+        "{name}: ok ({} registries, {} warnings)",
+        config.registries.len(),
+        config.warnings.len()
+    );
+    if strict && !config.warnings.is_empty() {
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    ExitCode::SUCCESS
+}
+
+fn serve(path: Option<PathBuf>) -> ExitCode {
+    let config = match load(&path) {
+        Ok(c) => Arc::new(c),
+        Err(code) => return code,
+    };
+    pullgate::init_logging(config.server.log_format);
+    pullgate::log_warnings(&config);
+    for addr in &config.server.listen {
+        tracing::info!(%addr, "listening (plain HTTP)");
+    }
+    match pullgate::build_server(config) {
+        Ok(server) => server.run_forever(),
+        Err(e) => {
+            eprintln!("pullgate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
