@@ -57,7 +57,10 @@ impl Gateway {
 
     fn request_id(&self) -> String {
         let n = self.next_request.fetch_add(1, Ordering::Relaxed);
-        format!("{:016x}", n.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ self.id_nonce)
+        format!(
+            "{:016x}",
+            n.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ self.id_nonce
+        )
     }
 }
 

@@ -54,7 +54,11 @@ fn is_head(session: &Session) -> bool {
 }
 
 /// An OCI error, JSON body, connection kept alive.
-pub async fn oci_error(session: &mut Session, ctx: &mut RequestCtx, error: &OciError) -> Result<()> {
+pub async fn oci_error(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    error: &OciError,
+) -> Result<()> {
     if ctx.error.is_none() {
         ctx.note_error(&error.to_string());
     }
@@ -108,10 +112,13 @@ pub async fn stream_body(
             .map_err(|e| format!("finishing a HEAD response: {e}"));
     }
     loop {
-        let chunk = upstream
-            .chunk()
-            .await
-            .map_err(|e| format!("upstream body broke after {} bytes: {}", ctx.bytes_sent, e.without_url()))?;
+        let chunk = upstream.chunk().await.map_err(|e| {
+            format!(
+                "upstream body broke after {} bytes: {}",
+                ctx.bytes_sent,
+                e.without_url()
+            )
+        })?;
         let Some(chunk) = chunk else { break };
         ctx.bytes_sent += chunk.len() as u64;
         session

@@ -45,7 +45,11 @@ impl From<pingora::BError> for Failure {
 /// Every manifest media type pullgate understands, for clients that send no `Accept`.
 const DEFAULT_MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
 
-pub async fn serve(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx) -> Result<(), Failure> {
+pub async fn serve(
+    gw: &Gateway,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+) -> Result<(), Failure> {
     let req = session.req_header();
     ctx.method = req.method.to_string();
     ctx.path = loggable_path(req.uri.path());
@@ -87,7 +91,9 @@ pub async fn serve(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx) ->
             check_method(&routed, &endpoint, &method)?;
             let client = gw
                 .upstream(&routed.registry.name)
-                .ok_or_else(|| OciError::new(ErrorCode::NameUnknown, "registry has no upstream client"))?
+                .ok_or_else(|| {
+                    OciError::new(ErrorCode::NameUnknown, "registry has no upstream client")
+                })?
                 .clone();
             let headers = session.req_header().headers.clone();
             let query = query.as_deref().map(without_ns).unwrap_or_default();
@@ -124,7 +130,13 @@ struct Job<'a> {
 }
 
 impl Job<'_> {
-    fn request(&self, method: Method, tail: &str, headers: HeaderMap, query: bool) -> UpstreamRequest {
+    fn request(
+        &self,
+        method: Method,
+        tail: &str,
+        headers: HeaderMap,
+        query: bool,
+    ) -> UpstreamRequest {
         let mut path = format!("/v2/{}/{tail}", self.routed.repository.as_str());
         if query && !self.query.is_empty() {
             path.push('?');
@@ -188,7 +200,10 @@ async fn manifest(
     let tail = format!("manifests/{reference}");
     let mut headers = upstream::forwarded_headers(&job.headers, false);
     if job.headers.get(header::ACCEPT).is_none() {
-        headers.insert(header::ACCEPT, HeaderValue::from_static(DEFAULT_MANIFEST_ACCEPT));
+        headers.insert(
+            header::ACCEPT,
+            HeaderValue::from_static(DEFAULT_MANIFEST_ACCEPT),
+        );
     }
     if job.method == Method::HEAD {
         let answer = job
@@ -263,7 +278,11 @@ fn manifest_read_error(job: &Job<'_>, detail: &str) -> OciError {
 /// The digest to announce for a manifest body. By-digest requests must match what was asked
 /// for; by-tag answers get the SHA-256 of the bytes (or the upstream's own digest if it used
 /// another algorithm and the bytes match it).
-fn manifest_digest(reference: &Reference, upstream: &HeaderMap, body: &[u8]) -> Result<String, String> {
+fn manifest_digest(
+    reference: &Reference,
+    upstream: &HeaderMap,
+    body: &[u8],
+) -> Result<String, String> {
     if let Reference::Digest(d) = reference {
         return if d.verify(body) {
             Ok(d.to_string())
@@ -278,9 +297,9 @@ fn manifest_digest(reference: &Reference, upstream: &HeaderMap, body: &[u8]) -> 
         .and_then(|v| Digest::parse(v).ok());
     match announced {
         Some(d) if d.verify(body) => Ok(d.to_string()),
-        Some(d) if d.to_string().starts_with("sha256:") => {
-            Err(format!("the upstream announced {d} but the bytes hash to {computed}"))
-        }
+        Some(d) if d.to_string().starts_with("sha256:") => Err(format!(
+            "the upstream announced {d} but the bytes hash to {computed}"
+        )),
         _ => Ok(computed),
     }
 }
@@ -295,7 +314,12 @@ async fn blob(
     let headers = upstream::forwarded_headers(&job.headers, true);
     let answer = job
         .client
-        .send(&job.request(job.method.clone(), &format!("blobs/{digest}"), headers, false))
+        .send(&job.request(
+            job.method.clone(),
+            &format!("blobs/{digest}"),
+            headers,
+            false,
+        ))
         .await?
         .response;
     let status = answer.status();
@@ -376,7 +400,9 @@ async fn error_from_upstream(job: &Job<'_>, kind: &str, answer: reqwest::Respons
         .get(header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let body = upstream::read_capped(answer, 64 * 1024).await.unwrap_or_default();
+    let body = upstream::read_capped(answer, 64 * 1024)
+        .await
+        .unwrap_or_default();
     let parsed = first_oci_error(&body);
     let message = |fallback: String| {
         parsed
@@ -388,7 +414,9 @@ async fn error_from_upstream(job: &Job<'_>, kind: &str, answer: reqwest::Respons
         StatusCode::TOO_MANY_REQUESTS => {
             let mut e = OciError::new(
                 ErrorCode::TooManyRequests,
-                message(format!("upstream registry {registry:?} is rate limiting pullgate")),
+                message(format!(
+                    "upstream registry {registry:?} is rate limiting pullgate"
+                )),
             );
             if let Some(r) = retry_after {
                 e = e.with_retry_after(r);
@@ -397,7 +425,10 @@ async fn error_from_upstream(job: &Job<'_>, kind: &str, answer: reqwest::Respons
         }
         StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => OciError::new(
             ErrorCode::Denied,
-            message(format!("upstream registry {registry:?} denied access ({})", status.as_u16())),
+            message(format!(
+                "upstream registry {registry:?} denied access ({})",
+                status.as_u16()
+            )),
         ),
         s if s.is_server_error() => OciError::new(
             ErrorCode::Unavailable,
@@ -416,7 +447,10 @@ async fn error_from_upstream(job: &Job<'_>, kind: &str, answer: reqwest::Respons
                 });
             OciError::new(
                 code,
-                message(format!("upstream registry {registry:?} answered {}", s.as_u16())),
+                message(format!(
+                    "upstream registry {registry:?} answered {}",
+                    s.as_u16()
+                )),
             )
             .with_status(s.as_u16())
         }
@@ -511,7 +545,10 @@ mod tests {
     fn ns_is_removed_from_forwarded_queries() {
         assert_eq!(without_ns("ns=docker.io&n=10&last=a%20b"), "n=10&last=a+b");
         assert_eq!(without_ns("ns=docker.io"), "");
-        assert_eq!(query_value("n=1&ns=ghcr.io", "ns").as_deref(), Some("ghcr.io"));
+        assert_eq!(
+            query_value("n=1&ns=ghcr.io", "ns").as_deref(),
+            Some("ghcr.io")
+        );
     }
 
     #[test]
@@ -519,13 +556,22 @@ mod tests {
         let body = b"{\"schemaVersion\":2}";
         let good = format!("sha256:{}", hex::encode(Sha256::digest(body)));
         let by_digest = Reference::parse(&good).unwrap();
-        assert_eq!(manifest_digest(&by_digest, &HeaderMap::new(), body).unwrap(), good);
+        assert_eq!(
+            manifest_digest(&by_digest, &HeaderMap::new(), body).unwrap(),
+            good
+        );
         let other = Reference::parse(&format!("sha256:{}", "0".repeat(64))).unwrap();
         assert!(manifest_digest(&other, &HeaderMap::new(), body).is_err());
         let tag = Reference::parse("latest").unwrap();
-        assert_eq!(manifest_digest(&tag, &HeaderMap::new(), body).unwrap(), good);
+        assert_eq!(
+            manifest_digest(&tag, &HeaderMap::new(), body).unwrap(),
+            good
+        );
         let mut lying = HeaderMap::new();
-        lying.insert("docker-content-digest", HeaderValue::from_str(&format!("sha256:{}", "1".repeat(64))).unwrap());
+        lying.insert(
+            "docker-content-digest",
+            HeaderValue::from_str(&format!("sha256:{}", "1".repeat(64))).unwrap(),
+        );
         assert!(manifest_digest(&tag, &lying, body).is_err());
     }
 }

@@ -18,7 +18,10 @@ use crate::secret::Secret;
 /// A credential ready to present upstream.
 #[derive(Debug, Clone)]
 pub enum Credential {
-    Basic { username: String, password: Secret },
+    Basic {
+        username: String,
+        password: Secret,
+    },
     /// An OAuth2 refresh token (docker's `identitytoken`, or a helper's `<token>` user).
     IdentityToken(Secret),
 }
@@ -87,7 +90,7 @@ impl CredentialProvider {
                 }
                 PasswordSource::File(path) => {
                     let username = username.clone();
-                    self.from_file(path, move |text| {
+                    self.read_file(path, move |text| {
                         Ok(Some(Credential::Basic {
                             username,
                             password: Secret::new(text.trim_end_matches(['\n', '\r'])),
@@ -98,13 +101,13 @@ impl CredentialProvider {
             },
             CredentialSource::DockerConfig { path } => {
                 if let Some(helper) = self.docker_config_helper(path).await? {
-                    return self.from_helper(&helper).await;
+                    return self.ask_helper(&helper).await;
                 }
                 let server = self.server.clone();
-                self.from_file(path, move |text| docker_config_auth(&text, &server))
+                self.read_file(path, move |text| docker_config_auth(&text, &server))
                     .await
             }
-            CredentialSource::Helper { name } => self.from_helper(name).await,
+            CredentialSource::Helper { name } => self.ask_helper(name).await,
         }
     }
 
@@ -113,7 +116,7 @@ impl CredentialProvider {
         *self.cached.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
-    async fn from_file(
+    async fn read_file(
         &self,
         path: &Path,
         parse: impl FnOnce(String) -> Result<Option<Credential>, String>,
@@ -133,7 +136,7 @@ impl CredentialProvider {
         Ok(credential)
     }
 
-    async fn from_helper(&self, name: &str) -> Result<Option<Credential>, String> {
+    async fn ask_helper(&self, name: &str) -> Result<Option<Credential>, String> {
         if let Some(c) = self.cached_if(|c| c.read_at.elapsed() < HELPER_TTL) {
             return Ok(c);
         }
@@ -214,7 +217,12 @@ pub fn docker_config_auth(text: &str, server: &str) -> Result<Option<Credential>
     else {
         return Ok(None);
     };
-    let field = |k: &str| entry.get(k).and_then(|v| v.as_str()).filter(|s| !s.is_empty());
+    let field = |k: &str| {
+        entry
+            .get(k)
+            .and_then(|v| v.as_str())
+            .filter(|s| !s.is_empty())
+    };
     if let Some(token) = field("identitytoken") {
         return Ok(Some(Credential::IdentityToken(Secret::new(token))));
     }
@@ -230,9 +238,9 @@ pub fn docker_config_auth(text: &str, server: &str) -> Result<Option<Credential>
             .map_err(|_| format!("docker config entry for {server}: `auth` is not base64"))?;
         let decoded = String::from_utf8(decoded)
             .map_err(|_| format!("docker config entry for {server}: `auth` is not UTF-8"))?;
-        let (u, p) = decoded
-            .split_once(':')
-            .ok_or_else(|| format!("docker config entry for {server}: `auth` is not user:password"))?;
+        let (u, p) = decoded.split_once(':').ok_or_else(|| {
+            format!("docker config entry for {server}: `auth` is not user:password")
+        })?;
         return Ok(Some(Credential::Basic {
             username: u.to_string(),
             password: Secret::new(p),
@@ -261,7 +269,12 @@ async fn run_helper(name: &str, server: &str) -> Result<Option<Credential>, Stri
     }
     let output = tokio::time::timeout(HELPER_TIMEOUT, child.wait_with_output())
         .await
-        .map_err(|_| format!("{} did not answer within {HELPER_TIMEOUT:?}", program.display()))?
+        .map_err(|_| {
+            format!(
+                "{} did not answer within {HELPER_TIMEOUT:?}",
+                program.display()
+            )
+        })?
         .map_err(|e| format!("{}: {e}", program.display()))?;
     let stdout = String::from_utf8_lossy(&output.stdout);
     if !output.status.success() {
@@ -270,8 +283,15 @@ async fn run_helper(name: &str, server: &str) -> Result<Option<Credential>, Stri
         }
         // The helper's stderr may echo what it was given, never a secret we hold; still, keep
         // it short.
-        let err: String = String::from_utf8_lossy(&output.stderr).chars().take(200).collect();
-        return Err(format!("{} failed ({}): {err}", program.display(), output.status));
+        let err: String = String::from_utf8_lossy(&output.stderr)
+            .chars()
+            .take(200)
+            .collect();
+        return Err(format!(
+            "{} failed ({}): {err}",
+            program.display(),
+            output.status
+        ));
     }
     parse_helper_output(&stdout).map(Some)
 }
@@ -284,8 +304,9 @@ fn parse_helper_output(stdout: &str) -> Result<Credential, String> {
         #[serde(rename = "Secret")]
         secret: String,
     }
-    let out: Out = serde_json::from_str(stdout)
-        .map_err(|_| "credential helper printed something that is not its JSON answer".to_string())?;
+    let out: Out = serde_json::from_str(stdout).map_err(|_| {
+        "credential helper printed something that is not its JSON answer".to_string()
+    })?;
     if out.username == "<token>" {
         Ok(Credential::IdentityToken(Secret::new(out.secret)))
     } else {

@@ -131,9 +131,8 @@ impl reqwest::dns::Resolve for GuardedResolver {
         let guard = self.0.clone();
         let host = name.as_str().to_string();
         Box::pin(async move {
-            let found: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
-                .await?
-                .collect();
+            let found: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
             let kept = guard.filter(&host, found);
             if kept.is_empty() {
                 let msg = format!("refusing to connect to {host}: it resolves only to loopback, private, link-local or reserved addresses");
@@ -186,7 +185,13 @@ mod tests {
     fn public_upstream_may_reach_only_public_addresses() {
         let guard = AddressGuard::new("registry.example.com");
         assert!(guard.allows(ip("93.184.216.34")));
-        for bad in ["127.0.0.1", "10.0.0.1", "169.254.169.254", "0.0.0.0", "fd00::1"] {
+        for bad in [
+            "127.0.0.1",
+            "10.0.0.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "fd00::1",
+        ] {
             assert!(!guard.allows(ip(bad)), "{bad}");
         }
     }
@@ -210,7 +215,10 @@ mod tests {
         assert!(guard.allows(ip("10.0.0.9")));
         let other = guard.filter(
             "evil.example",
-            vec!["169.254.169.254:80".parse().unwrap(), "1.2.3.4:80".parse().unwrap()],
+            vec![
+                "169.254.169.254:80".parse().unwrap(),
+                "1.2.3.4:80".parse().unwrap(),
+            ],
         );
         assert_eq!(other, vec!["1.2.3.4:80".parse::<SocketAddr>().unwrap()]);
     }

@@ -160,7 +160,9 @@ impl UpstreamClient {
             }
             self.credentials.invalidate();
         }
-        let auth = self.authorization(&challenge, scope.as_deref(), true).await?;
+        let auth = self
+            .authorization(&challenge, scope.as_deref(), true)
+            .await?;
         if auth.is_none() && known.is_none() && self.credentials.is_anonymous() {
             return Err(self.denied(req, "it requires credentials and none are configured"));
         }
@@ -222,9 +224,7 @@ impl UpstreamClient {
                         return Ok(Some(bearer(&t)));
                     }
                 }
-                let token = self
-                    .fetch_token(realm, service.as_deref(), scope)
-                    .await?;
+                let token = self.fetch_token(realm, service.as_deref(), scope).await?;
                 Ok(Some(bearer(&token)))
             }
         }
@@ -266,7 +266,11 @@ impl UpstreamClient {
             &realm_url,
             &self.registry.realm_hosts,
         );
-        let credential = if trusted { self.credential().await? } else { None };
+        let credential = if trusted {
+            self.credential().await?
+        } else {
+            None
+        };
         if !trusted && !self.credentials.is_anonymous() {
             tracing::warn!(
                 registry = %registry,
@@ -323,16 +327,21 @@ impl UpstreamClient {
                 detail: format!("its token endpoint answered {}", status.as_u16()),
             });
         }
-        let body = read_capped(response, 1 << 20)
-            .await
-            .map_err(|detail| UpstreamError::Protocol {
-                registry: registry.clone(),
-                detail,
-            })?;
+        let body =
+            read_capped(response, 1 << 20)
+                .await
+                .map_err(|detail| UpstreamError::Protocol {
+                    registry: registry.clone(),
+                    detail,
+                })?;
         let parsed = token::parse_token_response(&body)
             .map_err(|detail| UpstreamError::Protocol { registry, detail })?;
-        self.tokens
-            .put(scope, DEFAULT_CREDENTIAL, parsed.token.clone(), parsed.expires_in);
+        self.tokens.put(
+            scope,
+            DEFAULT_CREDENTIAL,
+            parsed.token.clone(),
+            parsed.expires_in,
+        );
         Ok(parsed.token)
     }
 
@@ -371,7 +380,8 @@ impl UpstreamClient {
             }
             hops += 1;
             let target = self.redirect_target(&response)?;
-            let same_origin = target.origin().ascii_serialization() == self.registry.upstream.origin;
+            let same_origin =
+                target.origin().ascii_serialization() == self.registry.upstream.origin;
             let mut builder = self
                 .http
                 .request(req.method.clone(), target.clone())
@@ -431,7 +441,10 @@ impl UpstreamClient {
         } else {
             Err(UpstreamError::RedirectRefused {
                 registry: self.registry.name.clone(),
-                detail: format!("{ip} is a {:?} address the upstream does not live on", classify(ip)),
+                detail: format!(
+                    "{ip} is a {:?} address the upstream does not live on",
+                    classify(ip)
+                ),
             })
         }
     }

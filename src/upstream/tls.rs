@@ -27,10 +27,12 @@ fn platform_roots() -> &'static RootCertStore {
 pub fn client_config(ca: Option<&Path>) -> Result<rustls::ClientConfig, String> {
     let mut roots = platform_roots().clone();
     if let Some(path) = ca {
-        let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let pem =
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let mut added = 0;
         for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-            let cert = cert.map_err(|e| format!("{}: not a PEM certificate: {e}", path.display()))?;
+            let cert =
+                cert.map_err(|e| format!("{}: not a PEM certificate: {e}", path.display()))?;
             roots
                 .add(cert)
                 .map_err(|e| format!("{}: unusable CA certificate: {e}", path.display()))?;

@@ -122,8 +122,9 @@ pub fn parse_token_response(body: &[u8]) -> Result<TokenResponse, String> {
         access_token: Option<String>,
         expires_in: Option<u64>,
     }
-    let raw: Raw = serde_json::from_slice(body)
-        .map_err(|e| format!("token endpoint answered something that is not a token response: {e}"))?;
+    let raw: Raw = serde_json::from_slice(body).map_err(|e| {
+        format!("token endpoint answered something that is not a token response: {e}")
+    })?;
     let token = raw
         .token
         .filter(|t| !t.is_empty())
@@ -159,10 +160,13 @@ pub fn realm_may_receive_credentials(
     if upstream_https && realm.scheme() != "https" {
         return false;
     }
-    if realm_host == upstream_host || realm_hosts.iter().any(|h| *h == realm_host) {
+    if realm_host == upstream_host || realm_hosts.contains(&realm_host) {
         return true;
     }
-    match (registrable_domain(&realm_host), registrable_domain(upstream_host)) {
+    match (
+        registrable_domain(&realm_host),
+        registrable_domain(upstream_host),
+    ) {
         (Some(a), Some(b)) => a == b,
         _ => false,
     }

@@ -40,7 +40,7 @@ pub use containerd::{write_hosts_toml, Containerd, PullOpts};
 pub use images::TestImage;
 pub use pki::Pki;
 pub use skopeo::{skopeo_copy_to_dir, skopeo_copy_to_oci, skopeo_inspect_raw, ClientTls, PulledImage};
-// ST pub use storage::{Redirector, StorageHost};
+pub use storage::{Redirector, StorageHost};
 pub use token::{TokenIssuer, TokenIssuerOptions, TokenRequest};
 pub use upstream::{Auth, Upstream, UpstreamOptions};
 

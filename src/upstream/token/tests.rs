@@ -56,7 +56,8 @@ fn malformed_challenges_yield_nothing_and_never_panic() {
     ] {
         let got = parse_challenges(bad);
         assert!(
-            got.iter().all(|c| matches!(c, Challenge::Bearer { .. } | Challenge::Basic)),
+            got.iter()
+                .all(|c| matches!(c, Challenge::Bearer { .. } | Challenge::Basic)),
             "{bad:?}"
         );
     }
@@ -79,14 +80,33 @@ fn token_response_forms() {
 fn tokens_are_reused_until_shortly_before_expiry() {
     assert_eq!(usable_for(Duration::from_secs(60)), Duration::from_secs(54));
     assert_eq!(usable_for(Duration::from_secs(2)), Duration::from_secs(1));
-    assert_eq!(usable_for(Duration::from_secs(3600)), Duration::from_secs(3570));
+    assert_eq!(
+        usable_for(Duration::from_secs(3600)),
+        Duration::from_secs(3570)
+    );
     let cache = TokenCache::default();
-    cache.put("repository:a:pull", "default", Secret::new("t1"), Duration::from_secs(60));
-    assert_eq!(cache.get("repository:a:pull", "default").unwrap().expose(), "t1");
+    cache.put(
+        "repository:a:pull",
+        "default",
+        Secret::new("t1"),
+        Duration::from_secs(60),
+    );
+    assert_eq!(
+        cache.get("repository:a:pull", "default").unwrap().expose(),
+        "t1"
+    );
     assert!(cache.get("repository:a:pull", "other").is_none());
     assert!(cache.get("repository:b:pull", "default").is_none());
-    cache.put("repository:c:pull", "default", Secret::new("t2"), Duration::from_secs(1));
-    assert!(cache.get("repository:c:pull", "default").is_none(), "1 s token is never reused");
+    cache.put(
+        "repository:c:pull",
+        "default",
+        Secret::new("t2"),
+        Duration::from_secs(1),
+    );
+    assert!(
+        cache.get("repository:c:pull", "default").is_none(),
+        "1 s token is never reused"
+    );
     cache.forget("repository:a:pull", "default");
     assert!(cache.get("repository:a:pull", "default").is_none());
 }
@@ -99,9 +119,15 @@ fn realm_trust_follows_the_registrable_domain() {
     assert!(ok("ghcr.io", "https://ghcr.io/token"));
     assert!(ok("127.0.0.1", "https://127.0.0.1:8443/token"));
     assert!(!ok("registry-1.docker.io", "https://evil.example/token"));
-    assert!(!ok("registry-1.docker.io", "http://auth.docker.io/token"), "no downgrade");
+    assert!(
+        !ok("registry-1.docker.io", "http://auth.docker.io/token"),
+        "no downgrade"
+    );
     assert!(!ok("127.0.0.1", "https://localhost/token"));
-    assert!(!ok("foo.github.io", "https://bar.github.io/token"), "public suffix");
+    assert!(
+        !ok("foo.github.io", "https://bar.github.io/token"),
+        "public suffix"
+    );
     assert!(realm_may_receive_credentials(
         "registry.example.com",
         true,

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs what pullgate's integration tests and benches need (Debian bookworm, as root).
+# Idempotent: does nothing when every package is already installed.
+# A policy-rc.d answering 101 keeps the packages' own services from starting (the packaged
+# registry would otherwise listen on :5000 on all interfaces, dockerd/containerd would start).
+set -euo pipefail
+
+PACKAGES=(docker-registry skopeo containerd podman docker.io nginx-light jq apache2-utils cmake wrk prometheus)
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+if [ "${#missing[@]}" -eq 0 ]; then
+  echo "install-deps: all packages present"
+  exit 0
+fi
+
+if [ ! -e /usr/sbin/policy-rc.d ]; then
+  printf '#!/bin/sh\n# Keep services of newly installed packages from starting (tests run their own).\nexit 101\n' \
+    | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+  $SUDO chmod 0755 /usr/sbin/policy-rc.d
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+echo "install-deps: installing ${missing[*]}"
+$SUDO apt-get update -qq >/dev/null
+$SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+echo "install-deps: done"
