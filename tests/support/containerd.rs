@@ -41,7 +41,10 @@ pub struct Containerd {
 impl Containerd {
     /// Starts the daemon and waits until `ctr version` answers on its socket.
     pub fn start() -> Containerd {
-        let dir = tempfile::Builder::new().prefix("ctrd-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("ctrd-")
+            .tempdir()
+            .expect("tempdir");
         let d = dir.path();
         let cfg = format!(
             r#"version = 2
@@ -67,17 +70,30 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.opt"
         std::fs::write(d.join("config.toml"), cfg).expect("config");
         let log = std::fs::File::create(d.join("containerd.log")).expect("log");
         let mut cmd = Command::new("containerd");
-        cmd.arg("--config").arg(d.join("config.toml")).stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
+        cmd.arg("--config")
+            .arg(d.join("config.toml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
         isolate_env(&mut cmd);
         let child = ChildGuard::new(cmd.spawn().expect("spawn containerd"));
         let mut c = Containerd { dir, child };
         let ready = wait_until(Duration::from_secs(20), "containerd socket", || {
-            c.socket().exists() && c.ctr().arg("version").output().map(|o| o.status.success()).unwrap_or(false)
+            c.socket().exists()
+                && c.ctr()
+                    .arg("version")
+                    .output()
+                    .map(|o| o.status.success())
+                    .unwrap_or(false)
         });
         if let Err(e) = ready {
             panic!("{e}\n--- containerd log:\n{}", tail(&c.log_text(), 40));
         }
-        assert!(c.child.is_running(), "containerd exited:\n{}", tail(&c.log_text(), 40));
+        assert!(
+            c.child.is_running(),
+            "containerd exited:\n{}",
+            tail(&c.log_text(), 40)
+        );
         c
     }
 
@@ -103,8 +119,20 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.opt"
     }
 
     /// `ctr images pull [--plain-http] [--hosts-dir DIR] REF`; returns the image's target digest.
-    pub fn pull(&self, reference: &str, hosts_dir: Option<&Path>, plain_http: bool) -> Result<String, String> {
-        self.pull_with(reference, &PullOpts { hosts_dir: hosts_dir.map(Path::to_path_buf), plain_http, ..Default::default() })
+    pub fn pull(
+        &self,
+        reference: &str,
+        hosts_dir: Option<&Path>,
+        plain_http: bool,
+    ) -> Result<String, String> {
+        self.pull_with(
+            reference,
+            &PullOpts {
+                hosts_dir: hosts_dir.map(Path::to_path_buf),
+                plain_http,
+                ..Default::default()
+            },
+        )
     }
 
     /// `ctr images pull` with every option; Err carries ctr's output and the daemon log tail.
@@ -135,7 +163,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.opt"
             cmd.arg("--all-platforms");
         }
         cmd.arg(reference);
-        run_cmd(&mut cmd).map_err(|e| format!("{e}\n--- containerd log:\n{}", tail(&self.log_text(), 20)))?;
+        run_cmd(&mut cmd)
+            .map_err(|e| format!("{e}\n--- containerd log:\n{}", tail(&self.log_text(), 20)))?;
         self.image_digest(reference)
     }
 
@@ -157,10 +186,24 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.opt"
         run_cmd(self.ctr().args(["images", "rm", "--sync", reference])).map(|_| ())
     }
 
+    /// Snapshot keys of the overlayfs snapshotter (non-empty once a pull unpacked).
+    pub fn snapshots(&self) -> Result<Vec<String>, String> {
+        let out = run_cmd(self.ctr().args(["snapshots", "ls"]))?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().next().map(String::from))
+            .collect())
+    }
+
     /// Digests in the content store (`ctr content ls`).
     pub fn content_digests(&self) -> Result<Vec<String>, String> {
         let out = run_cmd(self.ctr().args(["content", "ls", "-q"]))?;
-        Ok(String::from_utf8_lossy(&out.stdout).lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect())
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.trim().to_string())
+            .filter(|l| !l.is_empty())
+            .collect())
     }
 }
 
@@ -168,7 +211,14 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.opt"
 /// mirror `[host."<mirror_url>"]` for pull and resolve; `server` sets the upstream fallback,
 /// `ca` the mirror's CA file, `override_path` for a mirror URL with a path (".../v2/prefix").
 /// Returns the file written.
-pub fn write_hosts_toml(dir: &Path, namespace: &str, mirror_url: &str, server: Option<&str>, ca: Option<&Path>, override_path: bool) -> PathBuf {
+pub fn write_hosts_toml(
+    dir: &Path,
+    namespace: &str,
+    mirror_url: &str,
+    server: Option<&str>,
+    ca: Option<&Path>,
+    override_path: bool,
+) -> PathBuf {
     write_hosts_toml_ext(dir, namespace, mirror_url, server, ca, override_path, false)
 }
 

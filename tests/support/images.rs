@@ -59,7 +59,10 @@ struct Writer<'a> {
 impl Writer<'_> {
     fn put(&mut self, data: &[u8]) -> (String, u64) {
         let d = digest_of(data);
-        let path = self.root.join("blobs/sha256").join(d.trim_start_matches("sha256:"));
+        let path = self
+            .root
+            .join("blobs/sha256")
+            .join(d.trim_start_matches("sha256:"));
         std::fs::write(path, data).expect("write blob");
         (d, data.len() as u64)
     }
@@ -100,20 +103,32 @@ fn tar_one(name: &str, content: &[u8]) -> Vec<u8> {
 
 /// gzip with a fixed header (mtime 0, no name).
 fn gzip(data: &[u8], level: Compression) -> Vec<u8> {
-    let mut gz = flate2::GzBuilder::new().mtime(0).write(Vec::with_capacity(data.len() / 2 + 64), level);
+    let mut gz = flate2::GzBuilder::new()
+        .mtime(0)
+        .write(Vec::with_capacity(data.len() / 2 + 64), level);
     gz.write_all(data).unwrap();
     gz.finish().unwrap()
 }
 
 /// Builds one platform's manifest from layer payload sizes; returns (manifest digest, size).
-fn build_manifest(w: &mut Writer, seed: &str, arch: &str, sizes: &[usize], layers_out: &mut Vec<String>) -> (String, u64) {
+fn build_manifest(
+    w: &mut Writer,
+    seed: &str,
+    arch: &str,
+    sizes: &[usize],
+    layers_out: &mut Vec<String>,
+) -> (String, u64) {
     let mut noise = Noise::from_seed(&format!("{seed}/{arch}"));
     let mut layer_descs = Vec::new();
     let mut diff_ids = Vec::new();
     for (i, &size) in sizes.iter().enumerate() {
         let tar = tar_one(&format!("{seed}-{arch}-{i}.bin"), &noise.fill(size));
         diff_ids.push(digest_of(&tar));
-        let level = if size > 1 << 20 { Compression::none() } else { Compression::default() };
+        let level = if size > 1 << 20 {
+            Compression::none()
+        } else {
+            Compression::default()
+        };
         let (d, s) = w.put_blob(&gzip(&tar, level));
         layers_out.push(d.clone());
         layer_descs.push(json!({"mediaType": OCI_LAYER_GZIP, "digest": d, "size": s}));
@@ -156,9 +171,15 @@ impl TestImage {
 
     /// One manifest when one arch is given, an index over all archs otherwise.
     pub fn build(seed: &str, archs: &[&str], layer_sizes: &[usize]) -> TestImage {
-        let dir = tempfile::Builder::new().prefix("img-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("img-")
+            .tempdir()
+            .expect("tempdir");
         std::fs::create_dir_all(dir.path().join("blobs/sha256")).expect("mkdir");
-        let mut w = Writer { root: dir.path(), blobs: Vec::new() };
+        let mut w = Writer {
+            root: dir.path(),
+            blobs: Vec::new(),
+        };
         let mut layers = Vec::new();
         let mut platform_manifests = Vec::new();
         let mut descs = Vec::new();
@@ -173,7 +194,10 @@ impl TestImage {
         } else {
             let index = json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descs});
             let (d, s) = w.put(index.to_string().as_bytes());
-            (OCI_INDEX, json!({"mediaType": OCI_INDEX, "digest": d, "size": s}))
+            (
+                OCI_INDEX,
+                json!({"mediaType": OCI_INDEX, "digest": d, "size": s}),
+            )
         };
         let tag = "latest".to_string();
         let mut top_ref = top.clone();
@@ -182,8 +206,13 @@ impl TestImage {
         }
         top_ref["annotations"] = json!({"org.opencontainers.image.ref.name": tag});
         let layout_index = json!({"schemaVersion": 2, "manifests": [top_ref]});
-        std::fs::write(dir.path().join("index.json"), layout_index.to_string()).expect("index.json");
-        std::fs::write(dir.path().join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).expect("oci-layout");
+        std::fs::write(dir.path().join("index.json"), layout_index.to_string())
+            .expect("index.json");
+        std::fs::write(
+            dir.path().join("oci-layout"),
+            r#"{"imageLayoutVersion":"1.0.0"}"#,
+        )
+        .expect("oci-layout");
         TestImage {
             manifest_digest: top["digest"].as_str().unwrap().to_string(),
             media_type: media_type.to_string(),
@@ -224,7 +253,13 @@ impl TestImage {
     }
     /// Raw bytes of any blob or manifest in the layout.
     pub fn blob_bytes(&self, digest: &str) -> Vec<u8> {
-        std::fs::read(self.dir.path().join("blobs/sha256").join(digest.trim_start_matches("sha256:"))).expect("blob in layout")
+        std::fs::read(
+            self.dir
+                .path()
+                .join("blobs/sha256")
+                .join(digest.trim_start_matches("sha256:")),
+        )
+        .expect("blob in layout")
     }
     /// Raw bytes of the top-level manifest.
     pub fn manifest_bytes(&self) -> Vec<u8> {

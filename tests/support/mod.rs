@@ -39,7 +39,9 @@ use hyper::{Request, Response};
 pub use containerd::{write_hosts_toml, Containerd, PullOpts};
 pub use images::TestImage;
 pub use pki::Pki;
-pub use skopeo::{skopeo_copy_to_dir, skopeo_copy_to_oci, skopeo_inspect_raw, ClientTls, PulledImage};
+pub use skopeo::{
+    skopeo_copy_to_dir, skopeo_copy_to_oci, skopeo_inspect_raw, ClientTls, PulledImage,
+};
 pub use storage::{Redirector, StorageHost};
 pub use token::{TokenIssuer, TokenIssuerOptions, TokenRequest};
 pub use upstream::{Auth, Upstream, UpstreamOptions};
@@ -88,7 +90,11 @@ pub fn free_port() -> u16 {
 }
 
 /// Polls `ready` every 20 ms until it returns true or `timeout` passes.
-pub fn wait_until(timeout: Duration, what: &str, mut ready: impl FnMut() -> bool) -> Result<(), String> {
+pub fn wait_until(
+    timeout: Duration,
+    what: &str,
+    mut ready: impl FnMut() -> bool,
+) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     loop {
         if ready() {
@@ -109,10 +115,18 @@ pub fn can_connect(addr: SocketAddr) -> bool {
 /// Points every proxy variable at a closed loopback port (so a fallback to the internet fails at
 /// once, without a DNS lookup) while loopback itself stays unproxied.
 pub fn isolate_env(cmd: &mut Command) -> &mut Command {
-    for k in ["HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"] {
+    for k in [
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ] {
         cmd.env(k, "http://127.0.0.1:9");
     }
-    cmd.env("NO_PROXY", "127.0.0.1,localhost").env("no_proxy", "127.0.0.1,localhost")
+    cmd.env("NO_PROXY", "127.0.0.1,localhost")
+        .env("no_proxy", "127.0.0.1,localhost")
 }
 
 /// Runs a client command to completion (with [`isolate_env`]); Err carries the command line,
@@ -183,8 +197,9 @@ impl Drop for ChildGuard {
 /// Response type of the in-process servers: small bodies, fully buffered.
 pub type Resp = Response<Full<Bytes>>;
 /// A request handler of an in-process server.
-pub type Handler =
-    Arc<dyn Fn(Request<Incoming>) -> std::pin::Pin<Box<dyn Future<Output = Resp> + Send>> + Send + Sync>;
+pub type Handler = Arc<
+    dyn Fn(Request<Incoming>) -> std::pin::Pin<Box<dyn Future<Output = Resp> + Send>> + Send + Sync,
+>;
 
 /// An in-process HTTP(S) server on the background runtime; aborted on Drop.
 pub struct ServerHandle {
@@ -200,27 +215,36 @@ impl Drop for ServerHandle {
 
 /// Serves `handler` on 127.0.0.1:0, over TLS when `tls` is given (h2 and http/1.1 by ALPN).
 pub fn serve(tls: Option<Arc<rustls::ServerConfig>>, handler: Handler) -> ServerHandle {
-    let listener = block_on(async { tokio::net::TcpListener::bind("127.0.0.1:0").await }).expect("bind");
+    let listener =
+        block_on(async { tokio::net::TcpListener::bind("127.0.0.1:0").await }).expect("bind");
     let addr = listener.local_addr().expect("local_addr");
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let task = rt().spawn(async move {
         loop {
-            let Ok((tcp, _)) = listener.accept().await else { continue };
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
             let (acceptor, handler) = (acceptor.clone(), handler.clone());
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
                     let h = handler.clone();
                     async move { Ok::<_, std::convert::Infallible>(h(req).await) }
                 });
-                let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+                let builder = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                );
                 match acceptor {
                     Some(acc) => {
                         if let Ok(tls) = acc.accept(tcp).await {
-                            let _ = builder.serve_connection(hyper_util::rt::TokioIo::new(tls), svc).await;
+                            let _ = builder
+                                .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                                .await;
                         }
                     }
                     None => {
-                        let _ = builder.serve_connection(hyper_util::rt::TokioIo::new(tcp), svc).await;
+                        let _ = builder
+                            .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                            .await;
                     }
                 }
             });
@@ -241,7 +265,9 @@ pub fn resp(status: u16, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Re
 /// A reqwest client that trusts the given CA PEM (and nothing else), never uses a proxy.
 pub fn http_client(ca_pem: Option<&str>) -> reqwest::Client {
     install_crypto_provider();
-    let mut b = reqwest::Client::builder().no_proxy().redirect(reqwest::redirect::Policy::none());
+    let mut b = reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none());
     if let Some(pem) = ca_pem {
         let cert = reqwest::Certificate::from_pem(pem.as_bytes()).expect("CA pem");
         b = b.tls_certs_only([cert]);
@@ -251,5 +277,7 @@ pub fn http_client(ca_pem: Option<&str>) -> reqwest::Client {
 
 /// Reads a file to a string, empty when missing (logs of processes that never started).
 pub fn read_lossy(path: &Path) -> String {
-    std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+    std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
 }

@@ -21,12 +21,21 @@ pub struct Pki {
 impl Pki {
     /// Generates the CA and the loopback server certificate (ECDSA P-256).
     pub fn new() -> Pki {
-        let dir = tempfile::Builder::new().prefix("pki-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("pki-")
+            .tempdir()
+            .expect("tempdir");
         let ca_key = KeyPair::generate().expect("ca key");
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
-        ca_params.distinguished_name.push(DnType::CommonName, "pullgate test CA");
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "pullgate test CA");
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        ca_params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         let ca_pem = ca_params.self_signed(&ca_key).expect("ca cert").pem();
         std::fs::write(dir.path().join("ca.crt"), &ca_pem).expect("write ca");
         let clients = dir.path().join("clients");
@@ -52,8 +61,13 @@ impl Pki {
     pub fn issue(&self, names: &[&str]) -> (PathBuf, PathBuf) {
         let n = self.issued.fetch_add(1, Ordering::SeqCst);
         let key = KeyPair::generate().expect("key");
-        let mut params = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).expect("params");
-        params.distinguished_name.push(DnType::CommonName, names.first().copied().unwrap_or("server"));
+        let mut params =
+            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .expect("params");
+        params.distinguished_name.push(
+            DnType::CommonName,
+            names.first().copied().unwrap_or("server"),
+        );
         let issuer = Issuer::from_params(&self.ca_params, &self.ca_key);
         let cert = params.signed_by(&key, &issuer).expect("sign");
         let cert_path = self.dir.path().join(format!("server-{n}.crt"));
@@ -95,8 +109,10 @@ impl Pki {
         use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::{CertificateDer, PrivateKeyDer};
         super::install_crypto_provider();
-        let certs: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_file_iter(cert).expect("cert pem").map(|c| c.expect("cert")).collect();
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+            .expect("cert pem")
+            .map(|c| c.expect("cert"))
+            .collect();
         let key = PrivateKeyDer::from_pem_file(key).expect("key pem");
         let mut cfg = rustls::ServerConfig::builder()
             .with_no_client_auth()

@@ -67,8 +67,16 @@ fn src_args(cmd: &mut Command, tls: &ClientTls, creds: Option<(&str, &str)>, pre
 /// (from the result's index.json) after checking every blob file hashes to its name.
 /// Note: with `all` the source digest is preserved; without it skopeo picks the host's
 /// platform from an index and writes only that manifest.
-pub fn skopeo_copy_to_oci(src_docker_ref: &str, tls: ClientTls, creds: Option<(&str, &str)>, all: bool) -> Result<PulledImage, String> {
-    let dir = tempfile::Builder::new().prefix("pulled-").tempdir().map_err(|e| e.to_string())?;
+pub fn skopeo_copy_to_oci(
+    src_docker_ref: &str,
+    tls: ClientTls,
+    creds: Option<(&str, &str)>,
+    all: bool,
+) -> Result<PulledImage, String> {
+    let dir = tempfile::Builder::new()
+        .prefix("pulled-")
+        .tempdir()
+        .map_err(|e| e.to_string())?;
     let aux = tempfile::tempdir().map_err(|e| e.to_string())?;
     let mut cmd = base_cmd(aux.path());
     cmd.arg("copy");
@@ -76,20 +84,40 @@ pub fn skopeo_copy_to_oci(src_docker_ref: &str, tls: ClientTls, creds: Option<(&
         cmd.arg("--all");
     }
     src_args(&mut cmd, &tls, creds, "src-");
-    cmd.arg(format!("docker://{src_docker_ref}")).arg(format!("oci:{}:pulled", dir.path().display()));
+    cmd.arg(format!("docker://{src_docker_ref}"))
+        .arg(format!("oci:{}:pulled", dir.path().display()));
     run_cmd(&mut cmd)?;
-    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("index.json")).map_err(|e| e.to_string())?)
-        .map_err(|e| format!("index.json: {e}"))?;
-    let manifest_digest = index["manifests"][0]["digest"].as_str().ok_or("index.json without manifests")?.to_string();
-    let blobs = verify_files(&dir.path().join("blobs/sha256"), |name| Some(name.to_string()))?;
-    Ok(PulledImage { dir, manifest_digest, blobs })
+    let index: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join("index.json")).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| format!("index.json: {e}"))?;
+    let manifest_digest = index["manifests"][0]["digest"]
+        .as_str()
+        .ok_or("index.json without manifests")?
+        .to_string();
+    let blobs = verify_files(&dir.path().join("blobs/sha256"), |name| {
+        Some(name.to_string())
+    })?;
+    Ok(PulledImage {
+        dir,
+        manifest_digest,
+        blobs,
+    })
 }
 
 /// `skopeo copy [--all] docker://SRC dir:TMP`: keeps manifests byte for byte (Docker schema 2
 /// and manifest lists included, which an `oci:` destination would convert); returns the
 /// digest of `manifest.json`.
-pub fn skopeo_copy_to_dir(src_docker_ref: &str, tls: ClientTls, creds: Option<(&str, &str)>, all: bool) -> Result<PulledImage, String> {
-    let dir = tempfile::Builder::new().prefix("pulled-").tempdir().map_err(|e| e.to_string())?;
+pub fn skopeo_copy_to_dir(
+    src_docker_ref: &str,
+    tls: ClientTls,
+    creds: Option<(&str, &str)>,
+    all: bool,
+) -> Result<PulledImage, String> {
+    let dir = tempfile::Builder::new()
+        .prefix("pulled-")
+        .tempdir()
+        .map_err(|e| e.to_string())?;
     let aux = tempfile::tempdir().map_err(|e| e.to_string())?;
     let mut cmd = base_cmd(aux.path());
     cmd.arg("copy");
@@ -98,23 +126,33 @@ pub fn skopeo_copy_to_dir(src_docker_ref: &str, tls: ClientTls, creds: Option<(&
     }
     src_args(&mut cmd, &tls, creds, "src-");
     let dest = dir.path().join("img");
-    cmd.arg(format!("docker://{src_docker_ref}")).arg(format!("dir:{}", dest.display()));
+    cmd.arg(format!("docker://{src_docker_ref}"))
+        .arg(format!("dir:{}", dest.display()));
     run_cmd(&mut cmd)?;
     let manifest = std::fs::read(dest.join("manifest.json")).map_err(|e| e.to_string())?;
     let blobs = verify_files(&dest, |name| {
         let hex = name.strip_suffix(".manifest.json").unwrap_or(name);
         (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then(|| hex.to_string())
     })?;
-    Ok(PulledImage { dir, manifest_digest: format!("sha256:{}", sha256_hex(&manifest)), blobs })
+    Ok(PulledImage {
+        dir,
+        manifest_digest: format!("sha256:{}", sha256_hex(&manifest)),
+        blobs,
+    })
 }
 
 /// Hashes every file of `dir` whose name maps to an expected hex digest; Err on a mismatch.
-fn verify_files(dir: &Path, expected_hex: impl Fn(&str) -> Option<String>) -> Result<Vec<(String, u64)>, String> {
+fn verify_files(
+    dir: &Path,
+    expected_hex: impl Fn(&str) -> Option<String>,
+) -> Result<Vec<(String, u64)>, String> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))? {
         let entry = entry.map_err(|e| e.to_string())?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(want) = expected_hex(&name) else { continue };
+        let Some(want) = expected_hex(&name) else {
+            continue;
+        };
         let data = std::fs::read(entry.path()).map_err(|e| e.to_string())?;
         let got = sha256_hex(&data);
         if got != want {
@@ -127,7 +165,11 @@ fn verify_files(dir: &Path, expected_hex: impl Fn(&str) -> Option<String>) -> Re
 }
 
 /// `skopeo inspect --raw docker://REF`: the manifest bytes as served.
-pub fn skopeo_inspect_raw(docker_ref: &str, tls: ClientTls, creds: Option<(&str, &str)>) -> Result<Vec<u8>, String> {
+pub fn skopeo_inspect_raw(
+    docker_ref: &str,
+    tls: ClientTls,
+    creds: Option<(&str, &str)>,
+) -> Result<Vec<u8>, String> {
     let aux = tempfile::tempdir().map_err(|e| e.to_string())?;
     let mut cmd = base_cmd(aux.path());
     cmd.args(["inspect", "--raw"]);

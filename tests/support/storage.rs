@@ -45,7 +45,10 @@ impl StorageHost {
             let st = st.clone();
             Box::pin(async move { serve_object(&st, req) })
         });
-        StorageHost { state, server: Arc::new(serve(None, handler)) }
+        StorageHost {
+            state,
+            server: Arc::new(serve(None, handler)),
+        }
     }
     pub fn port(&self) -> u16 {
         self.server.addr.port()
@@ -57,7 +60,11 @@ impl StorageHost {
     /// Stores a body; returns its id (served at `/objects/<id>`).
     pub fn register(&self, body: impl Into<Bytes>) -> String {
         let id = format!("obj{}", self.state.next.fetch_add(1, Ordering::SeqCst));
-        self.state.objects.lock().unwrap().insert(id.clone(), body.into());
+        self.state
+            .objects
+            .lock()
+            .unwrap()
+            .insert(id.clone(), body.into());
         id
     }
     /// `http://127.0.0.1:P/objects/<id>?X-Signature=abc`, like a pre-signed URL.
@@ -73,12 +80,21 @@ impl StorageHost {
     }
     /// Did any request carry an `Authorization` header?
     pub fn saw_authorization(&self) -> bool {
-        self.state.requests.lock().unwrap().iter().any(|r| r.had_authorization)
+        self.state
+            .requests
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|r| r.had_authorization)
     }
 }
 
 fn serve_object(st: &StoreState, req: Request<Incoming>) -> Resp {
-    let pq = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_default();
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
     st.requests.lock().unwrap().push(StorageRequest {
         method: req.method().to_string(),
         path_and_query: pq,
@@ -89,17 +105,29 @@ fn serve_object(st: &StoreState, req: Request<Incoming>) -> Resp {
         return resp(404, &[], "no such object");
     };
     let len = body.len();
-    let range = req.headers().get("range").and_then(|v| v.to_str().ok()).and_then(|r| parse_range(r, len));
+    let range = req
+        .headers()
+        .get("range")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|r| parse_range(r, len));
     let (status, body, extra) = match range {
         Some((a, b)) => (206, body.slice(a..=b), Some(format!("bytes {a}-{b}/{len}"))),
         None => (200, body, None),
     };
     let cl = body.len().to_string();
-    let mut headers = vec![("content-type", "application/octet-stream"), ("content-length", cl.as_str()), ("accept-ranges", "bytes")];
+    let mut headers = vec![
+        ("content-type", "application/octet-stream"),
+        ("content-length", cl.as_str()),
+        ("accept-ranges", "bytes"),
+    ];
     if let Some(cr) = &extra {
         headers.push(("content-range", cr.as_str()));
     }
-    let body = if req.method() == "HEAD" { Bytes::new() } else { body };
+    let body = if req.method() == "HEAD" {
+        Bytes::new()
+    } else {
+        body
+    };
     resp(status, &headers, body)
 }
 
@@ -107,7 +135,11 @@ fn serve_object(st: &StoreState, req: Request<Incoming>) -> Resp {
 fn parse_range(r: &str, len: usize) -> Option<(usize, usize)> {
     let (a, b) = r.strip_prefix("bytes=")?.split_once('-')?;
     let a: usize = a.trim().parse().ok()?;
-    let b: usize = if b.trim().is_empty() { len.checked_sub(1)? } else { b.trim().parse().ok()? };
+    let b: usize = if b.trim().is_empty() {
+        len.checked_sub(1)?
+    } else {
+        b.trim().parse().ok()?
+    };
     (a <= b && b < len).then_some((a, b.min(len - 1)))
 }
 
@@ -151,7 +183,10 @@ impl Redirector {
 
     /// Redirect blob GETs to `location_fn(digest, storage_id)` instead of the storage host
     /// (e.g. `|_, _| format!("http://0.0.0.0:{port}/x")` to test redirect-target rules).
-    pub fn with_target(self, location_fn: impl Fn(&str, &str) -> String + Send + Sync + 'static) -> Redirector {
+    pub fn with_target(
+        self,
+        location_fn: impl Fn(&str, &str) -> String + Send + Sync + 'static,
+    ) -> Redirector {
         *self.state.target.lock().unwrap() = Some(Arc::new(location_fn));
         self
     }
@@ -185,9 +220,19 @@ fn blob_get_digest(req: &Request<Incoming>) -> Option<String> {
 async fn handle_front(st: Arc<RedirState>, req: Request<Incoming>) -> Resp {
     let digest = blob_get_digest(&req);
     let (parts, body) = req.into_parts();
-    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-    let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let mut out = st.client.request(parts.method.clone(), format!("{}{pq}", st.upstream));
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let mut out = st
+        .client
+        .request(parts.method.clone(), format!("{}{pq}", st.upstream));
     for (k, v) in parts.headers.iter() {
         if !is_hop_by_hop(k.as_str()) && k != "host" {
             out = out.header(k, v);
@@ -208,7 +253,11 @@ async fn handle_front(st: Arc<RedirState>, req: Request<Incoming>) -> Resp {
             None => st.storage.signed_url(&id),
         };
         st.redirects.fetch_add(1, Ordering::SeqCst);
-        return resp(307, &[("location", location.as_str()), ("content-length", "0")], Bytes::new());
+        return resp(
+            307,
+            &[("location", location.as_str()), ("content-length", "0")],
+            Bytes::new(),
+        );
     }
     let mut b = hyper::Response::builder().status(status);
     for (k, v) in headers.iter() {
@@ -222,6 +271,13 @@ async fn handle_front(st: Arc<RedirState>, req: Request<Incoming>) -> Resp {
 fn is_hop_by_hop(name: &str) -> bool {
     matches!(
         name,
-        "connection" | "keep-alive" | "proxy-connection" | "transfer-encoding" | "upgrade" | "te" | "trailer" | "proxy-authorization"
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "transfer-encoding"
+            | "upgrade"
+            | "te"
+            | "trailer"
+            | "proxy-authorization"
     )
 }

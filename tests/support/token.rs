@@ -94,12 +94,16 @@ pub struct TokenIssuer {
 impl TokenIssuer {
     /// Starts the issuer with the Pki's loopback certificate.
     pub fn start(pki: &Pki, opts: TokenIssuerOptions) -> TokenIssuer {
-        let dir = tempfile::Builder::new().prefix("token-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("token-")
+            .tempdir()
+            .expect("tempdir");
         let (key_pkcs8, cert_pem, spki) = signing_key();
         let rootcert = dir.path().join("token-signing.crt");
         std::fs::write(&rootcert, cert_pem).expect("write rootcert");
         let rng = ring::rand::SystemRandom::new();
-        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &key_pkcs8, &rng).expect("ring key");
+        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &key_pkcs8, &rng)
+            .expect("ring key");
         let state = Arc::new(State {
             ttl: AtomicU64::new(opts.ttl_secs),
             send_expires_in: AtomicBool::new(opts.send_expires_in),
@@ -117,7 +121,12 @@ impl TokenIssuer {
             Box::pin(async move { handle(&st, req).await })
         });
         let server = serve(Some(pki.server_config()), handler);
-        TokenIssuer { state, server, rootcert, _dir: dir }
+        TokenIssuer {
+            state,
+            server,
+            rootcert,
+            _dir: dir,
+        }
     }
 
     /// `https://127.0.0.1:PORT/token`
@@ -130,6 +139,10 @@ impl TokenIssuer {
     /// The self-signed certificate of the signing key: the registry's `rootcertbundle`.
     pub fn rootcert_path(&self) -> &Path {
         &self.rootcert
+    }
+    /// The `iss` claim of its tokens (the registry's `auth.token.issuer`).
+    pub fn issuer_name(&self) -> &str {
+        &self.state.opts.issuer
     }
     /// The libtrust key id in every token header.
     pub fn kid(&self) -> &str {
@@ -159,8 +172,22 @@ impl TokenIssuer {
     }
     /// Signs a token issued `age_secs` ago with lifetime `ttl_secs` (to probe expiry without
     /// waiting).
-    pub fn mint_aged(&self, sub: &str, service: &str, access: serde_json::Value, age_secs: u64, ttl_secs: u64) -> String {
-        sign_jwt_at(&self.state, sub, service, access, now().saturating_sub(age_secs), ttl_secs)
+    pub fn mint_aged(
+        &self,
+        sub: &str,
+        service: &str,
+        access: serde_json::Value,
+        age_secs: u64,
+        ttl_secs: u64,
+    ) -> String {
+        sign_jwt_at(
+            &self.state,
+            sub,
+            service,
+            access,
+            now().saturating_sub(age_secs),
+            ttl_secs,
+        )
     }
     /// Signs a token directly (for tests that need one without HTTP).
     pub fn mint(&self, sub: &str, service: &str, access: serde_json::Value) -> String {
@@ -172,8 +199,11 @@ impl TokenIssuer {
 fn signing_key() -> (Vec<u8>, String, Vec<u8>) {
     use rcgen::PublicKeyData;
     let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
-    let mut params = rcgen::CertificateParams::new(vec!["token-signer".to_string()]).expect("params");
-    params.distinguished_name.push(rcgen::DnType::CommonName, "token-signer");
+    let mut params =
+        rcgen::CertificateParams::new(vec!["token-signer".to_string()]).expect("params");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "token-signer");
     let cert = params.self_signed(&kp).expect("self-signed");
     (kp.serialize_der(), cert.pem(), kp.subject_public_key_info())
 }
@@ -184,18 +214,39 @@ pub fn libtrust_kid(spki_der: &[u8]) -> String {
     use sha2::Digest;
     let h = sha2::Sha256::digest(spki_der);
     let b32 = data_encoding::BASE32_NOPAD.encode(&h[..30]);
-    b32.as_bytes().chunks(4).map(|c| std::str::from_utf8(c).unwrap()).collect::<Vec<_>>().join(":")
+    b32.as_bytes()
+        .chunks(4)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
 
 fn sign_jwt(st: &State, sub: &str, service: &str, access: serde_json::Value) -> String {
-    sign_jwt_at(st, sub, service, access, now(), st.ttl.load(Ordering::SeqCst))
+    sign_jwt_at(
+        st,
+        sub,
+        service,
+        access,
+        now(),
+        st.ttl.load(Ordering::SeqCst),
+    )
 }
 
-fn sign_jwt_at(st: &State, sub: &str, service: &str, access: serde_json::Value, iat: u64, ttl: u64) -> String {
+fn sign_jwt_at(
+    st: &State,
+    sub: &str,
+    service: &str,
+    access: serde_json::Value,
+    iat: u64,
+    ttl: u64,
+) -> String {
     let header = serde_json::json!({"typ": "JWT", "alg": "ES256", "kid": st.kid});
     let mut exp = iat + ttl;
     if st.cancel_leeway.load(Ordering::SeqCst) {
@@ -242,7 +293,8 @@ fn percent_decode(s: &str) -> String {
         match b[i] {
             b'+' => out.push(b' '),
             b'%' if i + 2 < b.len() => {
-                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16) {
+                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
+                {
                     Ok(v) => {
                         out.push(v);
                         i += 2;
@@ -274,7 +326,9 @@ fn check_password(st: &State, user: &str, pw: &str) -> Who {
 
 fn basic_auth(req: &Request<Incoming>) -> Option<(String, String)> {
     let v = req.headers().get("authorization")?.to_str().ok()?;
-    let b64 = v.strip_prefix("Basic ").or_else(|| v.strip_prefix("basic "))?;
+    let b64 = v
+        .strip_prefix("Basic ")
+        .or_else(|| v.strip_prefix("basic "))?;
     let raw = String::from_utf8(STANDARD.decode(b64.trim()).ok()?).ok()?;
     let (u, p) = raw.split_once(':')?;
     Some((u.to_string(), p.to_string()))
@@ -285,7 +339,13 @@ fn allowed(st: &State, who: &Who, typ: &str, name: &str) -> Vec<&'static str> {
     match (who, typ) {
         (Who::User(_), "repository") => vec!["pull", "push", "delete", "*"],
         (Who::User(_), "registry") => vec!["*"],
-        (Who::Anonymous, "repository") if st.opts.public_prefixes.iter().any(|p| name.starts_with(p.as_str())) => {
+        (Who::Anonymous, "repository")
+            if st
+                .opts
+                .public_prefixes
+                .iter()
+                .any(|p| name.starts_with(p.as_str())) =>
+        {
             vec!["pull"]
         }
         _ => vec![],
@@ -299,8 +359,12 @@ fn grant(st: &State, who: &Who, scopes: &[String]) -> (serde_json::Value, bool) 
     let mut all = true;
     for scope in scopes {
         for one in scope.split(' ').filter(|s| !s.is_empty()) {
-            let Some((typ, rest)) = one.split_once(':') else { continue };
-            let Some((name, actions)) = rest.rsplit_once(':') else { continue };
+            let Some((typ, rest)) = one.split_once(':') else {
+                continue;
+            };
+            let Some((name, actions)) = rest.rsplit_once(':') else {
+                continue;
+            };
             let ok = allowed(st, who, typ, name);
             let wanted: Vec<&str> = actions.split(',').filter(|a| !a.is_empty()).collect();
             let given: Vec<&str> = wanted.iter().copied().filter(|a| ok.contains(a)).collect();
@@ -325,16 +389,34 @@ async fn handle(st: &State, req: Request<Incoming>) -> Resp {
     let basic = basic_auth(&req);
     let mut params = query;
     if method == "POST" {
-        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let body = req
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
         params.extend(parse_form(&String::from_utf8_lossy(&body)));
     }
     let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-    let scopes: Vec<String> = params.iter().filter(|(k, _)| k == "scope").map(|(_, v)| v.clone()).collect();
+    let scopes: Vec<String> = params
+        .iter()
+        .filter(|(k, _)| k == "scope")
+        .map(|(_, v)| v.clone())
+        .collect();
     let service = get("service").unwrap_or_default();
     let who = if method == "POST" {
         match get("grant_type").as_deref() {
-            Some("password") => check_password(st, &get("username").unwrap_or_default(), &get("password").unwrap_or_default()),
-            Some("refresh_token") => match st.refresh_tokens.lock().unwrap().get(&get("refresh_token").unwrap_or_default()) {
+            Some("password") => check_password(
+                st,
+                &get("username").unwrap_or_default(),
+                &get("password").unwrap_or_default(),
+            ),
+            Some("refresh_token") => match st
+                .refresh_tokens
+                .lock()
+                .unwrap()
+                .get(&get("refresh_token").unwrap_or_default())
+            {
                 Some(u) => Who::User(u.clone()),
                 None => Who::BadCredentials(None),
             },
@@ -351,11 +433,25 @@ async fn handle(st: &State, req: Request<Incoming>) -> Resp {
         Who::BadCredentials(u) => (u.clone(), false),
         Who::Anonymous => (None, false),
     };
-    let mut record = TokenRequest { method: method.clone(), basic_user: user.clone(), authenticated, scopes: scopes.clone(), granted: false };
+    let mut record = TokenRequest {
+        method: method.clone(),
+        basic_user: user.clone(),
+        authenticated,
+        scopes: scopes.clone(),
+        granted: false,
+    };
     if let Who::BadCredentials(_) = who {
         st.requests.lock().unwrap().push(record);
-        let body = r#"{"errors":[{"code":"UNAUTHORIZED","message":"invalid username or password"}]}"#;
-        return resp(401, &[("content-type", "application/json"), ("www-authenticate", "Basic realm=\"token\"")], body);
+        let body =
+            r#"{"errors":[{"code":"UNAUTHORIZED","message":"invalid username or password"}]}"#;
+        return resp(
+            401,
+            &[
+                ("content-type", "application/json"),
+                ("www-authenticate", "Basic realm=\"token\""),
+            ],
+            body,
+        );
     }
     let (access, all) = grant(st, &who, &scopes);
     record.granted = all;
@@ -370,11 +466,18 @@ async fn handle(st: &State, req: Request<Incoming>) -> Resp {
     if method == "POST" {
         if let Some(u) = &user {
             let rt = format!("rt-{u}-{:08x}{:08x}", rand_u32(), rand_u32());
-            st.refresh_tokens.lock().unwrap().insert(rt.clone(), u.clone());
+            st.refresh_tokens
+                .lock()
+                .unwrap()
+                .insert(rt.clone(), u.clone());
             body["refresh_token"] = rt.into();
         }
     }
-    resp(200, &[("content-type", "application/json")], body.to_string())
+    resp(
+        200,
+        &[("content-type", "application/json")],
+        body.to_string(),
+    )
 }
 
 /// Seconds since the epoch as RFC 3339 UTC (civil-from-days, no chrono dependency).
@@ -390,5 +493,10 @@ fn rfc3339(secs: u64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }

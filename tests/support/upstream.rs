@@ -36,7 +36,11 @@ pub struct UpstreamOptions {
 
 impl Default for UpstreamOptions {
     fn default() -> Self {
-        UpstreamOptions { auth: Auth::Token(TokenIssuerOptions::default()), tls: true, pki: None }
+        UpstreamOptions {
+            auth: Auth::Token(TokenIssuerOptions::default()),
+            tls: true,
+            pki: None,
+        }
     }
 }
 
@@ -69,11 +73,26 @@ impl Upstream {
         let pki = opts.pki.clone().unwrap_or_else(|| Arc::new(Pki::new()));
         let (issuer, creds) = match &opts.auth {
             Auth::None => (None, None),
-            Auth::Token(t) => (Some(TokenIssuer::start(&pki, t.clone())), t.users.first().cloned()),
+            Auth::Token(t) => (
+                Some(TokenIssuer::start(&pki, t.clone())),
+                t.users.first().cloned(),
+            ),
         };
-        let dir = tempfile::Builder::new().prefix("upstream-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("upstream-")
+            .tempdir()
+            .expect("tempdir");
         std::fs::create_dir_all(dir.path().join("data")).expect("mkdir");
-        let mut up = Upstream { pki, issuer, creds, tls: opts.tls, port: 0, dir, child: None, old_log: String::new() };
+        let mut up = Upstream {
+            pki,
+            issuer,
+            creds,
+            tls: opts.tls,
+            port: 0,
+            dir,
+            child: None,
+            old_log: String::new(),
+        };
         for attempt in 0..5 {
             up.port = free_port();
             up.write_config();
@@ -83,7 +102,10 @@ impl Upstream {
                     eprintln!("upstream: port race, retrying: {e}");
                     up.stop();
                 }
-                Err(e) => panic!("upstream did not start: {e}\n--- registry log:\n{}", tail(&up.log_text(), 40)),
+                Err(e) => panic!(
+                    "upstream did not start: {e}\n--- registry log:\n{}",
+                    tail(&up.log_text(), 40)
+                ),
             }
         }
         unreachable!()
@@ -111,8 +133,9 @@ impl Upstream {
         }
         if let Some(iss) = &self.issuer {
             y += &format!(
-                "auth:\n  token:\n    realm: {}\n    service: {SERVICE}\n    issuer: test-issuer\n    rootcertbundle: {}\n",
+                "auth:\n  token:\n    realm: {}\n    service: {SERVICE}\n    issuer: {}\n    rootcertbundle: {}\n",
                 iss.realm(),
+                iss.issuer_name(),
                 iss.rootcert_path().display()
             );
         }
@@ -120,7 +143,11 @@ impl Upstream {
     }
 
     fn spawn_and_wait(&mut self) -> Result<(), String> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("log");
         let child = Command::new(REGISTRY_BIN)
             .arg("serve")
             .arg(self.config_path())
@@ -139,7 +166,8 @@ impl Upstream {
             }
             let c = client.clone();
             let u = url.clone();
-            let status = block_on(async move { c.get(u).send().await.map(|r| r.status().as_u16()) });
+            let status =
+                block_on(async move { c.get(u).send().await.map(|r| r.status().as_u16()) });
             if let Ok(200 | 401) = status {
                 return Ok(());
             }
@@ -163,7 +191,10 @@ impl Upstream {
     pub fn restart(&mut self) {
         self.stop();
         if let Err(e) = self.spawn_and_wait() {
-            panic!("upstream restart failed: {e}\n--- registry log:\n{}", tail(&self.log_text(), 40));
+            panic!(
+                "upstream restart failed: {e}\n--- registry log:\n{}",
+                tail(&self.log_text(), 40)
+            );
         }
     }
 
@@ -173,7 +204,11 @@ impl Upstream {
 
     /// "https://127.0.0.1:P" (or http:// without TLS).
     pub fn url(&self) -> String {
-        format!("{}://127.0.0.1:{}", if self.tls { "https" } else { "http" }, self.port)
+        format!(
+            "{}://127.0.0.1:{}",
+            if self.tls { "https" } else { "http" },
+            self.port
+        )
     }
     /// "127.0.0.1:P"
     pub fn host_port(&self) -> String {
@@ -190,7 +225,9 @@ impl Upstream {
     }
     /// The token issuer; panics for an anonymous upstream.
     pub fn issuer(&self) -> &TokenIssuer {
-        self.issuer.as_ref().expect("anonymous upstream (Auth::None) has no token issuer")
+        self.issuer
+            .as_ref()
+            .expect("anonymous upstream (Auth::None) has no token issuer")
     }
     pub fn try_issuer(&self) -> Option<&TokenIssuer> {
         self.issuer.as_ref()
@@ -218,12 +255,18 @@ impl Upstream {
     /// Every completed request, from the access-log lines
     /// (`127.0.0.1 - - [date] "GET /v2/... HTTP/1.1" 200 123 "" "ua"`), one per response.
     pub fn requests(&self) -> Vec<LoggedRequest> {
-        self.log_text().lines().filter_map(parse_access_line).collect()
+        self.log_text()
+            .lines()
+            .filter_map(parse_access_line)
+            .collect()
     }
 
     /// Completed requests with this method whose path+query contains `path_contains`.
     pub fn count_requests(&self, method: &str, path_contains: &str) -> usize {
-        self.requests().iter().filter(|r| r.method.eq_ignore_ascii_case(method) && r.uri.contains(path_contains)).count()
+        self.requests()
+            .iter()
+            .filter(|r| r.method.eq_ignore_ascii_case(method) && r.uri.contains(path_contains))
+            .count()
     }
 
     /// Pushes every platform of `image` as `repo:tag` (OCI media types); returns the digest of
@@ -242,23 +285,32 @@ impl Upstream {
         let tmp = tempfile::tempdir().expect("tempdir");
         let digestfile = tmp.path().join("digest");
         let mut cmd = Command::new("skopeo");
-        cmd.args(["--insecure-policy", "copy", "--all", "--retry-times", "2"]).args(extra);
+        cmd.args(["--insecure-policy", "copy", "--all", "--retry-times", "2"])
+            .args(extra);
         cmd.arg("--digestfile").arg(&digestfile);
         if let Some((u, p)) = self.creds() {
             cmd.arg("--dest-creds").arg(format!("{u}:{p}"));
         }
         self.dest_tls_args(&mut cmd);
         cmd.env("REGISTRY_AUTH_FILE", tmp.path().join("auth.json"));
-        cmd.arg(image.oci_ref()).arg(format!("docker://{}/{}", self.host_port(), repo_tag));
+        cmd.arg(image.oci_ref())
+            .arg(format!("docker://{}/{}", self.host_port(), repo_tag));
         if let Err(e) = run_cmd(&mut cmd) {
-            panic!("push {repo_tag} failed: {e}\n--- registry log:\n{}", tail(&self.log_text(), 30));
+            panic!(
+                "push {repo_tag} failed: {e}\n--- registry log:\n{}",
+                tail(&self.log_text(), 30)
+            );
         }
-        std::fs::read_to_string(&digestfile).expect("digestfile").trim().to_string()
+        std::fs::read_to_string(&digestfile)
+            .expect("digestfile")
+            .trim()
+            .to_string()
     }
 
     fn dest_tls_args(&self, cmd: &mut Command) {
         if self.tls {
-            cmd.arg("--dest-cert-dir").arg(self.pki.cert_dir_for_clients());
+            cmd.arg("--dest-cert-dir")
+                .arg(self.pki.cert_dir_for_clients());
         } else {
             cmd.arg("--dest-tls-verify=false");
         }
@@ -267,7 +319,11 @@ impl Upstream {
     /// Where the registry keeps the blob with this digest ("sha256:...").
     pub fn blob_path(&self, digest: &str) -> PathBuf {
         let hex = digest.trim_start_matches("sha256:");
-        self.storage_dir().join("docker/registry/v2/blobs/sha256").join(&hex[..2]).join(hex).join("data")
+        self.storage_dir()
+            .join("docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
     }
 }
 
@@ -283,5 +339,9 @@ pub fn parse_access_line(line: &str) -> Option<LoggedRequest> {
         return None;
     }
     let status = rest[end + 1..].split_whitespace().next()?.parse().ok()?;
-    Some(LoggedRequest { method, uri, status })
+    Some(LoggedRequest {
+        method,
+        uri,
+        status,
+    })
 }

@@ -1,0 +1,30 @@
+# The two commands a new user needs (see README):
+#   make run    build pullgate and serve the embedded default (loopback mirror on 127.0.0.1:5000)
+#   make test   install the test bed (Debian packages) and run every check and test
+# Both install what they need on a fresh Debian 12 machine (as root, or with sudo).
+
+CARGO ?= cargo
+
+.PHONY: run test build-deps test-deps lint unit check-conf
+
+run: build-deps
+	$(CARGO) run --release -- serve
+
+test: test-deps lint
+	$(CARGO) build --all-targets
+	./target/debug/pullgate check conf/*.toml
+	$(CARGO) test --all-targets -- --test-threads=4
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+	@if grep -rl 'pingora' src/ | grep -vE '^src/(gateway|listen)/|^src/(lib|main)\.rs$$'; then \
+		echo "only gateway/ and listen/ may use Pingora (STYLE.md)"; exit 1; fi
+
+build-deps:
+	@command -v cmake >/dev/null || { echo "installing cmake (pingora builds zlib-ng with it)"; \
+		$$( [ "$$(id -u)" -eq 0 ] || echo sudo ) apt-get update -qq && \
+		$$( [ "$$(id -u)" -eq 0 ] || echo sudo ) apt-get install -y -qq cmake; }
+
+test-deps:
+	bash tests/install-deps.sh

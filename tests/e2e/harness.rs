@@ -1,0 +1,193 @@
+//! Starting pullgate in-process for a test, with a config written the way users write theirs.
+
+use std::sync::Arc;
+
+use pullgate::RunningGateway;
+
+use crate::support::{free_port, Upstream};
+
+/// A running pullgate and the temp dir holding its cache and secret files.
+pub struct Gateway {
+    pub port: u16,
+    running: Option<RunningGateway>,
+    _dir: tempfile::TempDir,
+}
+
+impl Gateway {
+    /// Start pullgate with `registries` (TOML `[[registry]]` tables) on a free loopback port.
+    pub fn start(registries: &str) -> Gateway {
+        pullgate::install_crypto_provider();
+        // Captured per test by libtest: shown only for failing tests.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+            .with_test_writer()
+            .try_init();
+        let dir = tempfile::Builder::new()
+            .prefix("pullgate-")
+            .tempdir()
+            .expect("tempdir");
+        let port = free_port();
+        let text = format!(
+            "[server]\nlisten = [\"127.0.0.1:{port}\"]\nadmin_listen = \"\"\n\n[cache]\ndir = \"{}\"\n\n{registries}",
+            dir.path().join("cache").display()
+        );
+        let config = pullgate::config::load_str(&text, dir.path())
+            .unwrap_or_else(|e| panic!("test config invalid:\n{e}\n---\n{text}"));
+        let running = RunningGateway::start(Arc::new(config)).expect("gateway starts");
+        Gateway {
+            port,
+            running: Some(running),
+            _dir: dir,
+        }
+    }
+
+    /// "127.0.0.1:P", as clients name the gateway.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.stop();
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A `[[registry]]` table for `upstream`: its CA trusted, the test user's credentials injected
+/// (from a file next to the config), plus `extra` lines.
+pub fn registry(name: &str, upstream: &Upstream, extra: &str) -> String {
+    let mut t = format!(
+        "[[registry]]\nname = \"{name}\"\nupstream = \"{}\"\nca = \"{}\"\n",
+        upstream.url(),
+        upstream.pki().ca_path().display()
+    );
+    if let Some((user, password)) = upstream.creds() {
+        let dir = upstream.storage_dir();
+        let file = dir.join(format!("{name}-password"));
+        std::fs::write(&file, format!("{password}\n")).expect("write password file");
+        t += &format!(
+            "credentials = {{ username = \"{user}\", password_file = \"{}\" }}\n",
+            file.display()
+        );
+    }
+    t + extra + "\n"
+}
+
+/// A `[[registry]]` table with no credentials.
+pub fn anonymous_registry(name: &str, upstream: &Upstream, extra: &str) -> String {
+    format!(
+        "[[registry]]\nname = \"{name}\"\nupstream = \"{}\"\nca = \"{}\"\n{extra}\n",
+        upstream.url(),
+        upstream.pki().ca_path().display()
+    )
+}
+
+/// What the gateway answered to a raw request.
+pub struct Answer {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl Answer {
+    /// The first OCI error code of the body, if it is an OCI error.
+    pub fn oci_code(&self) -> Option<String> {
+        let json: serde_json::Value = serde_json::from_slice(&self.body).ok()?;
+        json["errors"][0]["code"].as_str().map(str::to_string)
+    }
+
+    pub fn oci_message(&self) -> String {
+        let json: serde_json::Value = serde_json::from_slice(&self.body).unwrap_or_default();
+        json["errors"][0]["message"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    }
+
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    }
+}
+
+/// Send one request (no redirects followed) and read the whole answer.
+pub fn request(method: &str, url: &str, headers: &[(&str, &str)]) -> Answer {
+    let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+    let url = url.to_string();
+    let headers: Vec<(String, String)> = headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    crate::support::block_on(async move {
+        let client = crate::support::http_client(None);
+        let mut req = client.request(method, &url);
+        for (k, v) in headers {
+            req = req.header(k, v);
+        }
+        let resp = req.send().await.unwrap_or_else(|e| panic!("{url}: {e}"));
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
+        Answer {
+            status,
+            headers,
+            body,
+        }
+    })
+}
+
+pub fn get(url: &str) -> Answer {
+    request("GET", url, &[])
+}
+
+/// Accept lines a registry client sends for manifests.
+pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// Send a raw HTTP/1.1 request line (for paths an HTTP client would normalise, like `/../`)
+/// and return the status and body.
+pub fn raw_get(addr: &str, path: &str) -> Answer {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).expect("read");
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let mut headers = reqwest::header::HeaderMap::new();
+    for line in head.lines().skip(1) {
+        if let Some((k, v)) = line.split_once(':') {
+            if let (Ok(k), Ok(v)) = (
+                reqwest::header::HeaderName::from_bytes(k.trim().as_bytes()),
+                reqwest::header::HeaderValue::from_str(v.trim()),
+            ) {
+                headers.insert(k, v);
+            }
+        }
+    }
+    Answer {
+        status,
+        headers,
+        body: body.as_bytes().to_vec(),
+    }
+}

@@ -1,0 +1,68 @@
+//! Hostile and malformed requests get OCI errors before anything touches the upstream.
+
+use crate::harness::{get, raw_get, registry, request, Gateway};
+use crate::support::{Upstream, UpstreamOptions};
+
+#[test]
+fn invalid_names_digests_and_paths_get_oci_errors() {
+    let up = Upstream::start(UpstreamOptions::default());
+    let gw = Gateway::start(&registry("hub", &up, "default = true"));
+    let before = up.requests().len();
+    let long = format!("/v2/{}/manifests/latest", "a".repeat(300));
+    let cases: &[(&str, u16, &str)] = &[
+        ("/v2/../etc/passwd/manifests/latest", 400, "NAME_INVALID"),
+        ("/v2/team/%2e%2e/manifests/latest", 400, "NAME_INVALID"),
+        ("/v2/team/..%2f/blobs/sha256:00", 400, "NAME_INVALID"),
+        ("/v2/Team/App/manifests/latest", 400, "NAME_INVALID"),
+        ("/v2/team\\app/manifests/latest", 400, "NAME_INVALID"),
+        (&long, 400, "NAME_INVALID"),
+        ("/v2/team/app/blobs/sha256:xyz", 400, "DIGEST_INVALID"),
+        (
+            "/v2/team/app/blobs/md5:d41d8cd98f00b204e9800998ecf8427e",
+            400,
+            "UNSUPPORTED",
+        ),
+        ("/v2/team/app/manifests/-bad-tag", 400, "TAG_INVALID"),
+        ("/etc/passwd", 404, "UNSUPPORTED"),
+    ];
+    for (path, status, code) in cases {
+        let answer = raw_get(&gw.addr(), path);
+        assert_eq!(
+            answer.status,
+            *status,
+            "{path}: {}",
+            String::from_utf8_lossy(&answer.body)
+        );
+        assert_eq!(answer.oci_code().as_deref(), Some(*code), "{path}");
+        assert_eq!(
+            answer.header("content-type").as_deref(),
+            Some("application/json")
+        );
+    }
+    assert_eq!(
+        up.requests().len(),
+        before,
+        "no invalid request reached the upstream"
+    );
+}
+
+#[test]
+fn base_endpoint_answers_locally_and_push_is_refused() {
+    let up = Upstream::start(UpstreamOptions::default());
+    let gw = Gateway::start(&registry("hub", &up, "default = true"));
+    let before = up.requests().len();
+    let base = get(&gw.url("/v2/"));
+    assert_eq!(base.status, 200);
+    assert_eq!(
+        base.header("docker-distribution-api-version").as_deref(),
+        Some("registry/2.0")
+    );
+    let push = request("POST", &gw.url("/v2/team/app/blobs/uploads/"), &[]);
+    assert_eq!(push.status, 403);
+    assert_eq!(push.oci_code().as_deref(), Some("DENIED"));
+    let put = request("PUT", &gw.url("/v2/team/app/manifests/v1"), &[]);
+    assert_eq!(put.oci_code().as_deref(), Some("DENIED"));
+    let catalog = get(&gw.url("/v2/_catalog"));
+    assert_eq!(catalog.oci_code().as_deref(), Some("UNSUPPORTED"));
+    assert_eq!(up.requests().len(), before, "nothing reached the upstream");
+}

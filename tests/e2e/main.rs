@@ -1,0 +1,16 @@
+//! End-to-end tests: pullgate in front of the real distribution registry (bearer-token auth over
+//! TLS), pulled through by real clients (skopeo, containerd's ctr). One test binary, so the
+//! costly link happens once; tests run in parallel on ports chosen at run time.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod harness;
+
+mod auth;
+mod cli;
+mod containerd;
+mod input;
+mod pull;
+mod redirects;
+mod routing;
