@@ -10,6 +10,8 @@ mod harness;
 mod auth;
 mod cli;
 mod containerd;
+mod credentials;
+mod errors;
 mod input;
 mod pull;
 mod redirects;

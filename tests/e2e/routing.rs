@@ -154,3 +154,19 @@ fn unknown_ns_host_and_prefix_are_name_unknown() {
 fn urlencode(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
+
+#[test]
+fn tags_list_is_served_under_the_client_name() {
+    let up = Upstream::start(UpstreamOptions::default());
+    let img = TestImage::small("tags");
+    for tag in ["a", "b", "c"] {
+        up.push(&img, &format!("team/app:{tag}"));
+    }
+    let gw = Gateway::start(&registry("hub", &up, "prefix = \"hub\""));
+    let page = request("GET", &gw.url("/v2/hub/team/app/tags/list"), &[]);
+    assert_eq!(page.status, 200, "{}", String::from_utf8_lossy(&page.body));
+    let json: serde_json::Value = serde_json::from_slice(&page.body).expect("json");
+    let mut tags: Vec<String> = serde_json::from_value(json["tags"].clone()).expect("tags");
+    tags.sort();
+    assert_eq!(tags, ["a", "b", "c"]);
+}
