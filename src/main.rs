@@ -28,11 +28,13 @@ enum Command {
         #[arg(short, long)]
         config: Option<PathBuf>,
     },
-    /// Validate a config file and print its warnings; exit 78 when it is invalid.
+    /// Validate config files and print their warnings; exit 78 when one is invalid.
     Check {
-        /// Config file (TOML); without it the embedded default is checked.
+        /// Config file (TOML), repeatable; with none the embedded default is checked.
         #[arg(short, long)]
-        config: Option<PathBuf>,
+        config: Vec<PathBuf>,
+        /// More config files.
+        files: Vec<PathBuf>,
         /// Treat warnings as errors.
         #[arg(long)]
         strict: bool,
@@ -56,7 +58,26 @@ fn main() -> ExitCode {
     pullgate::install_crypto_provider();
     match cli.command {
         Command::Serve { config } => serve(config),
-        Command::Check { config, strict } => check(config, strict),
+        Command::Check {
+            mut config,
+            files,
+            strict,
+        } => {
+            config.extend(files);
+            if config.is_empty() {
+                return check(None, strict);
+            }
+            let failed = config
+                .into_iter()
+                .map(|path| check(Some(path), strict))
+                .filter(|code| *code != ExitCode::SUCCESS)
+                .count();
+            if failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_CONFIG)
+            }
+        }
         Command::DefaultConfig => {
             print!("{}", config::DEFAULT_TOML);
             ExitCode::SUCCESS

@@ -91,8 +91,8 @@ fn wrong_credentials_are_reported_as_what_they_are() {
     assert_eq!(get(&gw.url("/v2/")).status, 200);
 }
 
-#[test]
-fn tokens_are_reused_then_refreshed_after_expiry() {
+/// An upstream whose tokens really expire after 2 s, an image on it, and pullgate in front.
+fn two_second_tokens(seed: &str) -> (Upstream, TestImage, Gateway) {
     let opts = TokenIssuerOptions {
         ttl_secs: 2,
         cancel_registry_leeway: true,
@@ -102,9 +102,15 @@ fn tokens_are_reused_then_refreshed_after_expiry() {
         auth: Auth::Token(opts),
         ..Default::default()
     });
-    let img = TestImage::small("expiry");
+    let img = TestImage::small(seed);
     up.push(&img, "team/small:v1");
     let gw = Gateway::start(&registry("hub", &up, "default = true"));
+    (up, img, gw)
+}
+
+#[test]
+fn tokens_are_reused_then_refreshed_after_expiry() {
+    let (up, img, gw) = two_second_tokens("expiry");
     up.issuer().clear_requests();
 
     let manifest = gw.url("/v2/team/small/manifests/v1");
@@ -142,19 +148,8 @@ fn tokens_are_reused_then_refreshed_after_expiry() {
 fn expired_token_refused_upstream_is_refreshed_and_retried_once() {
     // The upstream refuses tokens after 2 s, but the issuer claims they last 300 s: pullgate's
     // cached token goes stale under it and the 401 path must recover.
-    let opts = TokenIssuerOptions {
-        ttl_secs: 2,
-        cancel_registry_leeway: true,
-        ..Default::default()
-    };
-    let up = Upstream::start(UpstreamOptions {
-        auth: Auth::Token(opts),
-        ..Default::default()
-    });
-    let img = TestImage::small("refresh");
-    up.push(&img, "team/small:v1");
+    let (up, _img, gw) = two_second_tokens("refresh");
     up.issuer().set_send_expires_in(false); // pullgate assumes the spec default of 60 s
-    let gw = Gateway::start(&registry("hub", &up, "default = true"));
     let manifest = gw.url("/v2/team/small/manifests/v1");
     assert_eq!(
         request("HEAD", &manifest, &[("Accept", MANIFEST_ACCEPT)]).status,

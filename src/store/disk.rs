@@ -1,0 +1,267 @@
+//! The on-disk layout and every file operation of the store.
+//!
+//! Owns: `blobs/sha256/<2 hex>/<hex>` and `tmp/<hex>.<unique>` under the cache directory;
+//! creating, syncing, renaming and deleting those files; the start-up scan; and THE read path
+//! ([`ChunkReader`]), the one place a transform such as encryption at rest would sit.
+//! Must never: build a path from anything but a verified [`Digest`] hex or a name it checked
+//! itself (invariant 2), make a file visible under `blobs/` before the fill verified it
+//! (invariant 3), or read more than one chunk into memory (invariant 7).
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::{Bytes, BytesMut};
+
+/// Largest chunk a reader hands out (invariant 7: memory per reader is bounded by this).
+pub const MAX_CHUNK: usize = 1 << 20;
+/// Reads at least this large go to the blocking pool; smaller ones are done inline.
+const BLOCKING_READ_MIN: usize = 64 << 10;
+const SHA256_HEX_LEN: usize = 64;
+
+/// Paths under the cache directory.
+#[derive(Debug, Clone)]
+pub(crate) struct Layout {
+    /// `<dir>/blobs/sha256`
+    blobs: PathBuf,
+    /// `<dir>/tmp`
+    tmp: PathBuf,
+}
+
+impl Layout {
+    pub(crate) fn new(dir: &Path) -> Layout {
+        Layout {
+            blobs: dir.join("blobs").join("sha256"),
+            tmp: dir.join("tmp"),
+        }
+    }
+
+    pub(crate) fn create_dirs(&self) -> io::Result<()> {
+        fs::create_dir_all(&self.blobs)?;
+        fs::create_dir_all(&self.tmp)
+    }
+
+    /// Where a committed blob lives. `hex` comes from a `Digest` or from [`is_sha256_hex`]
+    /// (invariant 2), so it holds only `[0-9a-f]` and cannot escape the directory.
+    pub(crate) fn blob_path(&self, hex: &str) -> PathBuf {
+        self.shard_dir(hex).join(hex)
+    }
+
+    fn shard_dir(&self, hex: &str) -> PathBuf {
+        self.blobs.join(hex.get(..2).unwrap_or("00"))
+    }
+
+    /// Creates a new, empty temp file for a fill of `hex`; the name is unique per process run.
+    pub(crate) fn create_temp(&self, hex: &str) -> io::Result<(File, PathBuf)> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path = self.tmp.join(format!("{hex}.{}-{n}", std::process::id()));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        Ok((file, path))
+    }
+
+    /// Deletes every leftover temp file (fills cut by a crash or a restart). Returns how many.
+    pub(crate) fn clear_tmp(&self) -> io::Result<u64> {
+        let mut removed = 0;
+        for entry in fs::read_dir(&self.tmp)? {
+            let entry = entry?;
+            let path = entry.path();
+            let result = if entry.file_type()?.is_dir() {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
+            match result {
+                Ok(()) => removed += 1,
+                Err(e) => tracing::warn!(path = %path.display(), error = %e, "could not remove temp file"),
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Every committed blob as `(hex, size, mtime)`. Names that are not a 64-hex digest in the
+    /// right shard are logged and skipped, never indexed (invariant 2).
+    pub(crate) fn scan(&self) -> io::Result<Vec<(String, u64, SystemTime)>> {
+        let mut found = Vec::new();
+        for shard in fs::read_dir(&self.blobs)? {
+            let shard = shard?;
+            let name = shard.file_name();
+            let shard_name = name.to_str().unwrap_or("");
+            if !shard.file_type()?.is_dir() || shard_name.len() != 2 || !is_lower_hex(shard_name)
+            {
+                tracing::warn!(path = %shard.path().display(), "ignoring unexpected entry in blobs/");
+                continue;
+            }
+            scan_shard(&shard.path(), shard_name, &mut found)?;
+        }
+        Ok(found)
+    }
+
+    /// Verified temp file -> `blobs/sha256/ab/<hex>`, durably: fsync the file, rename, fsync
+    /// the directory. Invariant 3: the caller has already checked length and SHA-256.
+    pub(crate) fn commit(&self, file: &File, temp: &Path, hex: &str) -> io::Result<PathBuf> {
+        file.sync_all()?;
+        let shard = self.shard_dir(hex);
+        fs::create_dir_all(&shard)?;
+        let dest = shard.join(hex);
+        fs::rename(temp, &dest)?;
+        File::open(&shard)?.sync_all()?;
+        Ok(dest)
+    }
+}
+
+fn scan_shard(
+    shard: &Path,
+    prefix: &str,
+    found: &mut Vec<(String, u64, SystemTime)>,
+) -> io::Result<()> {
+    for entry in fs::read_dir(shard)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let hex = name.to_str().unwrap_or("");
+        let meta = entry.metadata()?;
+        if !meta.is_file() || !is_sha256_hex(hex) || !hex.starts_with(prefix) {
+            tracing::warn!(path = %entry.path().display(), "ignoring file that is not a blob");
+            continue;
+        }
+        let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+        found.push((hex.to_owned(), meta.len(), mtime));
+    }
+    Ok(())
+}
+
+/// 64 lowercase hex characters: the only file names indexed as blobs.
+pub(crate) fn is_sha256_hex(s: &str) -> bool {
+    s.len() == SHA256_HEX_LEN && is_lower_hex(s)
+}
+
+fn is_lower_hex(s: &str) -> bool {
+    s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// Positional, chunked reads of `[pos, end)` from a file that may still be growing.
+///
+/// One reusable buffer of at most [`MAX_CHUNK`] (invariant 7). Positional reads (`read_at`)
+/// need no shared cursor, so any number of readers share one fd, and a temp file keeps being
+/// readable after it is renamed into `blobs/` (same inode).
+#[derive(Debug)]
+pub(crate) struct ChunkReader {
+    file: Arc<File>,
+    pos: u64,
+    end: u64,
+    buf: BytesMut,
+}
+
+impl ChunkReader {
+    pub(crate) fn new(file: Arc<File>, start: u64, end: u64) -> ChunkReader {
+        ChunkReader {
+            file,
+            pos: start,
+            end: end.max(start),
+            buf: BytesMut::new(),
+        }
+    }
+
+    pub(crate) fn pos(&self) -> u64 {
+        self.pos
+    }
+
+    pub(crate) fn end(&self) -> u64 {
+        self.end
+    }
+
+    pub(crate) fn is_done(&self) -> bool {
+        self.pos >= self.end
+    }
+
+    /// Reads the next chunk of `[pos, min(available, end))`, at most [`MAX_CHUNK`] bytes.
+    /// The caller guarantees those bytes were written. A read that comes back empty is an
+    /// `UnexpectedEof` error, never a silent end (invariant 3).
+    pub(crate) async fn read(&mut self, available: u64) -> io::Result<Bytes> {
+        let want = available.min(self.end).saturating_sub(self.pos);
+        let len = usize::try_from(want).unwrap_or(MAX_CHUNK).min(MAX_CHUNK);
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        // Reclaims the previous chunk's allocation when the consumer has dropped it.
+        self.buf.reserve(len);
+        self.buf.resize(len, 0);
+        let mut buf = std::mem::take(&mut self.buf);
+        let n = if len >= BLOCKING_READ_MIN {
+            let file = Arc::clone(&self.file);
+            let pos = self.pos;
+            let (returned, n) = tokio::task::spawn_blocking(move || {
+                let n = read_full_at(&file, &mut buf, pos);
+                (buf, n)
+            })
+            .await
+            .map_err(io::Error::other)?;
+            buf = returned;
+            n?
+        } else {
+            read_full_at(&self.file, &mut buf, self.pos)?
+        };
+        buf.truncate(n);
+        let chunk = buf.split().freeze();
+        self.buf = buf;
+        self.pos += n as u64;
+        Ok(chunk)
+    }
+}
+
+/// Fills `buf` from `offset`; an early end of file is an error.
+fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    file.read_exact_at(buf, offset)?;
+    Ok(buf.len())
+}
+
+/// A committed, verified blob: an open file and its length.
+///
+/// The file stays readable even if the blob is evicted meanwhile (unlink removes only the name).
+#[derive(Debug, Clone)]
+pub struct Blob {
+    pub file: Arc<File>,
+    pub len: u64,
+}
+
+impl Blob {
+    /// Streams `[start, end)` (end exclusive, clamped to nothing past `len`: a range beyond the
+    /// blob is an error from `next_chunk`, not a short body). Check ranges before calling.
+    pub fn reader(&self, start: u64, end: u64) -> BlobReader {
+        BlobReader {
+            inner: ChunkReader::new(Arc::clone(&self.file), start, end),
+            len: self.len,
+        }
+    }
+}
+
+/// Chunks of a committed blob, at most 1 MiB each.
+#[derive(Debug)]
+pub struct BlobReader {
+    inner: ChunkReader,
+    len: u64,
+}
+
+impl BlobReader {
+    /// The next chunk; `Ok(None)` only after every byte of the range was returned.
+    pub async fn next_chunk(&mut self) -> io::Result<Option<Bytes>> {
+        if self.inner.is_done() {
+            return Ok(None);
+        }
+        if self.inner.pos() >= self.len {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "range extends past the end of the blob",
+            ));
+        }
+        self.inner.read(self.len).await.map(Some)
+    }
+}

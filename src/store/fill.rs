@@ -1,0 +1,519 @@
+//! Single-flight fills: one upstream fetch per digest, written to a temp file that readers
+//! follow as it grows, verified, then committed.
+//!
+//! Owns: the fill task (fetch, resume with `open(written)`, hash, verify, commit or clean up),
+//! the progress channel, and the readers of a growing file. The task runs on its own tokio task
+//! and belongs to no client: a reader going away never cancels it (invariant 4).
+//! Must never: commit bytes whose length or SHA-256 differ from the digest (invariant 3), let a
+//! reader report the end of its range before the fill is verified, or buffer more than one
+//! chunk per reader (invariant 7).
+
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream::BoxStream;
+use futures_util::StreamExt;
+use tokio::sync::watch;
+
+use super::disk::{Blob, ChunkReader};
+use super::{BlobSource, Shared, SourceBody, SourceError};
+use crate::oci::{Digest, DigestHasher, ErrorCode, OciError};
+
+/// Timing of a fill's resume logic.
+#[derive(Debug, Clone)]
+pub struct FillPolicy {
+    /// No chunk for this long counts as a broken transfer (then resumed).
+    pub stall_timeout: Duration,
+    /// Wait before each resume attempt; its length is the number of resumes allowed.
+    pub backoff: Vec<Duration>,
+}
+
+impl Default for FillPolicy {
+    fn default() -> FillPolicy {
+        FillPolicy {
+            stall_timeout: Duration::from_secs(60),
+            backoff: vec![
+                Duration::from_millis(100),
+                Duration::from_millis(400),
+                Duration::from_secs(1),
+            ],
+        }
+    }
+}
+
+/// Why a fill ended without a committed blob.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FillFailure {
+    /// The source refused for good (e.g. upstream 404/403): tell the client as is.
+    Refused(OciError),
+    /// Transport problems outlasted every resume attempt.
+    Broken(String),
+    /// The bytes are not the blob: wrong length or wrong SHA-256 (invariant 3).
+    Invalid(String),
+    /// Local disk trouble, or a digest the store cannot hold.
+    Storage(String),
+}
+
+impl FillFailure {
+    /// The error a client gets when nothing was sent yet: refusals as the source gave them,
+    /// everything else `UNAVAILABLE` (502).
+    pub fn to_oci_error(&self) -> OciError {
+        match self {
+            FillFailure::Refused(e) => e.clone(),
+            _ => OciError::from_code(ErrorCode::Unavailable),
+        }
+    }
+}
+
+impl fmt::Display for FillFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FillFailure::Refused(e) => write!(f, "refused by source: {e}"),
+            FillFailure::Broken(m) => write!(f, "transfer broken: {m}"),
+            FillFailure::Invalid(m) => write!(f, "verification failed: {m}"),
+            FillFailure::Storage(m) => write!(f, "storage error: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for FillFailure {}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FillState {
+    Running,
+    /// Verified and committed: the blob is in the index.
+    Done,
+    Failed(FillFailure),
+}
+
+/// What a fill has done so far; published after every write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Progress {
+    /// Bytes written to the temp file, from offset 0 without gaps.
+    pub written: u64,
+    /// The blob's length as the source announced it, once known.
+    pub total_len: Option<u64>,
+    pub state: FillState,
+}
+
+/// A running (or finished) fill that any number of readers follow.
+#[derive(Debug)]
+pub struct Fill {
+    id: u64,
+    digest: Digest,
+    /// The temp file (or, for an already committed blob, the blob file). `None` only for a fill
+    /// that failed before it had a file.
+    file: Option<Arc<File>>,
+    rx: watch::Receiver<Progress>,
+}
+
+impl Fill {
+    /// A fill that failed before it started (unsupported digest, no temp file, no runtime).
+    pub(crate) fn failed(digest: &Digest, failure: FillFailure) -> Arc<Fill> {
+        let progress = Progress {
+            written: 0,
+            total_len: None,
+            state: FillState::Failed(failure),
+        };
+        Fill::finished(digest, None, progress)
+    }
+
+    /// A blob already committed, presented as a finished fill.
+    pub(crate) fn committed(digest: &Digest, blob: Blob) -> Arc<Fill> {
+        let progress = Progress {
+            written: blob.len,
+            total_len: Some(blob.len),
+            state: FillState::Done,
+        };
+        Fill::finished(digest, Some(blob.file), progress)
+    }
+
+    fn finished(digest: &Digest, file: Option<Arc<File>>, progress: Progress) -> Arc<Fill> {
+        let (_tx, rx) = watch::channel(progress);
+        Arc::new(Fill {
+            id: 0,
+            digest: digest.clone(),
+            file,
+            rx,
+        })
+    }
+
+    pub fn digest(&self) -> &Digest {
+        &self.digest
+    }
+
+    /// A snapshot of the progress.
+    pub fn progress(&self) -> Progress {
+        self.rx.borrow().clone()
+    }
+
+    /// Resolves once the source opened with a known total length (the value returned), or when
+    /// the fill is done if the source gave none (then the final length); or with the failure.
+    /// Answer the client's status line only after this: a refusal becomes a proper error.
+    pub async fn wait_started(&self) -> Result<u64, FillFailure> {
+        self.wait_for(|p| p.total_len.or((p.state == FillState::Done).then_some(p.written)))
+            .await
+    }
+
+    /// Resolves with the length once the blob is verified and committed, or with the failure.
+    pub async fn wait_done(&self) -> Result<u64, FillFailure> {
+        self.wait_for(|p| (p.state == FillState::Done).then_some(p.written))
+            .await
+    }
+
+    async fn wait_for(&self, ready: impl Fn(&Progress) -> Option<u64>) -> Result<u64, FillFailure> {
+        let mut rx = self.rx.clone();
+        loop {
+            {
+                let p = rx.borrow_and_update();
+                if let FillState::Failed(f) = &p.state {
+                    return Err(f.clone());
+                }
+                if let Some(v) = ready(&p) {
+                    return Ok(v);
+                }
+            }
+            if rx.changed().await.is_err() {
+                // The task is gone; its last word was already seen above.
+                return Err(ended_without_result());
+            }
+        }
+    }
+
+    /// Streams bytes `[start, end)` as they are written, from any point of the fill's life.
+    ///
+    /// Invariant 3: the reader returns `Ok(None)` only when the whole range was delivered AND
+    /// the fill is verified; if the fill fails it returns `Err` — the gateway must then abort
+    /// the response mid-body, never end it. Dropping the reader does not affect the fill.
+    pub fn reader(self: &Arc<Self>, start: u64, end: u64) -> FillReader {
+        FillReader {
+            _fill: Arc::clone(self),
+            rx: self.rx.clone(),
+            chunks: self
+                .file
+                .as_ref()
+                .map(|f| ChunkReader::new(Arc::clone(f), start, end)),
+            closed: false,
+        }
+    }
+}
+
+fn ended_without_result() -> FillFailure {
+    FillFailure::Broken("fill task ended without a result".into())
+}
+
+/// A reader following a fill; see [`Fill::reader`].
+#[derive(Debug)]
+pub struct FillReader {
+    _fill: Arc<Fill>,
+    rx: watch::Receiver<Progress>,
+    chunks: Option<ChunkReader>,
+    closed: bool,
+}
+
+impl FillReader {
+    /// The next chunk (at most 1 MiB), waiting for the fill when caught up.
+    pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, FillFailure> {
+        loop {
+            let (written, done) = {
+                let p = self.rx.borrow_and_update();
+                if let FillState::Failed(f) = &p.state {
+                    return Err(f.clone());
+                }
+                (p.written, p.state == FillState::Done)
+            };
+            let Some(chunks) = self.chunks.as_mut() else {
+                return Err(FillFailure::Storage("fill has no file".into()));
+            };
+            if !chunks.is_done() && written > chunks.pos() {
+                return match chunks.read(written).await {
+                    Ok(bytes) => Ok(Some(bytes)),
+                    Err(e) => Err(FillFailure::Storage(format!("reading fill: {e}"))),
+                };
+            }
+            if done {
+                // Invariant 3: the end is reported only for a verified blob.
+                return match chunks.is_done() {
+                    true => Ok(None),
+                    false => Err(FillFailure::Invalid(format!(
+                        "range end {} is past the blob's end {written}",
+                        chunks.end()
+                    ))),
+                };
+            }
+            if self.closed {
+                return Err(ended_without_result());
+            }
+            if self.rx.changed().await.is_err() {
+                // The task is gone: look at its last word once more, then give up.
+                self.closed = true;
+            }
+        }
+    }
+}
+
+/// Why copying a body stopped.
+enum Stop {
+    /// Worth a resume: `open(written)`.
+    Broken(String),
+    /// Final.
+    Fatal(FillFailure),
+}
+
+/// Everything a fill task needs; consumed by [`FillTask::run`].
+pub(crate) struct FillTask {
+    shared: Arc<Shared>,
+    digest: Digest,
+    id: u64,
+    source: Arc<dyn BlobSource>,
+    file: Arc<File>,
+    temp: PathBuf,
+    tx: watch::Sender<Progress>,
+    hasher: Option<DigestHasher>,
+    written: u64,
+    total_len: Option<u64>,
+    resumes: usize,
+}
+
+/// Builds the shared handle and the task of a new fill. The caller registers the handle in the
+/// in-flight map, then spawns `task.run()`.
+pub(crate) fn new_fill(
+    shared: &Arc<Shared>,
+    id: u64,
+    digest: &Digest,
+    source: Arc<dyn BlobSource>,
+    file: File,
+    temp: PathBuf,
+) -> (Arc<Fill>, FillTask) {
+    let file = Arc::new(file);
+    let (tx, rx) = watch::channel(Progress {
+        written: 0,
+        total_len: None,
+        state: FillState::Running,
+    });
+    let fill = Arc::new(Fill {
+        id,
+        digest: digest.clone(),
+        file: Some(Arc::clone(&file)),
+        rx,
+    });
+    let task = FillTask {
+        shared: Arc::clone(shared),
+        digest: digest.clone(),
+        id,
+        source,
+        file,
+        temp,
+        tx,
+        hasher: Some(digest.hasher()),
+        written: 0,
+        total_len: None,
+        resumes: 0,
+    };
+    (fill, task)
+}
+
+impl Fill {
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+/// Takes the fill out of the in-flight map even if the task panics or is dropped, so later
+/// requests never join a dead fill.
+struct InflightGuard {
+    shared: Arc<Shared>,
+    hex: String,
+    id: u64,
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.shared.leave_inflight(&self.hex, self.id);
+    }
+}
+
+impl FillTask {
+    /// The whole life of a fill. Runs detached from every client (invariant 4).
+    pub(crate) async fn run(mut self) {
+        let guard = InflightGuard {
+            shared: Arc::clone(&self.shared),
+            hex: self.digest.hex().to_owned(),
+            id: self.id,
+        };
+        let result = match self.fetch().await {
+            Ok(()) => self.commit().await,
+            Err(f) => Err(f),
+        };
+        match result {
+            Ok(len) => {
+                self.shared.counters.committed.inc();
+                // The index already holds the blob: leaving the map now opens no window in
+                // which a request finds neither (invariant 4).
+                self.tx.send_modify(|p| p.state = FillState::Done);
+                drop(guard);
+                tracing::debug!(digest = %self.digest, len, "fill committed");
+            }
+            Err(failure) => {
+                if let Err(e) = tokio::fs::remove_file(&self.temp).await {
+                    tracing::warn!(path = %self.temp.display(), error = %e, "could not delete temp file");
+                }
+                self.shared.counters.failed.inc();
+                // Leave the map first so the next request starts a fresh fill.
+                drop(guard);
+                tracing::warn!(digest = %self.digest, error = %failure, "fill failed");
+                self.tx
+                    .send_modify(|p| p.state = FillState::Failed(failure));
+            }
+        }
+    }
+
+    /// Copies the source into the temp file, resuming on breaks, until it is complete.
+    async fn fetch(&mut self) -> Result<(), FillFailure> {
+        let mut body = match self.source.open(0).await {
+            Ok(body) => self.accept(body)?,
+            Err(SourceError::Refused(e)) => return Err(FillFailure::Refused(e)),
+            Err(SourceError::Broken(why)) => self.resume(why).await?,
+        };
+        loop {
+            match self.copy(&mut body).await {
+                Ok(()) => return Ok(()),
+                Err(Stop::Fatal(f)) => return Err(f),
+                Err(Stop::Broken(why)) => body = self.resume(why).await?,
+            }
+        }
+    }
+
+    /// Opens the source again at `written` after a backoff, for as long as attempts remain.
+    async fn resume(&mut self, mut why: String) -> Result<BoxStream<'static, ChunkResult>, FillFailure> {
+        loop {
+            let Some(delay) = self.shared.policy.backoff.get(self.resumes).copied() else {
+                return Err(FillFailure::Broken(format!(
+                    "{why} (gave up after {} resume attempts)",
+                    self.resumes
+                )));
+            };
+            self.resumes += 1;
+            tracing::info!(digest = %self.digest, offset = self.written, error = %why, "resuming fill");
+            tokio::time::sleep(delay).await;
+            match self.source.open(self.written).await {
+                Ok(body) => return self.accept(body),
+                Err(SourceError::Refused(e)) => return Err(FillFailure::Refused(e)),
+                Err(SourceError::Broken(next)) => why = next,
+            }
+        }
+    }
+
+    /// Takes a freshly opened body: checks that its total length agrees with what we know.
+    fn accept(&mut self, body: SourceBody) -> Result<BoxStream<'static, ChunkResult>, FillFailure> {
+        match (self.total_len, body.total_len) {
+            (Some(known), Some(now)) if known != now => {
+                return Err(FillFailure::Invalid(format!(
+                    "source changed the blob length from {known} to {now} on resume"
+                )));
+            }
+            (None, Some(now)) => {
+                self.total_len = Some(now);
+                self.tx.send_modify(|p| p.total_len = Some(now));
+            }
+            _ => {}
+        }
+        Ok(body.chunks)
+    }
+
+    /// Writes chunks until the body ends or breaks.
+    async fn copy(&mut self, body: &mut BoxStream<'static, ChunkResult>) -> Result<(), Stop> {
+        let stall = self.shared.policy.stall_timeout;
+        loop {
+            match tokio::time::timeout(stall, body.next()).await {
+                Err(_) => return Err(Stop::Broken(format!("no data for {stall:?}"))),
+                Ok(Some(Ok(chunk))) => self.write(chunk).await.map_err(Stop::Fatal)?,
+                Ok(Some(Err(why))) => return Err(Stop::Broken(why)),
+                Ok(None) => return self.check_end(),
+            }
+        }
+    }
+
+    fn check_end(&self) -> Result<(), Stop> {
+        match self.total_len {
+            Some(total) if self.written < total => Err(Stop::Broken(format!(
+                "body ended at byte {} of {total}",
+                self.written
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Appends one chunk at `written`, hashing it, off the async workers; then publishes.
+    async fn write(&mut self, chunk: Bytes) -> Result<(), FillFailure> {
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        let end = self.written + chunk.len() as u64;
+        if let Some(total) = self.total_len.filter(|t| end > *t) {
+            return Err(FillFailure::Invalid(format!(
+                "source sent more than the announced {total} bytes"
+            )));
+        }
+        let mut hasher = self.hasher.take().ok_or_else(lost_hasher)?;
+        let file = Arc::clone(&self.file);
+        let offset = self.written;
+        let (hasher, result) = tokio::task::spawn_blocking(move || {
+            let result = file.write_all_at(&chunk, offset);
+            hasher.update(&chunk);
+            (hasher, result)
+        })
+        .await
+        .map_err(|e| FillFailure::Storage(format!("write task: {e}")))?;
+        result.map_err(|e| FillFailure::Storage(format!("writing temp file: {e}")))?;
+        self.hasher = Some(hasher);
+        self.written = end;
+        self.tx.send_modify(|p| p.written = end);
+        Ok(())
+    }
+
+    /// Invariant 3: verify length and SHA-256, then fsync, rename, fsync the dir, and only
+    /// then index the blob. Returns the length.
+    async fn commit(&mut self) -> Result<u64, FillFailure> {
+        let len = self.written;
+        if let Some(total) = self.total_len.filter(|t| *t != len) {
+            return Err(FillFailure::Invalid(format!("got {len} of {total} bytes")));
+        }
+        let actual = self.hasher.take().ok_or_else(lost_hasher)?.finish();
+        if actual != self.digest {
+            return Err(FillFailure::Invalid(format!(
+                "content hashes to {actual}, not {}",
+                self.digest
+            )));
+        }
+        let layout = self.shared.layout.clone();
+        let file = Arc::clone(&self.file);
+        let temp = self.temp.clone();
+        let hex = self.digest.hex().to_owned();
+        tokio::task::spawn_blocking(move || layout.commit(&file, &temp, &hex))
+            .await
+            .map_err(|e| FillFailure::Storage(format!("commit task: {e}")))?
+            .map_err(|e| FillFailure::Storage(format!("committing blob: {e}")))?;
+        self.shared.index.insert(self.digest.hex().to_owned(), len);
+        Ok(len)
+    }
+}
+
+type ChunkResult = Result<Bytes, String>;
+
+fn lost_hasher() -> FillFailure {
+    FillFailure::Storage("hasher lost after a failed write".into())
+}
+
+/// `io::Error` from a fill failure, for callers that speak `std::io`.
+impl From<FillFailure> for io::Error {
+    fn from(f: FillFailure) -> io::Error {
+        io::Error::other(f)
+    }
+}

@@ -1,0 +1,130 @@
+//! The size index: which committed blobs exist, how large they are, and which go first when the
+//! cache is over budget.
+//!
+//! Owns: the `moka` cache of `hex -> size`, the byte and entry accounting, and deleting a blob
+//! file when the index evicts it for size. Must never: delete a file for any other removal cause
+//! (an explicit invalidation or a replacement leaves the file alone), or hold a lock while it
+//! touches the disk for longer than one `unlink`.
+//!
+//! Policy: moka's plain LRU (`EvictionPolicy::lru()`), "least recently used first". TinyLFU's
+//! admission filter was not chosen on purpose: it can reject a blob that was just fetched (a
+//! newcomer has no frequency yet), which would delete a file clients are still being served from
+//! and make the next pull fetch it again.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use moka::notification::RemovalCause;
+use moka::policy::EvictionPolicy;
+use moka::sync::Cache;
+
+use super::disk::Layout;
+
+/// Weights are in KiB so a `u32` weight covers blobs up to 4 TiB.
+const WEIGHT_UNIT: u64 = 1024;
+
+/// Counters shared between the index and its eviction listener.
+#[derive(Debug, Default)]
+struct Counters {
+    entries: AtomicU64,
+    bytes: AtomicU64,
+    evictions: AtomicU64,
+}
+
+/// `hex -> size` of every committed sha256 blob, bounded by the store's `max_size`.
+#[derive(Clone)]
+pub(crate) struct Index {
+    cache: Cache<String, u64>,
+    counters: Arc<Counters>,
+}
+
+impl Index {
+    /// An empty index whose evictions delete files under `layout`.
+    pub(crate) fn new(layout: Layout, max_size: u64) -> Index {
+        let counters = Arc::new(Counters::default());
+        let listener_counters = Arc::clone(&counters);
+        let cache = Cache::builder()
+            .eviction_policy(EvictionPolicy::lru())
+            .max_capacity(max_size / WEIGHT_UNIT)
+            .weigher(|_hex: &String, size: &u64| weight(*size))
+            .eviction_listener(move |hex: Arc<String>, size: u64, cause| {
+                on_removal(&layout, &listener_counters, &hex, size, cause);
+            })
+            .build();
+        Index { cache, counters }
+    }
+
+    /// Records a committed blob. Call only after the file is renamed into place (invariant 3).
+    pub(crate) fn insert(&self, hex: String, size: u64) {
+        self.counters.entries.fetch_add(1, Ordering::Relaxed);
+        self.counters.bytes.fetch_add(size, Ordering::Relaxed);
+        // A replaced entry comes back through the listener (RemovalCause::Replaced), which
+        // subtracts the old size: the counters stay exact.
+        self.cache.insert(hex, size);
+    }
+
+    /// The size of a committed blob, marking it recently used.
+    pub(crate) fn get(&self, hex: &str) -> Option<u64> {
+        self.cache.get(hex)
+    }
+
+    /// Forgets an entry without deleting its file (e.g. the file vanished behind our back).
+    pub(crate) fn invalidate(&self, hex: &str) {
+        self.cache.invalidate(hex);
+    }
+
+    /// Applies pending evictions now (moka batches them); tests call it for determinism.
+    pub(crate) fn run_pending_tasks(&self) {
+        self.cache.run_pending_tasks();
+    }
+
+    pub(crate) fn entries(&self) -> u64 {
+        self.counters.entries.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn bytes(&self) -> u64 {
+        self.counters.bytes.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn evictions(&self) -> u64 {
+        self.counters.evictions.load(Ordering::Relaxed)
+    }
+}
+
+/// KiB, rounded up, at least 1 (an empty blob still occupies an entry), at most `u32::MAX`.
+fn weight(size: u64) -> u32 {
+    let kib = size.div_ceil(WEIGHT_UNIT).max(1);
+    u32::try_from(kib).unwrap_or(u32::MAX)
+}
+
+fn on_removal(layout: &Layout, counters: &Counters, hex: &str, size: u64, cause: RemovalCause) {
+    counters.entries.fetch_sub(1, Ordering::Relaxed);
+    counters.bytes.fetch_sub(size, Ordering::Relaxed);
+    if cause != RemovalCause::Size {
+        return;
+    }
+    counters.evictions.fetch_add(1, Ordering::Relaxed);
+    // Readers holding the file open keep reading: unlink only removes the name.
+    let path: PathBuf = layout.blob_path(hex);
+    match std::fs::remove_file(&path) {
+        Ok(()) => tracing::debug!(blob = hex, size, "evicted blob"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(blob = hex, error = %e, "could not delete evicted blob"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weight_is_kib_rounded_up_and_clamped() {
+        assert_eq!(weight(0), 1);
+        assert_eq!(weight(1), 1);
+        assert_eq!(weight(1024), 1);
+        assert_eq!(weight(1025), 2);
+        assert_eq!(weight(5 << 30), 5 << 20);
+        assert_eq!(weight(u64::MAX), u32::MAX);
+    }
+}

@@ -1,0 +1,285 @@
+//! The blob store: a content-addressed, size-bounded disk cache of verified blobs, filled once
+//! per digest from a [`BlobSource`] while any number of clients stream from the growing file.
+//!
+//! Owns: `<cache dir>/blobs/sha256/<2 hex>/<hex>` and `<cache dir>/tmp/`, the size index and
+//! eviction, and single flight (the in-flight map). Plain Rust on tokio: no Pingora and no HTTP
+//! types — the gateway maps [`Blob`] / [`Fill`] to responses, the upstream client implements
+//! [`BlobSource`].
+//! Must never: serve or commit bytes that are not the digest's (invariant 3), start a second
+//! fetch of a digest that is being fetched (invariant 4), build a path from anything but a
+//! verified [`Digest`] (invariant 2), or hold a blob in memory (invariant 7).
+//!
+//! Sharp edge for callers: a reader's `Err` after bytes were sent means "abort the response
+//! mid-body". Ending the body instead hands the client a short blob that looks complete.
+
+mod disk;
+mod fill;
+mod index;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::stream::BoxStream;
+
+use crate::oci::{Algorithm, Digest, ErrorCode, OciError};
+
+pub use disk::{Blob, BlobReader, MAX_CHUNK};
+pub use fill::{Fill, FillFailure, FillPolicy, FillReader, FillState, Progress};
+
+use disk::Layout;
+use index::Index;
+
+/// Where a fill gets its bytes: the upstream registry today, a peer or a second tier later.
+#[async_trait::async_trait]
+pub trait BlobSource: Send + Sync + 'static {
+    /// Opens the blob at byte `offset` (0 = whole blob; >0 = resume, i.e. an HTTP Range
+    /// request). Returns the TOTAL blob length if known and a stream of chunks from `offset`.
+    /// A source that cannot resume should answer `Broken` for `offset > 0`, never restart at 0.
+    async fn open(&self, offset: u64) -> Result<SourceBody, SourceError>;
+}
+
+/// An opened source body.
+pub struct SourceBody {
+    /// Length of the whole blob (not of the remainder), when the source knows it.
+    pub total_len: Option<u64>,
+    /// Chunks from the requested offset; an `Err` item means the transfer broke (resumable).
+    pub chunks: BoxStream<'static, Result<Bytes, String>>,
+}
+
+/// Why a source could not be opened.
+#[derive(Debug, Clone)]
+pub enum SourceError {
+    /// Final, e.g. upstream 404/403: told to the client, not retried.
+    Refused(OciError),
+    /// A transport problem worth retrying.
+    Broken(String),
+}
+
+/// What [`BlobStore::open`] found and did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenStats {
+    /// Blobs indexed (after any start-up eviction).
+    pub entries: u64,
+    pub bytes: u64,
+    /// Leftover temp files deleted (fills cut by a crash or restart).
+    pub temp_files_removed: u64,
+    pub elapsed: Duration,
+}
+
+/// Counters for metrics; read with [`BlobStore::stats`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    pub entries: u64,
+    pub bytes: u64,
+    pub fills_in_flight: u64,
+    pub evictions: u64,
+    pub fills_started: u64,
+    pub fills_joined: u64,
+    pub fills_committed: u64,
+    pub fills_failed: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counter(AtomicU64);
+
+impl Counter {
+    pub(crate) fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct FillCounters {
+    pub(crate) started: Counter,
+    pub(crate) joined: Counter,
+    pub(crate) committed: Counter,
+    pub(crate) failed: Counter,
+}
+
+/// State shared by the store handle and its fill tasks.
+pub(crate) struct Shared {
+    pub(crate) layout: Layout,
+    pub(crate) index: Index,
+    /// hex -> the running fill. Not an evicting cache: an entry leaves only when its fill ends.
+    inflight: Mutex<HashMap<String, Arc<Fill>>>,
+    next_fill_id: AtomicU64,
+    pub(crate) policy: FillPolicy,
+    pub(crate) counters: FillCounters,
+}
+
+impl Shared {
+    fn inflight(&self) -> MutexGuard<'_, HashMap<String, Arc<Fill>>> {
+        // No code panics while holding this lock; recover the map rather than panic if it did.
+        self.inflight.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Removes fill `id` from the in-flight map (a newer fill of the same digest stays).
+    pub(crate) fn leave_inflight(&self, hex: &str, id: u64) {
+        let mut map = self.inflight();
+        if map.get(hex).is_some_and(|f| f.id() == id) {
+            map.remove(hex);
+        }
+    }
+}
+
+/// The blob store. Cloning is cheap (one `Arc`); all clones are the same store.
+#[derive(Clone)]
+pub struct BlobStore {
+    shared: Arc<Shared>,
+}
+
+impl BlobStore {
+    /// Opens (creating if needed) the store under `dir`, bounded to `max_size` bytes: creates
+    /// `blobs/sha256/` and `tmp/`, deletes every leftover temp file, rebuilds the index from
+    /// `blobs/` (oldest mtime = least recently used; non-digest names are logged and ignored),
+    /// and evicts down to `max_size`. Blocking I/O: call before serving, or in `spawn_blocking`.
+    pub fn open(dir: &Path, max_size: u64) -> std::io::Result<(BlobStore, OpenStats)> {
+        BlobStore::open_with(dir, max_size, FillPolicy::default())
+    }
+
+    /// [`BlobStore::open`] with a non-default stall timeout and resume backoff.
+    pub fn open_with(
+        dir: &Path,
+        max_size: u64,
+        policy: FillPolicy,
+    ) -> std::io::Result<(BlobStore, OpenStats)> {
+        let started = Instant::now();
+        let layout = Layout::new(dir);
+        layout.create_dirs()?;
+        let temp_files_removed = layout.clear_tmp()?;
+        let mut found = layout.scan()?;
+        found.sort_by_key(|(_, _, mtime)| *mtime);
+        let index = Index::new(layout.clone(), max_size);
+        for (hex, size, _) in found {
+            index.insert(hex, size);
+        }
+        index.run_pending_tasks();
+        let stats = OpenStats {
+            entries: index.entries(),
+            bytes: index.bytes(),
+            temp_files_removed,
+            elapsed: started.elapsed(),
+        };
+        let shared = Shared {
+            layout,
+            index,
+            inflight: Mutex::new(HashMap::new()),
+            next_fill_id: AtomicU64::new(1),
+            policy,
+            counters: FillCounters::default(),
+        };
+        tracing::info!(dir = %dir.display(), entries = stats.entries, bytes = stats.bytes,
+            temp_files_removed, elapsed = ?stats.elapsed, "blob store opened");
+        let store = BlobStore {
+            shared: Arc::new(shared),
+        };
+        Ok((store, stats))
+    }
+
+    /// A committed blob: an open file and its size, marking it recently used. `None` if absent
+    /// (or not sha256). Does one `open` + `fstat`.
+    pub fn lookup(&self, digest: &Digest) -> Option<Blob> {
+        if digest.algorithm() != Algorithm::Sha256 {
+            return None;
+        }
+        let hex = digest.hex();
+        let size = self.shared.index.get(hex)?;
+        match open_blob(&self.shared.layout.blob_path(hex), size) {
+            Ok(blob) => Some(blob),
+            Err(e) => {
+                // Gone or changed behind our back: forget it; the next fill replaces it.
+                tracing::warn!(digest = %digest, error = %e, "indexed blob unreadable; dropping from index");
+                self.shared.index.invalidate(hex);
+                None
+            }
+        }
+    }
+
+    /// Single flight (invariant 4): joins the running fill of `digest`, or returns the committed
+    /// blob as a finished fill, or starts a fill on a new tokio task that belongs to no client
+    /// and pulls from `source`. Exactly one `source.open` sequence runs per concurrent set of
+    /// callers. Never fails directly: problems (a non-sha256 digest, no temp file, no tokio
+    /// runtime) come back as a fill already in `Failed`.
+    pub fn fill_or_join(&self, digest: &Digest, source: Arc<dyn BlobSource>) -> Arc<Fill> {
+        if digest.algorithm() != Algorithm::Sha256 {
+            let e = OciError::new(
+                ErrorCode::Unsupported,
+                format!("the cache holds only sha256 blobs, not {}", digest.algorithm()),
+            )
+            .with_status(400);
+            return Fill::failed(digest, FillFailure::Refused(e));
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return Fill::failed(digest, FillFailure::Storage("no tokio runtime".into()));
+        };
+        let shared = &self.shared;
+        let hex = digest.hex();
+        let mut map = shared.inflight();
+        if let Some(fill) = map.get(hex) {
+            shared.counters.joined.inc();
+            return Arc::clone(fill);
+        }
+        // Invariant 4: a fill indexes its blob BEFORE it leaves this map, and we look under the
+        // map's lock, so a request racing a commit finds the blob here or joins above.
+        if let Some(blob) = self.lookup(digest) {
+            return Fill::committed(digest, blob);
+        }
+        let (file, temp) = match shared.layout.create_temp(hex) {
+            Ok(created) => created,
+            Err(e) => {
+                tracing::error!(digest = %digest, error = %e, "cannot create temp file");
+                return Fill::failed(digest, FillFailure::Storage(format!("temp file: {e}")));
+            }
+        };
+        let id = shared.next_fill_id.fetch_add(1, Ordering::Relaxed);
+        let (fill, task) = fill::new_fill(shared, id, digest, source, file, temp);
+        map.insert(hex.to_owned(), Arc::clone(&fill));
+        drop(map);
+        shared.counters.started.inc();
+        runtime.spawn(task.run());
+        fill
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        let shared = &self.shared;
+        StoreStats {
+            entries: shared.index.entries(),
+            bytes: shared.index.bytes(),
+            fills_in_flight: shared.inflight().len() as u64,
+            evictions: shared.index.evictions(),
+            fills_started: shared.counters.started.get(),
+            fills_joined: shared.counters.joined.get(),
+            fills_committed: shared.counters.committed.get(),
+            fills_failed: shared.counters.failed.get(),
+        }
+    }
+
+    /// Applies moka's batched index maintenance (evictions) now. For tests and shutdown.
+    pub fn run_pending_tasks(&self) {
+        self.shared.index.run_pending_tasks();
+    }
+}
+
+fn open_blob(path: &Path, size: u64) -> std::io::Result<Blob> {
+    let file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    if len != size {
+        return Err(std::io::Error::other(format!(
+            "file is {len} bytes, index says {size}"
+        )));
+    }
+    Ok(Blob {
+        file: Arc::new(file),
+        len,
+    })
+}

@@ -1,0 +1,560 @@
+//! Conformance suite for the blob store, on a store in a temp dir, with in-process
+//! `BlobSource` fakes for what no real part can do: fault injection at an exact byte.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, Semaphore};
+
+use super::*;
+use crate::oci::{Algorithm, ErrorCode};
+
+// ---------------------------------------------------------------------------------------------
+// Fakes
+
+/// What one `open` call does. The default serves the blob from the offset, in `chunk` pieces.
+#[derive(Clone, Default)]
+struct Plan {
+    /// `open` itself fails.
+    error: Option<SourceError>,
+    /// After this many bytes (counted from the offset) the stream yields an `Err`.
+    break_after: Option<usize>,
+    /// After this many bytes the stream ends cleanly (a short body).
+    end_after: Option<usize>,
+    /// Reported total length; `None` = the real length.
+    total_len: Option<Option<u64>>,
+    /// Never send anything more after this many bytes (a stalled upstream).
+    stall_after: Option<usize>,
+}
+
+struct FakeSource {
+    data: Bytes,
+    chunk: usize,
+    plans: Mutex<VecDeque<Plan>>,
+    /// Every offset `open` was called with.
+    opens: Mutex<Vec<u64>>,
+    /// Bytes from this absolute offset on wait for one permit of `gate`.
+    gate_at: Option<u64>,
+    gate: Arc<Semaphore>,
+}
+
+impl FakeSource {
+    fn new(data: &Bytes) -> FakeSource {
+        FakeSource {
+            data: data.clone(),
+            chunk: 64 * 1024 + 7,
+            plans: Mutex::new(VecDeque::new()),
+            opens: Mutex::new(Vec::new()),
+            gate_at: None,
+            gate: Arc::new(Semaphore::new(0)),
+        }
+    }
+
+    fn with_plans(mut self, plans: Vec<Plan>) -> FakeSource {
+        self.plans = Mutex::new(plans.into());
+        self
+    }
+
+    fn gated_at(mut self, offset: u64) -> FakeSource {
+        self.gate_at = Some(offset);
+        self
+    }
+
+    fn opens(&self) -> Vec<u64> {
+        self.opens.lock().unwrap().clone()
+    }
+}
+
+#[async_trait::async_trait]
+impl BlobSource for FakeSource {
+    async fn open(&self, offset: u64) -> Result<SourceBody, SourceError> {
+        self.opens.lock().unwrap().push(offset);
+        let plan = self.plans.lock().unwrap().pop_front().unwrap_or_default();
+        if let Some(e) = plan.error {
+            return Err(e);
+        }
+        let (tx, rx) = mpsc::channel::<Result<Bytes, String>>(4);
+        let rest = self.data.slice(offset as usize..);
+        let (chunk, gate_at, gate) = (self.chunk, self.gate_at, Arc::clone(&self.gate));
+        tokio::spawn(async move {
+            let mut sent = 0;
+            let mut gated = gate_at.is_some();
+            while sent < rest.len() {
+                if plan.break_after.is_some_and(|n| sent >= n) {
+                    let _ = tx.send(Err("connection reset".into())).await;
+                    return;
+                }
+                if plan.end_after.is_some_and(|n| sent >= n) {
+                    return;
+                }
+                if plan.stall_after.is_some_and(|n| sent >= n) {
+                    tx.closed().await;
+                    return;
+                }
+                if gated && gate_at.is_some_and(|g| offset + sent as u64 >= g) {
+                    gate.acquire().await.unwrap().forget();
+                    gated = false;
+                }
+                let limit = [plan.break_after, plan.end_after, plan.stall_after]
+                    .into_iter()
+                    .flatten()
+                    .fold(rest.len(), usize::min);
+                let n = chunk.min(limit.max(sent + 1) - sent);
+                if tx.send(Ok(rest.slice(sent..sent + n))).await.is_err() {
+                    return;
+                }
+                sent += n;
+            }
+        });
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        });
+        Ok(SourceBody {
+            total_len: plan.total_len.unwrap_or(Some(self.data.len() as u64)),
+            chunks: stream.boxed(),
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+/// Deterministic, non-repeating-looking bytes; sizes cross the 1 MiB chunk boundary.
+fn blob_bytes(len: usize, seed: u32) -> Bytes {
+    let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+fn digest_of(data: &[u8]) -> Digest {
+    Digest::compute(Algorithm::Sha256, data)
+}
+
+fn fast_policy() -> FillPolicy {
+    FillPolicy {
+        stall_timeout: Duration::from_secs(20),
+        backoff: vec![Duration::from_millis(5); 3],
+    }
+}
+
+fn new_store(dir: &Path, max_size: u64) -> BlobStore {
+    BlobStore::open_with(dir, max_size, fast_policy()).unwrap().0
+}
+
+/// Reads a fill reader to its end; `Err` carries the bytes seen before the failure.
+async fn drain(mut reader: FillReader) -> Result<Vec<u8>, (Vec<u8>, FillFailure)> {
+    let mut out = Vec::new();
+    loop {
+        match reader.next_chunk().await {
+            Ok(Some(chunk)) => {
+                assert!(chunk.len() <= MAX_CHUNK);
+                out.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(out),
+            Err(e) => return Err((out, e)),
+        }
+    }
+}
+
+async fn drain_blob(mut reader: BlobReader) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    while let Some(chunk) = reader.next_chunk().await? {
+        assert!(chunk.len() <= MAX_CHUNK);
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+fn files_under(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().unwrap().is_dir() {
+                out.extend(files_under(&e.path()));
+            } else {
+                out.push(e.path().display().to_string());
+            }
+        }
+    }
+    out
+}
+
+/// Asserts that a failed fill left nothing behind.
+fn assert_nothing_committed(store: &BlobStore, dir: &Path, digest: &Digest) {
+    assert!(store.lookup(digest).is_none());
+    assert_eq!(files_under(&dir.join("blobs")), Vec::<String>::new());
+    assert_eq!(files_under(&dir.join("tmp")), Vec::<String>::new());
+    assert_eq!(store.stats().fills_in_flight, 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Conformance cases
+
+#[tokio::test]
+async fn fill_then_lookup() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(dir.path(), 1 << 30);
+    let data = blob_bytes(2 * MAX_CHUNK + 12_345, 1);
+    let digest = digest_of(&data);
+    assert!(store.lookup(&digest).is_none());
+
+    let fill = store.fill_or_join(&digest, Arc::new(FakeSource::new(&data)));
+    assert_eq!(fill.wait_started().await.unwrap(), data.len() as u64);
+    let got = drain(fill.reader(0, data.len() as u64)).await.unwrap();
+    assert!(got == data);
+
+    let blob = store.lookup(&digest).expect("committed");
+    assert_eq!(blob.len, data.len() as u64);
+    assert!(drain_blob(blob.reader(0, blob.len)).await.unwrap() == data);
+    let hex = digest.hex();
+    let path = dir.path().join("blobs/sha256").join(&hex[..2]).join(hex);
+    assert!(std::fs::read(path).unwrap() == data);
+    let stats = store.stats();
+    assert_eq!((stats.entries, stats.bytes), (1, data.len() as u64));
+    assert_eq!((stats.fills_committed, stats.fills_in_flight), (1, 0));
+
+    // A committed blob is handed out as a finished fill, without touching the source.
+    let source = Arc::new(FakeSource::new(&data));
+    let again = store.fill_or_join(&digest, source.clone());
+    assert_eq!(drain(again.reader(0, 10)).await.unwrap(), &data[..10]);
+    assert!(source.opens().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_concurrent_requests_fetch_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(dir.path(), 1 << 30);
+    let data = blob_bytes(3 * MAX_CHUNK + 999, 2);
+    let half = data.len() as u64 / 2;
+    let digest = digest_of(&data);
+    let source = Arc::new(FakeSource::new(&data).gated_at(half));
+
+    let spawn_reader = |store: BlobStore| {
+        let (digest, source) = (digest.clone(), source.clone());
+        tokio::spawn(async move {
+            let fill = store.fill_or_join(&digest, source);
+            drain(fill.reader(0, fill.wait_started().await.unwrap())).await
+        })
+    };
+    let mut readers: Vec<_> = (0..10).map(|_| spawn_reader(store.clone())).collect();
+    // Wait until half the blob is written (the source is gated there).
+    let first = store.fill_or_join(&digest, source.clone());
+    let mut r = first.reader(0, half);
+    while r.next_chunk().await.unwrap().is_some() {}
+    assert!(first.progress().written >= half);
+    // Late joiners: the fill is still running and they get everything from byte 0.
+    readers.extend((0..10).map(|_| spawn_reader(store.clone())));
+    assert!(Arc::ptr_eq(&first, &store.fill_or_join(&digest, source.clone())));
+    assert_eq!(store.stats().fills_in_flight, 1);
+    source.gate.add_permits(1);
+
+    for reader in readers {
+        assert!(reader.await.unwrap().unwrap() == data);
+    }
+    assert_eq!(source.opens(), vec![0]);
+    let stats = store.stats();
+    assert_eq!((stats.fills_started, stats.fills_committed), (1, 1));
+    assert!(store.lookup(&digest).is_some());
+}
+
+#[tokio::test]
+async fn range_readers_during_fill_and_on_committed_blob() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(dir.path(), 1 << 30);
+    let data = blob_bytes(MAX_CHUNK + 70_000, 3);
+    let digest = digest_of(&data);
+    let source = Arc::new(FakeSource::new(&data).gated_at(1000));
+
+    let fill = store.fill_or_join(&digest, source.clone());
+    let (start, end) = (500u64, MAX_CHUNK as u64 + 60_000);
+    let during = tokio::spawn(drain(fill.reader(start, end)));
+    let tail = tokio::spawn(drain(fill.reader(end, data.len() as u64)));
+    source.gate.add_permits(1);
+    assert!(during.await.unwrap().unwrap() == data[start as usize..end as usize]);
+    assert!(tail.await.unwrap().unwrap() == data[end as usize..]);
+
+    let blob = store.lookup(&digest).unwrap();
+    let got = drain_blob(blob.reader(start, end)).await.unwrap();
+    assert!(got == data[start as usize..end as usize]);
+    assert!(drain_blob(blob.reader(0, blob.len + 1)).await.is_err());
+    let past = drain(fill.reader(0, data.len() as u64 + 1)).await;
+    assert!(past.is_err(), "a range past the end is an error, not a short body");
+}
+
+#[tokio::test]
+async fn dropped_reader_does_not_stop_fill() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(dir.path(), 1 << 30);
+    let data = blob_bytes(2 * MAX_CHUNK, 4);
+    let digest = digest_of(&data);
+    let source = Arc::new(FakeSource::new(&data).gated_at(MAX_CHUNK as u64));
+
+    let fill = store.fill_or_join(&digest, source.clone());
+    let mut reader = fill.reader(0, data.len() as u64);
+    assert!(reader.next_chunk().await.unwrap().is_some());
+    drop(reader);
+    drop(fill);
+    source.gate.add_permits(1);
+    wait_committed(&store, &digest).await;
+    assert_eq!(source.opens(), vec![0]);
+}
+
+async fn wait_committed(store: &BlobStore, digest: &Digest) {
+    for _ in 0..500 {
+        if store.lookup(digest).is_some() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("blob never committed");
+}
+
+#[tokio::test]
+async fn broken_source_resumes_at_written_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(dir.path(), 1 << 30);
+    let data = blob_bytes(MAX_CHUNK + 4321, 5);
+    let digest = digest_of(&data);
+    let plans = vec![
+        Plan {
+            break_after: Some(100_000),
+            ..Plan::default()
+        },
+        Plan {
+            error: Some(SourceError::Broken("connect refused".into())),
+            ..Plan::default()
+        },
+        Plan {
+            end_after: Some(50_000),
+            ..Plan::default()
+        },
+    ];
+    let source = Arc::new(FakeSource::new(&data).with_plans(plans));
+    let fill = store.fill_or_join(&digest, source.clone());
+    let got = drain(fill.reader(0, data.len() as u64)).await.unwrap();
+    assert!(got == data);
+    assert_eq!(source.opens(), vec![0, 100_000, 100_000, 150_000]);
+    assert!(store.lookup(&digest).is_some());
+}
+
+#[tokio::test]
+async fn source_breaking_too_often_fails_cleanly_and_next_fill_starts_fresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(dir.path(), 1 << 30);
+    let data = blob_bytes(300_000, 6);
+    let digest = digest_of(&data);
+    let breaking = Plan {
+        break_after: Some(1000),
+        ..Plan::default()
+    };
+    let source = Arc::new(FakeSource::new(&data).with_plans(vec![breaking; 4]));
+    let fill = store.fill_or_join(&digest, source.clone());
+    let (seen, err) = drain(fill.reader(0, data.len() as u64)).await.unwrap_err();
+    assert!(matches!(err, FillFailure::Broken(_)), "{err}");
+    assert!(data[..4000].starts_with(&seen), "only bytes of the blob, then Err");
+    assert_eq!(source.opens(), vec![0, 1000, 2000, 3000]);
+    assert_eq!(fill.wait_done().await, Err(err));
+    assert_nothing_committed(&store, dir.path(), &digest);
+    assert_eq!(store.stats().fills_failed, 1);
+
+    let fresh = store.fill_or_join(&digest, Arc::new(FakeSource::new(&data)));
+    assert!(!Arc::ptr_eq(&fill, &fresh));
+    assert!(drain(fresh.reader(0, 300_000)).await.unwrap() == data);
+    assert!(store.lookup(&digest).is_some());
+}
+
+#[tokio::test]
+async fn stalled_source_counts_as_broken() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = FillPolicy {
+        stall_timeout: Duration::from_millis(200),
+        ..fast_policy()
+    };
+    let store = BlobStore::open_with(dir.path(), 1 << 30, policy).unwrap().0;
+    let data = blob_bytes(200_000, 7);
+    let digest = digest_of(&data);
+    let stall = Plan {
+        stall_after: Some(70_000),
+        ..Plan::default()
+    };
+    let source = Arc::new(FakeSource::new(&data).with_plans(vec![stall]));
+    let fill = store.fill_or_join(&digest, source.clone());
+    assert!(drain(fill.reader(0, 200_000)).await.unwrap() == data);
+    assert_eq!(source.opens(), vec![0, 70_000]);
+}
+
+#[tokio::test]
+async fn wrong_bytes_are_never_committed() {
+    let data = blob_bytes(150_000, 8);
+    let digest = digest_of(&data);
+    let mut corrupt = data.to_vec();
+    corrupt[77_777] ^= 1;
+    let corrupt = Bytes::from(corrupt);
+    let unknown_len = Plan {
+        total_len: Some(None),
+        end_after: Some(100_000),
+        ..Plan::default()
+    };
+    let no_range = Plan {
+        error: Some(SourceError::Broken("416 range not satisfiable".into())),
+        ..Plan::default()
+    };
+    let short_known_len = vec![
+        Plan {
+            end_after: Some(100_000),
+            ..Plan::default()
+        },
+        no_range.clone(),
+        no_range.clone(),
+        no_range,
+    ];
+    let longer = Plan {
+        total_len: Some(Some(1000)),
+        ..Plan::default()
+    };
+    let cases: Vec<(&str, FakeSource)> = vec![
+        ("hash mismatch", FakeSource::new(&corrupt)),
+        (
+            "short body, no length",
+            FakeSource::new(&data).with_plans(vec![unknown_len]),
+        ),
+        (
+            "short body, no Range support",
+            FakeSource::new(&data).with_plans(short_known_len),
+        ),
+        (
+            "longer than announced",
+            FakeSource::new(&data).with_plans(vec![longer]),
+        ),
+    ];
+    for (name, source) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let store = new_store(dir.path(), 1 << 30);
+        let fill = store.fill_or_join(&digest, Arc::new(source));
+        let result = drain(fill.reader(0, data.len() as u64)).await;
+        assert!(result.is_err(), "{name}: reader must end in Err");
+        assert!(fill.wait_done().await.is_err(), "{name}");
+        assert_nothing_committed(&store, dir.path(), &digest);
+    }
+}
+
+#[tokio::test]
+async fn refused_source_is_reported_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(dir.path(), 1 << 30);
+    let data = blob_bytes(1000, 9);
+    let digest = digest_of(&data);
+    let not_found = OciError::from_code(ErrorCode::BlobUnknown);
+    let refuse = Plan {
+        error: Some(SourceError::Refused(not_found.clone())),
+        ..Plan::default()
+    };
+    let source = Arc::new(FakeSource::new(&data).with_plans(vec![refuse]));
+    let fill = store.fill_or_join(&digest, source.clone());
+    let err = fill.wait_started().await.unwrap_err();
+    assert_eq!(err, FillFailure::Refused(not_found.clone()));
+    assert_eq!(err.to_oci_error(), not_found);
+    assert_eq!(source.opens(), vec![0], "a refusal is not retried");
+    assert!(drain(fill.reader(0, 1000)).await.is_err());
+    assert_nothing_committed(&store, dir.path(), &digest);
+}
+
+#[tokio::test]
+async fn non_sha256_digests_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(dir.path(), 1 << 30);
+    let digest = Digest::compute(Algorithm::Sha512, b"x");
+    let source = Arc::new(FakeSource::new(&Bytes::from_static(b"x")));
+    assert!(store.lookup(&digest).is_none());
+    let err = store
+        .fill_or_join(&digest, source.clone())
+        .wait_started()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, FillFailure::Refused(e) if e.code == ErrorCode::Unsupported));
+    assert!(source.opens().is_empty());
+}
+
+#[tokio::test]
+async fn open_cleans_tmp_and_reindexes_blobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let blobs = [blob_bytes(10_000, 10), blob_bytes(20_000, 11)];
+    {
+        let store = new_store(dir.path(), 1 << 30);
+        for data in &blobs {
+            let fill = store.fill_or_join(&digest_of(data), Arc::new(FakeSource::new(data)));
+            fill.wait_done().await.unwrap();
+        }
+    }
+    std::fs::write(dir.path().join("tmp/abc.1-1"), b"cut by a crash").unwrap();
+    std::fs::create_dir_all(dir.path().join("blobs/sha256/ab")).unwrap();
+    std::fs::write(dir.path().join("blobs/sha256/ab/not-a-digest"), b"junk").unwrap();
+    std::fs::write(dir.path().join("blobs/sha256/README"), b"junk").unwrap();
+    let (store, stats) = BlobStore::open(dir.path(), 1 << 30).unwrap();
+    assert_eq!(stats.entries, 2);
+    assert_eq!(stats.bytes, 30_000);
+    assert_eq!(stats.temp_files_removed, 1);
+    assert!(files_under(&dir.path().join("tmp")).is_empty());
+    for data in &blobs {
+        let blob = store.lookup(&digest_of(data)).unwrap();
+        assert!(drain_blob(blob.reader(0, blob.len)).await.unwrap() == *data);
+    }
+}
+
+#[tokio::test]
+async fn filling_beyond_max_size_evicts_oldest() {
+    let dir = tempfile::tempdir().unwrap();
+    let max_size = 100 * 1024;
+    let store = new_store(dir.path(), max_size);
+    let blobs: Vec<Bytes> = (0..5).map(|i| blob_bytes(30 * 1024, 20 + i)).collect();
+    for data in &blobs {
+        let fill = store.fill_or_join(&digest_of(data), Arc::new(FakeSource::new(data)));
+        fill.wait_done().await.unwrap();
+        store.run_pending_tasks();
+    }
+    let stats = store.stats();
+    assert!(stats.bytes <= max_size, "{stats:?}");
+    assert_eq!(stats.entries, 3);
+    assert_eq!(stats.evictions, 2);
+    assert_eq!(files_under(&dir.path().join("blobs")).len(), 3);
+    assert!(store.lookup(&digest_of(&blobs[0])).is_none());
+    assert!(store.lookup(&digest_of(&blobs[1])).is_none());
+    assert!(store.lookup(&digest_of(&blobs[4])).is_some());
+
+    // Reopening with a smaller budget evicts at start-up.
+    drop(store);
+    let (store, stats) = BlobStore::open(dir.path(), 40 * 1024).unwrap();
+    assert_eq!((stats.entries, stats.bytes), (1, 30 * 1024));
+    assert_eq!(files_under(&dir.path().join("blobs")).len(), 1);
+    assert_eq!(store.stats().entries, 1);
+}
+
+/// Start-up index rebuild time. Run with
+/// `cargo test --release -- --ignored --nocapture open_time_100k`.
+#[test]
+#[ignore]
+fn open_time_100k_blobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let count = 100_000u32;
+    for i in 0..count {
+        let hex = hex::encode(sha2::Sha256::digest(i.to_le_bytes()));
+        let shard = dir.path().join("blobs/sha256").join(&hex[..2]);
+        std::fs::create_dir_all(&shard).unwrap();
+        std::fs::write(shard.join(&hex), i.to_le_bytes()).unwrap();
+    }
+    let (store, stats) = BlobStore::open(dir.path(), 1 << 40).unwrap();
+    println!("open with {count} blobs: {:?} ({stats:?})", stats.elapsed);
+    assert_eq!(store.stats().entries, u64::from(count));
+}
+
+use sha2::Digest as _;
