@@ -14,6 +14,7 @@ pub mod listen;
 pub mod oci;
 pub mod route;
 pub mod secret;
+pub mod store;
 pub mod upstream;
 
 use std::sync::Arc;

@@ -18,6 +18,8 @@ pub struct RequestCtx {
     /// Echoed as `OCI-Namespace` when the request was routed by `?ns=`.
     pub namespace: Option<String>,
     pub upstream_status: Option<u16>,
+    /// Blob cache outcome: `hit`, `fill` (started or joined), `bypass`, or `-`.
+    pub cache: &'static str,
     /// Body bytes written to the client.
     pub bytes_sent: u64,
     /// Why the request failed, for the access line (never a secret: built from our own errors).
@@ -35,6 +37,7 @@ impl RequestCtx {
             kind: "other",
             namespace: None,
             upstream_status: None,
+            cache: "-",
             bytes_sent: 0,
             error: None,
         }
@@ -55,6 +58,7 @@ impl RequestCtx {
             registry = self.registry.as_deref().unwrap_or("-"),
             kind = self.kind,
             upstream_status = self.upstream_status.unwrap_or(0),
+            cache = self.cache,
             bytes = self.bytes_sent,
             duration_ms = self.started.elapsed().as_millis() as u64,
             error = self.error.as_deref().unwrap_or(""),

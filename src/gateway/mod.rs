@@ -5,7 +5,9 @@
 //! Pingora's proxy path yet, so `upstream_peer` only refuses. The hooks stay short; the work
 //! lives in `serve.rs` (what to ask and answer) and `respond.rs` (how bytes are written).
 
+mod blob;
 mod ctx;
+mod range;
 mod respond;
 mod serve;
 
@@ -19,6 +21,7 @@ use pingora::proxy::{ProxyHttp, Session};
 
 use crate::config::Config;
 use crate::route::RouteTable;
+use crate::store::BlobStore;
 use crate::upstream::UpstreamClient;
 pub use ctx::RequestCtx;
 
@@ -27,6 +30,8 @@ pub struct Gateway {
     config: Arc<Config>,
     routes: RouteTable,
     upstreams: HashMap<String, Arc<UpstreamClient>>,
+    store: BlobStore,
+    confirmations: Arc<blob::Confirmations>,
     next_request: AtomicU64,
     /// Mixed into request ids so they differ across restarts.
     id_nonce: u64,
@@ -41,6 +46,16 @@ impl Gateway {
                 .map_err(|e| format!("registry.{}: {e}", registry.name))?;
             upstreams.insert(registry.name.clone(), Arc::new(client));
         }
+        let (store, stats) = BlobStore::open(&config.cache.dir, config.cache.max_size)
+            .map_err(|e| format!("cache.dir: cannot use {}: {e}", config.cache.dir.display()))?;
+        tracing::info!(
+            dir = %config.cache.dir.display(),
+            blobs = stats.entries,
+            bytes = stats.bytes,
+            temp_files_removed = stats.temp_files_removed,
+            elapsed_ms = stats.elapsed.as_millis() as u64,
+            "blob cache opened"
+        );
         let id_nonce = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -50,6 +65,8 @@ impl Gateway {
             config,
             routes,
             upstreams,
+            store,
+            confirmations: Arc::new(blob::Confirmations::new()),
             next_request: AtomicU64::new(1),
             id_nonce,
         })

@@ -9,10 +9,11 @@ use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use pingora::proxy::Session;
 use sha2::{Digest as _, Sha256};
 
+use super::blob::{self, BlobJob};
 use super::ctx::loggable_path;
 use super::respond;
 use super::{request_host, Gateway, RequestCtx};
-use crate::oci::{self, ApiRequest, Digest, Endpoint, ErrorCode, OciError, Reference};
+use crate::oci::{self, Algorithm, ApiRequest, Digest, Endpoint, ErrorCode, OciError, Reference};
 use crate::route::{Routed, RoutedBy};
 use crate::upstream::{self, UpstreamClient, UpstreamError, UpstreamRequest};
 
@@ -97,6 +98,10 @@ pub async fn serve(
                 .clone();
             let headers = session.req_header().headers.clone();
             let query = query.as_deref().map(without_ns).unwrap_or_default();
+            let range = headers
+                .get(header::RANGE)
+                .and_then(|r| r.to_str().ok())
+                .map(str::to_string);
             let job = Job {
                 client: &client,
                 routed: &routed,
@@ -107,7 +112,25 @@ pub async fn serve(
             };
             match endpoint {
                 Endpoint::Manifest(reference) => manifest(session, ctx, &job, &reference).await,
-                Endpoint::Blob(digest) => blob(session, ctx, &job, &digest).await,
+                Endpoint::Blob(digest) => {
+                    let cached = BlobJob {
+                        store: &gw.store,
+                        confirmations: &gw.confirmations,
+                        client: &client,
+                        registry: &routed.registry.name,
+                        repository: &routed.repository,
+                        digest: &digest,
+                        method: job.method.clone(),
+                        range,
+                    };
+                    if digest.algorithm() == Algorithm::Sha256
+                        && blob::serve(session, ctx, &cached).await?
+                    {
+                        return Ok(());
+                    }
+                    ctx.cache = "bypass";
+                    blob(session, ctx, &job, &digest).await
+                }
                 Endpoint::TagsList => passthrough(session, ctx, &job, "tags/list", true).await,
                 Endpoint::Referrers(digest) => {
                     passthrough(session, ctx, &job, &format!("referrers/{digest}"), true).await
@@ -213,7 +236,11 @@ async fn manifest(
             .response;
         ctx.upstream_status = Some(answer.status().as_u16());
         if !answer.status().is_success() {
-            return Err(error_from_upstream(job, "manifest", answer).await.into());
+            return Err(
+                error_from_upstream(&job.routed.registry.name, "manifest", answer)
+                    .await
+                    .into(),
+            );
         }
         let h = answer.headers();
         // A HEAD must carry the real size and digest (containerd refuses a zero size); when the
@@ -233,7 +260,11 @@ async fn manifest(
         .response;
     ctx.upstream_status = Some(answer.status().as_u16());
     if !answer.status().is_success() {
-        return Err(error_from_upstream(job, "manifest", answer).await.into());
+        return Err(
+            error_from_upstream(&job.routed.registry.name, "manifest", answer)
+                .await
+                .into(),
+        );
     }
     let upstream_headers = answer.headers().clone();
     let body = upstream::read_capped(answer, job.max_manifest)
@@ -325,7 +356,11 @@ async fn blob(
     let status = answer.status();
     ctx.upstream_status = Some(status.as_u16());
     if !status.is_success() {
-        return Err(error_from_upstream(job, "blob", answer).await.into());
+        return Err(
+            error_from_upstream(&job.routed.registry.name, "blob", answer)
+                .await
+                .into(),
+        );
     }
     let mut resp = respond::head(status.as_u16(), ctx)?;
     respond::pass_headers(&mut resp, answer.headers())?;
@@ -354,7 +389,11 @@ async fn passthrough(
         .response;
     ctx.upstream_status = Some(answer.status().as_u16());
     if !answer.status().is_success() {
-        return Err(error_from_upstream(job, ctx.kind, answer).await.into());
+        return Err(
+            error_from_upstream(&job.routed.registry.name, ctx.kind, answer)
+                .await
+                .into(),
+        );
     }
     let status = answer.status().as_u16();
     let upstream_headers = answer.headers().clone();
@@ -392,9 +431,12 @@ fn rewrite_link(link: &str, upstream_name: &str, client_name: &str) -> Option<St
 /// Map an upstream error answer to what the client sees. Upstream error codes and messages are
 /// kept where they are OCI errors; auth failures become `DENIED` naming the registry; server
 /// errors become 502 naming the registry.
-async fn error_from_upstream(job: &Job<'_>, kind: &str, answer: reqwest::Response) -> OciError {
+pub async fn error_from_upstream(
+    registry: &str,
+    kind: &str,
+    answer: reqwest::Response,
+) -> OciError {
     let status = answer.status();
-    let registry = &job.routed.registry.name;
     let retry_after = answer
         .headers()
         .get(header::RETRY_AFTER)

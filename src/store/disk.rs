@@ -81,7 +81,9 @@ impl Layout {
             };
             match result {
                 Ok(()) => removed += 1,
-                Err(e) => tracing::warn!(path = %path.display(), error = %e, "could not remove temp file"),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "could not remove temp file")
+                }
             }
         }
         Ok(removed)
@@ -95,8 +97,7 @@ impl Layout {
             let shard = shard?;
             let name = shard.file_name();
             let shard_name = name.to_str().unwrap_or("");
-            if !shard.file_type()?.is_dir() || shard_name.len() != 2 || !is_lower_hex(shard_name)
-            {
+            if !shard.file_type()?.is_dir() || shard_name.len() != 2 || !is_lower_hex(shard_name) {
                 tracing::warn!(path = %shard.path().display(), "ignoring unexpected entry in blobs/");
                 continue;
             }
@@ -233,8 +234,8 @@ pub struct Blob {
 }
 
 impl Blob {
-    /// Streams `[start, end)` (end exclusive, clamped to nothing past `len`: a range beyond the
-    /// blob is an error from `next_chunk`, not a short body). Check ranges before calling.
+    /// Streams `[start, end)` (end exclusive). A range reaching past `len` ends in an error from
+    /// `next_chunk`, never in a short body that looks complete: check ranges (416) before.
     pub fn reader(&self, start: u64, end: u64) -> BlobReader {
         BlobReader {
             inner: ChunkReader::new(Arc::clone(&self.file), start, end),

@@ -62,11 +62,13 @@ pub enum FillFailure {
 
 impl FillFailure {
     /// The error a client gets when nothing was sent yet: refusals as the source gave them,
-    /// everything else `UNAVAILABLE` (502).
+    /// everything else `UNAVAILABLE` (502) saying why.
     pub fn to_oci_error(&self) -> OciError {
         match self {
             FillFailure::Refused(e) => e.clone(),
-            _ => OciError::from_code(ErrorCode::Unavailable),
+            // Local paths stay out of client answers.
+            FillFailure::Storage(_) => OciError::from_code(ErrorCode::Unavailable),
+            other => OciError::new(ErrorCode::Unavailable, other.to_string()),
         }
     }
 }
@@ -157,8 +159,11 @@ impl Fill {
     /// the fill is done if the source gave none (then the final length); or with the failure.
     /// Answer the client's status line only after this: a refusal becomes a proper error.
     pub async fn wait_started(&self) -> Result<u64, FillFailure> {
-        self.wait_for(|p| p.total_len.or((p.state == FillState::Done).then_some(p.written)))
-            .await
+        self.wait_for(|p| {
+            p.total_len
+                .or((p.state == FillState::Done).then_some(p.written))
+        })
+        .await
     }
 
     /// Resolves with the length once the blob is verified and committed, or with the failure.
@@ -391,7 +396,10 @@ impl FillTask {
     }
 
     /// Opens the source again at `written` after a backoff, for as long as attempts remain.
-    async fn resume(&mut self, mut why: String) -> Result<BoxStream<'static, ChunkResult>, FillFailure> {
+    async fn resume(
+        &mut self,
+        mut why: String,
+    ) -> Result<BoxStream<'static, ChunkResult>, FillFailure> {
         loop {
             let Some(delay) = self.shared.policy.backoff.get(self.resumes).copied() else {
                 return Err(FillFailure::Broken(format!(

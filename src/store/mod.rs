@@ -214,7 +214,10 @@ impl BlobStore {
         if digest.algorithm() != Algorithm::Sha256 {
             let e = OciError::new(
                 ErrorCode::Unsupported,
-                format!("the cache holds only sha256 blobs, not {}", digest.algorithm()),
+                format!(
+                    "the cache holds only sha256 blobs, not {}",
+                    digest.algorithm()
+                ),
             )
             .with_status(400);
             return Fill::failed(digest, FillFailure::Refused(e));

@@ -148,7 +148,9 @@ fn fast_policy() -> FillPolicy {
 }
 
 fn new_store(dir: &Path, max_size: u64) -> BlobStore {
-    BlobStore::open_with(dir, max_size, fast_policy()).unwrap().0
+    BlobStore::open_with(dir, max_size, fast_policy())
+        .unwrap()
+        .0
 }
 
 /// Reads a fill reader to its end; `Err` carries the bytes seen before the failure.
@@ -250,11 +252,20 @@ async fn twenty_concurrent_requests_fetch_once() {
     // Wait until half the blob is written (the source is gated there).
     let first = store.fill_or_join(&digest, source.clone());
     let mut r = first.reader(0, half);
-    while r.next_chunk().await.unwrap().is_some() {}
+    let mut seen = 0;
+    while seen < half {
+        seen += r.next_chunk().await.unwrap().unwrap().len() as u64;
+    }
+    // The range's end is reported only once the blob is verified (invariant 3).
+    let pending = tokio::time::timeout(Duration::from_millis(50), r.next_chunk()).await;
+    assert!(pending.is_err(), "no Ok(None) before the fill is verified");
     assert!(first.progress().written >= half);
     // Late joiners: the fill is still running and they get everything from byte 0.
     readers.extend((0..10).map(|_| spawn_reader(store.clone())));
-    assert!(Arc::ptr_eq(&first, &store.fill_or_join(&digest, source.clone())));
+    assert!(Arc::ptr_eq(
+        &first,
+        &store.fill_or_join(&digest, source.clone())
+    ));
     assert_eq!(store.stats().fills_in_flight, 1);
     source.gate.add_permits(1);
 
@@ -288,7 +299,10 @@ async fn range_readers_during_fill_and_on_committed_blob() {
     assert!(got == data[start as usize..end as usize]);
     assert!(drain_blob(blob.reader(0, blob.len + 1)).await.is_err());
     let past = drain(fill.reader(0, data.len() as u64 + 1)).await;
-    assert!(past.is_err(), "a range past the end is an error, not a short body");
+    assert!(
+        past.is_err(),
+        "a range past the end is an error, not a short body"
+    );
 }
 
 #[tokio::test]
@@ -361,7 +375,10 @@ async fn source_breaking_too_often_fails_cleanly_and_next_fill_starts_fresh() {
     let fill = store.fill_or_join(&digest, source.clone());
     let (seen, err) = drain(fill.reader(0, data.len() as u64)).await.unwrap_err();
     assert!(matches!(err, FillFailure::Broken(_)), "{err}");
-    assert!(data[..4000].starts_with(&seen), "only bytes of the blob, then Err");
+    assert!(
+        data[..4000].starts_with(&seen),
+        "only bytes of the blob, then Err"
+    );
     assert_eq!(source.opens(), vec![0, 1000, 2000, 3000]);
     assert_eq!(fill.wait_done().await, Err(err));
     assert_nothing_committed(&store, dir.path(), &digest);

@@ -16,6 +16,11 @@ pub struct Gateway {
 impl Gateway {
     /// Start pullgate with `registries` (TOML `[[registry]]` tables) on a free loopback port.
     pub fn start(registries: &str) -> Gateway {
+        Self::start_with_cache(registries, None)
+    }
+
+    /// Like `start`, with the blob cache in `cache` (to test restarts) instead of a new dir.
+    pub fn start_with_cache(registries: &str, cache: Option<&std::path::Path>) -> Gateway {
         pullgate::install_crypto_provider();
         // Captured per test by libtest: shown only for failing tests.
         let _ = tracing_subscriber::fmt()
@@ -29,7 +34,7 @@ impl Gateway {
         let port = free_port();
         let text = format!(
             "[server]\nlisten = [\"127.0.0.1:{port}\"]\nadmin_listen = \"\"\n\n[cache]\ndir = \"{}\"\n\n{registries}",
-            dir.path().join("cache").display()
+            cache.map(|c| c.to_path_buf()).unwrap_or_else(|| dir.path().join("cache")).display()
         );
         let config = pullgate::config::load_str(&text, dir.path())
             .unwrap_or_else(|e| panic!("test config invalid:\n{e}\n---\n{text}"));

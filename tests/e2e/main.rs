@@ -8,6 +8,7 @@ mod support;
 mod harness;
 
 mod auth;
+mod cache;
 mod cli;
 mod containerd;
 mod credentials;

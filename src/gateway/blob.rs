@@ -1,0 +1,349 @@
+//! Blob GET/HEAD through the store: hits from disk with no upstream contact, misses joined to
+//! one fill per digest, Range on both.
+//!
+//! Invariant 5 lives here: a blob the store holds is served for a repository only once the
+//! upstream confirmed that repository has it for pullgate's credentials (the fill's own
+//! repository is confirmed by the fill; any other by a HEAD).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+
+use super::range::{self, RangeAnswer};
+use super::respond;
+use super::serve::{error_from_upstream, upstream_error, Failure};
+use super::RequestCtx;
+use crate::oci::{Digest, Repository};
+use crate::store::{BlobReader, BlobSource, BlobStore, FillReader, SourceBody, SourceError};
+use crate::upstream::{UpstreamClient, UpstreamError, UpstreamRequest};
+
+/// How long an upstream confirmation that a repository holds a blob is trusted.
+const CONFIRMATION_TTL: Duration = Duration::from_secs(15 * 60);
+
+/// (registry, repository, digest) triples the upstream confirmed (invariant 5).
+pub struct Confirmations(moka::sync::Cache<(String, String, String), ()>);
+
+impl Confirmations {
+    pub fn new() -> Self {
+        Confirmations(
+            moka::sync::Cache::builder()
+                .max_capacity(200_000)
+                .time_to_live(CONFIRMATION_TTL)
+                .build(),
+        )
+    }
+
+    fn key(registry: &str, repository: &Repository, digest: &Digest) -> (String, String, String) {
+        (
+            registry.to_string(),
+            repository.as_str().to_string(),
+            digest.to_string(),
+        )
+    }
+
+    fn contains(&self, registry: &str, repository: &Repository, digest: &Digest) -> bool {
+        self.0
+            .contains_key(&Self::key(registry, repository, digest))
+    }
+
+    fn insert(&self, registry: &str, repository: &Repository, digest: &Digest) {
+        self.0.insert(Self::key(registry, repository, digest), ());
+    }
+}
+
+/// Everything a cached blob request needs.
+pub struct BlobJob<'a> {
+    pub store: &'a BlobStore,
+    pub confirmations: &'a Arc<Confirmations>,
+    pub client: &'a Arc<UpstreamClient>,
+    pub registry: &'a str,
+    pub repository: &'a Repository,
+    pub digest: &'a Digest,
+    pub method: Method,
+    pub range: Option<String>,
+}
+
+/// Serve from the store. `Ok(false)`: not handled here (a HEAD for a blob not on disk), the
+/// caller asks the upstream instead.
+pub async fn serve(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    job: &BlobJob<'_>,
+) -> Result<bool, Failure> {
+    if let Some(blob) = job.store.lookup(job.digest) {
+        confirm(job).await?;
+        ctx.cache = "hit";
+        let Some((resp, start, end)) = head_for(ctx, job, blob.len)? else {
+            return unsatisfiable(session, ctx, blob.len).await;
+        };
+        let body = Body::Disk(blob.reader(start, end));
+        return stream(session, ctx, resp, start == end, body)
+            .await
+            .map(|()| true);
+    }
+    if job.method == Method::HEAD {
+        return Ok(false);
+    }
+    let source = Arc::new(UpstreamBlob {
+        client: job.client.clone(),
+        confirmations: job.confirmations.clone(),
+        repository: job.repository.clone(),
+        digest: job.digest.clone(),
+    });
+    let fill = job.store.fill_or_join(job.digest, source);
+    let total = fill
+        .wait_started()
+        .await
+        .map_err(|f| Failure::Respond(f.to_oci_error()))?;
+    // A fill started for another repository proves nothing about this one.
+    confirm(job).await?;
+    ctx.cache = "fill";
+    let Some((resp, start, end)) = head_for(ctx, job, total)? else {
+        return unsatisfiable(session, ctx, total).await;
+    };
+    let body = Body::Fill(fill.reader(start, end));
+    stream(session, ctx, resp, start == end, body)
+        .await
+        .map(|()| true)
+}
+
+/// Invariant 5: has the upstream confirmed this repository holds the blob? If not, ask it
+/// with a HEAD in this repository's scope.
+async fn confirm(job: &BlobJob<'_>) -> Result<(), Failure> {
+    if job
+        .confirmations
+        .contains(job.registry, job.repository, job.digest)
+    {
+        return Ok(());
+    }
+    let request = UpstreamRequest {
+        method: Method::HEAD,
+        path_and_query: format!("/v2/{}/blobs/{}", job.repository.as_str(), job.digest),
+        repository: Some(job.repository.clone()),
+        headers: HeaderMap::new(),
+    };
+    let answer = job.client.send(&request).await?.response;
+    if !answer.status().is_success() {
+        return Err(error_from_upstream(job.registry, "blob", answer)
+            .await
+            .into());
+    }
+    job.confirmations
+        .insert(job.registry, job.repository, job.digest);
+    Ok(())
+}
+
+/// The response head for a blob of `len` bytes and the byte range to send; `None` for 416.
+fn head_for(
+    ctx: &RequestCtx,
+    job: &BlobJob<'_>,
+    len: u64,
+) -> Result<Option<(ResponseHeader, u64, u64)>, Failure> {
+    let (status, start, end) = match range::answer(job.range.as_deref(), len) {
+        RangeAnswer::Full => (200, 0, len),
+        RangeAnswer::Partial { start, end } => (206, start, end),
+        RangeAnswer::Unsatisfiable => return Ok(None),
+    };
+    let mut resp = respond::head(status, ctx)?;
+    resp.insert_header(header::CONTENT_TYPE, "application/octet-stream")?;
+    resp.insert_header(header::CONTENT_LENGTH, end - start)?;
+    resp.insert_header(header::ACCEPT_RANGES, "bytes")?;
+    resp.insert_header("Docker-Content-Digest", job.digest.to_string())?;
+    if status == 206 {
+        resp.insert_header(
+            header::CONTENT_RANGE,
+            format!("bytes {start}-{}/{len}", end - 1),
+        )?;
+    }
+    Ok(Some((resp, start, end)))
+}
+
+async fn unsatisfiable(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    len: u64,
+) -> Result<bool, Failure> {
+    let mut resp = respond::head(416, ctx)?;
+    resp.insert_header(header::CONTENT_RANGE, format!("bytes */{len}"))?;
+    respond::write_body(session, ctx, resp, bytes::Bytes::new()).await?;
+    Ok(true)
+}
+
+/// Write the head, then every chunk `next` yields. An error after the head aborts the response
+/// (invariant 3): the caller fails the request and the connection drops mid-body.
+async fn stream(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    resp: ResponseHeader,
+    empty: bool,
+    mut body: Body,
+) -> Result<(), Failure> {
+    let head_only = session.req_header().method == Method::HEAD;
+    session
+        .write_response_header(Box::new(resp), head_only || empty)
+        .await?;
+    if head_only || empty {
+        session.write_response_body(None, true).await?;
+        return Ok(());
+    }
+    loop {
+        match body.next_chunk().await {
+            Ok(Some(chunk)) => {
+                ctx.bytes_sent += chunk.len() as u64;
+                session.write_response_body(Some(chunk), false).await?;
+            }
+            Ok(None) => break,
+            Err(e) => {
+                return Err(Failure::Abort(format!(
+                    "blob body broke after {} bytes: {e}",
+                    ctx.bytes_sent
+                )))
+            }
+        }
+    }
+    session.write_response_body(None, true).await?;
+    Ok(())
+}
+
+/// Where a response body comes from: a committed blob or a fill in progress.
+enum Body {
+    Disk(BlobReader),
+    Fill(FillReader),
+}
+
+impl Body {
+    async fn next_chunk(&mut self) -> Result<Option<bytes::Bytes>, String> {
+        match self {
+            Body::Disk(r) => r.next_chunk().await.map_err(|e| e.to_string()),
+            Body::Fill(r) => r.next_chunk().await.map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// The upstream as a fill's byte source: GET, resumed with `Range: bytes=<offset>-`.
+struct UpstreamBlob {
+    client: Arc<UpstreamClient>,
+    confirmations: Arc<Confirmations>,
+    repository: Repository,
+    digest: Digest,
+}
+
+#[async_trait]
+impl BlobSource for UpstreamBlob {
+    async fn open(&self, offset: u64) -> Result<SourceBody, SourceError> {
+        let mut headers = HeaderMap::new();
+        if offset > 0 {
+            let range = HeaderValue::from_str(&format!("bytes={offset}-"))
+                .map_err(|e| SourceError::Broken(e.to_string()))?;
+            headers.insert(header::RANGE, range);
+        }
+        let request = UpstreamRequest {
+            method: Method::GET,
+            path_and_query: format!("/v2/{}/blobs/{}", self.repository.as_str(), self.digest),
+            repository: Some(self.repository.clone()),
+            headers,
+        };
+        let registry = self.client.registry().name.clone();
+        let answer = match self.client.send(&request).await {
+            Ok(a) => a.response,
+            Err(e) => return Err(source_error(&e)),
+        };
+        let status = answer.status();
+        if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+            return Err(SourceError::Broken(format!(
+                "upstream registry {registry:?} answered {}",
+                status.as_u16()
+            )));
+        }
+        if !status.is_success() {
+            return Err(SourceError::Refused(
+                error_from_upstream(&registry, "blob", answer).await,
+            ));
+        }
+        if offset == 0 {
+            self.confirmations
+                .insert(&registry, &self.repository, &self.digest);
+        }
+        let (total_len, skip) = match (status, offset) {
+            (StatusCode::PARTIAL_CONTENT, _) => (content_range_total(answer.headers()), 0),
+            // The upstream ignored Range: skip what the fill already has.
+            (_, offset) => (answer.content_length(), offset),
+        };
+        Ok(SourceBody {
+            total_len,
+            chunks: skip_bytes(answer, skip),
+        })
+    }
+}
+
+fn source_error(e: &UpstreamError) -> SourceError {
+    match e {
+        UpstreamError::Unreachable { .. }
+        | UpstreamError::Timeout { .. }
+        | UpstreamError::Protocol { .. } => SourceError::Broken(e.to_string()),
+        _ => SourceError::Refused(upstream_error(e)),
+    }
+}
+
+/// The total length from `Content-Range: bytes a-b/total`.
+fn content_range_total(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_RANGE)?
+        .to_str()
+        .ok()?
+        .rsplit_once('/')?
+        .1
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The body as a stream of chunks, without its first `skip` bytes.
+fn skip_bytes(
+    answer: reqwest::Response,
+    skip: u64,
+) -> futures_util::stream::BoxStream<'static, Result<bytes::Bytes, String>> {
+    let mut remaining = skip;
+    answer
+        .bytes_stream()
+        .map(|r| r.map_err(|e| e.without_url().to_string()))
+        .filter_map(move |r| {
+            let out = match r {
+                Ok(mut chunk) if remaining > 0 => {
+                    let cut = remaining.min(chunk.len() as u64);
+                    remaining -= cut;
+                    let rest = chunk.split_off(cut as usize);
+                    (!rest.is_empty()).then_some(Ok(rest))
+                }
+                other => Some(other),
+            };
+            std::future::ready(out)
+        })
+        .boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_range_totals() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONTENT_RANGE,
+            HeaderValue::from_static("bytes 100-199/1000"),
+        );
+        assert_eq!(content_range_total(&h), Some(1000));
+        h.insert(
+            header::CONTENT_RANGE,
+            HeaderValue::from_static("bytes 100-199/*"),
+        );
+        assert_eq!(content_range_total(&h), None);
+        assert_eq!(content_range_total(&HeaderMap::new()), None);
+    }
+}

@@ -1,0 +1,173 @@
+//! The blob store in the request path: one upstream fetch per digest however many clients ask,
+//! hits with no upstream contact, Range, restarts, and the cross-repository rule.
+
+use std::sync::Arc;
+
+use crate::harness::{get, registry, request, Gateway};
+use crate::support::{block_on, http_client, sha256_hex, TestImage, Upstream, UpstreamOptions};
+
+const MIB: usize = 1024 * 1024;
+
+/// Successful upstream GETs of `digest` (401 challenges are not fetches).
+fn upstream_blob_gets(up: &Upstream, digest: &str) -> usize {
+    up.requests()
+        .iter()
+        .filter(|r| r.method == "GET" && r.uri.contains(digest) && r.status < 300)
+        .count()
+}
+
+/// GET `url` from `n` clients at once; each answer's status and SHA-256.
+fn concurrent_gets(url: &str, n: usize) -> Vec<(u16, String)> {
+    let url = url.to_string();
+    block_on(async move {
+        let client = http_client(None);
+        let tasks = (0..n).map(|_| {
+            let (client, url) = (client.clone(), url.clone());
+            tokio::spawn(async move {
+                let resp = client.get(&url).send().await.expect("send");
+                let status = resp.status().as_u16();
+                let body = resp.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
+                (status, format!("sha256:{}", sha256_hex(&body)))
+            })
+        });
+        let mut out = Vec::new();
+        for t in tasks.collect::<Vec<_>>() {
+            out.push(t.await.expect("task"));
+        }
+        out
+    })
+}
+
+#[test]
+fn twenty_concurrent_cold_pulls_fetch_the_blob_once() {
+    let up = Upstream::start(UpstreamOptions::default());
+    let img = TestImage::with_layer_size("single-flight", 50 * MIB);
+    up.push(&img, "team/big:v1");
+    let gw = Gateway::start(&registry("hub", &up, "default = true"));
+    let layer = img.layer_digests()[0].clone();
+
+    let answers = concurrent_gets(&gw.url(&format!("/v2/team/big/blobs/{layer}")), 20);
+    for (status, digest) in &answers {
+        assert_eq!(*status, 200);
+        assert_eq!(digest, &layer, "every client got the verified bytes");
+    }
+    assert_eq!(
+        upstream_blob_gets(&up, &layer),
+        1,
+        "one upstream fetch for 20 clients"
+    );
+
+    // Now a hit: served with no upstream contact, Range included.
+    let before = up.requests().len();
+    let whole = get(&gw.url(&format!("/v2/team/big/blobs/{layer}")));
+    assert_eq!(format!("sha256:{}", sha256_hex(&whole.body)), layer);
+    let part = request(
+        "GET",
+        &gw.url(&format!("/v2/team/big/blobs/{layer}")),
+        &[("Range", "bytes=100-199")],
+    );
+    assert_eq!(part.status, 206);
+    assert_eq!(part.body, whole.body[100..200]);
+    assert_eq!(
+        part.header("content-range"),
+        Some(format!("bytes 100-199/{}", whole.body.len()))
+    );
+    let past = request(
+        "GET",
+        &gw.url(&format!("/v2/team/big/blobs/{layer}")),
+        &[("Range", "bytes=999999999-")],
+    );
+    assert_eq!(past.status, 416);
+    let head = request("HEAD", &gw.url(&format!("/v2/team/big/blobs/{layer}")), &[]);
+    assert_eq!(
+        head.header("content-length"),
+        Some(whole.body.len().to_string())
+    );
+    assert_eq!(up.requests().len(), before, "hits never reach the upstream");
+}
+
+#[test]
+fn range_during_a_fill_and_restart_keeps_the_cache() {
+    let up = Upstream::start(UpstreamOptions::default());
+    let img = TestImage::with_layer_size("range-fill", 8 * MIB);
+    up.push(&img, "team/app:v1");
+    let cache = tempfile::tempdir().expect("tempdir");
+    let table = registry("hub", &up, "default = true");
+    let layer = img.layer_digests()[0].clone();
+    let bytes = Arc::new(img.blob_bytes(&layer));
+    let url_path = format!("/v2/team/app/blobs/{layer}");
+
+    let mut gw = Gateway::start_with_cache(&table, Some(cache.path()));
+    // A cold Range request starts the fill and is served from it.
+    let part = request(
+        "GET",
+        &gw.url(&url_path),
+        &[("Range", "bytes=5000000-5000099")],
+    );
+    assert_eq!(part.status, 206);
+    assert_eq!(part.body, bytes[5_000_000..5_000_100]);
+    // The client had its 100 bytes before the fill ended; a whole GET joins the fill and
+    // returns once the blob is verified and committed.
+    assert_eq!(get(&gw.url(&url_path)).body.len(), bytes.len());
+    gw.stop();
+
+    // A new gateway on the same cache dir serves the blob from disk: the upstream only
+    // confirms this repository has it (HEAD), it is not fetched again.
+    let gw = Gateway::start_with_cache(&table, Some(cache.path()));
+    let whole = get(&gw.url(&url_path));
+    assert_eq!(whole.status, 200);
+    assert_eq!(format!("sha256:{}", sha256_hex(&whole.body)), layer);
+    assert_eq!(
+        upstream_blob_gets(&up, &layer),
+        1,
+        "fetched once across the restart"
+    );
+
+    // With the upstream down, the confirmed blob keeps being served.
+    let mut up = up;
+    up.stop();
+    let whole = get(&gw.url(&url_path));
+    assert_eq!(
+        whole.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&whole.body[..whole.body.len().min(300)])
+    );
+    assert_eq!(whole.body.len(), bytes.len());
+}
+
+#[test]
+fn a_cached_blob_is_served_for_another_repository_only_when_the_upstream_confirms_it() {
+    let up = Upstream::start(UpstreamOptions::default());
+    let img = TestImage::small("cross-repo");
+    let other = TestImage::small("cross-repo-other");
+    up.push(&img, "team/a:v1");
+    up.push(&img, "team/b:v1");
+    up.push(&other, "team/c:v1");
+    let gw = Gateway::start(&registry("hub", &up, "default = true"));
+    let layer = img.layer_digests()[0].clone();
+
+    assert_eq!(
+        get(&gw.url(&format!("/v2/team/a/blobs/{layer}"))).status,
+        200
+    );
+    // team/c never had this blob: the cache must not hand it out under that name.
+    let denied = get(&gw.url(&format!("/v2/team/c/blobs/{layer}")));
+    assert_eq!(
+        denied.status,
+        404,
+        "{}",
+        String::from_utf8_lossy(&denied.body)
+    );
+    assert_eq!(denied.oci_code().as_deref(), Some("BLOB_UNKNOWN"));
+    // team/b has it: confirmed with a HEAD, then served from the cache.
+    let served = get(&gw.url(&format!("/v2/team/b/blobs/{layer}")));
+    assert_eq!(served.status, 200);
+    assert_eq!(format!("sha256:{}", sha256_hex(&served.body)), layer);
+    assert_eq!(
+        upstream_blob_gets(&up, &layer),
+        1,
+        "b was confirmed, not fetched again"
+    );
+    assert!(up.count_requests("HEAD", &format!("/v2/team/b/blobs/{layer}")) >= 1);
+}
