@@ -2,11 +2,12 @@
 //!
 //! A request travels top to bottom through the modules below (DESIGN.md, "The way a request
 //! travels"): `listen` accepts it, `gateway` (the Pingora edge) parses it with `oci`, routes it
-//! with `route`, and answers it through `upstream`; `config` is loaded once at start.
+//! with `route`, and answers it from `store` (blobs) or through `upstream`; `config` is loaded
+//! once at start.
 //!
 //! Dependency rule: `oci`, `config` and `secret` depend on nothing else in the crate; `route`
-//! depends only on `oci` and the config model; `upstream` on `oci`, `config` and `secret`; only
-//! `gateway` and `listen` (and this file) touch Pingora.
+//! depends only on `oci` and the config model; `store` only on `oci`; `upstream` on `oci`,
+//! `config` and `secret`; only `gateway` and `listen` (and this file) touch Pingora.
 
 pub mod config;
 pub mod gateway;
