@@ -15,11 +15,11 @@ use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 
 use super::range::{self, RangeAnswer};
-use super::respond;
+use super::respond::{self, Body};
 use super::serve::{error_from_upstream, upstream_error, Failure};
 use super::RequestCtx;
 use crate::oci::{Digest, Repository};
-use crate::store::{BlobReader, BlobSource, BlobStore, FillReader, SourceBody, SourceError};
+use crate::store::{BlobSource, BlobStore, SourceBody, SourceError};
 use crate::upstream::{UpstreamClient, UpstreamError, UpstreamRequest};
 
 /// How long an upstream confirmation that a repository holds a blob is trusted.
@@ -82,9 +82,7 @@ pub async fn serve(
             return unsatisfiable(session, ctx, blob.len).await;
         };
         let body = Body::Disk(blob.reader(start, end));
-        return stream(session, ctx, resp, start == end, body)
-            .await
-            .map(|()| true);
+        return stream(session, ctx, resp, body).await;
     }
     if job.method == Method::HEAD {
         return Ok(false);
@@ -107,9 +105,7 @@ pub async fn serve(
         return unsatisfiable(session, ctx, total).await;
     };
     let body = Body::Fill(fill.reader(start, end));
-    stream(session, ctx, resp, start == end, body)
-        .await
-        .map(|()| true)
+    stream(session, ctx, resp, body).await
 }
 
 /// Invariant 5: has the upstream confirmed this repository holds the blob? If not, ask it
@@ -163,6 +159,18 @@ fn head_for(
     Ok(Some((resp, start, end)))
 }
 
+async fn stream(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    resp: ResponseHeader,
+    body: Body,
+) -> Result<bool, Failure> {
+    respond::stream_body(session, ctx, resp, body)
+        .await
+        .map_err(Failure::Abort)?;
+    Ok(true)
+}
+
 async fn unsatisfiable(
     session: &mut Session,
     ctx: &mut RequestCtx,
@@ -172,57 +180,6 @@ async fn unsatisfiable(
     resp.insert_header(header::CONTENT_RANGE, format!("bytes */{len}"))?;
     respond::write_body(session, ctx, resp, bytes::Bytes::new()).await?;
     Ok(true)
-}
-
-/// Write the head, then every chunk `next` yields. An error after the head aborts the response
-/// (invariant 3): the caller fails the request and the connection drops mid-body.
-async fn stream(
-    session: &mut Session,
-    ctx: &mut RequestCtx,
-    resp: ResponseHeader,
-    empty: bool,
-    mut body: Body,
-) -> Result<(), Failure> {
-    let head_only = session.req_header().method == Method::HEAD;
-    session
-        .write_response_header(Box::new(resp), head_only || empty)
-        .await?;
-    if head_only || empty {
-        session.write_response_body(None, true).await?;
-        return Ok(());
-    }
-    loop {
-        match body.next_chunk().await {
-            Ok(Some(chunk)) => {
-                ctx.bytes_sent += chunk.len() as u64;
-                session.write_response_body(Some(chunk), false).await?;
-            }
-            Ok(None) => break,
-            Err(e) => {
-                return Err(Failure::Abort(format!(
-                    "blob body broke after {} bytes: {e}",
-                    ctx.bytes_sent
-                )))
-            }
-        }
-    }
-    session.write_response_body(None, true).await?;
-    Ok(())
-}
-
-/// Where a response body comes from: a committed blob or a fill in progress.
-enum Body {
-    Disk(BlobReader),
-    Fill(FillReader),
-}
-
-impl Body {
-    async fn next_chunk(&mut self) -> Result<Option<bytes::Bytes>, String> {
-        match self {
-            Body::Disk(r) => r.next_chunk().await.map_err(|e| e.to_string()),
-            Body::Fill(r) => r.next_chunk().await.map_err(|e| e.to_string()),
-        }
-    }
 }
 
 /// The upstream as a fill's byte source: GET, resumed with `Range: bytes=<offset>-`.

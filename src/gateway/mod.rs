@@ -72,6 +72,10 @@ impl Gateway {
         })
     }
 
+    fn upstream(&self, registry: &str) -> Option<&Arc<UpstreamClient>> {
+        self.upstreams.get(registry)
+    }
+
     fn request_id(&self) -> String {
         let n = self.next_request.fetch_add(1, Ordering::Relaxed);
         format!(
@@ -141,11 +145,4 @@ fn request_host(req: &pingora::http::RequestHeader) -> Option<&str> {
         .get(http::header::HOST)
         .and_then(|h| h.to_str().ok())
         .or_else(|| req.uri.authority().map(|a| a.as_str()))
-}
-
-/// Route table and upstream client lookups for `serve.rs`.
-impl Gateway {
-    fn upstream(&self, registry: &str) -> Option<&Arc<UpstreamClient>> {
-        self.upstreams.get(registry)
-    }
 }

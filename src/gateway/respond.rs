@@ -13,6 +13,7 @@ use pingora::Result;
 
 use super::ctx::RequestCtx;
 use crate::oci::OciError;
+use crate::store::{BlobReader, FillReader};
 
 /// Upstream response headers a client may see; everything else stays behind.
 const PASSED_HEADERS: &[&str] = &[
@@ -92,39 +93,52 @@ pub async fn write_body(
     session.write_response_body(Some(body), true).await
 }
 
-/// Stream an upstream body to the client. `Err` from here means the body broke after the head
-/// was sent: the caller must abort, not finish, the response.
+/// Where a streamed response body comes from.
+pub enum Body {
+    /// A committed blob on disk.
+    Disk(BlobReader),
+    /// A fill in progress (or just finished).
+    Fill(FillReader),
+    /// The upstream's own answer, passed through.
+    Upstream(reqwest::Response),
+}
+
+impl Body {
+    async fn next_chunk(&mut self) -> std::result::Result<Option<Bytes>, String> {
+        match self {
+            Body::Disk(r) => r.next_chunk().await.map_err(|e| e.to_string()),
+            Body::Fill(r) => r.next_chunk().await.map_err(|e| e.to_string()),
+            Body::Upstream(r) => r.chunk().await.map_err(|e| e.without_url().to_string()),
+        }
+    }
+}
+
+/// Write the head, then every chunk of `body` (the head only for HEAD). `Err` means the body
+/// broke after the head was sent: the caller must abort, not finish, the response
+/// (invariant 3).
 pub async fn stream_body(
     session: &mut Session,
     ctx: &mut RequestCtx,
     resp: ResponseHeader,
-    mut upstream: reqwest::Response,
+    mut body: Body,
 ) -> std::result::Result<(), String> {
     let head_only = is_head(session);
     session
         .write_response_header(Box::new(resp), head_only)
         .await
         .map_err(|e| format!("writing the response head: {e}"))?;
-    if head_only {
-        return session
-            .write_response_body(None, true)
+    if !head_only {
+        while let Some(chunk) = body
+            .next_chunk()
             .await
-            .map_err(|e| format!("finishing a HEAD response: {e}"));
-    }
-    loop {
-        let chunk = upstream.chunk().await.map_err(|e| {
-            format!(
-                "upstream body broke after {} bytes: {}",
-                ctx.bytes_sent,
-                e.without_url()
-            )
-        })?;
-        let Some(chunk) = chunk else { break };
-        ctx.bytes_sent += chunk.len() as u64;
-        session
-            .write_response_body(Some(chunk), false)
-            .await
-            .map_err(|e| format!("client went away: {e}"))?;
+            .map_err(|e| format!("body broke after {} bytes: {e}", ctx.bytes_sent))?
+        {
+            ctx.bytes_sent += chunk.len() as u64;
+            session
+                .write_response_body(Some(chunk), false)
+                .await
+                .map_err(|e| format!("client went away: {e}"))?;
+        }
     }
     session
         .write_response_body(None, true)

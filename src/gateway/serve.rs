@@ -43,9 +43,6 @@ impl From<pingora::BError> for Failure {
     }
 }
 
-/// Every manifest media type pullgate understands, for clients that send no `Accept`.
-const DEFAULT_MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
-
 pub async fn serve(
     gw: &Gateway,
     session: &mut Session,
@@ -225,7 +222,7 @@ async fn manifest(
     if job.headers.get(header::ACCEPT).is_none() {
         headers.insert(
             header::ACCEPT,
-            HeaderValue::from_static(DEFAULT_MANIFEST_ACCEPT),
+            HeaderValue::from_static(oci::MANIFEST_ACCEPT),
         );
     }
     if job.method == Method::HEAD {
@@ -368,7 +365,7 @@ async fn blob(
     if resp.headers.get(header::CONTENT_TYPE).is_none() {
         resp.insert_header(header::CONTENT_TYPE, "application/octet-stream")?;
     }
-    respond::stream_body(session, ctx, resp, answer)
+    respond::stream_body(session, ctx, resp, respond::Body::Upstream(answer))
         .await
         .map_err(Failure::Abort)
 }

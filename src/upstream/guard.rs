@@ -10,6 +10,10 @@ use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, RwLock};
 
+/// Starts every error the resolver returns for a refused host, so callers can tell a refusal
+/// from a failed lookup.
+pub const REFUSAL: &str = "refusing to connect to";
+
 /// What kind of network an address belongs to, as far as SSRF is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum AddrClass {
@@ -135,7 +139,7 @@ impl reqwest::dns::Resolve for GuardedResolver {
                 tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
             let kept = guard.filter(&host, found);
             if kept.is_empty() {
-                let msg = format!("refusing to connect to {host}: it resolves only to loopback, private, link-local or reserved addresses");
+                let msg = format!("{REFUSAL} {host}: it resolves only to loopback, private, link-local or reserved addresses");
                 return Err(msg.into());
             }
             let addrs: reqwest::dns::Addrs = Box::new(kept.into_iter());

@@ -491,7 +491,7 @@ fn is_redirect(status: StatusCode) -> bool {
 }
 
 fn is_guard_refusal(detail: &str) -> bool {
-    detail.contains("refusing to connect to")
+    detail.contains(guard::REFUSAL)
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

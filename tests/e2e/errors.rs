@@ -32,10 +32,17 @@ fn unreachable_upstream_is_502_naming_the_registry() {
 }
 
 #[test]
-fn rate_limits_pass_through_with_retry_after_and_server_errors_are_502() {
+fn upstream_answers_become_oci_errors_naming_the_registry() {
     let handler: Handler = Arc::new(|req| {
         Box::pin(async move {
-            if req.uri().path().contains("/limited/") {
+            if req.uri().path().contains("/huge/") {
+                let body = vec![b' '; 5 * 1024 * 1024];
+                resp(
+                    200,
+                    &[("Content-Type", "application/vnd.oci.image.manifest.v1+json")],
+                    body,
+                )
+            } else if req.uri().path().contains("/limited/") {
                 let body = r#"{"errors":[{"code":"TOOMANYREQUESTS","message":"slow down"}]}"#;
                 resp(
                     429,
@@ -58,6 +65,16 @@ fn rate_limits_pass_through_with_retry_after_and_server_errors_are_502() {
     assert_eq!(limited.status, 429);
     assert_eq!(limited.oci_code().as_deref(), Some("TOOMANYREQUESTS"));
     assert_eq!(limited.header("retry-after").as_deref(), Some("7"));
+
+    // Invariant 7: manifests are capped (4 MiB default), never buffered without bound.
+    let huge = get(&gw.url("/v2/huge/app/manifests/v1"));
+    assert_eq!(huge.status, 502);
+    assert_eq!(huge.oci_code().as_deref(), Some("MANIFEST_INVALID"));
+    assert!(
+        huge.oci_message().contains("max_manifest_size"),
+        "{}",
+        huge.oci_message()
+    );
 
     let missing = get(&gw.url("/v2/missing/app/manifests/v1"));
     assert_eq!(missing.status, 404);
