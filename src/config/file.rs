@@ -66,6 +66,7 @@ pub(super) struct CacheFile {
     pub max_size: Option<RawSize>,
     pub tag_ttl: Option<String>,
     pub stale_if_error: Option<String>,
+    pub negative_ttl: Option<String>,
     pub max_manifest_size: Option<RawSize>,
 }
 

@@ -86,6 +86,8 @@ pub struct Cache {
     pub tag_ttl: Duration,
     /// How long cached tags keep serving while the upstream fails.
     pub stale_if_error: Duration,
+    /// How long an upstream 404 for a manifest is remembered (0 = not at all).
+    pub negative_ttl: Duration,
     /// Manifests larger than this are refused (invariant 7). Default 4 MiB.
     pub max_manifest_size: u64,
 }

@@ -35,6 +35,7 @@ const MAX_THREADS: i64 = 256;
 const DEFAULT_MAX_SIZE: u64 = 20 * GIB;
 const DEFAULT_TAG_TTL: Duration = Duration::from_secs(5 * 60);
 const DEFAULT_STALE_IF_ERROR: Duration = Duration::from_secs(24 * 60 * 60);
+const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(15);
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 const GIB: u64 = 1024 * MIB;
@@ -309,11 +310,14 @@ fn check_cache(ctx: &mut Ctx<'_>, file: &CacheFile) -> Cache {
     let stale_if_error =
         check_duration(ctx, "cache.stale_if_error", file.stale_if_error.as_deref())
             .unwrap_or(DEFAULT_STALE_IF_ERROR);
+    let negative_ttl = check_duration(ctx, "cache.negative_ttl", file.negative_ttl.as_deref())
+        .unwrap_or(DEFAULT_NEGATIVE_TTL);
     Cache {
         dir,
         max_size,
         tag_ttl,
         stale_if_error,
+        negative_ttl,
         max_manifest_size,
     }
 }

@@ -1,12 +1,12 @@
 //! Blob GET/HEAD through the store: hits from disk with no upstream contact, misses joined to
 //! one fill per digest, Range on both.
 //!
-//! Invariant 5 lives here: a blob the store holds is served for a repository only once the
-//! upstream confirmed that repository has it for pullgate's credentials (the fill's own
-//! repository is confirmed by the fill; any other by a HEAD).
+//! Invariant 5 is checked here through `confirm.rs`: a blob the store holds is served for a
+//! repository only once the upstream confirmed that repository has it (the fill's own repository
+//! is confirmed by the fill; others by their manifests or a HEAD).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
@@ -14,55 +14,23 @@ use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 
+use super::confirm::{Confirm, Confirmed, Kind};
 use super::range::{self, RangeAnswer};
 use super::respond::{self, Body};
 use super::serve::{error_from_upstream, upstream_error, Failure};
 use super::RequestCtx;
 use crate::oci::{Digest, Repository};
-use crate::store::{BlobSource, BlobStore, SourceBody, SourceError};
+use crate::store::{BlobSource, BlobStore, Links, SourceBody, SourceError};
 use crate::upstream::{UpstreamClient, UpstreamError, UpstreamRequest};
-
-/// How long an upstream confirmation that a repository holds a blob is trusted.
-const CONFIRMATION_TTL: Duration = Duration::from_secs(15 * 60);
-
-/// (registry, repository, digest) triples the upstream confirmed (invariant 5).
-pub struct Confirmations(moka::sync::Cache<(String, String, String), ()>);
-
-impl Confirmations {
-    pub fn new() -> Self {
-        Confirmations(
-            moka::sync::Cache::builder()
-                .max_capacity(200_000)
-                .time_to_live(CONFIRMATION_TTL)
-                .build(),
-        )
-    }
-
-    fn key(registry: &str, repository: &Repository, digest: &Digest) -> (String, String, String) {
-        (
-            registry.to_string(),
-            repository.as_str().to_string(),
-            digest.to_string(),
-        )
-    }
-
-    fn contains(&self, registry: &str, repository: &Repository, digest: &Digest) -> bool {
-        self.0
-            .contains_key(&Self::key(registry, repository, digest))
-    }
-
-    fn insert(&self, registry: &str, repository: &Repository, digest: &Digest) {
-        self.0.insert(Self::key(registry, repository, digest), ());
-    }
-}
 
 /// Everything a cached blob request needs.
 pub struct BlobJob<'a> {
     pub store: &'a BlobStore,
-    pub confirmations: &'a Arc<Confirmations>,
+    pub links: &'a Arc<Links>,
     pub client: &'a Arc<UpstreamClient>,
     pub registry: &'a str,
     pub repository: &'a Repository,
+    pub stale_if_error: Duration,
     pub digest: &'a Digest,
     pub method: Method,
     pub range: Option<String>,
@@ -76,8 +44,9 @@ pub async fn serve(
     job: &BlobJob<'_>,
 ) -> Result<bool, Failure> {
     if let Some(blob) = job.store.lookup(job.digest) {
-        confirm(job).await?;
+        let confirmed = confirm(job).await?;
         ctx.cache = "hit";
+        ctx.mark_stale(confirmed.stale);
         let Some((resp, start, end)) = head_for(ctx, job, blob.len)? else {
             return unsatisfiable(session, ctx, blob.len).await;
         };
@@ -89,7 +58,7 @@ pub async fn serve(
     }
     let source = Arc::new(UpstreamBlob {
         client: job.client.clone(),
-        confirmations: job.confirmations.clone(),
+        links: job.links.clone(),
         repository: job.repository.clone(),
         digest: job.digest.clone(),
     });
@@ -99,8 +68,9 @@ pub async fn serve(
         .await
         .map_err(|f| Failure::Respond(f.to_oci_error()))?;
     // A fill started for another repository proves nothing about this one.
-    confirm(job).await?;
+    let confirmed = confirm(job).await?;
     ctx.cache = "fill";
+    ctx.mark_stale(confirmed.stale);
     let Some((resp, start, end)) = head_for(ctx, job, total)? else {
         return unsatisfiable(session, ctx, total).await;
     };
@@ -108,30 +78,17 @@ pub async fn serve(
     stream(session, ctx, resp, body).await
 }
 
-/// Invariant 5: has the upstream confirmed this repository holds the blob? If not, ask it
-/// with a HEAD in this repository's scope.
-async fn confirm(job: &BlobJob<'_>) -> Result<(), Failure> {
-    if job
-        .confirmations
-        .contains(job.registry, job.repository, job.digest)
-    {
-        return Ok(());
+/// Invariant 5 for this blob and repository.
+async fn confirm(job: &BlobJob<'_>) -> Result<Confirmed, Failure> {
+    Confirm {
+        links: job.links,
+        client: job.client,
+        registry: job.registry,
+        repository: job.repository,
+        stale_if_error: job.stale_if_error,
     }
-    let request = UpstreamRequest {
-        method: Method::HEAD,
-        path_and_query: format!("/v2/{}/blobs/{}", job.repository.as_str(), job.digest),
-        repository: Some(job.repository.clone()),
-        headers: HeaderMap::new(),
-    };
-    let answer = job.client.send(&request).await?.response;
-    if !answer.status().is_success() {
-        return Err(error_from_upstream(job.registry, "blob", answer)
-            .await
-            .into());
-    }
-    job.confirmations
-        .insert(job.registry, job.repository, job.digest);
-    Ok(())
+    .check(Kind::Blob, job.digest)
+    .await
 }
 
 /// The response head for a blob of `len` bytes and the byte range to send; `None` for 416.
@@ -185,7 +142,7 @@ async fn unsatisfiable(
 /// The upstream as a fill's byte source: GET, resumed with `Range: bytes=<offset>-`.
 struct UpstreamBlob {
     client: Arc<UpstreamClient>,
-    confirmations: Arc<Confirmations>,
+    links: Arc<Links>,
     repository: Repository,
     digest: Digest,
 }
@@ -223,8 +180,8 @@ impl BlobSource for UpstreamBlob {
             ));
         }
         if offset == 0 {
-            self.confirmations
-                .insert(&registry, &self.repository, &self.digest);
+            self.links
+                .confirm(&registry, &self.repository, &self.digest, SystemTime::now());
         }
         let (total_len, skip) = match (status, offset) {
             (StatusCode::PARTIAL_CONTENT, _) => (content_range_total(answer.headers()), 0),

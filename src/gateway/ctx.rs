@@ -18,8 +18,13 @@ pub struct RequestCtx {
     /// Echoed as `OCI-Namespace` when the request was routed by `?ns=`.
     pub namespace: Option<String>,
     pub upstream_status: Option<u16>,
-    /// Blob cache outcome: `hit`, `fill` (started or joined), `bypass`, or `-`.
+    /// Cache outcome: `hit`, `fill` (a blob fill started or joined), `miss` (a manifest
+    /// fetched), `revalidated` (a tag asked again), `negative` (a remembered 404), `bypass`,
+    /// or `-`.
     pub cache: &'static str,
+    /// Served from the cache while the upstream could not be asked (`stale_if_error`); the
+    /// response carries a `Warning` header.
+    pub stale: bool,
     /// Body bytes written to the client.
     pub bytes_sent: u64,
     /// Why the request failed, for the access line (never a secret: built from our own errors).
@@ -38,9 +43,14 @@ impl RequestCtx {
             namespace: None,
             upstream_status: None,
             cache: "-",
+            stale: false,
             bytes_sent: 0,
             error: None,
         }
+    }
+
+    pub fn mark_stale(&mut self, stale: bool) {
+        self.stale |= stale;
     }
 
     pub fn note_error(&mut self, message: &str) {
@@ -59,6 +69,7 @@ impl RequestCtx {
             kind = self.kind,
             upstream_status = self.upstream_status.unwrap_or(0),
             cache = self.cache,
+            stale = self.stale,
             bytes = self.bytes_sent,
             duration_ms = self.started.elapsed().as_millis() as u64,
             error = self.error.as_deref().unwrap_or(""),

@@ -6,7 +6,9 @@
 //! lives in `serve.rs` (what to ask and answer) and `respond.rs` (how bytes are written).
 
 mod blob;
+mod confirm;
 mod ctx;
+mod manifest;
 mod range;
 mod respond;
 mod serve;
@@ -21,7 +23,7 @@ use pingora::proxy::{ProxyHttp, Session};
 
 use crate::config::Config;
 use crate::route::RouteTable;
-use crate::store::BlobStore;
+use crate::store::{BlobStore, Links, ManifestStore};
 use crate::upstream::UpstreamClient;
 pub use ctx::RequestCtx;
 
@@ -31,7 +33,8 @@ pub struct Gateway {
     routes: RouteTable,
     upstreams: HashMap<String, Arc<UpstreamClient>>,
     store: BlobStore,
-    confirmations: Arc<blob::Confirmations>,
+    manifests: ManifestStore,
+    links: Arc<Links>,
     next_request: AtomicU64,
     /// Mixed into request ids so they differ across restarts.
     id_nonce: u64,
@@ -56,6 +59,12 @@ impl Gateway {
             elapsed_ms = stats.elapsed.as_millis() as u64,
             "blob cache opened"
         );
+        let cache_error = |e: std::io::Error| {
+            format!("cache.dir: cannot use {}: {e}", config.cache.dir.display())
+        };
+        let manifests = ManifestStore::open(&config.cache.dir, config.cache.negative_ttl)
+            .map_err(cache_error)?;
+        let links = Arc::new(Links::open(&config.cache.dir).map_err(cache_error)?);
         let id_nonce = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -66,7 +75,8 @@ impl Gateway {
             routes,
             upstreams,
             store,
-            confirmations: Arc::new(blob::Confirmations::new()),
+            manifests,
+            links,
             next_request: AtomicU64::new(1),
             id_nonce,
         })

@@ -28,11 +28,18 @@ const PASSED_HEADERS: &[&str] = &[
     "oci-subject",
 ];
 
+/// RFC 9111 warn-code 110 ("response is stale"), the marker of a `stale_if_error` answer.
+pub const STALE_WARNING: &str =
+    "110 pullgate \"Response is Stale: the upstream registry is unavailable\"";
+
 /// A response head with the headers every pullgate answer carries.
 pub fn head(status: u16, ctx: &RequestCtx) -> Result<ResponseHeader> {
     let mut resp = ResponseHeader::build(status, Some(8))?;
     resp.insert_header("Docker-Distribution-API-Version", "registry/2.0")?;
     resp.insert_header("X-Request-Id", ctx.request_id.as_str())?;
+    if ctx.stale {
+        resp.insert_header("Warning", STALE_WARNING)?;
+    }
     if let Some(ns) = &ctx.namespace {
         // distribution-spec "Registry Proxying": echo OCI-Namespace when routed by ns.
         resp.insert_header("OCI-Namespace", ns.as_str())?;

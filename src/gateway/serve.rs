@@ -5,15 +5,15 @@
 //! invariant 7) so their digest can be checked and their bytes passed on unchanged; blobs stream.
 
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use http::{header, HeaderMap, Method, StatusCode};
 use pingora::proxy::Session;
-use sha2::{Digest as _, Sha256};
 
 use super::blob::{self, BlobJob};
 use super::ctx::loggable_path;
+use super::manifest;
 use super::respond;
 use super::{request_host, Gateway, RequestCtx};
-use crate::oci::{self, Algorithm, ApiRequest, Digest, Endpoint, ErrorCode, OciError, Reference};
+use crate::oci::{self, Algorithm, ApiRequest, Digest, Endpoint, ErrorCode, OciError};
 use crate::route::{Routed, RoutedBy};
 use crate::upstream::{self, UpstreamClient, UpstreamError, UpstreamRequest};
 
@@ -108,14 +108,17 @@ pub async fn serve(
                 max_manifest: gw.config.cache.max_manifest_size,
             };
             match endpoint {
-                Endpoint::Manifest(reference) => manifest(session, ctx, &job, &reference).await,
+                Endpoint::Manifest(reference) => {
+                    manifest::serve(gw, session, ctx, &job, &reference).await
+                }
                 Endpoint::Blob(digest) => {
                     let cached = BlobJob {
                         store: &gw.store,
-                        confirmations: &gw.confirmations,
+                        links: &gw.links,
                         client: &client,
                         registry: &routed.registry.name,
                         repository: &routed.repository,
+                        stale_if_error: gw.config.cache.stale_if_error,
                         digest: &digest,
                         method: job.method.clone(),
                         range,
@@ -139,18 +142,18 @@ pub async fn serve(
 }
 
 /// Everything one upstream call needs.
-struct Job<'a> {
-    client: &'a UpstreamClient,
-    routed: &'a Routed,
-    method: Method,
-    headers: HeaderMap,
+pub struct Job<'a> {
+    pub client: &'a UpstreamClient,
+    pub routed: &'a Routed,
+    pub method: Method,
+    pub headers: HeaderMap,
     /// The client's query without `ns`, `?`-less; empty when none.
-    query: String,
-    max_manifest: u64,
+    pub query: String,
+    pub max_manifest: u64,
 }
 
 impl Job<'_> {
-    fn request(
+    pub fn request(
         &self,
         method: Method,
         tail: &str,
@@ -209,82 +212,7 @@ fn unsupported_method(method: &Method) -> OciError {
     .with_status(405)
 }
 
-/// GET or HEAD a manifest. The body is read whole (capped), checked against a requested digest,
-/// and passed on byte for byte with the upstream's media type.
-async fn manifest(
-    session: &mut Session,
-    ctx: &mut RequestCtx,
-    job: &Job<'_>,
-    reference: &Reference,
-) -> Result<(), Failure> {
-    let tail = format!("manifests/{reference}");
-    let mut headers = upstream::forwarded_headers(&job.headers, false);
-    if job.headers.get(header::ACCEPT).is_none() {
-        headers.insert(
-            header::ACCEPT,
-            HeaderValue::from_static(oci::MANIFEST_ACCEPT),
-        );
-    }
-    if job.method == Method::HEAD {
-        let answer = job
-            .client
-            .send(&job.request(Method::HEAD, &tail, headers.clone(), false))
-            .await?
-            .response;
-        ctx.upstream_status = Some(answer.status().as_u16());
-        if !answer.status().is_success() {
-            return Err(
-                error_from_upstream(&job.routed.registry.name, "manifest", answer)
-                    .await
-                    .into(),
-            );
-        }
-        let h = answer.headers();
-        // A HEAD must carry the real size and digest (containerd refuses a zero size); when the
-        // upstream leaves them out, fall through to a GET and compute them.
-        if h.contains_key("docker-content-digest") && h.contains_key(header::CONTENT_LENGTH) {
-            let mut resp = respond::head(200, ctx)?;
-            respond::pass_headers(&mut resp, h)?;
-            session.write_response_header(Box::new(resp), true).await?;
-            session.write_response_body(None, true).await?;
-            return Ok(());
-        }
-    }
-    let answer = job
-        .client
-        .send(&job.request(Method::GET, &tail, headers, false))
-        .await?
-        .response;
-    ctx.upstream_status = Some(answer.status().as_u16());
-    if !answer.status().is_success() {
-        return Err(
-            error_from_upstream(&job.routed.registry.name, "manifest", answer)
-                .await
-                .into(),
-        );
-    }
-    let upstream_headers = answer.headers().clone();
-    let body = upstream::read_capped(answer, job.max_manifest)
-        .await
-        .map_err(|detail| manifest_read_error(job, &detail))?;
-    let digest = manifest_digest(reference, &upstream_headers, &body).map_err(|detail| {
-        OciError::new(
-            ErrorCode::Unavailable,
-            format!(
-                "upstream registry {:?} sent a manifest that fails verification: {detail}",
-                job.routed.registry.name
-            ),
-        )
-        .with_status(502)
-    })?;
-    let mut resp = respond::head(200, ctx)?;
-    respond::pass_headers(&mut resp, &upstream_headers)?;
-    resp.insert_header("Docker-Content-Digest", digest)?;
-    respond::write_body(session, ctx, resp, Bytes::from(body)).await?;
-    Ok(())
-}
-
-fn manifest_read_error(job: &Job<'_>, detail: &str) -> OciError {
+pub fn manifest_read_error(job: &Job<'_>, detail: &str) -> OciError {
     if detail.contains("larger than") {
         OciError::new(
             ErrorCode::ManifestInvalid,
@@ -300,35 +228,6 @@ fn manifest_read_error(job: &Job<'_>, detail: &str) -> OciError {
             format!("upstream registry {:?}: {detail}", job.routed.registry.name),
         )
         .with_status(502)
-    }
-}
-
-/// The digest to announce for a manifest body. By-digest requests must match what was asked
-/// for; by-tag answers get the SHA-256 of the bytes (or the upstream's own digest if it used
-/// another algorithm and the bytes match it).
-fn manifest_digest(
-    reference: &Reference,
-    upstream: &HeaderMap,
-    body: &[u8],
-) -> Result<String, String> {
-    if let Reference::Digest(d) = reference {
-        return if d.verify(body) {
-            Ok(d.to_string())
-        } else {
-            Err(format!("its bytes do not hash to {d}"))
-        };
-    }
-    let computed = format!("sha256:{}", hex::encode(Sha256::digest(body)));
-    let announced = upstream
-        .get("docker-content-digest")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| Digest::parse(v).ok());
-    match announced {
-        Some(d) if d.verify(body) => Ok(d.to_string()),
-        Some(d) if d.to_string().starts_with("sha256:") => Err(format!(
-            "the upstream announced {d} but the bytes hash to {computed}"
-        )),
-        _ => Ok(computed),
     }
 }
 
@@ -588,29 +487,5 @@ mod tests {
             query_value("n=1&ns=ghcr.io", "ns").as_deref(),
             Some("ghcr.io")
         );
-    }
-
-    #[test]
-    fn manifest_digests_are_verified() {
-        let body = b"{\"schemaVersion\":2}";
-        let good = format!("sha256:{}", hex::encode(Sha256::digest(body)));
-        let by_digest = Reference::parse(&good).unwrap();
-        assert_eq!(
-            manifest_digest(&by_digest, &HeaderMap::new(), body).unwrap(),
-            good
-        );
-        let other = Reference::parse(&format!("sha256:{}", "0".repeat(64))).unwrap();
-        assert!(manifest_digest(&other, &HeaderMap::new(), body).is_err());
-        let tag = Reference::parse("latest").unwrap();
-        assert_eq!(
-            manifest_digest(&tag, &HeaderMap::new(), body).unwrap(),
-            good
-        );
-        let mut lying = HeaderMap::new();
-        lying.insert(
-            "docker-content-digest",
-            HeaderValue::from_str(&format!("sha256:{}", "1".repeat(64))).unwrap(),
-        );
-        assert!(manifest_digest(&tag, &lying, body).is_err());
     }
 }

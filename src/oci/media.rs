@@ -1,8 +1,11 @@
-//! Manifest media types and the manifest size cap.
+//! Manifest media types, the manifest size cap, and what a manifest points at.
 //!
 //! Owns: which `Content-Type`s are manifests, which of them are indexes (multi-platform lists),
-//! the `Accept` header pullgate sends upstream, and the default size cap. Must never: read a
-//! manifest body (that is the store's and the upstream client's job, under the cap).
+//! the `Accept` header pullgate sends upstream, the default size cap, and the digests a
+//! manifest references. Must never: fetch or store a manifest (the upstream client and the
+//! store do that, under the cap).
+
+use super::Digest;
 
 /// OCI image manifest v1.
 pub const OCI_MANIFEST_V1: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -63,9 +66,98 @@ pub fn is_index(media_type: &str) -> bool {
         .any(|t| t.eq_ignore_ascii_case(essence))
 }
 
+/// True when a client sending `accept` (all its `Accept` values joined by commas) takes
+/// `media_type`: listed (parameters ignored, case-insensitive), or `*/*`, `application/*`, or
+/// no `Accept` at all.
+pub fn accepts(accept: &str, media_type: &str) -> bool {
+    let wanted = essence(media_type);
+    let mut any = false;
+    for offered in accept.split(',').map(essence).filter(|t| !t.is_empty()) {
+        any = true;
+        if offered == "*/*"
+            || offered.eq_ignore_ascii_case("application/*")
+            || offered.eq_ignore_ascii_case(wanted)
+        {
+            return true;
+        }
+    }
+    !any
+}
+
+/// The digests a manifest points at: its config and layers (image manifests), its child
+/// manifests (indexes), or its `fsLayers` (Docker schema 1). The upstream served these as part
+/// of the repository, so they are what a pull of it will ask for next. Malformed or unknown
+/// documents have none; invalid digests are skipped.
+pub fn manifest_references(body: &[u8]) -> Vec<Digest> {
+    let Ok(doc) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return Vec::new();
+    };
+    let digest_of = |v: &serde_json::Value, field: &str| {
+        v.get(field)
+            .and_then(|d| d.as_str())
+            .and_then(|d| Digest::parse(d).ok())
+    };
+    let mut out: Vec<Digest> = doc
+        .get("config")
+        .and_then(|c| digest_of(c, "digest"))
+        .into_iter()
+        .collect();
+    for (list, field) in [
+        ("layers", "digest"),
+        ("manifests", "digest"),
+        ("fsLayers", "blobSum"),
+    ] {
+        if let Some(items) = doc.get(list).and_then(|l| l.as_array()) {
+            out.extend(items.iter().filter_map(|item| digest_of(item, field)));
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn accept_lists_are_matched_by_essence() {
+        assert!(accepts(MANIFEST_ACCEPT, OCI_INDEX_V1));
+        assert!(accepts("", OCI_INDEX_V1), "no Accept takes anything");
+        assert!(accepts("*/*", DOCKER_MANIFEST_V2));
+        assert!(accepts("application/*;q=0.5", DOCKER_MANIFEST_V2));
+        assert!(accepts(
+            "application/vnd.docker.distribution.manifest.v2+json; q=1, text/plain",
+            "Application/VND.docker.distribution.manifest.v2+json"
+        ));
+        assert!(!accepts(DOCKER_MANIFEST_V2, OCI_INDEX_V1));
+        assert!(!accepts("text/html, application/json", OCI_MANIFEST_V1));
+    }
+
+    #[test]
+    fn references_of_manifests_and_indexes() {
+        let d = |c: char| format!("sha256:{}", c.to_string().repeat(64));
+        let image = format!(
+            r#"{{"schemaVersion":2,"config":{{"digest":"{}"}},"layers":[{{"digest":"{}"}},{{"digest":"{}"}},{{"digest":"bogus"}}]}}"#,
+            d('a'),
+            d('b'),
+            d('a')
+        );
+        let got: Vec<String> = manifest_references(image.as_bytes())
+            .iter()
+            .map(|d| d.to_string())
+            .collect();
+        assert_eq!(got, vec![d('a'), d('b')]);
+        let index = format!(r#"{{"manifests":[{{"digest":"{}"}}]}}"#, d('c'));
+        assert_eq!(manifest_references(index.as_bytes())[0].to_string(), d('c'));
+        let schema1 = format!(r#"{{"fsLayers":[{{"blobSum":"{}"}}]}}"#, d('e'));
+        assert_eq!(
+            manifest_references(schema1.as_bytes())[0].to_string(),
+            d('e')
+        );
+        assert!(manifest_references(b"not json").is_empty());
+        assert!(manifest_references(b"[1,2]").is_empty());
+    }
 
     #[test]
     fn classifies_media_types() {

@@ -14,6 +14,9 @@ pub mod request;
 
 pub use digest::{Algorithm, Digest, DigestHasher};
 pub use error::{echo, ErrorCode, OciError};
-pub use media::{is_index, is_manifest_media_type, DEFAULT_MAX_MANIFEST_SIZE, MANIFEST_ACCEPT};
+pub use media::{
+    accepts, is_index, is_manifest_media_type, manifest_references, DEFAULT_MAX_MANIFEST_SIZE,
+    MANIFEST_ACCEPT,
+};
 pub use name::{Reference, Repository, Tag};
 pub use request::{parse_path, ApiRequest, Endpoint};

@@ -508,7 +508,7 @@ impl FillTask {
             .await
             .map_err(|e| FillFailure::Storage(format!("commit task: {e}")))?
             .map_err(|e| FillFailure::Storage(format!("committing blob: {e}")))?;
-        self.shared.index.insert(self.digest.hex().to_owned(), len);
+        self.shared.index.commit(self.digest.hex().to_owned(), len);
         Ok(len)
     }
 }

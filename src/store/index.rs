@@ -64,6 +64,13 @@ impl Index {
         self.cache.insert(hex, size);
     }
 
+    /// [`Index::insert`] for a fill's commit. moka batches evictions; applying them at every
+    /// commit keeps the disk under `max_size` now rather than at some later cache operation.
+    pub(crate) fn commit(&self, hex: String, size: u64) {
+        self.insert(hex, size);
+        self.cache.run_pending_tasks();
+    }
+
     /// The size of a committed blob, marking it recently used.
     pub(crate) fn get(&self, hex: &str) -> Option<u64> {
         self.cache.get(hex)

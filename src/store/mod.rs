@@ -15,6 +15,8 @@
 mod disk;
 mod fill;
 mod index;
+mod links;
+mod manifest;
 #[cfg(test)]
 mod tests;
 
@@ -31,6 +33,8 @@ use crate::oci::{Algorithm, Digest, ErrorCode, OciError};
 
 pub use disk::{Blob, BlobReader, MAX_CHUNK};
 pub use fill::{Fill, FillFailure, FillPolicy, FillReader, FillState, Progress};
+pub use links::Links;
+pub use manifest::{CachedManifest, ManifestStats, ManifestStore, TagEntry, TagKey};
 
 use disk::Layout;
 use index::Index;

@@ -104,7 +104,8 @@ fn two_second_tokens(seed: &str) -> (Upstream, TestImage, Gateway) {
     });
     let img = TestImage::small(seed);
     up.push(&img, "team/small:v1");
-    let gw = Gateway::start(&registry("hub", &up, "default = true"));
+    // tag_ttl = 0: every manifest request asks the upstream, with a token.
+    let gw = Gateway::start(&registry("hub", &up, "default = true\ntag_ttl = \"0s\""));
     (up, img, gw)
 }
 

@@ -2,9 +2,13 @@
 //! hits with no upstream contact, Range, restarts, and the cross-repository rule.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use crate::harness::{get, registry, request, Gateway};
-use crate::support::{block_on, http_client, sha256_hex, TestImage, Upstream, UpstreamOptions};
+use crate::harness::{get, registry, registry_at, request, Gateway};
+use crate::support::{
+    block_on, http_client, sha256_hex, wait_until, Fault, Relay, TestImage, Upstream,
+    UpstreamOptions,
+};
 
 const MIB: usize = 1024 * 1024;
 
@@ -170,4 +174,131 @@ fn a_cached_blob_is_served_for_another_repository_only_when_the_upstream_confirm
         "b was confirmed, not fetched again"
     );
     assert!(up.count_requests("HEAD", &format!("/v2/team/b/blobs/{layer}")) >= 1);
+}
+
+/// The files under the blob store, and their total size.
+fn blob_files(cache: &std::path::Path) -> (usize, u64) {
+    let mut files = 0;
+    let mut bytes = 0;
+    let shards = std::fs::read_dir(cache.join("blobs/sha256")).expect("blob dir");
+    for shard in shards.flatten() {
+        for blob in std::fs::read_dir(shard.path()).expect("shard").flatten() {
+            files += 1;
+            bytes += blob.metadata().expect("metadata").len();
+        }
+    }
+    (files, bytes)
+}
+
+#[test]
+fn a_small_max_size_keeps_the_disk_under_it() {
+    let up = Upstream::start(UpstreamOptions::default());
+    let cache = tempfile::tempdir().expect("tempdir");
+    let gw = Gateway::start_configured(
+        &registry("hub", &up, "default = true"),
+        Some(cache.path()),
+        "max_size = \"3MiB\"",
+    );
+    for i in 0..5 {
+        let img = TestImage::with_layer_size(&format!("evict-{i}"), MIB);
+        up.push(&img, &format!("team/e{i}:v1"));
+        let layer = img.layer_digests()[0].clone();
+        let got = get(&gw.url(&format!("/v2/team/e{i}/blobs/{layer}")));
+        assert_eq!(got.status, 200);
+        assert_eq!(format!("sha256:{}", sha256_hex(&got.body)), layer);
+        // The commit renames the file into place, then evicts: poll past that instant.
+        wait_until(Duration::from_secs(5), "eviction", || {
+            blob_files(cache.path()).1 <= 3 * MIB as u64
+        })
+        .unwrap_or_else(|e| panic!("after {} pulls: {:?}: {e}", i + 1, blob_files(cache.path())));
+    }
+    assert!(blob_files(cache.path()).0 >= 2, "recent blobs stay");
+}
+
+#[test]
+fn a_fill_cut_mid_blob_resumes_or_commits_nothing() {
+    let up = Upstream::start(UpstreamOptions::default());
+    let relay = Relay::start(up.port());
+    let cache = tempfile::tempdir().expect("tempdir");
+    let gw = Gateway::start_with_cache(
+        &registry_at("hub", &up, &relay.url(), "default = true"),
+        Some(cache.path()),
+    );
+    let resumable = TestImage::with_layer_size("cut-resume", 8 * MIB);
+    let doomed = TestImage::with_layer_size("cut-doomed", 20 * MIB);
+    up.push(&resumable, "team/cut:v1");
+    up.push(&doomed, "team/cut:v2");
+
+    // One cut: the fill resumes with a Range request and the client sees nothing of it.
+    relay.set(Fault::CutAfter {
+        bytes: 2 * MIB as u64,
+        times: 1,
+    });
+    let layer = resumable.layer_digests()[0].clone();
+    let got = get(&gw.url(&format!("/v2/team/cut/blobs/{layer}")));
+    assert_eq!(got.status, 200);
+    assert_eq!(format!("sha256:{}", sha256_hex(&got.body)), layer);
+    assert_eq!(relay.cuts(), 1);
+    assert!(
+        up.requests()
+            .iter()
+            .any(|r| r.uri.contains(&layer) && r.status == 206),
+        "the fill resumed with a Range request"
+    );
+
+    // Every connection cut: resumes run out, clients see an aborted body, nothing is kept.
+    relay.set(Fault::CutAfter {
+        bytes: MIB as u64,
+        times: usize::MAX,
+    });
+    let layer = doomed.layer_digests()[0].clone();
+    let url = gw.url(&format!("/v2/team/cut/blobs/{layer}"));
+    let outcomes: Vec<Result<usize, String>> = block_on({
+        let url = url.clone();
+        async move {
+            let client = http_client(None);
+            let mut out = Vec::new();
+            for _ in 0..2 {
+                let attempt = async {
+                    let resp = client.get(&url).send().await.map_err(|e| e.to_string())?;
+                    let body = resp.bytes().await.map_err(|e| e.to_string())?;
+                    Ok::<usize, String>(body.len())
+                };
+                out.push(attempt.await);
+            }
+            out
+        }
+    });
+    for outcome in &outcomes {
+        assert!(
+            outcome.is_err(),
+            "a broken fill never looks complete: {outcome:?}"
+        );
+    }
+    wait_until(
+        Duration::from_secs(10),
+        "the failed fill to clean up",
+        || {
+            std::fs::read_dir(cache.path().join("tmp"))
+                .map(|d| d.count() == 0)
+                .unwrap_or(false)
+        },
+    )
+    .expect("temp files removed");
+    let hex = layer.trim_start_matches("sha256:");
+    assert!(
+        !cache
+            .path()
+            .join("blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .exists(),
+        "nothing committed"
+    );
+
+    // The fault stops: the next pull succeeds.
+    relay.set(Fault::Pass);
+    let got = get(&url);
+    assert_eq!(got.status, 200);
+    assert_eq!(format!("sha256:{}", sha256_hex(&got.body)), layer);
 }

@@ -14,7 +14,8 @@ use crate::support::{
 
 const BIN: &str = env!("CARGO_BIN_EXE_pullgate");
 
-/// Run `pullgate serve` with `credentials` for `up`, with extra environment.
+/// Run `pullgate serve` with `credentials` for `up`, with extra environment and an empty cache
+/// (so every pull asks the upstream with the credentials under test).
 fn serve(
     up: &Upstream,
     dir: &std::path::Path,
@@ -26,7 +27,7 @@ fn serve(
     std::fs::write(
         &config,
         format!(
-            "[server]\nlisten = [\"127.0.0.1:{port}\"]\nadmin_listen = \"\"\n[cache]\ndir = \"cache\"\n\
+            "[server]\nlisten = [\"127.0.0.1:{port}\"]\nadmin_listen = \"\"\n[cache]\ndir = \"cache-{port}\"\n\
              [[registry]]\nname = \"hub\"\nupstream = \"{}\"\nca = \"{}\"\ndefault = true\ncredentials = {credentials}\n",
             up.url(),
             up.pki().ca_path().display()

@@ -21,6 +21,15 @@ impl Gateway {
 
     /// Like `start`, with the blob cache in `cache` (to test restarts) instead of a new dir.
     pub fn start_with_cache(registries: &str, cache: Option<&std::path::Path>) -> Gateway {
+        Self::start_configured(registries, cache, "")
+    }
+
+    /// Like `start_with_cache`, with more `[cache]` keys (`tag_ttl = "0s"`, ...).
+    pub fn start_configured(
+        registries: &str,
+        cache: Option<&std::path::Path>,
+        cache_keys: &str,
+    ) -> Gateway {
         pullgate::install_crypto_provider();
         // Captured per test by libtest: shown only for failing tests.
         let _ = tracing_subscriber::fmt()
@@ -33,7 +42,7 @@ impl Gateway {
             .expect("tempdir");
         let port = free_port();
         let text = format!(
-            "[server]\nlisten = [\"127.0.0.1:{port}\"]\nadmin_listen = \"\"\n\n[cache]\ndir = \"{}\"\n\n{registries}",
+            "[server]\nlisten = [\"127.0.0.1:{port}\"]\nadmin_listen = \"\"\n\n[cache]\ndir = \"{}\"\n{cache_keys}\n\n{registries}",
             cache.map(|c| c.to_path_buf()).unwrap_or_else(|| dir.path().join("cache")).display()
         );
         let config = pullgate::config::load_str(&text, dir.path())
@@ -71,9 +80,13 @@ impl Drop for Gateway {
 /// A `[[registry]]` table for `upstream`: its CA trusted, the test user's credentials injected
 /// (from a file next to the config), plus `extra` lines.
 pub fn registry(name: &str, upstream: &Upstream, extra: &str) -> String {
+    registry_at(name, upstream, &upstream.url(), extra)
+}
+
+/// [`registry`] reached at `url` (a relay in front of `upstream`) instead of the upstream itself.
+pub fn registry_at(name: &str, upstream: &Upstream, url: &str, extra: &str) -> String {
     let mut t = format!(
-        "[[registry]]\nname = \"{name}\"\nupstream = \"{}\"\nca = \"{}\"\n",
-        upstream.url(),
+        "[[registry]]\nname = \"{name}\"\nupstream = \"{url}\"\nca = \"{}\"\n",
         upstream.pki().ca_path().display()
     );
     if let Some((user, password)) = upstream.creds() {

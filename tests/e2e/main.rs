@@ -14,6 +14,8 @@ mod containerd;
 mod credentials;
 mod errors;
 mod input;
+mod manifests;
+mod offline;
 mod pull;
 mod redirects;
 mod routing;

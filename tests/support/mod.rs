@@ -19,6 +19,7 @@
 pub mod containerd;
 pub mod images;
 pub mod pki;
+pub mod relay;
 pub mod skopeo;
 pub mod storage;
 pub mod token;
@@ -39,6 +40,7 @@ use hyper::{Request, Response};
 pub use containerd::{write_hosts_toml, Containerd, PullOpts};
 pub use images::TestImage;
 pub use pki::Pki;
+pub use relay::{Fault, Relay};
 pub use skopeo::{
     skopeo_copy_to_dir, skopeo_copy_to_oci, skopeo_inspect_raw, ClientTls, PulledImage,
 };

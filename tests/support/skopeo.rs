@@ -17,6 +17,7 @@ pub enum ClientTls {
 }
 
 /// The result of a pull: a layout whose every blob was verified against its name.
+#[derive(Debug)]
 pub struct PulledImage {
     dir: tempfile::TempDir,
     /// Digest of the top-level manifest written (the index with `all`, else one manifest).

@@ -1,0 +1,477 @@
+//! Manifest GET/HEAD through the manifest cache.
+//!
+//! By digest: immutable, served from the store once the repository is confirmed (invariant 5).
+//! By tag: the tag -> digest answer is reused for the registry's `tag_ttl`, then asked again with
+//! a HEAD (cheap, and not counted as a pull by Docker Hub). While the upstream fails (transport
+//! errors, 5xx, 429) a cached answer keeps serving for `cache.stale_if_error` with a `Warning`
+//! header. Upstream 404s are remembered for `cache.negative_ttl`. Bodies are read whole under
+//! `cache.max_manifest_size` (invariant 7), verified, and passed on byte for byte.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method};
+use pingora::proxy::Session;
+use sha2::{Digest as _, Sha256};
+
+use super::confirm::{is_unavailable_error, is_unavailable_status, Confirm, Kind};
+use super::respond;
+use super::serve::{error_from_upstream, manifest_read_error, upstream_error, Failure, Job};
+use super::{Gateway, RequestCtx};
+use crate::oci::{self, Digest, ErrorCode, OciError, Reference, Tag};
+use crate::store::{CachedManifest, TagEntry, TagKey};
+use crate::upstream;
+
+/// One manifest request, with what it needs from the gateway.
+struct ManifestJob<'a> {
+    gw: &'a Gateway,
+    job: &'a Job<'a>,
+    /// Headers for upstream manifest requests: the client's `Accept` lines, or every manifest
+    /// type when it sent none.
+    upstream_headers: HeaderMap,
+    /// Key of remembered 404s for this reference.
+    missing_key: String,
+}
+
+pub async fn serve(
+    gw: &Gateway,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    job: &Job<'_>,
+    reference: &Reference,
+) -> Result<(), Failure> {
+    let mut upstream_headers = upstream::forwarded_headers(&job.headers, false);
+    if job.headers.get(header::ACCEPT).is_none() {
+        upstream_headers.insert(
+            header::ACCEPT,
+            HeaderValue::from_static(oci::MANIFEST_ACCEPT),
+        );
+    }
+    let m = ManifestJob {
+        gw,
+        job,
+        upstream_headers,
+        missing_key: format!(
+            "{}\0{}\0{reference}",
+            job.routed.registry.name,
+            job.routed.repository.as_str()
+        ),
+    };
+    match reference {
+        Reference::Digest(digest) => m.by_digest(session, ctx, digest).await,
+        Reference::Tag(tag) => m.by_tag(session, ctx, tag).await,
+    }
+}
+
+impl ManifestJob<'_> {
+    fn confirm(&self) -> Confirm<'_> {
+        Confirm {
+            links: &self.gw.links,
+            client: self.job.client,
+            registry: &self.job.routed.registry.name,
+            repository: &self.job.routed.repository,
+            stale_if_error: self.gw.config.cache.stale_if_error,
+        }
+    }
+
+    async fn by_digest(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        digest: &Digest,
+    ) -> Result<(), Failure> {
+        if let Some(cached) = self.gw.manifests.get(digest) {
+            let confirmed = self.confirm().check(Kind::Manifest, digest).await?;
+            self.confirm().references(&cached.body, confirmed.at);
+            ctx.cache = "hit";
+            ctx.mark_stale(confirmed.stale);
+            return send(session, ctx, &cached).await;
+        }
+        self.refuse_if_known_missing(ctx)?;
+        let fetched = self.fetch(ctx, &Reference::Digest(digest.clone())).await?;
+        ctx.cache = "miss";
+        send(session, ctx, &fetched).await
+    }
+
+    async fn by_tag(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        tag: &Tag,
+    ) -> Result<(), Failure> {
+        let routed = self.job.routed;
+        let key = TagKey::new(&routed.registry.name, &routed.repository, tag);
+        let now = SystemTime::now();
+        let accept = accept_of(&self.upstream_headers);
+        let cached = self.gw.manifests.tag(&key);
+        let usable = cached
+            .as_ref()
+            .is_none_or(|e| oci::accepts(&accept, &e.media_type));
+        if !usable || !takes_every_modern_type(&accept) {
+            // A client that refuses some manifest types may be answered differently by the
+            // upstream: it is served in its own terms, and its answer is not cached.
+            ctx.cache = "bypass";
+            let fetched = self.fetch(ctx, &Reference::Tag(tag.clone())).await?;
+            return send(session, ctx, &fetched).await;
+        }
+        let ttl = routed.registry.tag_ttl(&self.gw.config.cache);
+        if let Some(entry) = cached.clone().filter(|e| e.age(now) < ttl) {
+            ctx.cache = "hit";
+            return self.send_tag(session, ctx, tag, entry).await;
+        }
+        if cached.is_none() {
+            self.refuse_if_known_missing(ctx)?;
+            if self.job.method == Method::GET {
+                let fetched = self.fetch(ctx, &Reference::Tag(tag.clone())).await?;
+                self.gw.manifests.set_tag(&key, entry_of(&fetched, now));
+                ctx.cache = "miss";
+                return send(session, ctx, &fetched).await;
+            }
+        }
+        // Due (or a HEAD of an unknown tag): ask the upstream with a HEAD, which Docker Hub does
+        // not count as a pull, and a GET only when the answer changed or cannot tell.
+        let asked = self
+            .job
+            .client
+            .send(&self.request(Method::HEAD, &Reference::Tag(tag.clone())))
+            .await
+            .map(|a| a.response);
+        let stale = cached.filter(|e| e.age(now) < self.gw.config.cache.stale_if_error);
+        match asked {
+            Ok(answer) if answer.status().is_success() => {
+                ctx.upstream_status = Some(answer.status().as_u16());
+                ctx.cache = if stale.is_some() {
+                    "revalidated"
+                } else {
+                    "miss"
+                };
+                match entry_from_head(answer.headers(), now) {
+                    Some(entry) => {
+                        self.gw.manifests.set_tag(&key, entry.clone());
+                        self.send_tag(session, ctx, tag, entry).await
+                    }
+                    None => {
+                        let fetched = self.fetch(ctx, &Reference::Tag(tag.clone())).await?;
+                        self.gw.manifests.set_tag(&key, entry_of(&fetched, now));
+                        send(session, ctx, &fetched).await
+                    }
+                }
+            }
+            Ok(answer) if is_unavailable_status(answer.status()) && stale.is_some() => {
+                ctx.upstream_status = Some(answer.status().as_u16());
+                self.send_stale(session, ctx, tag, stale).await
+            }
+            Err(e) if is_unavailable_error(&e) && stale.is_some() => {
+                ctx.note_error(&e.to_string());
+                self.send_stale(session, ctx, tag, stale).await
+            }
+            Ok(answer) => {
+                ctx.upstream_status = Some(answer.status().as_u16());
+                if answer.status().as_u16() == 404 {
+                    self.gw.manifests.forget_tag(&key);
+                    self.gw.manifests.remember_missing(self.missing_key.clone());
+                }
+                Err(
+                    error_from_upstream(&routed.registry.name, "manifest", answer)
+                        .await
+                        .into(),
+                )
+            }
+            Err(e) => Err(Failure::Respond(upstream_error(&e))),
+        }
+    }
+
+    async fn send_stale(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        tag: &Tag,
+        entry: Option<TagEntry>,
+    ) -> Result<(), Failure> {
+        let Some(entry) = entry else {
+            return Err(OciError::new(ErrorCode::Unavailable, "no cached answer").into());
+        };
+        tracing::warn!(
+            registry = %self.job.routed.registry.name,
+            request_id = %ctx.request_id,
+            "upstream unavailable: serving a cached tag answer (stale_if_error)"
+        );
+        ctx.cache = "hit";
+        ctx.mark_stale(true);
+        self.send_tag(session, ctx, tag, entry).await
+    }
+
+    /// Answers a tag from its cached digest: HEAD from the entry alone, GET from the cached
+    /// manifest (fetched by digest if only a HEAD was seen so far).
+    async fn send_tag(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        tag: &Tag,
+        entry: TagEntry,
+    ) -> Result<(), Failure> {
+        let routed = self.job.routed;
+        self.gw.links.confirm(
+            &routed.registry.name,
+            &routed.repository,
+            &entry.digest,
+            entry.validated_at,
+        );
+        if let Some(cached) = self.gw.manifests.get(&entry.digest) {
+            self.confirm().references(&cached.body, entry.validated_at);
+            return send(session, ctx, &cached).await;
+        }
+        if self.job.method == Method::HEAD {
+            let mut resp = respond::head(200, ctx)?;
+            resp.insert_header(header::CONTENT_TYPE, entry.media_type.as_str())?;
+            resp.insert_header(header::CONTENT_LENGTH, entry.size)?;
+            resp.insert_header("Docker-Content-Digest", entry.digest.as_str())?;
+            session.write_response_header(Box::new(resp), true).await?;
+            session.write_response_body(None, true).await?;
+            return Ok(());
+        }
+        if ctx.stale {
+            return Err(OciError::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "upstream registry {:?} is unavailable and tag {tag} of {} is not cached",
+                    routed.registry.name, routed.client_name
+                ),
+            )
+            .with_status(503)
+            .into());
+        }
+        let fetched = self
+            .fetch(ctx, &Reference::Digest(entry.digest.clone()))
+            .await?;
+        send(session, ctx, &fetched).await
+    }
+
+    /// GETs a manifest from the upstream, verifies it, caches it and records the repository's
+    /// confirmation of it and of what it references.
+    async fn fetch(
+        &self,
+        ctx: &mut RequestCtx,
+        reference: &Reference,
+    ) -> Result<Arc<CachedManifest>, Failure> {
+        let routed = self.job.routed;
+        let answer = self
+            .job
+            .client
+            .send(&self.request(Method::GET, reference))
+            .await?
+            .response;
+        ctx.upstream_status = Some(answer.status().as_u16());
+        if !answer.status().is_success() {
+            if answer.status().as_u16() == 404 {
+                self.gw.manifests.remember_missing(self.missing_key.clone());
+            }
+            return Err(
+                error_from_upstream(&routed.registry.name, "manifest", answer)
+                    .await
+                    .into(),
+            );
+        }
+        let headers = answer.headers().clone();
+        let body = upstream::read_capped(answer, self.job.max_manifest)
+            .await
+            .map_err(|detail| manifest_read_error(self.job, &detail))?;
+        let digest = manifest_digest(reference, &headers, &body).map_err(|detail| {
+            OciError::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "upstream registry {:?} sent a manifest that fails verification: {detail}",
+                    routed.registry.name
+                ),
+            )
+            .with_status(502)
+        })?;
+        let media_type = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(oci::media::OCI_MANIFEST_V1)
+            .to_owned();
+        let now = SystemTime::now();
+        let stored = self.gw.manifests.put(CachedManifest {
+            digest,
+            media_type,
+            body: Bytes::from(body),
+        });
+        self.gw.links.confirm(
+            &routed.registry.name,
+            &routed.repository,
+            &stored.digest,
+            now,
+        );
+        self.confirm().references(&stored.body, now);
+        Ok(stored)
+    }
+
+    fn request(&self, method: Method, reference: &Reference) -> upstream::UpstreamRequest {
+        self.job.request(
+            method,
+            &format!("manifests/{reference}"),
+            self.upstream_headers.clone(),
+            false,
+        )
+    }
+
+    fn refuse_if_known_missing(&self, ctx: &mut RequestCtx) -> Result<(), OciError> {
+        if !self.gw.manifests.known_missing(&self.missing_key) {
+            return Ok(());
+        }
+        ctx.cache = "negative";
+        Err(OciError::new(
+            ErrorCode::ManifestUnknown,
+            format!(
+                "upstream registry {:?} has no such manifest in {} (remembered for cache.negative_ttl)",
+                self.job.routed.registry.name, self.job.routed.client_name
+            ),
+        )
+        .with_status(404))
+    }
+}
+
+/// A cached manifest as a response (the head only for HEAD).
+async fn send(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    manifest: &CachedManifest,
+) -> Result<(), Failure> {
+    let mut resp = respond::head(200, ctx)?;
+    resp.insert_header(header::CONTENT_TYPE, manifest.media_type.as_str())?;
+    resp.insert_header("Docker-Content-Digest", manifest.digest.as_str())?;
+    resp.insert_header(header::ETAG, format!("\"{}\"", manifest.digest))?;
+    respond::write_body(session, ctx, resp, manifest.body.clone()).await?;
+    Ok(())
+}
+
+/// All `Accept` values as one string (the tag cache key).
+fn accept_of(headers: &HeaderMap) -> String {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// True when the client takes images and indexes in both OCI and Docker terms, so the upstream's
+/// answer to it is the tag's real target, fit for every such client.
+fn takes_every_modern_type(accept: &str) -> bool {
+    [
+        oci::media::OCI_INDEX_V1,
+        oci::media::OCI_MANIFEST_V1,
+        oci::media::DOCKER_MANIFEST_LIST_V2,
+        oci::media::DOCKER_MANIFEST_V2,
+    ]
+    .iter()
+    .all(|t| oci::accepts(accept, t))
+}
+
+/// A tag answer from a HEAD, when it carries a digest, a length and a media type.
+fn entry_from_head(headers: &HeaderMap, now: SystemTime) -> Option<TagEntry> {
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    Some(TagEntry {
+        digest: Digest::parse(text("docker-content-digest")?).ok()?,
+        media_type: text("content-type")
+            .filter(|t| oci::is_manifest_media_type(t))?
+            .to_owned(),
+        size: text("content-length")?.parse().ok()?,
+        validated_at: now,
+    })
+}
+
+fn entry_of(manifest: &CachedManifest, now: SystemTime) -> TagEntry {
+    TagEntry {
+        digest: manifest.digest.clone(),
+        media_type: manifest.media_type.clone(),
+        size: manifest.body.len() as u64,
+        validated_at: now,
+    }
+}
+
+/// The digest of a manifest body. By-digest requests must match what was asked for; by-tag
+/// answers get the SHA-256 of the bytes (or the upstream's own digest if it used another
+/// algorithm and the bytes match it).
+fn manifest_digest(
+    reference: &Reference,
+    upstream: &HeaderMap,
+    body: &[u8],
+) -> Result<Digest, String> {
+    if let Reference::Digest(d) = reference {
+        return if d.verify(body) {
+            Ok(d.clone())
+        } else {
+            Err(format!("its bytes do not hash to {d}"))
+        };
+    }
+    let computed = Digest::parse(&format!("sha256:{}", hex::encode(Sha256::digest(body))))
+        .map_err(|e| e.to_string())?;
+    let announced = upstream
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| Digest::parse(v).ok());
+    match announced {
+        Some(d) if d.verify(body) => Ok(d),
+        Some(d) if d.as_str().starts_with("sha256:") => Err(format!(
+            "the upstream announced {d} but the bytes hash to {computed}"
+        )),
+        _ => Ok(computed),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifest_digests_are_verified() {
+        let body = b"{\"schemaVersion\":2}";
+        let good = format!("sha256:{}", hex::encode(Sha256::digest(body)));
+        let by_digest = Reference::parse(&good).unwrap();
+        assert_eq!(
+            manifest_digest(&by_digest, &HeaderMap::new(), body)
+                .unwrap()
+                .as_str(),
+            good
+        );
+        let other = Reference::parse(&format!("sha256:{}", "0".repeat(64))).unwrap();
+        assert!(manifest_digest(&other, &HeaderMap::new(), body).is_err());
+        let tag = Reference::parse("latest").unwrap();
+        assert_eq!(
+            manifest_digest(&tag, &HeaderMap::new(), body)
+                .unwrap()
+                .as_str(),
+            good
+        );
+        let mut lying = HeaderMap::new();
+        lying.insert(
+            "docker-content-digest",
+            HeaderValue::from_str(&format!("sha256:{}", "1".repeat(64))).unwrap(),
+        );
+        assert!(manifest_digest(&tag, &lying, body).is_err());
+    }
+
+    #[test]
+    fn head_answers_make_tag_entries_only_when_complete() {
+        let now = SystemTime::now();
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let mut h = HeaderMap::new();
+        h.insert(
+            "docker-content-digest",
+            HeaderValue::from_str(&digest).unwrap(),
+        );
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("528"));
+        assert!(entry_from_head(&h, now).is_none(), "no media type");
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(oci::media::OCI_INDEX_V1),
+        );
+        let entry = entry_from_head(&h, now).unwrap();
+        assert_eq!((entry.digest.as_str(), entry.size), (digest.as_str(), 528));
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
+        assert!(entry_from_head(&h, now).is_none(), "not a manifest type");
+    }
+}

@@ -1,0 +1,377 @@
+//! The manifest and tag cache.
+//!
+//! Owns: `<cache dir>/manifests/sha256/<2 hex>/<hex>` (a manifest's media type on the first
+//! line, then its bytes exactly as the upstream sent them), `<cache dir>/manifests/tags/`
+//! (tag -> digest answers with the time the upstream last gave them), a memory tier for hot
+//! manifests, and the short-lived memory of upstream 404s.
+//! Must never: hand out manifest bytes that do not hash to their digest (checked on every read
+//! from disk), or build a path from a request string (tags are hashed, manifests are named by a
+//! verified digest).
+//!
+//! Freshness rules (tag TTL, stale-if-error) belong to the caller; this module stores answers
+//! and their age.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use super::links::unix_secs;
+use crate::oci::{Algorithm, Digest, Repository, Tag};
+
+/// Bytes of manifests kept in memory besides the disk copy.
+const HOT_BYTES: u64 = 32 << 20;
+/// Tag answers kept in memory (the disk keeps all).
+const HOT_TAGS: u64 = 100_000;
+
+/// A manifest as the upstream sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachedManifest {
+    pub digest: Digest,
+    pub media_type: String,
+    pub body: Bytes,
+}
+
+/// What a tag pointed at when the upstream last said so.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagEntry {
+    pub digest: Digest,
+    pub media_type: String,
+    pub size: u64,
+    pub validated_at: SystemTime,
+}
+
+impl TagEntry {
+    /// How long ago the upstream gave this answer (zero if the clock went back).
+    pub fn age(&self, now: SystemTime) -> Duration {
+        now.duration_since(self.validated_at).unwrap_or_default()
+    }
+}
+
+/// The identity of a tag answer: registry, repository and tag. (Clients differ in the `Accept`
+/// lists they send; the caller decides which answers are fit to cache and to reuse.)
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TagKey(String);
+
+impl TagKey {
+    pub fn new(registry: &str, repository: &Repository, tag: &Tag) -> TagKey {
+        let mut hasher = Sha256::new();
+        for part in [registry, repository.as_str(), tag.as_str()] {
+            hasher.update(part.as_bytes());
+            hasher.update([0]);
+        }
+        TagKey(hex::encode(hasher.finalize()))
+    }
+}
+
+/// On-disk form of a [`TagEntry`].
+#[derive(Serialize, Deserialize)]
+struct TagFile {
+    digest: String,
+    media_type: String,
+    size: u64,
+    validated_at: u64,
+}
+
+/// Counters for metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ManifestStats {
+    pub manifests_stored: u64,
+    pub negative_hits: u64,
+}
+
+/// Manifests by digest, tags by key, and recent upstream 404s.
+pub struct ManifestStore {
+    manifests: PathBuf,
+    tags: PathBuf,
+    tmp: PathBuf,
+    hot: moka::sync::Cache<Digest, Arc<CachedManifest>>,
+    hot_tags: moka::sync::Cache<TagKey, TagEntry>,
+    /// `None` when `negative_ttl` is zero.
+    missing: Option<moka::sync::Cache<String, ()>>,
+    stored: AtomicU64,
+    negative_hits: AtomicU64,
+}
+
+impl ManifestStore {
+    /// Opens (creating) `<cache dir>/manifests`, removing temp files a crash left behind.
+    pub fn open(cache_dir: &Path, negative_ttl: Duration) -> std::io::Result<ManifestStore> {
+        let root = cache_dir.join("manifests");
+        let store = ManifestStore {
+            manifests: root.join("sha256"),
+            tags: root.join("tags"),
+            tmp: root.join("tmp"),
+            hot: moka::sync::Cache::builder()
+                .max_capacity(HOT_BYTES)
+                .weigher(|_, m: &Arc<CachedManifest>| {
+                    u32::try_from(m.body.len()).unwrap_or(u32::MAX)
+                })
+                .build(),
+            hot_tags: moka::sync::Cache::builder().max_capacity(HOT_TAGS).build(),
+            missing: (!negative_ttl.is_zero()).then(|| {
+                moka::sync::Cache::builder()
+                    .max_capacity(100_000)
+                    .time_to_live(negative_ttl)
+                    .build()
+            }),
+            stored: AtomicU64::new(0),
+            negative_hits: AtomicU64::new(0),
+        };
+        for dir in [&store.manifests, &store.tags, &store.tmp] {
+            fs::create_dir_all(dir)?;
+        }
+        for entry in fs::read_dir(&store.tmp)? {
+            fs::remove_file(entry?.path())?;
+        }
+        Ok(store)
+    }
+
+    /// A cached manifest, verified against its digest. A file that fails verification is
+    /// deleted and reported absent.
+    pub fn get(&self, digest: &Digest) -> Option<Arc<CachedManifest>> {
+        if let Some(m) = self.hot.get(digest) {
+            return Some(m);
+        }
+        let path = self.manifest_path(digest)?;
+        let raw = fs::read(&path).ok()?;
+        let parsed = raw.iter().position(|&b| b == b'\n').and_then(|nl| {
+            let media_type = std::str::from_utf8(&raw[..nl]).ok()?.to_owned();
+            let body = Bytes::copy_from_slice(&raw[nl + 1..]);
+            digest.verify(&body).then_some((media_type, body))
+        });
+        let Some((media_type, body)) = parsed else {
+            tracing::warn!(digest = %digest, "cached manifest fails verification; deleting it");
+            let _ = fs::remove_file(&path);
+            return None;
+        };
+        let m = Arc::new(CachedManifest {
+            digest: digest.clone(),
+            media_type,
+            body,
+        });
+        self.hot.insert(digest.clone(), Arc::clone(&m));
+        Some(m)
+    }
+
+    /// Stores a manifest after checking its bytes against its digest. Storage problems are
+    /// logged, not returned: the manifest was already verified and is served regardless.
+    pub fn put(&self, manifest: CachedManifest) -> Arc<CachedManifest> {
+        let manifest = Arc::new(manifest);
+        if !manifest.digest.verify(&manifest.body) || manifest.media_type.contains('\n') {
+            tracing::error!(digest = %manifest.digest, "refusing to cache a manifest that fails verification");
+            return manifest;
+        }
+        if let Some(path) = self.manifest_path(&manifest.digest) {
+            if !path.exists() {
+                let mut bytes =
+                    Vec::with_capacity(manifest.media_type.len() + 1 + manifest.body.len());
+                bytes.extend_from_slice(manifest.media_type.as_bytes());
+                bytes.push(b'\n');
+                bytes.extend_from_slice(&manifest.body);
+                match self.write_atomically(&path, &bytes) {
+                    Ok(()) => {
+                        self.stored.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        tracing::warn!(digest = %manifest.digest, error = %e, "cannot cache a manifest on disk")
+                    }
+                }
+            }
+        }
+        self.hot
+            .insert(manifest.digest.clone(), Arc::clone(&manifest));
+        manifest
+    }
+
+    /// The last answer for a tag, from memory or disk.
+    pub fn tag(&self, key: &TagKey) -> Option<TagEntry> {
+        if let Some(entry) = self.hot_tags.get(key) {
+            return Some(entry);
+        }
+        let raw = fs::read(self.tag_path(key)).ok()?;
+        let file: TagFile = serde_json::from_slice(&raw).ok()?;
+        let entry = TagEntry {
+            digest: Digest::parse(&file.digest).ok()?,
+            media_type: file.media_type,
+            size: file.size,
+            validated_at: UNIX_EPOCH + Duration::from_secs(file.validated_at),
+        };
+        self.hot_tags.insert(key.clone(), entry.clone());
+        Some(entry)
+    }
+
+    /// Records a tag answer (in memory and on disk).
+    pub fn set_tag(&self, key: &TagKey, entry: TagEntry) {
+        let file = TagFile {
+            digest: entry.digest.to_string(),
+            media_type: entry.media_type.clone(),
+            size: entry.size,
+            validated_at: unix_secs(entry.validated_at),
+        };
+        self.hot_tags.insert(key.clone(), entry);
+        let written = serde_json::to_vec(&file)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| self.write_atomically(&self.tag_path(key), &bytes));
+        if let Err(e) = written {
+            tracing::warn!(error = %e, "cannot record a tag answer on disk");
+        }
+    }
+
+    /// Forgets a tag (the upstream no longer has it, or a push changed it).
+    pub fn forget_tag(&self, key: &TagKey) {
+        self.hot_tags.invalidate(key);
+        let _ = fs::remove_file(self.tag_path(key));
+    }
+
+    /// Remembers that the upstream answered 404 for `what` (for `negative_ttl`).
+    pub fn remember_missing(&self, what: String) {
+        if let Some(missing) = &self.missing {
+            missing.insert(what, ());
+        }
+    }
+
+    /// True while an upstream 404 for `what` is remembered.
+    pub fn known_missing(&self, what: &str) -> bool {
+        let hit = self.missing.as_ref().is_some_and(|m| m.contains_key(what));
+        if hit {
+            self.negative_hits.fetch_add(1, Ordering::Relaxed);
+        }
+        hit
+    }
+
+    /// Forgets a remembered 404 (a push created the manifest).
+    pub fn forget_missing(&self, what: &str) {
+        if let Some(missing) = &self.missing {
+            missing.invalidate(what);
+        }
+    }
+
+    pub fn stats(&self) -> ManifestStats {
+        ManifestStats {
+            manifests_stored: self.stored.load(Ordering::Relaxed),
+            negative_hits: self.negative_hits.load(Ordering::Relaxed),
+        }
+    }
+
+    fn manifest_path(&self, digest: &Digest) -> Option<PathBuf> {
+        (digest.algorithm() == Algorithm::Sha256).then(|| {
+            let hex = digest.hex();
+            self.manifests.join(&hex[..2]).join(hex)
+        })
+    }
+
+    fn tag_path(&self, key: &TagKey) -> PathBuf {
+        self.tags.join(&key.0[..2]).join(&key.0)
+    }
+
+    /// Writes a whole file under a temp name and renames it into place, so a reader or a crash
+    /// sees the old file or the new one, never a mix.
+    fn write_atomically(&self, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let temp = self.tmp.join(format!("{}-{n}", std::process::id()));
+        let result = (|| {
+            let mut file = fs::File::create(&temp)?;
+            file.write_all(bytes)?;
+            if let Some(parent) = path.parent() {
+                fs::create_dir_all(parent)?;
+            }
+            fs::rename(&temp, path)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&temp);
+        }
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(body: &'static [u8]) -> CachedManifest {
+        CachedManifest {
+            digest: Digest::compute(Algorithm::Sha256, body),
+            media_type: crate::oci::media::OCI_MANIFEST_V1.to_owned(),
+            body: Bytes::from_static(body),
+        }
+    }
+
+    #[test]
+    fn manifests_and_tags_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ManifestStore::open(dir.path(), Duration::ZERO).unwrap();
+        let m = manifest(b"{\"schemaVersion\":2}");
+        store.put(m.clone());
+        let key = TagKey::new(
+            "hub",
+            &Repository::parse("team/app").unwrap(),
+            &Tag::parse("v1").unwrap(),
+        );
+        let at = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let entry = TagEntry {
+            digest: m.digest.clone(),
+            media_type: m.media_type.clone(),
+            size: m.body.len() as u64,
+            validated_at: at,
+        };
+        store.set_tag(&key, entry.clone());
+
+        let reopened = ManifestStore::open(dir.path(), Duration::ZERO).unwrap();
+        assert_eq!(reopened.get(&m.digest).as_deref(), Some(&m));
+        assert_eq!(reopened.tag(&key), Some(entry));
+        reopened.forget_tag(&key);
+        assert_eq!(
+            ManifestStore::open(dir.path(), Duration::ZERO)
+                .unwrap()
+                .tag(&key),
+            None
+        );
+    }
+
+    #[test]
+    fn a_corrupted_manifest_file_is_never_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ManifestStore::open(dir.path(), Duration::ZERO).unwrap();
+        let m = manifest(b"{\"layers\":[]}");
+        store.put(m.clone());
+        let path = store.manifest_path(&m.digest).unwrap();
+        let mut raw = fs::read(&path).unwrap();
+        *raw.last_mut().unwrap() = b' ';
+        fs::write(&path, raw).unwrap();
+
+        let reopened = ManifestStore::open(dir.path(), Duration::ZERO).unwrap();
+        assert_eq!(reopened.get(&m.digest), None);
+        assert!(!path.exists(), "the bad file is deleted");
+    }
+
+    #[test]
+    fn bytes_that_do_not_match_their_digest_are_not_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ManifestStore::open(dir.path(), Duration::ZERO).unwrap();
+        let mut m = manifest(b"{}");
+        m.body = Bytes::from_static(b"{ }");
+        store.put(m.clone());
+        assert!(!store.manifest_path(&m.digest).unwrap().exists());
+    }
+
+    #[test]
+    fn upstream_404s_are_remembered_only_with_a_negative_ttl() {
+        let dir = tempfile::tempdir().unwrap();
+        let off = ManifestStore::open(dir.path(), Duration::ZERO).unwrap();
+        off.remember_missing("x".into());
+        assert!(!off.known_missing("x"));
+        let on = ManifestStore::open(dir.path(), Duration::from_secs(60)).unwrap();
+        on.remember_missing("x".into());
+        assert!(on.known_missing("x"));
+        on.forget_missing("x");
+        assert!(!on.known_missing("x"));
+        assert_eq!(on.stats().negative_hits, 1);
+    }
+}
