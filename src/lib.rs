@@ -6,12 +6,15 @@
 //! once at start.
 //!
 //! Dependency rule: `oci`, `config` and `secret` depend on nothing else in the crate; `route`
-//! depends only on `oci` and the config model; `store` only on `oci`; `upstream` on `oci`,
-//! `config` and `secret`; only `gateway` and `listen` (and this file) touch Pingora.
+//! depends only on `oci` and the config model; `policy` only on `oci`, the config model and
+//! `secret`; `store` only on `oci`; `metrics` only reads the store's counters, and any module
+//! may record into the `Metrics` handle it is given; `upstream` on `oci`, `config`, `secret`
+//! and `metrics`; only `gateway` and `listen` (and this file) touch Pingora.
 
 pub mod config;
 pub mod gateway;
 pub mod listen;
+pub mod metrics;
 pub mod oci;
 pub mod route;
 pub mod secret;

@@ -970,10 +970,6 @@ fn not_yet_enforced(config: &Config) -> Vec<Warning> {
             "audit log files are not written yet; audit lines go to stdout",
         );
     }
-    let default_admin = DEFAULT_ADMIN_LISTEN.parse::<SocketAddr>().ok();
-    if server.admin_listen.is_some() && server.admin_listen != default_admin {
-        warn("server.admin_listen".into(), "not served yet");
-    }
     if !config.zones.is_empty() {
         warn("zones".into(), POLICY_LATER);
     }

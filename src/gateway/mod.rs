@@ -22,6 +22,7 @@ use pingora::prelude::*;
 use pingora::proxy::{ProxyHttp, Session};
 
 use crate::config::Config;
+use crate::metrics::{Metrics, RequestRecord};
 use crate::route::RouteTable;
 use crate::store::{BlobStore, Links, ManifestStore};
 use crate::upstream::UpstreamClient;
@@ -35,17 +36,18 @@ pub struct Gateway {
     store: BlobStore,
     manifests: ManifestStore,
     links: Arc<Links>,
+    metrics: Arc<Metrics>,
     next_request: AtomicU64,
     /// Mixed into request ids so they differ across restarts.
     id_nonce: u64,
 }
 
 impl Gateway {
-    pub fn new(config: Arc<Config>) -> Result<Self, String> {
+    pub fn new(config: Arc<Config>, metrics: Arc<Metrics>) -> Result<Self, String> {
         let routes = RouteTable::new(&config.registries);
         let mut upstreams = HashMap::new();
         for registry in &config.registries {
-            let client = UpstreamClient::new(registry.clone())
+            let client = UpstreamClient::new(registry.clone(), metrics.clone())
                 .map_err(|e| format!("registry.{}: {e}", registry.name))?;
             upstreams.insert(registry.name.clone(), Arc::new(client));
         }
@@ -77,9 +79,15 @@ impl Gateway {
             store,
             manifests,
             links,
+            metrics,
             next_request: AtomicU64::new(1),
             id_nonce,
         })
+    }
+
+    /// The blob store handle (for the admin listener's metrics).
+    pub fn store(&self) -> BlobStore {
+        self.store.clone()
     }
 
     fn upstream(&self, registry: &str) -> Option<&Arc<UpstreamClient>> {
@@ -146,6 +154,22 @@ impl ProxyHttp for Gateway {
             }
         }
         ctx.log_access(status);
+        self.metrics.request(&RequestRecord {
+            registry: ctx.registry.as_deref().unwrap_or("-"),
+            method: crate::metrics::method_label(&ctx.method),
+            kind: ctx.kind,
+            status,
+            cache: ctx.cache,
+            source: match ctx.cache {
+                "hit" => "cache",
+                "fill" => "fill",
+                "-" => "local",
+                _ => "upstream",
+            },
+            bytes: ctx.bytes_sent,
+            seconds: ctx.started.elapsed().as_secs_f64(),
+            stale: ctx.stale,
+        });
     }
 }
 

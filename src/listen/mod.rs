@@ -14,6 +14,9 @@ use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 
 use crate::config::Config;
 use crate::gateway::Gateway;
+use crate::metrics::Metrics;
+
+mod admin;
 
 /// Seconds in-flight requests get after SIGTERM before the runtime is shut down. Pingora sleeps
 /// this long unconditionally (its default is 300), so keep it short and below orchestrators'
@@ -21,7 +24,8 @@ use crate::gateway::Gateway;
 const GRACE_PERIOD_SECS: u64 = 5;
 const SHUTDOWN_TIMEOUT_SECS: u64 = 5;
 
-/// Build the Pingora server for `config`: one gateway service on every plain listener.
+/// Build the Pingora server for `config`: one gateway service on every plain listener, and the
+/// admin listener.
 pub fn build_server(config: Arc<Config>) -> Result<Server, String> {
     let conf = ServerConf {
         threads: config.server.threads,
@@ -31,7 +35,15 @@ pub fn build_server(config: Arc<Config>) -> Result<Server, String> {
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
-    let gateway = Gateway::new(config.clone())?;
+    let metrics = Arc::new(Metrics::new(config.cache.max_size));
+    let gateway = Gateway::new(config.clone(), metrics.clone())?;
+    if let Some(addr) = config.server.admin_listen {
+        let admin =
+            admin::Admin::bind(addr, metrics, gateway.store(), config.server.listen.clone())?;
+        server.add_service(pingora::services::background::background_service(
+            "admin", admin,
+        ));
+    }
     let mut service = pingora::proxy::http_proxy_service(&server.configuration, gateway);
     for addr in &config.server.listen {
         service.add_tcp(&addr.to_string());
@@ -74,7 +86,13 @@ impl RunningGateway {
         let running = RunningGateway {
             stop: Some(tx),
             thread: Some(thread),
-            listen: config.server.listen.clone(),
+            listen: config
+                .server
+                .listen
+                .iter()
+                .chain(config.server.admin_listen.iter())
+                .copied()
+                .collect(),
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         for addr in &running.listen {

@@ -226,18 +226,27 @@ impl FillReader {
     /// The next chunk (at most 1 MiB), waiting for the fill when caught up.
     pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, FillFailure> {
         loop {
-            let (written, done) = {
+            let (written, done, total) = {
                 let p = self.rx.borrow_and_update();
                 if let FillState::Failed(f) = &p.state {
                     return Err(f.clone());
                 }
-                (p.written, p.state == FillState::Done)
+                (p.written, p.state == FillState::Done, p.total_len)
             };
             let Some(chunks) = self.chunks.as_mut() else {
                 return Err(FillFailure::Storage("fill has no file".into()));
             };
-            if !chunks.is_done() && written > chunks.pos() {
-                return match chunks.read(written).await {
+            // Invariant 3: the blob's last byte goes out only once the fill is verified. With
+            // Content-Length framing a client holding every byte has a complete body, so
+            // handing out all of an unverified blob would defeat the mid-body abort.
+            let readable = match total {
+                Some(total) if !done && chunks.end() >= total => {
+                    written.min(total.saturating_sub(1))
+                }
+                _ => written,
+            };
+            if !chunks.is_done() && readable > chunks.pos() {
+                return match chunks.read(readable).await {
                     Ok(bytes) => Ok(Some(bytes)),
                     Err(e) => Err(FillFailure::Storage(format!("reading fill: {e}"))),
                 };
@@ -369,7 +378,7 @@ impl FillTask {
                 if let Err(e) = tokio::fs::remove_file(&self.temp).await {
                     tracing::warn!(path = %self.temp.display(), error = %e, "could not delete temp file");
                 }
-                self.shared.counters.failed.inc();
+                self.shared.counters.failed(&failure);
                 // Leave the map first so the next request starts a fresh fill.
                 drop(guard);
                 tracing::warn!(digest = %self.digest, error = %failure, "fill failed");

@@ -86,7 +86,12 @@ pub struct StoreStats {
     pub fills_started: u64,
     pub fills_joined: u64,
     pub fills_committed: u64,
+    /// Every failed fill, and the same split by reason (see [`FillFailure`]).
     pub fills_failed: u64,
+    pub fills_refused: u64,
+    pub fills_broken: u64,
+    pub fills_invalid: u64,
+    pub fills_storage: u64,
 }
 
 #[derive(Debug, Default)]
@@ -108,6 +113,22 @@ pub(crate) struct FillCounters {
     pub(crate) joined: Counter,
     pub(crate) committed: Counter,
     pub(crate) failed: Counter,
+    pub(crate) refused: Counter,
+    pub(crate) broken: Counter,
+    pub(crate) invalid: Counter,
+    pub(crate) storage: Counter,
+}
+
+impl FillCounters {
+    pub(crate) fn failed(&self, failure: &FillFailure) {
+        self.failed.inc();
+        match failure {
+            FillFailure::Refused(_) => self.refused.inc(),
+            FillFailure::Broken(_) => self.broken.inc(),
+            FillFailure::Invalid(_) => self.invalid.inc(),
+            FillFailure::Storage(_) => self.storage.inc(),
+        }
+    }
 }
 
 /// State shared by the store handle and its fill tasks.
@@ -268,6 +289,10 @@ impl BlobStore {
             fills_joined: shared.counters.joined.get(),
             fills_committed: shared.counters.committed.get(),
             fills_failed: shared.counters.failed.get(),
+            fills_refused: shared.counters.refused.get(),
+            fills_broken: shared.counters.broken.get(),
+            fills_invalid: shared.counters.invalid.get(),
+            fills_storage: shared.counters.storage.get(),
         }
     }
 

@@ -459,7 +459,13 @@ async fn wrong_bytes_are_never_committed() {
         let store = new_store(dir.path(), 1 << 30);
         let fill = store.fill_or_join(&digest, Arc::new(source));
         let result = drain(fill.reader(0, data.len() as u64)).await;
-        assert!(result.is_err(), "{name}: reader must end in Err");
+        let Err((delivered, _)) = result else {
+            panic!("{name}: reader must end in Err");
+        };
+        assert!(
+            delivered.len() < data.len(),
+            "{name}: a client never receives the whole length of unverified bytes"
+        );
         assert!(fill.wait_done().await.is_err(), "{name}");
         assert_nothing_committed(&store, dir.path(), &digest);
     }

@@ -21,6 +21,7 @@ pub use guard::{classify, AddrClass, AddressGuard};
 pub use token::{parse_challenges, Challenge};
 
 use crate::config::Registry;
+use crate::metrics::Metrics;
 use crate::oci::Repository;
 use crate::secret::Secret;
 use token::TokenCache;
@@ -89,10 +90,11 @@ pub struct UpstreamClient {
     /// The scheme the upstream asked for last time, so later requests authenticate up front.
     challenge: RwLock<Option<Challenge>>,
     guard: Arc<AddressGuard>,
+    metrics: Arc<Metrics>,
 }
 
 impl UpstreamClient {
-    pub fn new(registry: Arc<Registry>) -> Result<Self, String> {
+    pub fn new(registry: Arc<Registry>, metrics: Arc<Metrics>) -> Result<Self, String> {
         let guard = Arc::new(AddressGuard::new(&registry.upstream.host));
         let tls = tls::client_config(registry.ca.as_deref())?;
         let http = reqwest::Client::builder()
@@ -118,6 +120,7 @@ impl UpstreamClient {
             tokens: TokenCache::default(),
             challenge: RwLock::new(None),
             guard,
+            metrics,
         })
     }
 
@@ -224,8 +227,9 @@ impl UpstreamClient {
                         return Ok(Some(bearer(&t)));
                     }
                 }
-                let token = self.fetch_token(realm, service.as_deref(), scope).await?;
-                Ok(Some(bearer(&token)))
+                let token = self.fetch_token(realm, service.as_deref(), scope).await;
+                self.metrics.token_fetch(&self.registry.name, token.is_ok());
+                Ok(Some(bearer(&token?)))
             }
         }
     }
@@ -358,10 +362,15 @@ impl UpstreamClient {
         if let Some(a) = auth {
             builder = builder.header(header::AUTHORIZATION, a.expose());
         }
-        builder
-            .send()
-            .await
-            .map_err(|e| self.transport_error(e, "registry"))
+        let started = std::time::Instant::now();
+        let answer = builder.send().await;
+        self.metrics.upstream(
+            &self.registry.name,
+            req.method.as_str(),
+            answer.as_ref().ok().map(|r| r.status().as_u16()),
+            started.elapsed().as_secs_f64(),
+        );
+        answer.map_err(|e| self.transport_error(e, "registry"))
     }
 
     /// Follow 3xx answers. Invariant 1: `Authorization` goes only to the upstream's own origin.

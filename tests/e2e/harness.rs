@@ -9,6 +9,8 @@ use crate::support::{free_port, Upstream};
 /// A running pullgate and the temp dir holding its cache and secret files.
 pub struct Gateway {
     pub port: u16,
+    /// The admin listener (`/metrics`, `/healthz`, `/readyz`).
+    pub admin_port: u16,
     running: Option<RunningGateway>,
     _dir: tempfile::TempDir,
 }
@@ -41,8 +43,9 @@ impl Gateway {
             .tempdir()
             .expect("tempdir");
         let port = free_port();
+        let admin_port = free_port();
         let text = format!(
-            "[server]\nlisten = [\"127.0.0.1:{port}\"]\nadmin_listen = \"\"\n\n[cache]\ndir = \"{}\"\n{cache_keys}\n\n{registries}",
+            "[server]\nlisten = [\"127.0.0.1:{port}\"]\nadmin_listen = \"127.0.0.1:{admin_port}\"\n\n[cache]\ndir = \"{}\"\n{cache_keys}\n\n{registries}",
             cache.map(|c| c.to_path_buf()).unwrap_or_else(|| dir.path().join("cache")).display()
         );
         let config = pullgate::config::load_str(&text, dir.path())
@@ -50,6 +53,7 @@ impl Gateway {
         let running = RunningGateway::start(Arc::new(config)).expect("gateway starts");
         Gateway {
             port,
+            admin_port,
             running: Some(running),
             _dir: dir,
         }
@@ -62,6 +66,11 @@ impl Gateway {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// A URL on the admin listener.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.admin_port)
     }
 
     pub fn stop(&mut self) {

@@ -15,6 +15,7 @@ mod credentials;
 mod errors;
 mod input;
 mod manifests;
+mod observability;
 mod offline;
 mod pull;
 mod redirects;

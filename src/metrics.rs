@@ -1,0 +1,352 @@
+//! Every Prometheus metric pullgate exports, registered once per gateway in its own registry.
+//!
+//! Owns: metric names, help texts and label sets. Labels are bounded: registry names, methods,
+//! request kinds, status classes, cache outcomes, sources and reasons from fixed lists; never a
+//! repository, a tag, a digest or a client address. Depends on nothing but the store's counters
+//! (read at scrape time), so any module may record into a [`Metrics`] handle it was given.
+//! A private registry per gateway (not the process-global one) keeps gateways that share a
+//! process, as in tests, apart.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::store::StoreStats;
+
+/// Request durations: 1 ms .. ~5 min.
+const DURATION_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+/// The metrics of one gateway.
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub served_bytes: IntCounterVec,
+    pub stale_served: IntCounterVec,
+    pub upstream_requests: IntCounterVec,
+    pub upstream_duration: HistogramVec,
+    pub token_fetches: IntCounterVec,
+    pub denials: IntCounterVec,
+    pub tls_handshakes: IntCounterVec,
+    // Mirrors of the blob store's own counters, brought up to date at each scrape.
+    cache_entries: IntGauge,
+    cache_bytes: IntGauge,
+    cache_max_bytes: IntGauge,
+    fills_in_flight: IntGauge,
+    fills_started: IntCounter,
+    fill_waiters: IntCounter,
+    fills_committed: IntCounter,
+    fill_failures: IntCounterVec,
+    evictions: IntCounter,
+}
+
+impl Metrics {
+    /// Registers every metric in a new registry. `max_bytes` is `cache.max_size`.
+    pub fn new(max_bytes: u64) -> Metrics {
+        let registry = Registry::new();
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let histogram = |name: &str, help: &str, labels: &[&str]| {
+            let opts = HistogramOpts::new(name, help).buckets(DURATION_BUCKETS.to_vec());
+            let h = HistogramVec::new(opts, labels).expect("valid metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
+            h
+        };
+        let build_info = IntGaugeVec::new(
+            Opts::new("pullgate_build_info", "Always 1; the version is a label."),
+            &["version"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(build_info.clone()))
+            .expect("unique metric");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        let metrics = Metrics {
+            requests: counter_vec(
+                "pullgate_requests_total",
+                "Requests answered, by registry, method, kind, status class and cache outcome.",
+                &["registry", "method", "kind", "status", "cache"],
+            ),
+            request_duration: histogram(
+                "pullgate_request_duration_seconds",
+                "Time from request to the end of the response.",
+                &["registry", "kind"],
+            ),
+            served_bytes: counter_vec(
+                "pullgate_served_bytes_total",
+                "Body bytes sent to clients, by where they came from (cache, fill, upstream).",
+                &["registry", "source"],
+            ),
+            stale_served: counter_vec(
+                "pullgate_stale_served_total",
+                "Answers served from the cache while the upstream was unavailable (stale_if_error).",
+                &["registry"],
+            ),
+            upstream_requests: counter_vec(
+                "pullgate_upstream_requests_total",
+                "Requests sent to upstream registries, by status class (error: no answer).",
+                &["registry", "method", "status"],
+            ),
+            upstream_duration: histogram(
+                "pullgate_upstream_request_duration_seconds",
+                "Time until an upstream answered with its response head.",
+                &["registry"],
+            ),
+            token_fetches: counter_vec(
+                "pullgate_token_fetches_total",
+                "Bearer token requests to token realms, by outcome (ok, error).",
+                &["registry", "outcome"],
+            ),
+            denials: counter_vec(
+                "pullgate_denials_total",
+                "Requests refused by policy, by reason.",
+                &["registry", "reason"],
+            ),
+            tls_handshakes: counter_vec(
+                "pullgate_tls_handshakes_total",
+                "TLS handshakes on TLS listeners, by outcome.",
+                &["outcome"],
+            ),
+            cache_entries: gauge("pullgate_cache_entries", "Blobs in the cache."),
+            cache_bytes: gauge("pullgate_cache_size_bytes", "Bytes of blobs in the cache."),
+            cache_max_bytes: gauge(
+                "pullgate_cache_max_size_bytes",
+                "The cache's size bound (cache.max_size).",
+            ),
+            fills_in_flight: gauge(
+                "pullgate_cache_fills_in_flight",
+                "Blob fills from the upstream running now.",
+            ),
+            fills_started: counter(
+                "pullgate_cache_fills_started_total",
+                "Blob fills started (cache misses that fetched from the upstream).",
+            ),
+            fill_waiters: counter(
+                "pullgate_cache_fill_waiters_total",
+                "Requests that joined a fill already running instead of fetching again.",
+            ),
+            fills_committed: counter(
+                "pullgate_cache_fills_committed_total",
+                "Blob fills verified and committed to the cache.",
+            ),
+            fill_failures: counter_vec(
+                "pullgate_cache_fill_failures_total",
+                "Blob fills that ended without a committed blob, by reason.",
+                &["reason"],
+            ),
+            evictions: counter(
+                "pullgate_cache_evictions_total",
+                "Blobs evicted to keep the cache under cache.max_size.",
+            ),
+            registry,
+        };
+        metrics.cache_max_bytes.set(clamp(max_bytes));
+        metrics
+    }
+
+    /// Records one answered request.
+    pub fn request(&self, r: &RequestRecord<'_>) {
+        self.requests
+            .with_label_values(&[
+                r.registry,
+                r.method,
+                r.kind,
+                status_class(r.status),
+                r.cache,
+            ])
+            .inc();
+        self.request_duration
+            .with_label_values(&[r.registry, r.kind])
+            .observe(r.seconds);
+        if r.bytes > 0 {
+            self.served_bytes
+                .with_label_values(&[r.registry, r.source])
+                .inc_by(r.bytes);
+        }
+        if r.stale {
+            self.stale_served.with_label_values(&[r.registry]).inc();
+        }
+    }
+
+    /// Records one upstream exchange; `status` is `None` when no answer came.
+    pub fn upstream(&self, registry: &str, method: &str, status: Option<u16>, seconds: f64) {
+        let class = status.map_or("error", status_class);
+        self.upstream_requests
+            .with_label_values(&[registry, method_label(method), class])
+            .inc();
+        self.upstream_duration
+            .with_label_values(&[registry])
+            .observe(seconds);
+    }
+
+    pub fn token_fetch(&self, registry: &str, ok: bool) {
+        self.token_fetches
+            .with_label_values(&[registry, if ok { "ok" } else { "error" }])
+            .inc();
+    }
+
+    /// The Prometheus text format of every metric, with the store's counters brought up to date.
+    pub fn render(&self, store: &StoreStats) -> String {
+        self.sync_store(store);
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::warn!(error = %e, "cannot encode metrics");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    fn sync_store(&self, s: &StoreStats) {
+        self.cache_entries.set(clamp(s.entries));
+        self.cache_bytes.set(clamp(s.bytes));
+        self.fills_in_flight.set(clamp(s.fills_in_flight));
+        catch_up(&self.fills_started, s.fills_started);
+        catch_up(&self.fill_waiters, s.fills_joined);
+        catch_up(&self.fills_committed, s.fills_committed);
+        catch_up(&self.evictions, s.evictions);
+        for (reason, n) in [
+            ("refused", s.fills_refused),
+            ("broken", s.fills_broken),
+            ("invalid", s.fills_invalid),
+            ("storage", s.fills_storage),
+        ] {
+            catch_up(&self.fill_failures.with_label_values(&[reason]), n);
+        }
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+/// One answered request, as the gateway saw it.
+pub struct RequestRecord<'a> {
+    pub registry: &'a str,
+    pub method: &'a str,
+    pub kind: &'a str,
+    pub status: u16,
+    pub cache: &'a str,
+    /// Where the body came from: `cache`, `fill`, `upstream` or `local`.
+    pub source: &'a str,
+    pub bytes: u64,
+    pub seconds: f64,
+    pub stale: bool,
+}
+
+/// Moves a mirrored counter up to the store's value (the store's counters only grow).
+fn catch_up(counter: &IntCounter, value: u64) {
+    let now = counter.get();
+    if value > now {
+        counter.inc_by(value - now);
+    }
+}
+
+fn clamp(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// `2xx`, `4xx`, ...; `error` for 0 (no response written).
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "error",
+    }
+}
+
+/// Methods outside the registry API's set collapse into `other` (bounded labels).
+pub fn method_label(method: &str) -> &'static str {
+    match method {
+        "GET" => "GET",
+        "HEAD" => "HEAD",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "PATCH" => "PATCH",
+        "DELETE" => "DELETE",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_and_store_counters_render_with_bounded_labels() {
+        let m = Metrics::new(1 << 30);
+        m.request(&RequestRecord {
+            registry: "hub",
+            method: method_label("GET"),
+            kind: "blob",
+            status: 200,
+            cache: "hit",
+            source: "cache",
+            bytes: 42,
+            seconds: 0.01,
+            stale: true,
+        });
+        m.upstream("hub", "BREW", None, 0.2);
+        let stats = StoreStats {
+            entries: 3,
+            bytes: 300,
+            fills_started: 2,
+            fills_broken: 1,
+            ..Default::default()
+        };
+        let text = m.render(&stats);
+        for line in [
+            r#"pullgate_requests_total{cache="hit",kind="blob",method="GET",registry="hub",status="2xx"} 1"#,
+            r#"pullgate_served_bytes_total{registry="hub",source="cache"} 42"#,
+            r#"pullgate_stale_served_total{registry="hub"} 1"#,
+            r#"pullgate_upstream_requests_total{method="other",registry="hub",status="error"} 1"#,
+            r#"pullgate_cache_fill_failures_total{reason="broken"} 1"#,
+            "pullgate_cache_entries 3",
+            "pullgate_cache_fills_started_total 2",
+            "pullgate_cache_max_size_bytes 1073741824",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+        // Scraping again does not double the mirrored counters.
+        assert!(m
+            .render(&stats)
+            .contains("pullgate_cache_fills_started_total 2"));
+        assert!(text.contains("pullgate_build_info{version="));
+    }
+
+    #[test]
+    fn status_classes() {
+        assert_eq!(status_class(206), "2xx");
+        assert_eq!(status_class(404), "4xx");
+        assert_eq!(status_class(0), "error");
+    }
+}
