@@ -11,11 +11,13 @@
 //! may record into the `Metrics` handle it is given; `upstream` on `oci`, `config`, `secret`
 //! and `metrics`; only `gateway` and `listen` (and this file) touch Pingora.
 
+pub mod audit;
 pub mod config;
 pub mod gateway;
 pub mod listen;
 pub mod metrics;
 pub mod oci;
+pub mod policy;
 pub mod route;
 pub mod secret;
 pub mod store;

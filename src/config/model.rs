@@ -116,12 +116,22 @@ pub enum IdentityAuth {
     },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub enum PasswordCheck {
     /// 32 bytes, from `password_sha256` (hex).
     Sha256([u8; 32]),
     /// The password is the (trimmed) content of this file, read when checked.
     File(PathBuf),
+}
+
+/// Never shows the hash: a password hash is a secret too.
+impl std::fmt::Debug for PasswordCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PasswordCheck::Sha256(_) => f.write_str("Sha256(<redacted>)"),
+            PasswordCheck::File(path) => f.debug_tuple("File").field(path).finish(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

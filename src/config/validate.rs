@@ -115,9 +115,82 @@ pub(super) fn validate(file: FileConfig, inputs: &Inputs<'_>) -> Result<Config, 
         registries: registries.into_iter().map(Arc::new).collect(),
         warnings: ctx.warnings,
     };
+    let findings = audit_rules(&config);
+    config.warnings.extend(findings);
     let later = not_yet_enforced(&config);
     config.warnings.extend(later);
     Ok(config)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Audit rules: valid configs that are probably not what the operator wants. Each finding names
+// its rule in brackets so it can be looked up (and, later, silenced) by name.
+
+fn audit_rules(config: &Config) -> Vec<Warning> {
+    let mut out = Vec::new();
+    let mut warn = |key: String, rule: &str, message: String| {
+        out.push(Warning {
+            key,
+            message: format!("[{rule}] {message}"),
+        })
+    };
+    let server = &config.server;
+    let exposed: Vec<SocketAddr> = server
+        .listen
+        .iter()
+        .copied()
+        .filter(|a| !a.ip().is_loopback())
+        .collect();
+    let tls_exposed = server.tls.iter().any(|t| !t.listen.ip().is_loopback());
+    for reg in &config.registries {
+        if reg.credentials.is_some()
+            && reg.network_access == NetworkAccess::Enabled
+            && (!exposed.is_empty() || tls_exposed)
+        {
+            warn(
+                format!("registry.{}.network_access", reg.name),
+                "open-credentials",
+                "the injected credentials are usable by any source that reaches a non-loopback \
+                 listener; restrict with \"selected\" and zones, or \"disabled\" and identities"
+                    .into(),
+            );
+        }
+    }
+    let passwords = config
+        .identities
+        .iter()
+        .any(|i| matches!(i.auth, IdentityAuth::Password { .. }));
+    if passwords {
+        for addr in &exposed {
+            warn(
+                "server.listen".into(),
+                "plaintext-passwords",
+                format!(
+                    "identities use passwords and {addr} is plain HTTP on a non-loopback address: \
+                     passwords cross the network in clear; use a [[server.tls]] listener"
+                ),
+            );
+        }
+    }
+    if let Some(admin) = server.admin_listen.filter(|a| !a.ip().is_loopback()) {
+        warn(
+            "server.admin_listen".into(),
+            "admin-exposed",
+            format!(
+                "the admin listener {admin} is not on loopback: metrics reveal traffic patterns"
+            ),
+        );
+    }
+    for zone in &config.zones {
+        if zone.nets.iter().any(|n| n.prefix_len() == 0) {
+            warn(
+                format!("zones.{}", zone.name),
+                "zone-everything",
+                "the zone contains 0.0.0.0/0 or ::/0: every source is in it".into(),
+            );
+        }
+    }
+    out
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -817,7 +890,7 @@ fn check_password_source(
     if let Some(password) = file.password.as_deref() {
         ctx.warn(
             format!("{key}.password"),
-            "inline password in the config file; prefer password_env or password_file",
+            "[inline-password] inline password in the config file; prefer password_env or password_file",
         );
         return Some(PasswordSource::Inline(Secret::new(password)));
     }
@@ -943,9 +1016,6 @@ fn check_redirect(
 // ---------------------------------------------------------------------------------------------
 // Not built yet. Remove each entry when its feature lands.
 
-const POLICY_LATER: &str =
-    "accepted, not enforced yet: network and identity policy arrives with the policy work";
-
 /// NOT YET ENFORCED: keys the config accepts whose behaviour is not built yet, so that an
 /// operator is not misled into thinking a restriction holds. Warns only when a key is set to a
 /// non-default value. Delete lines here as features land.
@@ -957,42 +1027,11 @@ fn not_yet_enforced(config: &Config) -> Vec<Warning> {
             message: message.to_owned(),
         })
     };
-    let server = &config.server;
-    if !server.trusted_proxies.is_empty() {
-        warn("server.trusted_proxies".into(), POLICY_LATER);
-    }
-    if !server.tls.is_empty() {
+    if !config.server.tls.is_empty() {
         warn("server.tls".into(), "TLS listeners are not served yet");
-    }
-    if let AuditSink::File(_) = server.audit_log {
-        warn(
-            "server.audit_log".into(),
-            "audit log files are not written yet; audit lines go to stdout",
-        );
-    }
-    if !config.zones.is_empty() {
-        warn("zones".into(), POLICY_LATER);
-    }
-    if !config.identities.is_empty() {
-        warn("identity".into(), POLICY_LATER);
     }
     for reg in &config.registries {
         let key = |field: &str| format!("registry.{}.{field}", reg.name);
-        if reg.network_access != NetworkAccess::Enabled {
-            warn(key("network_access"), POLICY_LATER);
-        }
-        if !reg.zones.is_empty() {
-            warn(key("zones"), POLICY_LATER);
-        }
-        if !reg.trusted_identities {
-            warn(key("trusted_identities"), POLICY_LATER);
-        }
-        if !reg.repositories.is_empty() {
-            warn(key("repositories"), POLICY_LATER);
-        }
-        if !reg.deny_repositories.is_empty() {
-            warn(key("deny_repositories"), POLICY_LATER);
-        }
         if !reg.data_hosts.is_empty() {
             warn(key("data_hosts"), "not served yet");
         }

@@ -1,6 +1,7 @@
 //! `RequestCtx`: what is known about one request as it moves through the gateway, and the
 //! access log line written from it at the end.
 
+use std::net::IpAddr;
 use std::time::Instant;
 
 /// Per-request state, filled as the request is routed and served.
@@ -27,6 +28,22 @@ pub struct RequestCtx {
     pub stale: bool,
     /// Body bytes written to the client.
     pub bytes_sent: u64,
+    /// The repository (upstream name) and the tag or digest, once parsed and routed.
+    pub repository: Option<String>,
+    pub reference: Option<String>,
+    /// Verified client-certificate subjects (CN, DNS SANs) of a TLS connection.
+    pub tls_subjects: Vec<String>,
+    /// What policy saw and decided (see `access.rs`).
+    pub client: Option<IpAddr>,
+    pub zone: Option<String>,
+    pub identity: Option<String>,
+    /// `pull` or `push`.
+    pub action: &'static str,
+    /// `allow`, `deny`, or `none` when the request ended before policy.
+    pub decision: &'static str,
+    pub reason: Option<&'static str>,
+    /// The name of the upstream credential in use, for the audit line.
+    pub credential: Option<String>,
     /// Why the request failed, for the access line (never a secret: built from our own errors).
     pub error: Option<String>,
 }
@@ -45,6 +62,16 @@ impl RequestCtx {
             cache: "-",
             stale: false,
             bytes_sent: 0,
+            repository: None,
+            reference: None,
+            tls_subjects: Vec::new(),
+            client: None,
+            zone: None,
+            identity: None,
+            action: "pull",
+            decision: "none",
+            reason: None,
+            credential: None,
             error: None,
         }
     }
@@ -70,6 +97,10 @@ impl RequestCtx {
             upstream_status = self.upstream_status.unwrap_or(0),
             cache = self.cache,
             stale = self.stale,
+            client = %self.client.map(|c| c.to_string()).unwrap_or_default(),
+            zone = self.zone.as_deref().unwrap_or(""),
+            identity = self.identity.as_deref().unwrap_or(""),
+            decision = self.decision,
             bytes = self.bytes_sent,
             duration_ms = self.started.elapsed().as_millis() as u64,
             error = self.error.as_deref().unwrap_or(""),

@@ -5,6 +5,7 @@
 //! Pingora's proxy path yet, so `upstream_peer` only refuses. The hooks stay short; the work
 //! lives in `serve.rs` (what to ask and answer) and `respond.rs` (how bytes are written).
 
+mod access;
 mod blob;
 mod confirm;
 mod ctx;
@@ -21,8 +22,10 @@ use async_trait::async_trait;
 use pingora::prelude::*;
 use pingora::proxy::{ProxyHttp, Session};
 
+use crate::audit::{Audit, AuditRecord};
 use crate::config::Config;
 use crate::metrics::{Metrics, RequestRecord};
+use crate::policy::Policy;
 use crate::route::RouteTable;
 use crate::store::{BlobStore, Links, ManifestStore};
 use crate::upstream::UpstreamClient;
@@ -37,6 +40,8 @@ pub struct Gateway {
     manifests: ManifestStore,
     links: Arc<Links>,
     metrics: Arc<Metrics>,
+    policy: Policy,
+    audit: Audit,
     next_request: AtomicU64,
     /// Mixed into request ids so they differ across restarts.
     id_nonce: u64,
@@ -67,6 +72,8 @@ impl Gateway {
         let manifests = ManifestStore::open(&config.cache.dir, config.cache.negative_ttl)
             .map_err(cache_error)?;
         let links = Arc::new(Links::open(&config.cache.dir).map_err(cache_error)?);
+        let audit = Audit::open(&config.server.audit_log)?;
+        let policy = Policy::new(&config);
         let id_nonce = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -80,6 +87,8 @@ impl Gateway {
             manifests,
             links,
             metrics,
+            policy,
+            audit,
             next_request: AtomicU64::new(1),
             id_nonce,
         })
@@ -154,6 +163,26 @@ impl ProxyHttp for Gateway {
             }
         }
         ctx.log_access(status);
+        if ctx.kind != "other" {
+            self.audit.record(&AuditRecord {
+                time: AuditRecord::now(),
+                request_id: &ctx.request_id,
+                client: ctx.client.map(|c| c.to_string()),
+                zone: ctx.zone.as_deref(),
+                identity: ctx.identity.as_deref(),
+                registry: ctx.registry.as_deref(),
+                repository: ctx.repository.as_deref(),
+                reference: ctx.reference.as_deref(),
+                action: ctx.action,
+                decision: ctx.decision,
+                reason: ctx.reason,
+                message: ctx.error.as_deref(),
+                status,
+                bytes: ctx.bytes_sent,
+                cache: ctx.cache,
+                credential: ctx.credential.as_deref(),
+            });
+        }
         self.metrics.request(&RequestRecord {
             registry: ctx.registry.as_deref().unwrap_or("-"),
             method: crate::metrics::method_label(&ctx.method),

@@ -8,12 +8,14 @@ use bytes::Bytes;
 use http::{header, HeaderMap, Method, StatusCode};
 use pingora::proxy::Session;
 
+use super::access;
 use super::blob::{self, BlobJob};
 use super::ctx::loggable_path;
 use super::manifest;
 use super::respond;
 use super::{request_host, Gateway, RequestCtx};
 use crate::oci::{self, Algorithm, ApiRequest, Digest, Endpoint, ErrorCode, OciError};
+use crate::policy::Action;
 use crate::route::{Routed, RoutedBy};
 use crate::upstream::{self, UpstreamClient, UpstreamError, UpstreamRequest};
 
@@ -60,11 +62,17 @@ pub async fn serve(
     match oci::parse_path(&path)? {
         ApiRequest::Base => {
             ctx.kind = "base";
-            if let Some(registry) = gw.routes.registry_for(host.as_deref(), ns.as_deref())? {
-                ctx.registry = Some(registry.name.clone());
-            }
             if !matches!(method, Method::GET | Method::HEAD) {
                 return Err(unsupported_method(&method).into());
+            }
+            match gw.routes.registry_for(host.as_deref(), ns.as_deref())? {
+                Some(registry) => {
+                    ctx.registry = Some(registry.name.clone());
+                    // No repository: only the credential and network rules apply. A denial
+                    // with a challenge here is what makes clients send their credentials.
+                    access::check(gw, session, ctx, &registry, None, Action::Pull)?;
+                }
+                None => access::check_credentials(gw, session, ctx)?,
             }
             let mut resp = respond::head(200, ctx)?;
             resp.insert_header(header::CONTENT_TYPE, "application/json")?;
@@ -86,6 +94,21 @@ pub async fn serve(
             if routed.by == RoutedBy::Ns {
                 ctx.namespace = ns.clone();
             }
+            ctx.repository = Some(routed.repository.as_str().to_owned());
+            ctx.reference = endpoint.reference();
+            ctx.credential = routed
+                .registry
+                .credentials
+                .as_ref()
+                .map(|_| format!("registry.{}.credentials", routed.registry.name));
+            access::check(
+                gw,
+                session,
+                ctx,
+                &routed.registry,
+                Some(&routed.repository),
+                access::action_of(&method),
+            )?;
             check_method(&routed, &endpoint, &method)?;
             let client = gw
                 .upstream(&routed.registry.name)

@@ -69,6 +69,15 @@ impl Endpoint {
             Endpoint::UploadStart | Endpoint::Upload(_) => "upload",
         }
     }
+
+    /// The tag or digest the endpoint names, for logs and the audit line.
+    pub fn reference(&self) -> Option<String> {
+        match self {
+            Endpoint::Manifest(r) => Some(r.to_string()),
+            Endpoint::Blob(d) | Endpoint::Referrers(d) => Some(d.to_string()),
+            Endpoint::TagsList | Endpoint::UploadStart | Endpoint::Upload(_) => None,
+        }
+    }
 }
 
 /// Parses a request path (WITHOUT the query string).

@@ -32,6 +32,18 @@ impl Gateway {
         cache: Option<&std::path::Path>,
         cache_keys: &str,
     ) -> Gateway {
+        Self::start_full("", registries, cache, cache_keys)
+    }
+
+    /// The most general start: extra `[server]` keys, then `rest` (zones, identities,
+    /// registries), the cache in `cache` or a new dir, extra `[cache]` keys.
+    pub fn start_full(
+        server_keys: &str,
+        rest: &str,
+        cache: Option<&std::path::Path>,
+        cache_keys: &str,
+    ) -> Gateway {
+        let registries = rest;
         pullgate::install_crypto_provider();
         // Captured per test by libtest: shown only for failing tests.
         let _ = tracing_subscriber::fmt()
@@ -45,7 +57,8 @@ impl Gateway {
         let port = free_port();
         let admin_port = free_port();
         let text = format!(
-            "[server]\nlisten = [\"127.0.0.1:{port}\"]\nadmin_listen = \"127.0.0.1:{admin_port}\"\n\n[cache]\ndir = \"{}\"\n{cache_keys}\n\n{registries}",
+            "[server]\nlisten = [\"127.0.0.1:{port}\"]\nadmin_listen = \"127.0.0.1:{admin_port}\"\naudit_log = \"{}\"\n{server_keys}\n\n[cache]\ndir = \"{}\"\n{cache_keys}\n\n{registries}",
+            dir.path().join("audit.log").display(),
             cache.map(|c| c.to_path_buf()).unwrap_or_else(|| dir.path().join("cache")).display()
         );
         let config = pullgate::config::load_str(&text, dir.path())
@@ -66,6 +79,15 @@ impl Gateway {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// The audit log's lines so far, parsed.
+    pub fn audit_lines(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self._dir.path().join("audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("audit lines are JSON"))
+            .collect()
     }
 
     /// A URL on the admin listener.

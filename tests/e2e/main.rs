@@ -17,6 +17,7 @@ mod input;
 mod manifests;
 mod observability;
 mod offline;
+mod policy;
 mod pull;
 mod redirects;
 mod routing;

@@ -1,0 +1,147 @@
+//! The audit log (`server.audit_log`): one JSON line per registry request saying who asked for
+//! what from where, what policy decided and why, and how it ended.
+//!
+//! Owns: the record's fields and the sink (stdout, or a file opened for appending at start).
+//! Must never: hold a secret. Every field is a name from the config (registry, zone, identity,
+//! credential), an address, or a grammar-checked OCI name; the credential is named, never shown.
+
+use std::fs::OpenOptions;
+use std::io::{LineWriter, Write};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use crate::config::AuditSink;
+
+/// One audited request.
+#[derive(Debug, Serialize)]
+pub struct AuditRecord<'a> {
+    /// RFC 3339, UTC.
+    pub time: String,
+    pub request_id: &'a str,
+    /// The client address policy used (behind trusted proxies: the forwarded one).
+    pub client: Option<String>,
+    pub zone: Option<&'a str>,
+    pub identity: Option<&'a str>,
+    pub registry: Option<&'a str>,
+    pub repository: Option<&'a str>,
+    /// Tag or digest, for manifests and blobs.
+    pub reference: Option<&'a str>,
+    /// `pull` or `push`.
+    pub action: &'a str,
+    /// `allow`, `deny`, or `none` (refused before policy, e.g. an unknown registry).
+    pub decision: &'a str,
+    /// The denial's reason label and message.
+    pub reason: Option<&'a str>,
+    pub message: Option<&'a str>,
+    pub status: u16,
+    pub bytes: u64,
+    pub cache: &'a str,
+    /// The name of the upstream credential used (`registry.<name>.credentials`), never its value.
+    pub credential: Option<&'a str>,
+}
+
+impl AuditRecord<'_> {
+    pub fn now() -> String {
+        humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+    }
+}
+
+/// Where audit lines go.
+pub struct Audit {
+    out: Mutex<Box<dyn Write + Send>>,
+}
+
+impl Audit {
+    pub fn open(sink: &AuditSink) -> Result<Audit, String> {
+        let out: Box<dyn Write + Send> = match sink {
+            AuditSink::Stdout => Box::new(std::io::stdout()),
+            AuditSink::File(path) => {
+                let file = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|e| {
+                        format!("server.audit_log: cannot open {}: {e}", path.display())
+                    })?;
+                Box::new(LineWriter::new(file))
+            }
+        };
+        Ok(Audit {
+            out: Mutex::new(out),
+        })
+    }
+
+    /// An audit log that keeps lines in memory (tests).
+    pub fn to_writer(out: Box<dyn Write + Send>) -> Audit {
+        Audit {
+            out: Mutex::new(out),
+        }
+    }
+
+    pub fn record(&self, record: &AuditRecord<'_>) {
+        let Ok(mut line) = serde_json::to_vec(record) else {
+            return;
+        };
+        line.push(b'\n');
+        let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = out.write_all(&line).and_then(|()| out.flush()) {
+            tracing::warn!(error = %e, "cannot write the audit log");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn one_json_line_per_record() {
+        let buf = Shared::default();
+        let audit = Audit::to_writer(Box::new(buf.clone()));
+        for decision in ["allow", "deny"] {
+            audit.record(&AuditRecord {
+                time: AuditRecord::now(),
+                request_id: "0123456789abcdef",
+                client: Some("127.0.0.2".into()),
+                zone: Some("vpc"),
+                identity: None,
+                registry: Some("hub"),
+                repository: Some("team/app"),
+                reference: Some("v1"),
+                action: "pull",
+                decision,
+                reason: None,
+                message: None,
+                status: 200,
+                bytes: 10,
+                cache: "hit",
+                credential: Some("registry.hub.credentials"),
+            });
+        }
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[1]["decision"], "deny");
+        assert_eq!(lines[0]["zone"], "vpc");
+        assert!(lines[0]["time"].as_str().unwrap().ends_with('Z'));
+    }
+}

@@ -1,0 +1,107 @@
+//! The policy box of DESIGN.md at the edge: gather the facts of a request from the `Session`
+//! (peer address, forwarding headers, `Authorization`, client certificate), ask
+//! [`policy::decide`], and turn a denial into an OCI error before anything touches the upstream
+//! or the cache (invariant 6). The decision is kept in the context for the access line, the
+//! audit line and the denial metric.
+
+use std::net::IpAddr;
+
+use http::{header, Method};
+use pingora::proxy::Session;
+
+use super::{Gateway, RequestCtx};
+use crate::config::Registry;
+use crate::oci::{ErrorCode, OciError, Repository};
+use crate::policy::{self, Action, Decision};
+
+/// The action a method asks for.
+pub fn action_of(method: &Method) -> Action {
+    if matches!(*method, Method::GET | Method::HEAD) {
+        Action::Pull
+    } else {
+        Action::Push
+    }
+}
+
+/// `/v2/` with no registry to decide for (prefix routing names none): only checks presented
+/// credentials, so `docker login` learns whether they are right.
+pub fn check_credentials(
+    gw: &Gateway,
+    session: &Session,
+    ctx: &mut RequestCtx,
+) -> Result<(), OciError> {
+    let authorization = session
+        .req_header()
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let subjects: Vec<&str> = ctx.tls_subjects.iter().map(String::as_str).collect();
+    match gw.policy.authenticate(authorization, &subjects) {
+        policy::Authn::BadCredentials(failure) => {
+            ctx.decision = "deny";
+            ctx.reason = Some("bad_credentials");
+            Err(OciError::new(ErrorCode::Unauthorized, failure.public_message()).with_status(401))
+        }
+        authn => {
+            ctx.identity = authn.identity().map(str::to_owned);
+            Ok(())
+        }
+    }
+}
+
+/// Decides whether the request may proceed; a denial comes back as the OCI error to send.
+pub fn check(
+    gw: &Gateway,
+    session: &Session,
+    ctx: &mut RequestCtx,
+    registry: &Registry,
+    repository: Option<&Repository>,
+    action: Action,
+) -> Result<(), OciError> {
+    let req = session.req_header();
+    let values = |name: &str| -> Vec<&str> {
+        req.headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect()
+    };
+    let peer = session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip())
+        .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+    let source = gw.policy.client_addr(
+        peer,
+        &values("x-forwarded-for"),
+        &values(header::FORWARDED.as_str()),
+    );
+    let authorization = req
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let subjects: Vec<&str> = ctx.tls_subjects.iter().map(String::as_str).collect();
+    let authn = gw.policy.authenticate(authorization, &subjects);
+    let facts = gw
+        .policy
+        .facts(registry, source, &authn, repository, action);
+    ctx.client = Some(source);
+    ctx.zone = facts.zones.best().map(str::to_owned);
+    ctx.identity = authn.identity().map(str::to_owned);
+    ctx.action = action.label();
+    match policy::decide(&facts) {
+        Decision::Allow => {
+            ctx.decision = "allow";
+            Ok(())
+        }
+        Decision::Deny(reason) => {
+            ctx.decision = "deny";
+            ctx.reason = Some(reason.label());
+            gw.metrics
+                .denials
+                .with_label_values(&[registry.name.as_str(), reason.label()])
+                .inc();
+            Err(OciError::new(reason.error_code(), reason.message()).with_status(reason.status()))
+        }
+    }
+}

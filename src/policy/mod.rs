@@ -1,0 +1,172 @@
+//! Who may pull what from where (DESIGN.md "policy" box, issue 5): source address -> zones,
+//! credentials -> identity, registry rules -> [`Decision::Allow`] or [`Decision::Deny`].
+//!
+//! Owns: the access rules. Depends only on `oci` and the validated config model (dependency
+//! rule in `lib.rs`); no Pingora, no HTTP types, no I/O except reading an identity's
+//! `password_file`. The gateway gathers [`Facts`] (through [`Policy`]), calls [`decide`], and
+//! turns a denial into an OCI error (invariant 6: a denied request touches neither the upstream
+//! nor the cache), a metric labelled with [`Reason::label`], and an audit line.
+//!
+//! - [`zone`]: `ZoneTable`, source IP -> zones by longest-prefix match.
+//! - [`source`]: `TrustedProxies`, the client address behind trusted proxies.
+//! - [`identity`]: `Authenticator`, Basic and mTLS credentials -> [`Authn`].
+//! - [`glob`]: repository globs.
+//! - `rules`: [`decide`], the rules themselves, and [`Reason`].
+//!
+//! [`Policy`] holds the three tables built from one [`Config`]; build a new one on reload.
+
+pub mod glob;
+pub mod identity;
+pub mod source;
+pub mod zone;
+
+mod rules;
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::config::{Config, Identity, Registry, Zone};
+use crate::oci::Repository;
+
+pub use identity::{AuthFailure, AuthMethod, Authenticator, Authn, Credentials, IdentityKinds};
+pub use rules::{decide, Reason, ReasonCode};
+pub use source::TrustedProxies;
+pub use zone::{ZoneMatch, ZoneTable};
+
+/// What the caller wants to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Action {
+    /// Reads: GET and HEAD of manifests, blobs, tags, referrers.
+    Pull,
+    /// Every write: blob uploads, manifest PUT, DELETE.
+    Push,
+}
+
+impl Action {
+    pub fn label(self) -> &'static str {
+        match self {
+            Action::Pull => "pull",
+            Action::Push => "push",
+        }
+    }
+}
+
+/// Everything a decision depends on.
+#[derive(Debug, Clone, Copy)]
+pub struct Facts<'a> {
+    pub registry: &'a Registry,
+    /// The client address ([`TrustedProxies::client_addr`]).
+    pub source: IpAddr,
+    /// The zones of `source` ([`ZoneTable::lookup`]).
+    pub zones: ZoneMatch<'a>,
+    pub authn: &'a Authn,
+    /// `None` for requests that name no repository (`/v2/`): only credential and network
+    /// rules apply.
+    pub repository: Option<&'a Repository>,
+    pub action: Action,
+    /// Which identities the config has ([`Authenticator::kinds`]).
+    pub identities: IdentityKinds,
+}
+
+/// The answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Allow,
+    Deny(Reason),
+}
+
+impl Decision {
+    pub fn is_allow(&self) -> bool {
+        matches!(self, Decision::Allow)
+    }
+
+    /// `allow`, or the denial's [`Reason::label`]: for metrics and the audit log.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Decision::Allow => "allow",
+            Decision::Deny(reason) => reason.label(),
+        }
+    }
+}
+
+/// The policy tables of one config.
+#[derive(Debug)]
+pub struct Policy {
+    zones: ZoneTable,
+    authenticator: Authenticator,
+    proxies: TrustedProxies,
+}
+
+impl Policy {
+    pub fn new(config: &Config) -> Policy {
+        Policy::from_parts(
+            &config.zones,
+            &config.identities,
+            &config.server.trusted_proxies,
+        )
+    }
+
+    pub fn from_parts(
+        zones: &[Zone],
+        identities: &[Identity],
+        trusted_proxies: &[IpNet],
+    ) -> Policy {
+        Policy {
+            zones: ZoneTable::new(zones),
+            authenticator: Authenticator::new(identities),
+            proxies: TrustedProxies::new(trusted_proxies),
+        }
+    }
+
+    pub fn zones(&self) -> &ZoneTable {
+        &self.zones
+    }
+
+    pub fn authenticator(&self) -> &Authenticator {
+        &self.authenticator
+    }
+
+    pub fn trusted_proxies(&self) -> &TrustedProxies {
+        &self.proxies
+    }
+
+    /// See [`TrustedProxies::client_addr`].
+    pub fn client_addr(
+        &self,
+        peer: IpAddr,
+        x_forwarded_for: &[&str],
+        forwarded: &[&str],
+    ) -> IpAddr {
+        self.proxies.client_addr(peer, x_forwarded_for, forwarded)
+    }
+
+    /// See [`Authenticator::authenticate`].
+    pub fn authenticate(&self, authorization: Option<&str>, mtls_subjects: &[&str]) -> Authn {
+        self.authenticator
+            .authenticate(authorization, mtls_subjects)
+    }
+
+    /// The facts of one request, zones looked up.
+    pub fn facts<'a>(
+        &'a self,
+        registry: &'a Registry,
+        source: IpAddr,
+        authn: &'a Authn,
+        repository: Option<&'a Repository>,
+        action: Action,
+    ) -> Facts<'a> {
+        Facts {
+            registry,
+            source,
+            zones: self.zones.lookup(source),
+            authn,
+            repository,
+            action,
+            identities: self.authenticator.kinds(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
