@@ -211,6 +211,38 @@ impl Metrics {
             .inc();
     }
 
+    /// The name of every metric registered, whether or not it has samples yet.
+    pub fn names(&self) -> Vec<String> {
+        use prometheus::core::Collector;
+        let collectors: Vec<&dyn Collector> = vec![
+            &self.requests,
+            &self.request_duration,
+            &self.served_bytes,
+            &self.stale_served,
+            &self.upstream_requests,
+            &self.upstream_duration,
+            &self.token_fetches,
+            &self.denials,
+            &self.tls_handshakes,
+            &self.cache_entries,
+            &self.cache_bytes,
+            &self.cache_max_bytes,
+            &self.fills_in_flight,
+            &self.fills_started,
+            &self.fill_waiters,
+            &self.fills_committed,
+            &self.fill_failures,
+            &self.evictions,
+        ];
+        let mut names: Vec<String> = collectors
+            .iter()
+            .flat_map(|c| c.desc())
+            .map(|d| d.fq_name.clone())
+            .collect();
+        names.push("pullgate_build_info".into());
+        names
+    }
+
     /// The Prometheus text format of every metric, with the store's counters brought up to date.
     pub fn render(&self, store: &StoreStats) -> String {
         self.sync_store(store);
@@ -341,6 +373,40 @@ mod tests {
             .render(&stats)
             .contains("pullgate_cache_fills_started_total 2"));
         assert!(text.contains("pullgate_build_info{version="));
+    }
+
+    /// The dashboard and the alert rules in deploy/ use only metrics that exist.
+    #[test]
+    fn deploy_files_name_only_exported_metrics() {
+        let names = Metrics::new(1).names();
+        for (file, text) in [
+            (
+                "deploy/grafana/pullgate.json",
+                include_str!("../deploy/grafana/pullgate.json"),
+            ),
+            (
+                "deploy/prometheus/alerts.yml",
+                include_str!("../deploy/prometheus/alerts.yml"),
+            ),
+        ] {
+            let mut used = 0;
+            for (start, _) in text.match_indices("pullgate_") {
+                let name: String = text[start..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                let base = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s))
+                    .unwrap_or(&name);
+                assert!(
+                    names.iter().any(|n| n == base),
+                    "{file}: {name} is not exported"
+                );
+                used += 1;
+            }
+            assert!(used > 5, "{file} uses pullgate's metrics");
+        }
     }
 
     #[test]

@@ -117,6 +117,18 @@ fn a_scrape_after_known_traffic_shows_it_and_promtool_accepts_it() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(get(&gw.admin_url("/healthz")).status, 200);
+
+    let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/prometheus/alerts.yml");
+    let out = Command::new("promtool")
+        .args(["check", "rules", rules])
+        .output()
+        .expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool check rules: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The admin status of `/readyz`, or 0 when nothing answers.
