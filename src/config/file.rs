@@ -111,6 +111,22 @@ pub(super) struct RegistryFile {
     pub push: bool,
     pub redirect: Option<String>,
     pub tag_ttl: Option<String>,
+    #[serde(default)]
+    pub scoped_credentials: Vec<ScopedCredentialsFile>,
+}
+
+/// `[[registry.scoped_credentials]]`: other upstream credentials for some callers.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ScopedCredentialsFile {
+    pub name: Option<String>,
+    #[serde(default)]
+    pub zones: Vec<String>,
+    #[serde(default)]
+    pub identities: Vec<String>,
+    #[serde(default)]
+    pub repositories: Vec<String>,
+    pub credentials: Option<CredentialsFile>,
 }
 
 /// All credential kinds in one table; `validate.rs` checks that exactly one kind is used.

@@ -179,6 +179,22 @@ pub struct Registry {
     pub redirect: RedirectMode,
     /// Per-registry override of `cache.tag_ttl`.
     pub tag_ttl: Option<Duration>,
+    /// Other upstream credentials for some callers; the first that matches is used, else
+    /// `credentials`.
+    pub scoped_credentials: Vec<ScopedCredentials>,
+}
+
+/// Upstream credentials for the callers a rule selects: every non-empty list must match (any
+/// entry of it): the caller's zones, its identity, the repository.
+#[derive(Debug, Clone)]
+pub struct ScopedCredentials {
+    /// Unique within the registry; named in the audit log and kept apart in the cache.
+    pub name: String,
+    pub zones: Vec<String>,
+    pub identities: Vec<String>,
+    /// Repository globs.
+    pub repositories: Vec<String>,
+    pub credentials: CredentialSource,
 }
 
 /// The upstream registry's origin, split once at load time.

@@ -935,3 +935,43 @@ fn audit_rules_name_the_rule_and_the_key() {
         );
     }
 }
+
+#[test]
+fn scoped_credentials_are_checked() {
+    let config = ok(&format!(
+        "[zones]\nvpc = [\"10.0.0.0/8\"]\n[[identity]]\nname = \"ci\"\nmtls_subject = \"ci.internal\"\n{HUB}\
+         [[registry.scoped_credentials]]\nname = \"team-a\"\nzones = [\"vpc\"]\nidentities = [\"ci\"]\nrepositories = [\"team-a/**\"]\n\
+         credentials = {{ username = \"a\", password_file = \"/dev/null\" }}\n"
+    ));
+    let scoped = &config.registries[0].scoped_credentials[0];
+    assert_eq!(
+        (
+            scoped.name.as_str(),
+            scoped.zones.len(),
+            scoped.identities.len()
+        ),
+        ("team-a", 1, 1)
+    );
+    let scoped_table =
+        |body: &str| format!("{HUB}[[registry.scoped_credentials]]\nname = \"x\"\n{body}\n");
+    assert_err(
+        &scoped_table("zones = [\"nowhere\"]\ncredentials = { username = \"a\", password_file = \"/dev/null\" }"),
+        "registry.hub.scoped_credentials.x.zones[0]",
+        "unknown zone",
+    );
+    assert_err(
+        &scoped_table("identities = [\"ghost\"]\ncredentials = { username = \"a\", password_file = \"/dev/null\" }"),
+        "registry.hub.scoped_credentials.x.identities[0]",
+        "unknown identity",
+    );
+    assert_err(
+        &scoped_table("credentials = { username = \"a\", password_file = \"/dev/null\" }"),
+        "registry.hub.scoped_credentials.x",
+        "selects every caller",
+    );
+    assert_err(
+        &scoped_table("repositories = [\"a/**\"]"),
+        "registry.hub.scoped_credentials.x.credentials",
+        "missing",
+    );
+}

@@ -15,7 +15,7 @@ use ipnet::IpNet;
 use super::error::{ConfigError, ConfigErrors};
 use super::file::{
     CacheFile, CertFile, CredentialsFile, FileConfig, IdentityFile, RawSize, RegistryFile,
-    ServerFile, TlsFile,
+    ScopedCredentialsFile, ServerFile, TlsFile,
 };
 use super::model::*;
 use crate::secret::Secret;
@@ -103,7 +103,7 @@ pub(super) fn validate(file: FileConfig, inputs: &Inputs<'_>) -> Result<Config, 
     let cache = check_cache(&mut ctx, &file.cache);
     let zones = check_zones(&mut ctx, &file.zones);
     let identities = check_identities(&mut ctx, &file.identity);
-    let registries = check_registries(&mut ctx, &file.registry, &zones);
+    let registries = check_registries(&mut ctx, &file.registry, &zones, &identities);
     if !ctx.errors.is_empty() {
         return Err(ConfigErrors(ctx.errors));
     }
@@ -582,7 +582,12 @@ struct Claims {
     prefixes: HashMap<String, String>,
 }
 
-fn check_registries(ctx: &mut Ctx<'_>, files: &[RegistryFile], zones: &[Zone]) -> Vec<Registry> {
+fn check_registries(
+    ctx: &mut Ctx<'_>,
+    files: &[RegistryFile],
+    zones: &[Zone],
+    identities: &[Identity],
+) -> Vec<Registry> {
     if files.is_empty() {
         ctx.err("registry", "at least one [[registry]] is required");
     }
@@ -609,7 +614,10 @@ fn check_registries(ctx: &mut Ctx<'_>, files: &[RegistryFile], zones: &[Zone]) -
                 None => default_key = Some(key.clone()),
             }
         }
-        if let Some(registry) = check_registry(ctx, &key, file, zones, &mut claims) {
+        let scoped =
+            check_scoped_credentials(ctx, &key, &file.scoped_credentials, zones, identities);
+        if let Some(mut registry) = check_registry(ctx, &key, file, zones, &mut claims) {
+            registry.scoped_credentials = scoped;
             out.push(registry);
         }
     }
@@ -721,7 +729,62 @@ fn check_registry(
         push: file.push,
         redirect,
         tag_ttl,
+        scoped_credentials: Vec::new(),
     })
+}
+
+fn check_scoped_credentials(
+    ctx: &mut Ctx<'_>,
+    registry_key: &str,
+    files: &[ScopedCredentialsFile],
+    zones: &[Zone],
+    identities: &[Identity],
+) -> Vec<ScopedCredentials> {
+    let mut out: Vec<ScopedCredentials> = Vec::new();
+    for (i, file) in files.iter().enumerate() {
+        let table = format!("{registry_key}.scoped_credentials");
+        let key = entry_key(ctx, &table, i, file.name.as_deref(), is_zone_name);
+        let name = file.name.clone().unwrap_or_default();
+        if out.iter().any(|s| s.name == name) {
+            ctx.err(format!("{key}.name"), format!("duplicate name {name:?}"));
+        }
+        if file.zones.is_empty() && file.identities.is_empty() && file.repositories.is_empty() {
+            ctx.err(
+                key.clone(),
+                "selects every caller: give zones, identities or repositories (or use the registry's credentials)",
+            );
+        }
+        check_registry_zones(ctx, &key, &file.zones, zones);
+        for (j, identity) in file.identities.iter().enumerate() {
+            if !identities.iter().any(|known| &known.name == identity) {
+                ctx.err(
+                    format!("{key}.identities[{j}]"),
+                    format!("unknown identity {identity:?}: define it as an [[identity]]"),
+                );
+            }
+        }
+        let repositories = check_globs(ctx, &format!("{key}.repositories"), &file.repositories);
+        let credentials = match &file.credentials {
+            Some(c) => check_credentials(ctx, &format!("{key}.credentials"), c),
+            None => {
+                ctx.err(
+                    format!("{key}.credentials"),
+                    "missing: the credentials to use",
+                );
+                None
+            }
+        };
+        if let Some(credentials) = credentials {
+            out.push(ScopedCredentials {
+                name,
+                zones: file.zones.clone(),
+                identities: file.identities.clone(),
+                repositories,
+                credentials,
+            });
+        }
+    }
+    out
 }
 
 fn check_hosts(ctx: &mut Ctx<'_>, key: &str, raw: &[String]) -> Vec<String> {

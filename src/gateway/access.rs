@@ -50,6 +50,8 @@ pub fn check_credentials(
 }
 
 /// Decides whether the request may proceed; a denial comes back as the OCI error to send.
+/// Allowed: the name of the scoped credentials the request uses, `None` for the registry's own
+/// (see [`policy::scoped_credentials`]).
 pub fn check(
     gw: &Gateway,
     session: &Session,
@@ -57,7 +59,7 @@ pub fn check(
     registry: &Registry,
     repository: Option<&Repository>,
     action: Action,
-) -> Result<(), OciError> {
+) -> Result<Option<String>, OciError> {
     let req = session.req_header();
     let values = |name: &str| -> Vec<&str> {
         req.headers
@@ -92,7 +94,19 @@ pub fn check(
     match policy::decide(&facts) {
         Decision::Allow => {
             ctx.decision = "allow";
-            Ok(())
+            let scoped =
+                policy::scoped_credentials(registry, &facts.zones, authn.identity(), repository);
+            ctx.credential = match scoped {
+                Some(s) => Some(format!(
+                    "registry.{}.scoped_credentials.{}",
+                    registry.name, s.name
+                )),
+                None => registry
+                    .credentials
+                    .as_ref()
+                    .map(|_| format!("registry.{}.credentials", registry.name)),
+            };
+            Ok(scoped.map(|s| s.name.clone()))
         }
         Decision::Deny(reason) => {
             ctx.decision = "deny";

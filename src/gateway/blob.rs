@@ -29,6 +29,8 @@ pub struct BlobJob<'a> {
     pub links: &'a Arc<Links>,
     pub client: &'a Arc<UpstreamClient>,
     pub registry: &'a str,
+    /// Cache partition of the credentials in use (`Job::partition`).
+    pub partition: &'a str,
     pub repository: &'a Repository,
     pub stale_if_error: Duration,
     pub digest: &'a Digest,
@@ -59,6 +61,7 @@ pub async fn serve(
     let source = Arc::new(UpstreamBlob {
         client: job.client.clone(),
         links: job.links.clone(),
+        partition: job.partition.to_owned(),
         repository: job.repository.clone(),
         digest: job.digest.clone(),
     });
@@ -84,6 +87,7 @@ async fn confirm(job: &BlobJob<'_>) -> Result<Confirmed, Failure> {
         links: job.links,
         client: job.client,
         registry: job.registry,
+        partition: job.partition,
         repository: job.repository,
         stale_if_error: job.stale_if_error,
     }
@@ -143,6 +147,7 @@ async fn unsatisfiable(
 struct UpstreamBlob {
     client: Arc<UpstreamClient>,
     links: Arc<Links>,
+    partition: String,
     repository: Repository,
     digest: Digest,
 }
@@ -180,8 +185,12 @@ impl BlobSource for UpstreamBlob {
             ));
         }
         if offset == 0 {
-            self.links
-                .confirm(&registry, &self.repository, &self.digest, SystemTime::now());
+            self.links.confirm(
+                &self.partition,
+                &self.repository,
+                &self.digest,
+                SystemTime::now(),
+            );
         }
         let (total_len, skip) = match (status, offset) {
             (StatusCode::PARTIAL_CONTENT, _) => (content_range_total(answer.headers()), 0),

@@ -29,7 +29,10 @@ pub enum Kind {
 pub struct Confirm<'a> {
     pub links: &'a Links,
     pub client: &'a UpstreamClient,
+    /// For messages: the registry's name.
     pub registry: &'a str,
+    /// For the confirmations: the registry and the credentials in use (see `Job::partition`).
+    pub partition: &'a str,
     pub repository: &'a Repository,
     pub stale_if_error: Duration,
 }
@@ -48,7 +51,7 @@ impl Confirm<'_> {
         let now = SystemTime::now();
         let known = self
             .links
-            .confirmed_at(self.registry, self.repository, digest);
+            .confirmed_at(self.partition, self.repository, digest);
         let age = |at: SystemTime| now.duration_since(at).unwrap_or_default();
         if let Some(at) = known.filter(|at| age(*at) < CONFIRMATION_TTL) {
             return Ok(Confirmed { at, stale: false });
@@ -74,7 +77,7 @@ impl Confirm<'_> {
         match self.client.send(&request).await {
             Ok(answer) if answer.response.status().is_success() => {
                 self.links
-                    .confirm(self.registry, self.repository, digest, now);
+                    .confirm(self.partition, self.repository, digest, now);
                 Ok(Confirmed {
                     at: now,
                     stale: false,
@@ -89,7 +92,7 @@ impl Confirm<'_> {
             Ok(answer) => {
                 let status = answer.response.status();
                 if matches!(status.as_u16(), 401 | 403 | 404) {
-                    self.links.forget(self.registry, self.repository, digest);
+                    self.links.forget(self.partition, self.repository, digest);
                 }
                 Err(error_from_upstream(self.registry, what, answer.response)
                     .await
@@ -107,7 +110,7 @@ impl Confirm<'_> {
     pub fn references(&self, manifest_body: &[u8], at: SystemTime) {
         for digest in oci::manifest_references(manifest_body) {
             self.links
-                .confirm(self.registry, self.repository, &digest, at);
+                .confirm(self.partition, self.repository, &digest, at);
         }
     }
 }

@@ -54,7 +54,7 @@ pub async fn serve(
         upstream_headers,
         missing_key: format!(
             "{}\0{}\0{reference}",
-            job.routed.registry.name,
+            job.partition,
             job.routed.repository.as_str()
         ),
     };
@@ -70,6 +70,7 @@ impl ManifestJob<'_> {
             links: &self.gw.links,
             client: self.job.client,
             registry: &self.job.routed.registry.name,
+            partition: &self.job.partition,
             repository: &self.job.routed.repository,
             stale_if_error: self.gw.config.cache.stale_if_error,
         }
@@ -101,7 +102,7 @@ impl ManifestJob<'_> {
         tag: &Tag,
     ) -> Result<(), Failure> {
         let routed = self.job.routed;
-        let key = TagKey::new(&routed.registry.name, &routed.repository, tag);
+        let key = TagKey::new(&self.job.partition, &routed.repository, tag);
         let now = SystemTime::now();
         let accept = accept_of(&self.upstream_headers);
         let cached = self.gw.manifests.tag(&key);
@@ -213,7 +214,7 @@ impl ManifestJob<'_> {
     ) -> Result<(), Failure> {
         let routed = self.job.routed;
         self.gw.links.confirm(
-            &routed.registry.name,
+            &self.job.partition,
             &routed.repository,
             &entry.digest,
             entry.validated_at,
@@ -298,12 +299,9 @@ impl ManifestJob<'_> {
             media_type,
             body: Bytes::from(body),
         });
-        self.gw.links.confirm(
-            &routed.registry.name,
-            &routed.repository,
-            &stored.digest,
-            now,
-        );
+        self.gw
+            .links
+            .confirm(&self.job.partition, &routed.repository, &stored.digest, now);
         self.confirm().references(&stored.body, now);
         Ok(stored)
     }

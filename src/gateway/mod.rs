@@ -55,6 +55,19 @@ impl Gateway {
             let client = UpstreamClient::new(registry.clone(), metrics.clone())
                 .map_err(|e| format!("registry.{}: {e}", registry.name))?;
             upstreams.insert(registry.name.clone(), Arc::new(client));
+            // One client per scoped credential: its own tokens, challenge and connections.
+            for scoped in &registry.scoped_credentials {
+                let mut with = (**registry).clone();
+                with.credentials = Some(scoped.credentials.clone());
+                let client = UpstreamClient::new(Arc::new(with), metrics.clone()).map_err(|e| {
+                    format!(
+                        "registry.{}.scoped_credentials.{}: {e}",
+                        registry.name, scoped.name
+                    )
+                })?;
+                let key = serve::partition(&registry.name, Some(&scoped.name));
+                upstreams.insert(key, Arc::new(client));
+            }
         }
         let (store, stats) = BlobStore::open(&config.cache.dir, config.cache.max_size)
             .map_err(|e| format!("cache.dir: cannot use {}: {e}", config.cache.dir.display()))?;
@@ -99,8 +112,9 @@ impl Gateway {
         self.store.clone()
     }
 
-    fn upstream(&self, registry: &str) -> Option<&Arc<UpstreamClient>> {
-        self.upstreams.get(registry)
+    /// The upstream client of a cache partition (`serve::partition`).
+    fn upstream(&self, partition: &str) -> Option<&Arc<UpstreamClient>> {
+        self.upstreams.get(partition)
     }
 
     fn request_id(&self) -> String {

@@ -96,12 +96,7 @@ pub async fn serve(
             }
             ctx.repository = Some(routed.repository.as_str().to_owned());
             ctx.reference = endpoint.reference();
-            ctx.credential = routed
-                .registry
-                .credentials
-                .as_ref()
-                .map(|_| format!("registry.{}.credentials", routed.registry.name));
-            access::check(
+            let scoped = access::check(
                 gw,
                 session,
                 ctx,
@@ -110,8 +105,9 @@ pub async fn serve(
                 access::action_of(&method),
             )?;
             check_method(&routed, &endpoint, &method)?;
+            let partition = partition(&routed.registry.name, scoped.as_deref());
             let client = gw
-                .upstream(&routed.registry.name)
+                .upstream(&partition)
                 .ok_or_else(|| {
                     OciError::new(ErrorCode::NameUnknown, "registry has no upstream client")
                 })?
@@ -125,6 +121,7 @@ pub async fn serve(
             let job = Job {
                 client: &client,
                 routed: &routed,
+                partition: partition.clone(),
                 method,
                 headers,
                 query,
@@ -140,6 +137,7 @@ pub async fn serve(
                         links: &gw.links,
                         client: &client,
                         registry: &routed.registry.name,
+                        partition: &partition,
                         repository: &routed.repository,
                         stale_if_error: gw.config.cache.stale_if_error,
                         digest: &digest,
@@ -168,6 +166,9 @@ pub async fn serve(
 pub struct Job<'a> {
     pub client: &'a UpstreamClient,
     pub routed: &'a Routed,
+    /// What the cache keeps apart per credential: tag answers, remembered 404s and repository
+    /// confirmations (invariant 5 with scoped credentials). See [`partition`].
+    pub partition: String,
     pub method: Method,
     pub headers: HeaderMap,
     /// The client's query without `ns`, `?`-less; empty when none.
@@ -194,6 +195,16 @@ impl Job<'_> {
             repository: Some(self.routed.repository.clone()),
             headers,
         }
+    }
+}
+
+/// The registry's name for its own credentials, `<registry>/<scoped credentials name>` for
+/// scoped ones (registry names cannot hold `/`, so partitions never collide). Also the key of
+/// the gateway's upstream clients, one per credential.
+pub fn partition(registry: &str, scoped: Option<&str>) -> String {
+    match scoped {
+        Some(name) => format!("{registry}/{name}"),
+        None => registry.to_owned(),
     }
 }
 

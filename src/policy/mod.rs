@@ -26,7 +26,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::config::{Config, Identity, Registry, Zone};
+use crate::config::{Config, Identity, Registry, ScopedCredentials, Zone};
 use crate::oci::Repository;
 
 pub use identity::{AuthFailure, AuthMethod, Authenticator, Authn, Credentials, IdentityKinds};
@@ -88,6 +88,29 @@ impl Decision {
             Decision::Deny(reason) => reason.label(),
         }
     }
+}
+
+/// Which upstream credentials a request uses (secret-free pull, scoped): the first of the
+/// registry's `scoped_credentials` whose every non-empty list matches (any zone of the source,
+/// the identity, any repository glob); `None` means the registry's own `credentials`.
+pub fn scoped_credentials<'a>(
+    registry: &'a Registry,
+    zones: &ZoneMatch<'_>,
+    identity: Option<&str>,
+    repository: Option<&Repository>,
+) -> Option<&'a ScopedCredentials> {
+    registry.scoped_credentials.iter().find(|rule| {
+        let zone_ok = rule.zones.is_empty() || zones.any_of(&rule.zones).is_some();
+        let identity_ok = rule.identities.is_empty()
+            || identity.is_some_and(|id| rule.identities.iter().any(|r| r == id));
+        let repository_ok = rule.repositories.is_empty()
+            || repository.is_some_and(|repo| {
+                rule.repositories
+                    .iter()
+                    .any(|g| glob::matches(g, repo.as_str()))
+            });
+        zone_ok && identity_ok && repository_ok
+    })
 }
 
 /// The policy tables of one config.

@@ -65,6 +65,7 @@ fn registry(access: NetworkAccess) -> Registry {
         push: false,
         redirect: RedirectMode::Follow,
         tag_ttl: None,
+        scoped_credentials: Vec::new(),
     }
 }
 

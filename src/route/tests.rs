@@ -41,6 +41,7 @@ fn registry(
         push: false,
         redirect: RedirectMode::Follow,
         tag_ttl: None,
+        scoped_credentials: Vec::new(),
     })
 }
 

@@ -10,8 +10,8 @@ use base64::Engine;
 
 use crate::harness::{registry, Answer, Gateway, MANIFEST_ACCEPT};
 use crate::support::{
-    block_on, sha256_hex, skopeo_copy_to_oci, wait_until, ClientTls, TestImage, Upstream,
-    UpstreamOptions,
+    block_on, sha256_hex, skopeo_copy_to_oci, wait_until, Auth, ClientTls, TestImage,
+    TokenIssuerOptions, Upstream, UpstreamOptions,
 };
 
 const CI_PASSWORD: &str = "ci-secret-7f3a";
@@ -315,5 +315,96 @@ fn skopeo_pulls_with_identity_credentials_and_is_refused_without() {
     assert!(
         wrong.contains("401") || wrong.to_lowercase().contains("unauthorized"),
         "{wrong}"
+    );
+}
+
+#[test]
+fn scoped_credentials_pick_the_upstream_account_and_the_cache_keeps_them_apart() {
+    // Upstream accounts: alice may use everything, bob only team-b/.
+    let up = Upstream::start(UpstreamOptions {
+        auth: Auth::Token(TokenIssuerOptions {
+            users: vec![
+                ("alice".into(), "alice-secret-pw".into()),
+                ("bob".into(), "bob-secret-pw".into()),
+            ],
+            restricted: vec![("bob".into(), "team-b/".into())],
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let a = TestImage::small("scoped-a");
+    let b = TestImage::small("scoped-b");
+    up.push(&a, "team-a/app:v1");
+    up.push(&b, "team-b/app:v1");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret = |user: &str, pw: &str| {
+        let path = dir.path().join(user);
+        std::fs::write(&path, pw).expect("password file");
+        path.display().to_string()
+    };
+    let (bob, alice) = (
+        secret("bob", "bob-secret-pw"),
+        secret("alice", "alice-secret-pw"),
+    );
+    // Callers in the vpc zone pull with alice's account; everyone else with bob's.
+    let gw = Gateway::start_full(
+        "",
+        &format!(
+            "[zones]\nvpc = [\"127.0.0.2/32\"]\n\n[[registry]]\nname = \"hub\"\nupstream = \"{}\"\nca = \"{}\"\ndefault = true\n\
+             credentials = {{ username = \"bob\", password_file = \"{bob}\" }}\n\
+             [[registry.scoped_credentials]]\nname = \"full\"\nzones = [\"vpc\"]\n\
+             credentials = {{ username = \"alice\", password_file = \"{alice}\" }}\n",
+            up.url(),
+            up.pki().ca_path().display()
+        ),
+        None,
+        "",
+    );
+    let manifest = |repo: &str| gw.url(&format!("/v2/{repo}/manifests/v1"));
+    let layer = a.layer_digests()[0].clone();
+    let blob = gw.url(&format!("/v2/team-a/app/blobs/{layer}"));
+
+    assert_eq!(
+        request_from("127.0.0.4", "GET", &manifest("team-b/app"), None, &[]).status,
+        200
+    );
+    let vpc = request_from("127.0.0.2", "GET", &manifest("team-a/app"), None, &[]);
+    assert_eq!(vpc.status, 200, "{}", String::from_utf8_lossy(&vpc.body));
+    assert_eq!(
+        request_from("127.0.0.2", "GET", &blob, None, &[]).status,
+        200
+    );
+
+    // Outside the zone, bob's account applies: neither the cached tag answer nor the cached
+    // blob of team-a may be handed out, since bob's account cannot read team-a.
+    let tag = request_from("127.0.0.4", "GET", &manifest("team-a/app"), None, &[]);
+    assert_eq!(tag.status, 403, "{}", String::from_utf8_lossy(&tag.body));
+    assert_eq!(tag.oci_code().as_deref(), Some("DENIED"));
+    let cached_blob = request_from("127.0.0.4", "GET", &blob, None, &[]);
+    assert_eq!(
+        cached_blob.status,
+        403,
+        "{}",
+        String::from_utf8_lossy(&cached_blob.body)
+    );
+
+    wait_until(Duration::from_secs(5), "five audit lines", || {
+        gw.audit_lines().len() == 5
+    })
+    .expect("audited");
+    let credentials: Vec<String> = gw
+        .audit_lines()
+        .iter()
+        .map(|l| l["credential"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(
+        credentials,
+        [
+            "registry.hub.credentials",
+            "registry.hub.scoped_credentials.full",
+            "registry.hub.scoped_credentials.full",
+            "registry.hub.credentials",
+            "registry.hub.credentials",
+        ]
     );
 }

@@ -26,6 +26,8 @@ pub struct TokenIssuerOptions {
     pub users: Vec<(String, String)>,
     /// Repositories whose name starts with one of these may be pulled anonymously.
     pub public_prefixes: Vec<String>,
+    /// (user, prefix): that user may use only repositories whose name starts with the prefix.
+    pub restricted: Vec<(String, String)>,
     /// Token lifetime in seconds (`exp - iat`), also sent as `expires_in`.
     pub ttl_secs: u64,
     /// Whether the response carries `expires_in` (clients then assume 60 s).
@@ -47,6 +49,7 @@ impl Default for TokenIssuerOptions {
         TokenIssuerOptions {
             users: vec![("alice".into(), "alice-secret-pw".into())],
             public_prefixes: vec!["public/".into()],
+            restricted: Vec::new(),
             ttl_secs: 300,
             send_expires_in: true,
             issuer: "test-issuer".into(),
@@ -337,6 +340,15 @@ fn basic_auth(req: &Request<Incoming>) -> Option<(String, String)> {
 /// The actions `who` may do on repository `name`.
 fn allowed(st: &State, who: &Who, typ: &str, name: &str) -> Vec<&'static str> {
     match (who, typ) {
+        (Who::User(u), "repository")
+            if st
+                .opts
+                .restricted
+                .iter()
+                .any(|(user, prefix)| user == u && !name.starts_with(prefix.as_str())) =>
+        {
+            vec![]
+        }
         (Who::User(_), "repository") => vec!["pull", "push", "delete", "*"],
         (Who::User(_), "registry") => vec!["*"],
         (Who::Anonymous, "repository")
