@@ -281,7 +281,6 @@ fn full_config_validates_and_resolves_paths() {
         "server.tls",
         "registry.icr.data_hosts",
         "registry.icr.redirect",
-        "registry.icr.push",
     ] {
         assert!(keys.contains(&key), "no warning for {key}: {keys:?}");
     }

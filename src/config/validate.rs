@@ -1101,9 +1101,6 @@ fn not_yet_enforced(config: &Config) -> Vec<Warning> {
         if reg.redirect == RedirectMode::DataEndpoint {
             warn(key("redirect"), "\"data-endpoint\" is not served yet");
         }
-        if reg.push {
-            warn(key("push"), "pushes are refused until push support lands");
-        }
     }
     out
 }

@@ -49,17 +49,8 @@ pub fn check_credentials(
     }
 }
 
-/// Decides whether the request may proceed; a denial comes back as the OCI error to send.
-/// Allowed: the name of the scoped credentials the request uses, `None` for the registry's own
-/// (see [`policy::scoped_credentials`]).
-pub fn check(
-    gw: &Gateway,
-    session: &Session,
-    ctx: &mut RequestCtx,
-    registry: &Registry,
-    repository: Option<&Repository>,
-    action: Action,
-) -> Result<Option<String>, OciError> {
+/// The source address and the authentication of a request.
+fn caller(gw: &Gateway, session: &Session, ctx: &RequestCtx) -> (IpAddr, policy::Authn) {
     let req = session.req_header();
     let values = |name: &str| -> Vec<&str> {
         req.headers
@@ -83,7 +74,38 @@ pub fn check(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     let subjects: Vec<&str> = ctx.tls_subjects.iter().map(String::as_str).collect();
-    let authn = gw.policy.authenticate(authorization, &subjects);
+    (source, gw.policy.authenticate(authorization, &subjects))
+}
+
+/// Whether the caller may do `action` on another repository (a mount's source), without
+/// recording anything.
+pub fn allows(
+    gw: &Gateway,
+    session: &Session,
+    ctx: &RequestCtx,
+    registry: &Registry,
+    repository: &Repository,
+    action: Action,
+) -> bool {
+    let (source, authn) = caller(gw, session, ctx);
+    let facts = gw
+        .policy
+        .facts(registry, source, &authn, Some(repository), action);
+    policy::decide(&facts).is_allow()
+}
+
+/// Decides whether the request may proceed; a denial comes back as the OCI error to send.
+/// Allowed: the name of the scoped credentials the request uses, `None` for the registry's own
+/// (see [`policy::scoped_credentials`]).
+pub fn check(
+    gw: &Gateway,
+    session: &Session,
+    ctx: &mut RequestCtx,
+    registry: &Registry,
+    repository: Option<&Repository>,
+    action: Action,
+) -> Result<Option<String>, OciError> {
+    let (source, authn) = caller(gw, session, ctx);
     let facts = gw
         .policy
         .facts(registry, source, &authn, repository, action);

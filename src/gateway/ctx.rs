@@ -44,6 +44,8 @@ pub struct RequestCtx {
     pub reason: Option<&'static str>,
     /// The name of the upstream credential in use, for the audit line.
     pub credential: Option<String>,
+    /// Set for a push: the request goes to the upstream through Pingora's proxy path.
+    pub push: Option<super::push::PushPlan>,
     /// Why the request failed, for the access line (never a secret: built from our own errors).
     pub error: Option<String>,
 }
@@ -72,6 +74,7 @@ impl RequestCtx {
             decision: "none",
             reason: None,
             credential: None,
+            push: None,
             error: None,
         }
     }

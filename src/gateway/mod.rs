@@ -10,6 +10,7 @@ mod blob;
 mod confirm;
 mod ctx;
 mod manifest;
+mod push;
 mod range;
 mod respond;
 mod serve;
@@ -31,11 +32,20 @@ use crate::store::{BlobStore, Links, ManifestStore};
 use crate::upstream::UpstreamClient;
 pub use ctx::RequestCtx;
 
+/// Connecting to an upstream for a push.
+const PUSH_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// No byte either way for this long ends a push request.
+const PUSH_IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+/// Pooled upstream connections of the push path close after this long unused.
+const PUSH_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Shared, read-only state of a running gateway.
 pub struct Gateway {
     config: Arc<Config>,
     routes: RouteTable,
     upstreams: HashMap<String, Arc<UpstreamClient>>,
+    /// Extra trust anchors per registry (its `ca`), for the push path's Pingora connections.
+    upstream_cas: HashMap<String, Arc<[pingora::utils::tls::WrappedX509]>>,
     store: BlobStore,
     manifests: ManifestStore,
     links: Arc<Links>,
@@ -69,6 +79,14 @@ impl Gateway {
                 upstreams.insert(key, Arc::new(client));
             }
         }
+        let mut upstream_cas = HashMap::new();
+        for registry in &config.registries {
+            if let Some(path) = &registry.ca {
+                let ca =
+                    load_ca(path).map_err(|e| format!("registry.{}.ca: {e}", registry.name))?;
+                upstream_cas.insert(registry.name.clone(), ca);
+            }
+        }
         let (store, stats) = BlobStore::open(&config.cache.dir, config.cache.max_size)
             .map_err(|e| format!("cache.dir: cannot use {}: {e}", config.cache.dir.display()))?;
         tracing::info!(
@@ -96,6 +114,7 @@ impl Gateway {
             config,
             routes,
             upstreams,
+            upstream_cas,
             store,
             manifests,
             links,
@@ -136,6 +155,8 @@ impl ProxyHttp for Gateway {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         match serve::serve(self, session, ctx).await {
+            // A push continues on Pingora's proxy path (upstream_peer and the filters below).
+            Ok(()) if ctx.push.is_some() => Ok(false),
             Ok(()) => Ok(true),
             Err(serve::Failure::Respond(error)) => {
                 respond::oci_error(session, ctx, &error).await?;
@@ -153,12 +174,97 @@ impl ProxyHttp for Gateway {
     async fn upstream_peer(
         &self,
         _session: &mut Session,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        Err(Error::explain(
-            ErrorType::InternalError,
-            "pullgate answers every request in request_filter",
-        ))
+        let Some(plan) = &ctx.push else {
+            return Err(Error::explain(
+                ErrorType::InternalError,
+                "pullgate answers every pull in request_filter",
+            ));
+        };
+        // Resolved here, without blocking, and checked by the SSRF guard: `HttpPeer::new`
+        // would resolve with blocking DNS.
+        let addr = plan
+            .client
+            .resolve()
+            .await
+            .map_err(|e| Error::explain(ErrorType::ConnectError, e.to_string()))?;
+        let registry = plan.client.registry();
+        let up = &registry.upstream;
+        let mut peer = HttpPeer::new(addr, up.https, up.host.clone());
+        peer.options.connection_timeout = Some(PUSH_CONNECT_TIMEOUT);
+        peer.options.total_connection_timeout = Some(PUSH_CONNECT_TIMEOUT);
+        peer.options.read_timeout = Some(PUSH_IO_TIMEOUT);
+        peer.options.write_timeout = Some(PUSH_IO_TIMEOUT);
+        peer.options.idle_timeout = Some(PUSH_IDLE_TIMEOUT);
+        if let Some(ca) = self.upstream_cas.get(&registry.name) {
+            peer.options.ca = Some(ca.clone());
+        }
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut pingora::http::RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let Some(plan) = &ctx.push else {
+            return Ok(());
+        };
+        let uri = plan
+            .path_and_query
+            .parse::<http::Uri>()
+            .map_err(|e| Error::explain(ErrorType::InternalError, e.to_string()))?;
+        upstream_request.set_uri(uri);
+        upstream_request.insert_header(http::header::HOST, plan.host.as_str())?;
+        // Invariant 1: the caller's credentials (for pullgate) never reach the upstream.
+        upstream_request.remove_header(&http::header::AUTHORIZATION);
+        if let Some(auth) = &plan.authorization {
+            upstream_request.insert_header(http::header::AUTHORIZATION, auth.expose())?;
+        }
+        for hop in ["x-forwarded-for", "forwarded", "cookie"] {
+            upstream_request.remove_header(hop);
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut pingora::http::ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let Some(plan) = &ctx.push else {
+            return Ok(());
+        };
+        let status = upstream_response.status;
+        ctx.upstream_status = Some(status.as_u16());
+        if let Some(location) = upstream_response
+            .headers
+            .get(http::header::LOCATION)
+            .and_then(|l| l.to_str().ok())
+        {
+            let Some(rewritten) = push::rewrite_location(location, &plan.locations) else {
+                ctx.note_error("upstream sent a Location outside the repository");
+                return Err(Error::explain(
+                    ErrorType::HTTPStatus(502),
+                    "upstream sent a Location outside the repository",
+                ));
+            };
+            upstream_response.insert_header(http::header::LOCATION, rewritten)?;
+        }
+        upstream_response.remove_header("set-cookie");
+        if status.is_success() {
+            if let Some(write) = &plan.manifest {
+                // A new digest for a tag is visible to the next pull at once.
+                if let Some(tag) = &write.tag {
+                    self.manifests.forget_tag(tag);
+                }
+                self.manifests.forget_missing(&write.missing_key);
+            }
+        }
+        Ok(())
     }
 
     fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, _error: &Error) -> bool {
@@ -214,6 +320,25 @@ impl ProxyHttp for Gateway {
             stale: ctx.stale,
         });
     }
+}
+
+/// Every certificate of a PEM file, as Pingora's per-peer trust anchors.
+fn load_ca(
+    path: &std::path::Path,
+) -> std::result::Result<Arc<[pingora::utils::tls::WrappedX509]>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let certs: Vec<pingora::utils::tls::WrappedX509> = rustls_pemfile::certs(&mut pem.as_slice())
+        .map(|c| {
+            c.map(|der| {
+                pingora::utils::tls::WrappedX509::new(der.to_vec(), pingora::utils::tls::parse_x509)
+            })
+        })
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no certificate", path.display()));
+    }
+    Ok(certs.into())
 }
 
 /// The Host a request was sent to: the `Host` header (HTTP/1) or the `:authority` (HTTP/2).

@@ -12,6 +12,7 @@ use super::access;
 use super::blob::{self, BlobJob};
 use super::ctx::loggable_path;
 use super::manifest;
+use super::push;
 use super::respond;
 use super::{request_host, Gateway, RequestCtx};
 use crate::oci::{self, Algorithm, ApiRequest, Digest, Endpoint, ErrorCode, OciError};
@@ -127,6 +128,13 @@ pub async fn serve(
                 query,
                 max_manifest: gw.config.cache.max_manifest_size,
             };
+            if push::is_push(&endpoint, &job.method) {
+                let from = mount_source(gw, session, ctx, &job, host.as_deref(), ns.as_deref());
+                let plan = push::plan(ctx, &client, &job, &endpoint, ns.clone(), from).await?;
+                // Answered by Pingora's proxy path (see `push.rs`).
+                ctx.push = Some(plan);
+                return Ok(());
+            }
             match endpoint {
                 Endpoint::Manifest(reference) => {
                     manifest::serve(gw, session, ctx, &job, &reference).await
@@ -156,6 +164,7 @@ pub async fn serve(
                 Endpoint::Referrers(digest) => {
                     passthrough(session, ctx, &job, &format!("referrers/{digest}"), true).await
                 }
+                // Every upload request is a push, handled above.
                 Endpoint::UploadStart | Endpoint::Upload(_) => Err(push_denied(&routed).into()),
             }
         }
@@ -198,6 +207,33 @@ impl Job<'_> {
     }
 }
 
+/// The upstream name of a mount source (`?mount=<digest>&from=<name>`), when the client's
+/// `from` name routes to the same registry and the caller may pull it; `None` drops the mount
+/// (the upstream then starts a plain upload).
+fn mount_source(
+    gw: &Gateway,
+    session: &Session,
+    ctx: &RequestCtx,
+    job: &Job<'_>,
+    host: Option<&str>,
+    ns: Option<&str>,
+) -> Option<oci::Repository> {
+    query_value(&job.query, "mount")?;
+    let from = query_value(&job.query, "from")?;
+    let source = gw.routes.resolve(host, ns, &from).ok()?;
+    let same_registry = source.registry.name == job.routed.registry.name;
+    let may_pull = same_registry
+        && access::allows(
+            gw,
+            session,
+            ctx,
+            &source.registry,
+            &source.repository,
+            Action::Pull,
+        );
+    may_pull.then_some(source.repository)
+}
+
 /// The registry's name for its own credentials, `<registry>/<scoped credentials name>` for
 /// scoped ones (registry names cannot hold `/`, so partitions never collide). Also the key of
 /// the gateway's upstream clients, one per credential.
@@ -210,22 +246,27 @@ pub fn partition(registry: &str, scoped: Option<&str>) -> String {
 
 fn check_method(routed: &Routed, endpoint: &Endpoint, method: &Method) -> Result<(), OciError> {
     let read = matches!(*method, Method::GET | Method::HEAD);
-    match endpoint {
-        Endpoint::UploadStart | Endpoint::Upload(_) => Err(push_denied(routed)),
-        _ if routed.by == RoutedBy::DataHost && !matches!(endpoint, Endpoint::Blob(_)) => {
-            Err(OciError::new(
-                ErrorCode::Unsupported,
-                "this is a data endpoint: it serves blobs only",
-            )
-            .with_status(404))
-        }
-        _ if read => Ok(()),
-        Endpoint::Manifest(_) if matches!(*method, Method::PUT | Method::DELETE) => {
-            Err(push_denied(routed))
-        }
-        Endpoint::Blob(_) if *method == Method::DELETE => Err(push_denied(routed)),
-        _ => Err(unsupported_method(method)),
+    if routed.by == RoutedBy::DataHost && !(read && matches!(endpoint, Endpoint::Blob(_))) {
+        return Err(OciError::new(
+            ErrorCode::Unsupported,
+            "this is a data endpoint: it serves blob reads only",
+        )
+        .with_status(404));
     }
+    let allowed: &[Method] = match endpoint {
+        Endpoint::UploadStart => &[Method::POST],
+        Endpoint::Upload(_) => &[Method::GET, Method::PATCH, Method::PUT, Method::DELETE],
+        Endpoint::Manifest(_) => &[Method::GET, Method::HEAD, Method::PUT, Method::DELETE],
+        Endpoint::Blob(_) => &[Method::GET, Method::HEAD, Method::DELETE],
+        Endpoint::TagsList | Endpoint::Referrers(_) => &[Method::GET, Method::HEAD],
+    };
+    if !allowed.contains(method) {
+        return Err(unsupported_method(method));
+    }
+    if push::is_push(endpoint, method) && !routed.registry.push {
+        return Err(push_denied(routed));
+    }
+    Ok(())
 }
 
 fn push_denied(routed: &Routed) -> OciError {

@@ -176,6 +176,71 @@ impl UpstreamClient {
         self.follow(req, second, auth).await
     }
 
+    /// The `Authorization` value for writes to `repository` (token scope `pull,push`, plus
+    /// `pull` on `mount_from` for a cross-repository mount), for requests that go to the
+    /// upstream through Pingora's proxy path rather than through this client. Learns the
+    /// upstream's challenge with a `GET /v2/` first when none is known. `None`: the upstream
+    /// wants no credentials. `refresh` skips the token cache (the last token was refused).
+    pub async fn push_authorization(
+        &self,
+        repository: &Repository,
+        mount_from: Option<&Repository>,
+        refresh: bool,
+    ) -> Result<Option<Secret>, UpstreamError> {
+        let challenge = match self.known_challenge() {
+            Some(c) => c,
+            None => {
+                let probe = UpstreamRequest {
+                    method: Method::GET,
+                    path_and_query: "/v2/".into(),
+                    repository: Some(repository.clone()),
+                    headers: HeaderMap::new(),
+                };
+                let url = format!("{}/v2/", self.registry.upstream.origin);
+                let answer = self.send_once(&probe, &url, None).await?;
+                if answer.status() != StatusCode::UNAUTHORIZED {
+                    return Ok(None);
+                }
+                let challenges = answer
+                    .headers()
+                    .get_all(header::WWW_AUTHENTICATE)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .flat_map(parse_challenges)
+                    .collect::<Vec<_>>();
+                let Some(c) = pick_challenge(challenges) else {
+                    return Err(self.denied(&probe, "it answered 401 without a usable challenge"));
+                };
+                self.learn(&c);
+                c
+            }
+        };
+        let mut scope = format!("repository:{}:pull,push", repository.as_str());
+        if let Some(from) = mount_from {
+            scope.push_str(&format!(" repository:{}:pull", from.as_str()));
+        }
+        self.authorization(&challenge, Some(&scope), refresh).await
+    }
+
+    /// The upstream's address for a direct connection (Pingora's proxy path): resolved without
+    /// blocking, and only an address the SSRF guard allows (invariant 8).
+    pub async fn resolve(&self) -> Result<std::net::SocketAddr, UpstreamError> {
+        let up = &self.registry.upstream;
+        let unreachable = |detail: String| UpstreamError::Unreachable {
+            registry: self.registry.name.clone(),
+            detail,
+        };
+        let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((up.host.as_str(), up.port))
+            .await
+            .map_err(|e| unreachable(format!("cannot resolve {}: {e}", up.host)))?
+            .collect();
+        self.guard
+            .filter(&up.host, addrs)
+            .into_iter()
+            .next()
+            .ok_or_else(|| unreachable(format!("{} has no usable address", up.host)))
+    }
+
     fn known_challenge(&self) -> Option<Challenge> {
         self.challenge
             .read()
@@ -286,8 +351,9 @@ impl UpstreamClient {
         if let Some(s) = service {
             query.push(("service", s));
         }
-        if !scope.is_empty() {
-            query.push(("scope", scope));
+        // Several scopes (a mount reads another repository) go as repeated parameters.
+        for one in scope.split_whitespace() {
+            query.push(("scope", one));
         }
         let request = match &credential {
             Some(Credential::IdentityToken(refresh)) => {

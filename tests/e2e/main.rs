@@ -19,5 +19,6 @@ mod observability;
 mod offline;
 mod policy;
 mod pull;
+mod push;
 mod redirects;
 mod routing;

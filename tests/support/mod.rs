@@ -42,7 +42,8 @@ pub use images::TestImage;
 pub use pki::Pki;
 pub use relay::{Fault, Relay};
 pub use skopeo::{
-    skopeo_copy_to_dir, skopeo_copy_to_oci, skopeo_inspect_raw, ClientTls, PulledImage,
+    skopeo_copy_to_dir, skopeo_copy_to_oci, skopeo_copy_to_registry, skopeo_inspect_raw, ClientTls,
+    PulledImage,
 };
 pub use storage::{Redirector, StorageHost};
 pub use token::{TokenIssuer, TokenIssuerOptions, TokenRequest};

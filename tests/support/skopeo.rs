@@ -178,3 +178,33 @@ pub fn skopeo_inspect_raw(
     cmd.arg(format!("docker://{docker_ref}"));
     Ok(run_cmd(&mut cmd)?.stdout)
 }
+
+/// `skopeo copy [--all] SRC docker://DEST` with no credentials on either side (pullgate injects
+/// them); returns the digest of the pushed top-level manifest.
+pub fn skopeo_copy_to_registry(
+    src_ref: &str,
+    dest_docker_ref: &str,
+    tls: ClientTls,
+    all: bool,
+) -> Result<String, String> {
+    let aux = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let digestfile = aux.path().join("digest");
+    let mut cmd = base_cmd(aux.path());
+    cmd.arg("copy");
+    if all {
+        cmd.arg("--all");
+    }
+    if src_ref.starts_with("docker://") {
+        src_args(&mut cmd, &tls, None, "src-");
+    }
+    src_args(&mut cmd, &tls, None, "dest-");
+    cmd.arg("--digestfile")
+        .arg(&digestfile)
+        .arg(src_ref)
+        .arg(format!("docker://{dest_docker_ref}"));
+    run_cmd(&mut cmd)?;
+    Ok(std::fs::read_to_string(&digestfile)
+        .map_err(|e| e.to_string())?
+        .trim()
+        .to_string())
+}
