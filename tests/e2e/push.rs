@@ -83,6 +83,28 @@ fn skopeo_pushes_every_image_shape_and_the_upstream_holds_the_same_digests() {
     );
     assert!(!location.contains(&up.host_port()), "no upstream URL leaks");
 
+    // A monolithic upload: POST, then one PUT with the whole body and its digest.
+    let body = b"monolithic blob through pullgate".to_vec();
+    let digest = format!("sha256:{}", crate::support::sha256_hex(&body));
+    let put_url = gw.url(&format!("{location}&digest={digest}"));
+    let status = crate::support::block_on(async move {
+        crate::support::http_client(None)
+            .put(&put_url)
+            .header("Content-Type", "application/octet-stream")
+            .body(body)
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    });
+    assert_eq!(status, 201, "monolithic PUT");
+    let stored = request(
+        "HEAD",
+        &gw.url(&format!("/v2/paths/team/by-prefix/blobs/{digest}")),
+        &[],
+    );
+    assert_eq!(stored.status, 200, "the upstream has the uploaded blob");
+
     // A cross-repository mount: the blob is linked upstream, not uploaded again.
     let layer = small.layer_digests()[0].clone();
     let mounted = request(
