@@ -101,3 +101,28 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 4096, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// Any header, any length: no panic, and a partial answer lies inside the blob.
+        #[test]
+        fn answers_stay_inside_the_blob(
+            header in prop_oneof![
+                "\\PC{0,40}",
+                "bytes=[0-9]{0,21}-[0-9]{0,21}",
+                "bytes= ?-?[0-9]{0,20} ?- ?[0-9]{0,20}(,[0-9]{1,3}-[0-9]{0,3})?",
+            ],
+            len in prop_oneof![Just(0u64), 0u64..1_000_000, Just(u64::MAX)],
+        ) {
+            if let RangeAnswer::Partial { start, end } = answer(Some(&header), len) {
+                prop_assert!(start < end && end <= len, "{header:?} on {len}: {start}..{end}");
+            }
+        }
+    }
+}

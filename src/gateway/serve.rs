@@ -20,6 +20,10 @@ use crate::policy::Action;
 use crate::route::{Routed, RoutedBy};
 use crate::upstream::{self, UpstreamClient, UpstreamError, UpstreamRequest};
 
+/// Registry clients send small heads; a large one is refused before any work (Pingora alone
+/// accepts up to 1 MiB).
+const MAX_REQUEST_HEAD: usize = 32 * 1024;
+
 /// How a request ended badly.
 pub enum Failure {
     /// Nothing was sent yet: answer with this OCI error.
@@ -54,6 +58,20 @@ pub async fn serve(
     let req = session.req_header();
     ctx.method = req.method.to_string();
     ctx.path = loggable_path(req.uri.path());
+    let head_bytes: usize = req
+        .headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len())
+        .sum::<usize>()
+        + req.uri.to_string().len();
+    if head_bytes > MAX_REQUEST_HEAD {
+        return Err(OciError::new(
+            ErrorCode::Unsupported,
+            format!("request head of {head_bytes} bytes exceeds pullgate's {MAX_REQUEST_HEAD}"),
+        )
+        .with_status(431)
+        .into());
+    }
     let method = req.method.clone();
     let path = req.uri.path().to_string();
     let query = req.uri.query().map(str::to_string);

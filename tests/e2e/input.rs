@@ -66,3 +66,37 @@ fn base_endpoint_answers_locally_and_push_is_refused() {
     assert_eq!(catalog.oci_code().as_deref(), Some("UNSUPPORTED"));
     assert_eq!(up.requests().len(), before, "nothing reached the upstream");
 }
+
+#[test]
+fn oversized_request_heads_are_refused_and_the_gateway_keeps_serving() {
+    use std::io::{Read, Write};
+    let up = Upstream::start(UpstreamOptions::default());
+    let gw = Gateway::start(&registry("hub", &up, "default = true"));
+    let before = up.requests().len();
+    for size in [64 * 1024, 2 * 1024 * 1024] {
+        let mut stream = std::net::TcpStream::connect(gw.addr()).expect("connect");
+        let head = format!(
+            "GET /v2/team/app/manifests/v1 HTTP/1.1\r\nHost: x\r\nX-Filler: {}\r\nConnection: close\r\n\r\n",
+            "a".repeat(size)
+        );
+        // The gateway may close before reading it all: a write error is an answer too.
+        let _ = stream.write_all(head.as_bytes());
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        let text = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.is_empty() || text.starts_with("HTTP/1.1 4"),
+            "{size} byte header accepted: {}",
+            &text[..text.len().min(200)]
+        );
+        if size < 1024 * 1024 {
+            assert!(
+                text.starts_with("HTTP/1.1 431"),
+                "{}",
+                &text[..text.len().min(200)]
+            );
+        }
+    }
+    assert_eq!(up.requests().len(), before, "nothing reached the upstream");
+    assert_eq!(get(&gw.url("/v2/")).status, 200, "still serving");
+}
