@@ -20,7 +20,7 @@ use super::respond::{self, Body};
 use super::serve::{error_from_upstream, upstream_error, Failure};
 use super::RequestCtx;
 use crate::oci::{Digest, Repository};
-use crate::store::{BlobSource, BlobStore, Links, SourceBody, SourceError};
+use crate::store::{BlobSource, BlobStore, FillFailure, Links, SourceBody, SourceError};
 use crate::upstream::{UpstreamClient, UpstreamError, UpstreamRequest};
 
 /// Everything a cached blob request needs.
@@ -38,8 +38,8 @@ pub struct BlobJob<'a> {
     pub range: Option<String>,
 }
 
-/// Serve from the store. `Ok(false)`: not handled here (a HEAD for a blob not on disk), the
-/// caller asks the upstream instead.
+/// Serve from the store. `Ok(false)`: not handled here (a HEAD for a blob not on disk, or a
+/// cache disk that cannot take the blob), the caller asks the upstream instead.
 pub async fn serve(
     session: &mut Session,
     ctx: &mut RequestCtx,
@@ -66,10 +66,15 @@ pub async fn serve(
         digest: job.digest.clone(),
     });
     let fill = job.store.fill_or_join(job.digest, source);
-    let total = fill
-        .wait_started()
-        .await
-        .map_err(|f| Failure::Respond(f.to_oci_error()))?;
+    let total = match fill.wait_started().await {
+        Ok(total) => total,
+        Err(FillFailure::Storage(why)) => {
+            // The disk cannot take it (full, read-only, ...): serve without caching.
+            tracing::warn!(digest = %job.digest, reason = %why, "cache unavailable; serving the blob without caching it");
+            return Ok(false);
+        }
+        Err(f) => return Err(Failure::Respond(f.to_oci_error())),
+    };
     // A fill started for another repository proves nothing about this one.
     let confirmed = confirm(job).await?;
     ctx.cache = "fill";

@@ -55,6 +55,13 @@ impl Layout {
         self.blobs.join(hex.get(..2).unwrap_or("00"))
     }
 
+    /// Bytes the file system of the cache can still take (for an unprivileged writer), or `None`
+    /// when it cannot tell.
+    pub(crate) fn available(&self) -> Option<u64> {
+        let st = rustix::fs::statvfs(&self.tmp).ok()?;
+        Some(st.f_bavail.saturating_mul(st.f_frsize))
+    }
+
     /// Creates a new, empty temp file for a fill of `hex`; the name is unique per process run.
     pub(crate) fn create_temp(&self, hex: &str) -> io::Result<(File, PathBuf)> {
         static COUNTER: AtomicU64 = AtomicU64::new(0);

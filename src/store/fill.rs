@@ -25,6 +25,9 @@ use super::disk::{Blob, ChunkReader};
 use super::{BlobSource, Shared, SourceBody, SourceError};
 use crate::oci::{Digest, DigestHasher, ErrorCode, OciError};
 
+/// Room left free on the cache's file system beyond a blob being filled.
+const SPACE_RESERVE: u64 = 1 << 20;
+
 /// Timing of a fill's resume logic.
 #[derive(Debug, Clone)]
 pub struct FillPolicy {
@@ -436,6 +439,15 @@ impl FillTask {
                 )));
             }
             (None, Some(now)) => {
+                // A blob that cannot fit is refused before any reader commits to this fill:
+                // the gateway then serves it without caching.
+                if let Some(free) = self.shared.layout.available() {
+                    if free < now.saturating_add(SPACE_RESERVE) {
+                        return Err(FillFailure::Storage(format!(
+                            "the cache disk has {free} bytes free; this blob needs {now}"
+                        )));
+                    }
+                }
                 self.total_len = Some(now);
                 self.tx.send_modify(|p| p.total_len = Some(now));
             }

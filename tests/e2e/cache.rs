@@ -302,3 +302,69 @@ fn a_fill_cut_mid_blob_resumes_or_commits_nothing() {
     assert_eq!(got.status, 200);
     assert_eq!(format!("sha256:{}", sha256_hex(&got.body)), layer);
 }
+
+/// A small tmpfs mounted for one test, unmounted on drop.
+struct SmallDisk(tempfile::TempDir);
+
+impl SmallDisk {
+    fn mount(size: &str) -> SmallDisk {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "the disk-full test mounts a {size} tmpfs and needs root: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SmallDisk(dir)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+#[test]
+fn a_full_cache_disk_serves_without_caching_and_commits_nothing() {
+    let up = Upstream::start(UpstreamOptions::default());
+    let big = TestImage::with_layer_size("disk-full-big", 12 * MIB);
+    let small = TestImage::with_layer_size("disk-full-small", MIB / 2);
+    up.push(&big, "team/big:v1");
+    up.push(&small, "team/small:v1");
+    let disk = SmallDisk::mount("8m");
+    let cache = disk.0.path().join("cache");
+    // max_size says 1 GiB; the file system holds 8 MiB.
+    let gw = Gateway::start_configured(
+        &registry("hub", &up, "default = true"),
+        Some(&cache),
+        "max_size = \"1GiB\"",
+    );
+    let layer = big.layer_digests()[0].clone();
+    for _ in 0..2 {
+        let got = get(&gw.url(&format!("/v2/team/big/blobs/{layer}")));
+        assert_eq!(got.status, 200);
+        assert_eq!(format!("sha256:{}", sha256_hex(&got.body)), layer);
+    }
+    assert_eq!(blob_files(&cache).0, 0, "nothing committed");
+    assert_eq!(std::fs::read_dir(cache.join("tmp")).unwrap().count(), 0);
+    let metrics = String::from_utf8(get(&gw.admin_url("/metrics")).body).unwrap();
+    assert!(
+        metrics.contains(r#"pullgate_requests_total{cache="bypass",kind="blob",method="GET",registry="hub",status="2xx"} 2"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"pullgate_cache_fill_failures_total{reason="storage"} 2"#));
+    // What fits is still cached.
+    let layer = small.layer_digests()[0].clone();
+    assert_eq!(
+        get(&gw.url(&format!("/v2/team/small/blobs/{layer}"))).status,
+        200
+    );
+    assert_eq!(blob_files(&cache).0, 1);
+}

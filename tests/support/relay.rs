@@ -18,6 +18,8 @@ pub enum Fault {
     /// Close the next `times` connections once they have relayed `bytes` bytes towards
     /// pullgate (mid-body for any large blob). `usize::MAX` cuts every connection.
     CutAfter { bytes: u64, times: usize },
+    /// Relay everything, pausing this long after each chunk (at most 64 KiB): a slow upstream.
+    Slow { pause_ms: u64 },
 }
 
 struct State {
@@ -95,7 +97,11 @@ async fn relay(client: TcpStream, upstream: TcpStream, state: Arc<State>) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        let limit = match *state.fault.lock().unwrap() {
+        let fault = *state.fault.lock().unwrap();
+        if let Fault::Slow { pause_ms } = fault {
+            tokio::time::sleep(std::time::Duration::from_millis(pause_ms)).await;
+        }
+        let limit = match fault {
             Fault::CutAfter { bytes, times } if times > 0 => Some(bytes),
             _ => None,
         };
