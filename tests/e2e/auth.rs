@@ -171,3 +171,39 @@ fn expired_token_refused_upstream_is_refreshed_and_retried_once() {
         "refreshed once after the 401"
     );
 }
+
+#[test]
+fn a_token_service_outage_is_a_clear_error_and_pulls_resume_after_it() {
+    let up = Upstream::start(UpstreamOptions::default());
+    let img = TestImage::small("token-outage");
+    up.push(&img, "team/app:v1");
+    let gw = Gateway::start(&registry("hub", &up, "default = true"));
+    let manifest = gw.url("/v2/team/app/manifests/v1");
+
+    up.issuer().set_unavailable(true);
+    let refused = request("GET", &manifest, &[("Accept", MANIFEST_ACCEPT)]);
+    assert!(
+        refused.status >= 500,
+        "{}: {}",
+        refused.status,
+        String::from_utf8_lossy(&refused.body)
+    );
+    assert!(
+        refused.oci_message().contains("\"hub\""),
+        "names the registry: {}",
+        refused.oci_message()
+    );
+    let metrics = String::from_utf8(crate::harness::get(&gw.admin_url("/metrics")).body).unwrap();
+    assert!(
+        metrics.contains(r#"pullgate_token_fetches_total{outcome="error",registry="hub"}"#),
+        "{metrics}"
+    );
+
+    up.issuer().set_unavailable(false);
+    let answer = request("GET", &manifest, &[("Accept", MANIFEST_ACCEPT)]);
+    assert_eq!(answer.status, 200);
+    assert_eq!(
+        answer.header("docker-content-digest").as_deref(),
+        Some(img.manifest_digest())
+    );
+}
