@@ -106,8 +106,15 @@ impl Confirm<'_> {
         }
     }
 
-    /// Records what a manifest of this repository references as confirmed at `at`.
-    pub fn references(&self, manifest_body: &[u8], at: SystemTime) {
+    /// Records what manifest `manifest` of this repository references as confirmed at `at`
+    /// (parsing the manifest only when `at` is newer than last time).
+    pub fn references(&self, manifest: &Digest, manifest_body: &[u8], at: SystemTime) {
+        if !self
+            .links
+            .references_due(self.partition, self.repository, manifest, at)
+        {
+            return;
+        }
         for digest in oci::manifest_references(manifest_body) {
             self.links
                 .confirm(self.partition, self.repository, &digest, at);

@@ -84,7 +84,8 @@ impl ManifestJob<'_> {
     ) -> Result<(), Failure> {
         if let Some(cached) = self.gw.manifests.get(digest) {
             let confirmed = self.confirm().check(Kind::Manifest, digest).await?;
-            self.confirm().references(&cached.body, confirmed.at);
+            self.confirm()
+                .references(digest, &cached.body, confirmed.at);
             ctx.cache = "hit";
             ctx.mark_stale(confirmed.stale);
             return send(session, ctx, &cached).await;
@@ -220,7 +221,8 @@ impl ManifestJob<'_> {
             entry.validated_at,
         );
         if let Some(cached) = self.gw.manifests.get(&entry.digest) {
-            self.confirm().references(&cached.body, entry.validated_at);
+            self.confirm()
+                .references(&entry.digest, &cached.body, entry.validated_at);
             return send(session, ctx, &cached).await;
         }
         if self.job.method == Method::HEAD {
@@ -302,7 +304,7 @@ impl ManifestJob<'_> {
         self.gw
             .links
             .confirm(&self.job.partition, &routed.repository, &stored.digest, now);
-        self.confirm().references(&stored.body, now);
+        self.confirm().references(&stored.digest, &stored.body, now);
         Ok(stored)
     }
 

@@ -26,6 +26,9 @@ pub struct Links {
     dir: PathBuf,
     /// Key -> Unix seconds of the last confirmation known on disk or newer.
     memo: moka::sync::Cache<Key, u64>,
+    /// Manifest key -> Unix seconds up to which its references were recorded, so a hit does
+    /// not parse the manifest again for a confirmation it already passed on.
+    references: moka::sync::Cache<Key, u64>,
 }
 
 impl Links {
@@ -36,6 +39,7 @@ impl Links {
         Ok(Links {
             dir,
             memo: moka::sync::Cache::builder().max_capacity(500_000).build(),
+            references: moka::sync::Cache::builder().max_capacity(100_000).build(),
         })
     }
 
@@ -88,6 +92,24 @@ impl Links {
                 tracing::debug!(error = %e, "cannot record a confirmation on disk");
             }
         }
+    }
+
+    /// True (once per newer `at`) when the references of manifest `digest` should be recorded
+    /// as confirmed at `at`.
+    pub fn references_due(
+        &self,
+        registry: &str,
+        repository: &Repository,
+        digest: &Digest,
+        at: SystemTime,
+    ) -> bool {
+        let secs = unix_secs(at);
+        let key = key(registry, repository, digest);
+        if self.references.get(&key).is_some_and(|done| done >= secs) {
+            return false;
+        }
+        self.references.insert(key, secs);
+        true
     }
 
     /// Drops a confirmation the upstream withdrew (it answered 404 or denied).
