@@ -1,4 +1,4 @@
-//! The `pullgate` command: `serve`, `check`, `version`.
+//! The `pullgate` command: `serve`, `check`, `default-config`.
 //!
 //! Exit codes follow sysexits: 64 for bad usage, 78 for a bad config, 1 for a failure to run.
 
@@ -105,6 +105,15 @@ fn check(path: Option<PathBuf>, strict: bool) -> ExitCode {
         .as_ref()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|| "the embedded default".into());
+    // The certificates are read as serving would read them.
+    let tls_errors = pullgate::listen::tls::check_files(&config.server.tls);
+    if !tls_errors.is_empty() {
+        eprintln!("pullgate: {name} is not a valid config:");
+        for e in tls_errors {
+            eprintln!("{e}");
+        }
+        return ExitCode::from(EXIT_CONFIG);
+    }
     for w in &config.warnings {
         println!("warning: {}: {}", w.key, w.message);
     }
@@ -128,6 +137,18 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
     pullgate::log_warnings(&config);
     for addr in &config.server.listen {
         tracing::info!(%addr, "listening (plain HTTP)");
+    }
+    for (i, tls) in config.server.tls.iter().enumerate() {
+        tracing::info!(
+            addr = %tls.listen,
+            key = %format!("server.tls[{i}]"),
+            client_certificates = match (&tls.client_ca, tls.require_client_cert) {
+                (None, _) => "not asked",
+                (Some(_), false) => "optional",
+                (Some(_), true) => "required",
+            },
+            "listening (TLS, HTTP/2 and HTTP/1.1)"
+        );
     }
     match pullgate::build_server(config) {
         Ok(server) => server.run_forever(),

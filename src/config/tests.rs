@@ -278,13 +278,16 @@ fn full_config_validates_and_resolves_paths() {
     let keys: Vec<&str> = config.warnings.iter().map(|w| w.key.as_str()).collect();
     for key in [
         "registry.local.credentials.password",
-        "server.tls",
         "registry.icr.data_hosts",
         "registry.icr.redirect",
         "registry.icr.push",
     ] {
         assert!(keys.contains(&key), "no warning for {key}: {keys:?}");
     }
+    assert!(
+        !keys.contains(&"server.tls"),
+        "TLS listeners are served: {keys:?}"
+    );
     let hub: Vec<&str> = config
         .warnings
         .iter()

@@ -31,6 +31,11 @@ use crate::store::{BlobStore, Links, ManifestStore};
 use crate::upstream::UpstreamClient;
 pub use ctx::RequestCtx;
 
+/// The names of a verified client certificate (its CN and DNS SANs), attached to a TLS
+/// connection by the listener after the handshake and copied into every request's context.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientCertSubjects(pub Vec<String>);
+
 /// Shared, read-only state of a running gateway.
 pub struct Gateway {
     config: Arc<Config>,
@@ -121,6 +126,7 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        ctx.tls_subjects = client_cert_subjects(session);
         match serve::serve(self, session, ctx).await {
             Ok(()) => Ok(true),
             Err(serve::Failure::Respond(error)) => {
@@ -200,6 +206,17 @@ impl ProxyHttp for Gateway {
             stale: ctx.stale,
         });
     }
+}
+
+/// The subjects of the connection's verified client certificate; empty for plain HTTP and for
+/// TLS clients that sent none.
+fn client_cert_subjects(session: &Session) -> Vec<String> {
+    session
+        .digest()
+        .and_then(|d| d.ssl_digest.as_ref())
+        .and_then(|tls| tls.extension.get::<ClientCertSubjects>())
+        .map(|s| s.0.clone())
+        .unwrap_or_default()
 }
 
 /// The Host a request was sent to: the `Host` header (HTTP/1) or the `:authority` (HTTP/2).
