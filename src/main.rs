@@ -1,4 +1,4 @@
-//! The `pullgate` command: `serve`, `check`, `default-config`.
+//! The `pullgate` command: `serve`, `check`, `dev-certs`, `default-config`.
 //!
 //! Exit codes follow sysexits: 64 for bad usage, 78 for a bad config, 1 for a failure to run.
 
@@ -41,6 +41,23 @@ enum Command {
     },
     /// Print the embedded default config.
     DefaultConfig,
+    /// Make a development CA and certificates for TLS listeners and mTLS clients (not for
+    /// production); reuses the CA already in --out.
+    DevCerts {
+        /// Directory for ca.crt/ca.key, <name>.crt/.key and client-<id>.crt/.key.
+        #[arg(long)]
+        out: PathBuf,
+        /// DNS name (`*.` wildcards allowed) or IP address for the server certificate;
+        /// repeatable.
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// Base name of the server certificate files.
+        #[arg(long, default_value = "server")]
+        name: String,
+        /// A client identity (CN and DNS SAN) to make a client certificate for; repeatable.
+        #[arg(long = "client")]
+        clients: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -81,6 +98,33 @@ fn main() -> ExitCode {
         Command::DefaultConfig => {
             print!("{}", config::DEFAULT_TOML);
             ExitCode::SUCCESS
+        }
+        Command::DevCerts {
+            out,
+            hosts,
+            name,
+            clients,
+        } => dev_certs(out, hosts, name, clients),
+    }
+}
+
+fn dev_certs(out: PathBuf, hosts: Vec<String>, name: String, clients: Vec<String>) -> ExitCode {
+    let request = pullgate::listen::dev_certs::Request {
+        out,
+        hosts,
+        name,
+        clients,
+    };
+    match pullgate::listen::dev_certs::generate(&request) {
+        Ok(files) => {
+            for file in files {
+                println!("{}", file.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("pullgate dev-certs: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -17,6 +17,7 @@ use crate::gateway::Gateway;
 use crate::metrics::Metrics;
 
 mod admin;
+pub mod dev_certs;
 pub mod tls;
 
 /// Seconds in-flight requests get after SIGTERM before the runtime is shut down. Pingora sleeps
