@@ -21,3 +21,4 @@ mod policy;
 mod pull;
 mod redirects;
 mod routing;
+mod tls;
