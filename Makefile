@@ -12,6 +12,7 @@ run: build-deps
 
 test: test-deps lint
 	$(CARGO) build --all-targets
+	$(MAKE) --no-print-directory dev-certs
 	./target/debug/pullgate check conf/*.toml
 	$(CARGO) test --all-targets -- --test-threads=4
 
@@ -28,3 +29,11 @@ build-deps:
 
 test-deps:
 	bash tests/install-deps.sh
+
+# Development CA and certificates for conf/private-endpoint.toml (README, "Development
+# certificates"); kept when certs/dev/ca.crt exists. Never for production.
+dev-certs:
+	@test -f certs/dev/ca.crt || { \
+		$(CARGO) run --quiet -- dev-certs --out certs/dev --name icr --host private.icr.io \
+			--host 127.0.0.1 --client build-farm.internal && \
+		$(CARGO) run --quiet -- dev-certs --out certs/dev --name ghcr --host private.ghcr.io; }

@@ -1,4 +1,4 @@
-//! The `pullgate` command: `serve`, `check`, `version`.
+//! The `pullgate` command: `serve`, `check`, `dev-certs`, `default-config`.
 //!
 //! Exit codes follow sysexits: 64 for bad usage, 78 for a bad config, 1 for a failure to run.
 
@@ -41,6 +41,23 @@ enum Command {
     },
     /// Print the embedded default config.
     DefaultConfig,
+    /// Make a development CA and certificates for TLS listeners and mTLS clients (not for
+    /// production); reuses the CA already in --out.
+    DevCerts {
+        /// Directory for ca.crt/ca.key, <name>.crt/.key and client-<id>.crt/.key.
+        #[arg(long)]
+        out: PathBuf,
+        /// DNS name (`*.` wildcards allowed) or IP address for the server certificate;
+        /// repeatable.
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// Base name of the server certificate files.
+        #[arg(long, default_value = "server")]
+        name: String,
+        /// A client identity (CN and DNS SAN) to make a client certificate for; repeatable.
+        #[arg(long = "client")]
+        clients: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -82,6 +99,33 @@ fn main() -> ExitCode {
             print!("{}", config::DEFAULT_TOML);
             ExitCode::SUCCESS
         }
+        Command::DevCerts {
+            out,
+            hosts,
+            name,
+            clients,
+        } => dev_certs(out, hosts, name, clients),
+    }
+}
+
+fn dev_certs(out: PathBuf, hosts: Vec<String>, name: String, clients: Vec<String>) -> ExitCode {
+    let request = pullgate::listen::dev_certs::Request {
+        out,
+        hosts,
+        name,
+        clients,
+    };
+    match pullgate::listen::dev_certs::generate(&request) {
+        Ok(files) => {
+            for file in files {
+                println!("{}", file.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("pullgate dev-certs: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -105,6 +149,15 @@ fn check(path: Option<PathBuf>, strict: bool) -> ExitCode {
         .as_ref()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|| "the embedded default".into());
+    // The certificates are read as serving would read them.
+    let tls_errors = pullgate::listen::tls::check_files(&config.server.tls);
+    if !tls_errors.is_empty() {
+        eprintln!("pullgate: {name} is not a valid config:");
+        for e in tls_errors {
+            eprintln!("{e}");
+        }
+        return ExitCode::from(EXIT_CONFIG);
+    }
     for w in &config.warnings {
         println!("warning: {}: {}", w.key, w.message);
     }
@@ -128,6 +181,18 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
     pullgate::log_warnings(&config);
     for addr in &config.server.listen {
         tracing::info!(%addr, "listening (plain HTTP)");
+    }
+    for (i, tls) in config.server.tls.iter().enumerate() {
+        tracing::info!(
+            addr = %tls.listen,
+            key = %format!("server.tls[{i}]"),
+            client_certificates = match (&tls.client_ca, tls.require_client_cert) {
+                (None, _) => "not asked",
+                (Some(_), false) => "optional",
+                (Some(_), true) => "required",
+            },
+            "listening (TLS, HTTP/2 and HTTP/1.1)"
+        );
     }
     match pullgate::build_server(config) {
         Ok(server) => server.run_forever(),

@@ -130,7 +130,7 @@ impl Metrics {
             ),
             tls_handshakes: counter_vec(
                 "pullgate_tls_handshakes_total",
-                "TLS handshakes on TLS listeners, by outcome.",
+                "Completed TLS handshakes on TLS listeners (outcome=\"ok\"; failed ones are logged).",
                 &["outcome"],
             ),
             cache_entries: gauge("pullgate_cache_entries", "Blobs in the cache."),

@@ -1090,9 +1090,6 @@ fn not_yet_enforced(config: &Config) -> Vec<Warning> {
             message: message.to_owned(),
         })
     };
-    if !config.server.tls.is_empty() {
-        warn("server.tls".into(), "TLS listeners are not served yet");
-    }
     for reg in &config.registries {
         let key = |field: &str| format!("registry.{}.{field}", reg.name);
         if !reg.data_hosts.is_empty() {

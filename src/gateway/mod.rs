@@ -39,6 +39,11 @@ const PUSH_IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120)
 /// Pooled upstream connections of the push path close after this long unused.
 const PUSH_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// The names of a verified client certificate (its CN and DNS SANs), attached to a TLS
+/// connection by the listener after the handshake and copied into every request's context.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientCertSubjects(pub Vec<String>);
+
 /// Shared, read-only state of a running gateway.
 pub struct Gateway {
     config: Arc<Config>,
@@ -154,6 +159,7 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        ctx.tls_subjects = client_cert_subjects(session);
         match serve::serve(self, session, ctx).await {
             // A push continues on Pingora's proxy path (upstream_peer and the filters below).
             Ok(()) if ctx.push.is_some() => Ok(false),
@@ -339,6 +345,17 @@ fn load_ca(
         return Err(format!("{} holds no certificate", path.display()));
     }
     Ok(certs.into())
+}
+
+/// The subjects of the connection's verified client certificate; empty for plain HTTP and for
+/// TLS clients that sent none.
+fn client_cert_subjects(session: &Session) -> Vec<String> {
+    session
+        .digest()
+        .and_then(|d| d.ssl_digest.as_ref())
+        .and_then(|tls| tls.extension.get::<ClientCertSubjects>())
+        .map(|s| s.0.clone())
+        .unwrap_or_default()
 }
 
 /// The Host a request was sent to: the `Host` header (HTTP/1) or the `:authority` (HTTP/2).

@@ -17,6 +17,8 @@ use crate::gateway::Gateway;
 use crate::metrics::Metrics;
 
 mod admin;
+pub mod dev_certs;
+pub mod tls;
 
 /// Seconds in-flight requests get after SIGTERM before the runtime is shut down. Pingora sleeps
 /// this long unconditionally (its default is 300), so keep it short and below orchestrators'
@@ -24,9 +26,18 @@ mod admin;
 const GRACE_PERIOD_SECS: u64 = 5;
 const SHUTDOWN_TIMEOUT_SECS: u64 = 5;
 
-/// Build the Pingora server for `config`: one gateway service on every plain listener, and the
-/// admin listener.
+/// Build the Pingora server for `config`: one gateway service on every plain and TLS listener,
+/// the certificate reloader when there are TLS listeners, and the admin listener. Certificate
+/// problems are errors naming their key (`server.tls[i].certs[j]`).
 pub fn build_server(config: Arc<Config>) -> Result<Server, String> {
+    let metrics = Arc::new(Metrics::new(config.cache.max_size));
+    let tls = config
+        .server
+        .tls
+        .iter()
+        .enumerate()
+        .map(|(i, listener)| tls::prepare(i, listener, metrics.clone()))
+        .collect::<Result<Vec<_>, _>>()?;
     let conf = ServerConf {
         threads: config.server.threads,
         grace_period_seconds: Some(GRACE_PERIOD_SECS),
@@ -35,11 +46,16 @@ pub fn build_server(config: Arc<Config>) -> Result<Server, String> {
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
-    let metrics = Arc::new(Metrics::new(config.cache.max_size));
     let gateway = Gateway::new(config.clone(), metrics.clone())?;
     if let Some(addr) = config.server.admin_listen {
-        let admin =
-            admin::Admin::bind(addr, metrics, gateway.store(), config.server.listen.clone())?;
+        let every_listener = config
+            .server
+            .listen
+            .iter()
+            .copied()
+            .chain(config.server.tls.iter().map(|t| t.listen))
+            .collect();
+        let admin = admin::Admin::bind(addr, metrics, gateway.store(), every_listener)?;
         server.add_service(pingora::services::background::background_service(
             "admin", admin,
         ));
@@ -48,7 +64,18 @@ pub fn build_server(config: Arc<Config>) -> Result<Server, String> {
     for addr in &config.server.listen {
         service.add_tcp(&addr.to_string());
     }
+    let mut resolvers = Vec::new();
+    for (listener, prepared) in config.server.tls.iter().zip(tls) {
+        service.add_tls_with_settings(&listener.listen.to_string(), None, prepared.settings);
+        resolvers.push(prepared.resolver);
+    }
     server.add_service(service);
+    if !resolvers.is_empty() {
+        server.add_service(pingora::services::background::background_service(
+            "certificate reloader",
+            tls::CertReloader::new(resolvers),
+        ));
+    }
     Ok(server)
 }
 
@@ -90,6 +117,7 @@ impl RunningGateway {
                 .server
                 .listen
                 .iter()
+                .chain(config.server.tls.iter().map(|t| &t.listen))
                 .chain(config.server.admin_listen.iter())
                 .copied()
                 .collect(),

@@ -7,10 +7,20 @@ const BIN: &str = env!("CARGO_BIN_EXE_pullgate");
 #[test]
 fn check_accepts_every_shipped_config_and_the_embedded_default() {
     let conf = concat!(env!("CARGO_MANIFEST_DIR"), "/conf");
+    // Copies next to the development certificates the README has users make first
+    // (conf/private-endpoint.toml reads ../certs/dev/).
+    let root = tempfile::tempdir().expect("tempdir");
+    crate::tls::make_dev_certs(&root.path().join("certs/dev"));
+    std::fs::create_dir_all(root.path().join("conf")).expect("mkdir");
     let mut checked = 0;
     for entry in std::fs::read_dir(conf).expect("conf/") {
-        let path = entry.expect("entry").path();
-        if path.extension().is_some_and(|e| e == "toml") {
+        let shipped = entry.expect("entry").path();
+        if shipped.extension().is_some_and(|e| e == "toml") {
+            let path = root
+                .path()
+                .join("conf")
+                .join(shipped.file_name().expect("name"));
+            std::fs::copy(&shipped, &path).expect("copy");
             let out = Command::new(BIN)
                 .arg("check")
                 .arg("-c")

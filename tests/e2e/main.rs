@@ -24,3 +24,4 @@ mod push;
 mod redirects;
 mod routing;
 mod soak;
+mod tls;

@@ -17,6 +17,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod containerd;
+pub mod hosts;
 pub mod images;
 pub mod pki;
 pub mod relay;
@@ -38,6 +39,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response};
 
 pub use containerd::{write_hosts_toml, Containerd, PullOpts};
+pub use hosts::PrivateHosts;
 pub use images::TestImage;
 pub use pki::Pki;
 pub use relay::{Fault, Relay};

@@ -77,6 +77,28 @@ impl Pki {
         (cert_path, key_path)
     }
 
+    /// Issues a client certificate (clientAuth) with CN `name`, and `name` as a DNS SAN when
+    /// it is a DNS name; returns (cert, key) paths. For listeners whose `client_ca` is this CA.
+    pub fn issue_client(&self, name: &str) -> (PathBuf, PathBuf) {
+        let n = self.issued.fetch_add(1, Ordering::SeqCst);
+        let key = KeyPair::generate().expect("key");
+        let sans = if name.contains(' ') {
+            Vec::new()
+        } else {
+            vec![name.to_string()]
+        };
+        let mut params = CertificateParams::new(sans).expect("params");
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let issuer = Issuer::from_params(&self.ca_params, &self.ca_key);
+        let cert = params.signed_by(&key, &issuer).expect("sign");
+        let cert_path = self.dir.path().join(format!("client-{n}.crt"));
+        let key_path = self.dir.path().join(format!("client-{n}.key"));
+        std::fs::write(&cert_path, cert.pem()).expect("write cert");
+        std::fs::write(&key_path, key.serialize_pem()).expect("write key");
+        (cert_path, key_path)
+    }
+
     pub fn ca_path(&self) -> PathBuf {
         self.dir.path().join("ca.crt")
     }
