@@ -1,11 +1,12 @@
 # The two commands a new user needs (see README):
 #   make run    build pullgate and serve the embedded default (loopback mirror on 127.0.0.1:5000)
 #   make test   install the test bed (Debian packages) and run every check and test
-# Both install what they need on a fresh Debian 12 machine (as root, or with sudo).
+#   make bench  run the benchmarks side by side (bench/README.md); BENCH_ARGS=--quick for a smoke run
+# They install what they need on a fresh Debian 12 machine (as root, or with sudo).
 
 CARGO ?= cargo
 
-.PHONY: run test build-deps test-deps lint unit check-conf
+.PHONY: run test bench build-deps test-deps lint unit check-conf
 
 run: build-deps
 	$(CARGO) run --release -- serve
@@ -21,6 +22,9 @@ lint:
 	$(CARGO) clippy --all-targets -- -D warnings
 	@if grep -rl 'pingora' src/ | grep -vE '^src/(gateway|listen)/|^src/(lib|main)\.rs$$'; then \
 		echo "only gateway/ and listen/ may use Pingora (STYLE.md)"; exit 1; fi
+
+bench: build-deps test-deps
+	CARGO=$(CARGO) bench/run $(BENCH_ARGS)
 
 build-deps:
 	@command -v cmake >/dev/null || { echo "installing cmake (pingora builds zlib-ng with it)"; \

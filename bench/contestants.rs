@@ -1,0 +1,421 @@
+//! The servers measured: pullgate, distribution in proxy mode, nginx `proxy_cache`, and nginx
+//! serving the blob files (a limit). Each runs as its own process (tree) on a free loopback
+//! port, is polled until it answers, and is stopped by PID.
+//!
+//! A server's cache lives in a state folder the caller owns, so a new process can start on a
+//! warm cache: every measurement that needs a cold cache or a fresh peak-RSS count starts a new
+//! process.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::client::{fetch, BodyMode, Target};
+use crate::support::{free_port, isolate_env, tail};
+
+/// Which server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Pullgate,
+    Distribution,
+    NginxCache,
+    NginxStatic,
+}
+
+impl Kind {
+    /// The id used in results.
+    pub fn id(self) -> &'static str {
+        match self {
+            Kind::Pullgate => "pullgate",
+            Kind::Distribution => "distribution",
+            Kind::NginxCache => "nginx-cache",
+            Kind::NginxStatic => "nginx-static",
+        }
+    }
+}
+
+/// What the servers need to know about the test bed.
+pub struct Env {
+    pub pullgate_bin: PathBuf,
+    /// "https://127.0.0.1:P"
+    pub upstream_url: String,
+    pub upstream_port: u16,
+    /// The test CA (PEM file) that signed the upstream's certificate.
+    pub ca_path: PathBuf,
+    pub user: String,
+    pub password: String,
+    /// A long-lived bearer token for the benchmark repositories (nginx injects it).
+    pub nginx_token: String,
+    /// The folder nginx-static serves.
+    pub www: PathBuf,
+}
+
+/// A running server.
+pub struct Server {
+    pub kind: Kind,
+    pub port: u16,
+    proc: Proc,
+}
+
+impl Server {
+    /// Starts `kind` with its cache in `state` (created if missing) and its config and logs in
+    /// a new folder under `run`; returns once it answers HTTP.
+    pub fn start(kind: Kind, env: &Env, state: &Path, run: &Path) -> Result<Server, String> {
+        std::fs::create_dir_all(state).map_err(|e| e.to_string())?;
+        let mut last = String::new();
+        for _ in 0..5 {
+            let port = free_port();
+            let dir = tempfile::Builder::new()
+                .prefix(&format!("{}-", kind.id()))
+                .tempdir_in(run)
+                .map_err(|e| e.to_string())?
+                .keep();
+            let log = dir.join("server.log");
+            let cmd = match kind {
+                Kind::Pullgate => pullgate_cmd(env, port, state, &dir)?,
+                Kind::Distribution => distribution_cmd(env, port, state, &dir)?,
+                Kind::NginxCache => nginx_cmd(&nginx_cache_conf(env, port, state, &dir), &dir)?,
+                Kind::NginxStatic => nginx_cmd(&nginx_static_conf(env, port, &dir), &dir)?,
+            };
+            let mut proc = Proc::spawn(
+                cmd,
+                &log,
+                matches!(kind, Kind::NginxCache | Kind::NginxStatic),
+            )?;
+            match wait_ready(&mut proc, port) {
+                Ok(()) => return Ok(Server { kind, port, proc }),
+                Err(e) => {
+                    proc.stop();
+                    let text = crate::support::read_lossy(&log);
+                    last = format!(
+                        "{} did not start: {e}\n--- log:\n{}",
+                        kind.id(),
+                        tail(&text, 20)
+                    );
+                    if !text.to_ascii_lowercase().contains("address already in use") {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(last)
+    }
+
+    pub fn target(&self) -> Target {
+        Target::plain(self.port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.pid
+    }
+
+    /// Peak resident memory of the server's processes so far (sum of `VmHWM`), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        self.proc
+            .tree()
+            .iter()
+            .map(|p| status_kib(*p, "VmHWM:") * 1024)
+            .sum()
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.proc.log
+    }
+
+    pub fn stop(mut self) {
+        self.proc.stop();
+    }
+}
+
+/// Polls until the process answers an HTTP request on `port`.
+fn wait_ready(proc: &mut Proc, port: u16) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let target = Target::plain(port);
+    loop {
+        if !proc.running() {
+            return Err("process exited".into());
+        }
+        if fetch(&target, "GET", "/v2/", &[], BodyMode::Discard).is_ok() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("no HTTP answer on 127.0.0.1:{port} after 20 s"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn pullgate_cmd(env: &Env, port: u16, state: &Path, dir: &Path) -> Result<Command, String> {
+    let password = dir.join("password");
+    std::fs::write(&password, format!("{}\n", env.password)).map_err(|e| e.to_string())?;
+    let config = format!(
+        r#"[server]
+listen = ["127.0.0.1:{port}"]
+admin_listen = ""
+
+[cache]
+dir = "{cache}"
+max_size = "20GiB"
+
+[[registry]]
+name = "upstream"
+upstream = "{url}"
+ca = "{ca}"
+default = true
+credentials = {{ username = "{user}", password_file = "{password}" }}
+"#,
+        cache = state.join("cache").display(),
+        url = env.upstream_url,
+        ca = env.ca_path.display(),
+        user = env.user,
+        password = password.display(),
+    );
+    let path = dir.join("pullgate.toml");
+    std::fs::write(&path, config).map_err(|e| e.to_string())?;
+    let mut cmd = Command::new(&env.pullgate_bin);
+    cmd.arg("serve").arg("-c").arg(&path);
+    Ok(cmd)
+}
+
+fn distribution_cmd(env: &Env, port: u16, state: &Path, dir: &Path) -> Result<Command, String> {
+    let config = format!(
+        "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {root}\n  cache:\n    blobdescriptor: inmemory\nhttp:\n  addr: 127.0.0.1:{port}\n  secret: bench-proxy-secret\nproxy:\n  remoteurl: {url}\n  username: {user}\n  password: {password}\n",
+        root = state.join("registry").display(),
+        url = env.upstream_url,
+        user = env.user,
+        password = env.password,
+    );
+    let path = dir.join("config.yml");
+    std::fs::write(&path, config).map_err(|e| e.to_string())?;
+    let mut cmd = Command::new(crate::support::upstream::REGISTRY_BIN);
+    cmd.arg("serve")
+        .arg(&path)
+        .env("SSL_CERT_FILE", &env.ca_path);
+    Ok(cmd)
+}
+
+/// The parts of an nginx config every nginx here shares.
+fn nginx_main(dir: &Path, http: &str) -> String {
+    let d = dir.display();
+    format!(
+        r#"daemon off;
+master_process on;
+worker_processes auto;
+user root;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  default_type application/octet-stream;
+  access_log {d}/access.log;
+  sendfile on;
+  tcp_nopush on;
+  keepalive_requests 1000000;
+  client_body_temp_path {d}/client_body;
+  proxy_temp_path {d}/proxy_temp;
+  fastcgi_temp_path {d}/fastcgi_temp;
+  uwsgi_temp_path {d}/uwsgi_temp;
+  scgi_temp_path {d}/scgi_temp;
+{http}}}
+"#
+    )
+}
+
+/// nginx as a pull-through cache: blobs cached on disk for good, manifests for 5 minutes
+/// (pullgate's default `tag_ttl`), one upstream fetch per key (`proxy_cache_lock`), the
+/// upstream token injected, the upstream's certificate verified against the test CA.
+fn nginx_cache_conf(env: &Env, port: u16, state: &Path, dir: &Path) -> String {
+    let mut http = String::new();
+    let _ = write!(
+        http,
+        r#"  proxy_cache_path {blobs} levels=1:2 keys_zone=blobs:16m max_size=20g inactive=30d use_temp_path=off;
+  proxy_cache_path {manifests} levels=1:2 keys_zone=manifests:4m max_size=1g inactive=1h use_temp_path=off;
+  upstream registry {{
+    server 127.0.0.1:{up};
+    keepalive 32;
+  }}
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";
+    proxy_set_header Host 127.0.0.1:{up};
+    proxy_set_header Authorization "Bearer {token}";
+    proxy_ssl_trusted_certificate {ca};
+    proxy_ssl_verify on;
+    proxy_ssl_name localhost;
+    proxy_ssl_session_reuse on;
+    proxy_read_timeout 120s;
+    location ~ "^/v2/.+/blobs/sha256:[0-9a-f]{{64}}$" {{
+      proxy_pass https://registry;
+      proxy_cache blobs;
+      proxy_cache_key $uri;
+      proxy_cache_valid 200 30d;
+      proxy_cache_lock on;
+      proxy_cache_lock_timeout 120s;
+      proxy_cache_lock_age 120s;
+    }}
+    location ~ ^/v2/.+/manifests/ {{
+      proxy_pass https://registry;
+      proxy_cache manifests;
+      proxy_cache_key "$uri|$http_accept";
+      proxy_cache_valid 200 5m;
+      proxy_cache_lock on;
+    }}
+    location / {{
+      proxy_pass https://registry;
+    }}
+  }}
+"#,
+        blobs = state.join("nginx-blobs").display(),
+        manifests = state.join("nginx-manifests").display(),
+        up = env.upstream_port,
+        token = env.nginx_token,
+        ca = env.ca_path.display(),
+    );
+    nginx_main(dir, &http)
+}
+
+/// nginx serving the blob files themselves: the ceiling for a disk-cache hit.
+fn nginx_static_conf(env: &Env, port: u16, dir: &Path) -> String {
+    let http = format!(
+        "  server {{\n    listen 127.0.0.1:{port} backlog=4096;\n    root {};\n    location / {{ }}\n  }}\n",
+        env.www.display()
+    );
+    nginx_main(dir, &http)
+}
+
+fn nginx_cmd(conf: &str, dir: &Path) -> Result<Command, String> {
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf).map_err(|e| e.to_string())?;
+    let mut cmd = Command::new("nginx");
+    cmd.arg("-p")
+        .arg(dir)
+        .arg("-c")
+        .arg(&path)
+        .arg("-e")
+        .arg(dir.join("error.log"));
+    Ok(cmd)
+}
+
+/// A child process (and, for nginx, its workers), stopped by PID.
+pub struct Proc {
+    child: Option<Child>,
+    pid: u32,
+    /// Stop with SIGTERM first (nginx: the master then stops its workers).
+    graceful: bool,
+    log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(mut cmd: Command, log: &Path, graceful: bool) -> Result<Proc, String> {
+        let file = std::fs::File::create(log).map_err(|e| e.to_string())?;
+        isolate_env(&mut cmd);
+        cmd.stdin(Stdio::null())
+            .stdout(file.try_clone().map_err(|e| e.to_string())?)
+            .stderr(file);
+        let child = cmd.spawn().map_err(|e| format!("spawn {cmd:?}: {e}"))?;
+        Ok(Proc {
+            pid: child.id(),
+            child: Some(child),
+            graceful,
+            log: log.to_path_buf(),
+        })
+    }
+
+    fn running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// This process and its descendants.
+    pub fn tree(&self) -> Vec<u32> {
+        if self.child.is_none() {
+            return Vec::new();
+        }
+        descendants(self.pid)
+    }
+
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let tree = descendants(self.pid);
+        if self.graceful {
+            signal(self.pid, "TERM");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        // Anything of its tree still alive (a worker of a master that could not stop it).
+        for pid in tree.into_iter().skip(1) {
+            if Path::new(&format!("/proc/{pid}")).exists() {
+                signal(pid, "KILL");
+            }
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `kill -SIG PID` (no `unsafe` here, so no libc).
+pub fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// `pid` and every process below it, from `/proc/*/stat`.
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let mut parents: Vec<(u32, u32)> = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            if let Some(pp) = parent_of(p) {
+                parents.push((p, pp));
+            }
+        }
+    }
+    let mut out = vec![pid];
+    let mut i = 0;
+    while i < out.len() {
+        let cur = out[i];
+        out.extend(parents.iter().filter(|(_, pp)| *pp == cur).map(|(p, _)| *p));
+        i += 1;
+    }
+    out
+}
+
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+    let after = &stat[stat.rfind(')')? + 2..];
+    after.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A `kB` field of `/proc/PID/status` (0 when gone).
+pub fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
