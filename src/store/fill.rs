@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::watch;
 
 use super::disk::{Blob, ChunkReader};
@@ -27,6 +27,9 @@ use crate::oci::{Digest, DigestHasher, ErrorCode, OciError};
 
 /// Room left free on the cache's file system beyond a blob being filled.
 const SPACE_RESERVE: u64 = 1 << 20;
+
+/// Most bytes one blocking write (and hash update) takes at once.
+const WRITE_BATCH: usize = 1 << 20;
 
 /// Timing of a fill's resume logic.
 #[derive(Debug, Clone)]
@@ -92,9 +95,20 @@ impl std::error::Error for FillFailure {}
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FillState {
     Running,
+    /// Every byte is in the temp file and matched the digest; the durable commit (fsync,
+    /// rename) is still running. Readers may finish: their bytes are verified, and the open
+    /// file stays readable whatever happens to its name.
+    Verified,
     /// Verified and committed: the blob is in the index.
     Done,
     Failed(FillFailure),
+}
+
+impl FillState {
+    /// The bytes in the file are the blob (invariant 3): readers may deliver the last one.
+    fn is_verified(&self) -> bool {
+        matches!(self, FillState::Verified | FillState::Done)
+    }
 }
 
 /// What a fill has done so far; published after every write.
@@ -105,6 +119,9 @@ pub struct Progress {
     /// The blob's length as the source announced it, once known.
     pub total_len: Option<u64>,
     pub state: FillState,
+    /// The file's bytes were verified, even if the commit failed afterwards: readers already
+    /// streaming may finish from their open file.
+    pub verified: bool,
 }
 
 /// A running (or finished) fill that any number of readers follow.
@@ -125,6 +142,7 @@ impl Fill {
             written: 0,
             total_len: None,
             state: FillState::Failed(failure),
+            verified: false,
         };
         Fill::finished(digest, None, progress)
     }
@@ -135,6 +153,7 @@ impl Fill {
             written: blob.len,
             total_len: Some(blob.len),
             state: FillState::Done,
+            verified: true,
         };
         Fill::finished(digest, Some(blob.file), progress)
     }
@@ -162,11 +181,8 @@ impl Fill {
     /// the fill is done if the source gave none (then the final length); or with the failure.
     /// Answer the client's status line only after this: a refusal becomes a proper error.
     pub async fn wait_started(&self) -> Result<u64, FillFailure> {
-        self.wait_for(|p| {
-            p.total_len
-                .or((p.state == FillState::Done).then_some(p.written))
-        })
-        .await
+        self.wait_for(|p| p.total_len.or(p.state.is_verified().then_some(p.written)))
+            .await
     }
 
     /// Resolves with the length once the blob is verified and committed, or with the failure.
@@ -229,12 +245,13 @@ impl FillReader {
     /// The next chunk (at most 1 MiB), waiting for the fill when caught up.
     pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, FillFailure> {
         loop {
-            let (written, done, total) = {
+            let (written, verified, total) = {
                 let p = self.rx.borrow_and_update();
-                if let FillState::Failed(f) = &p.state {
-                    return Err(f.clone());
+                match &p.state {
+                    // A commit that failed after verification leaves the bytes good.
+                    FillState::Failed(f) if !p.verified => return Err(f.clone()),
+                    _ => (p.written, p.verified, p.total_len),
                 }
-                (p.written, p.state == FillState::Done, p.total_len)
             };
             let Some(chunks) = self.chunks.as_mut() else {
                 return Err(FillFailure::Storage("fill has no file".into()));
@@ -243,7 +260,7 @@ impl FillReader {
             // Content-Length framing a client holding every byte has a complete body, so
             // handing out all of an unverified blob would defeat the mid-body abort.
             let readable = match total {
-                Some(total) if !done && chunks.end() >= total => {
+                Some(total) if !verified && chunks.end() >= total => {
                     written.min(total.saturating_sub(1))
                 }
                 _ => written,
@@ -254,7 +271,7 @@ impl FillReader {
                     Err(e) => Err(FillFailure::Storage(format!("reading fill: {e}"))),
                 };
             }
-            if done {
+            if verified {
                 // Invariant 3: the end is reported only for a verified blob.
                 return match chunks.is_done() {
                     true => Ok(None),
@@ -313,6 +330,7 @@ pub(crate) fn new_fill(
         written: 0,
         total_len: None,
         state: FillState::Running,
+        verified: false,
     });
     let fill = Arc::new(Fill {
         id,
@@ -365,7 +383,18 @@ impl FillTask {
             id: self.id,
         };
         let result = match self.fetch().await {
-            Ok(()) => self.commit().await,
+            Ok(()) => match self.verify() {
+                Ok(()) => {
+                    // Waiting clients get their last bytes now; the fsync and rename of a
+                    // large blob take a while and need not hold them up.
+                    self.tx.send_modify(|p| {
+                        p.state = FillState::Verified;
+                        p.verified = true;
+                    });
+                    self.commit().await
+                }
+                Err(f) => Err(f),
+            },
             Err(f) => Err(f),
         };
         match result {
@@ -460,11 +489,35 @@ impl FillTask {
     async fn copy(&mut self, body: &mut BoxStream<'static, ChunkResult>) -> Result<(), Stop> {
         let stall = self.shared.policy.stall_timeout;
         loop {
-            match tokio::time::timeout(stall, body.next()).await {
+            let first = match tokio::time::timeout(stall, body.next()).await {
                 Err(_) => return Err(Stop::Broken(format!("no data for {stall:?}"))),
-                Ok(Some(Ok(chunk))) => self.write(chunk).await.map_err(Stop::Fatal)?,
+                Ok(Some(Ok(chunk))) => chunk,
                 Ok(Some(Err(why))) => return Err(Stop::Broken(why)),
                 Ok(None) => return self.check_end(),
+            };
+            // Network reads are small (a TLS record or so); whatever has arrived already goes
+            // into the same blocking write and hash, so readers and the disk see large pieces.
+            let mut size = first.len();
+            let mut batch = vec![first];
+            let mut last = None;
+            while size < WRITE_BATCH {
+                match body.next().now_or_never() {
+                    Some(Some(Ok(chunk))) => {
+                        size += chunk.len();
+                        batch.push(chunk);
+                    }
+                    Some(end) => {
+                        last = Some(end);
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            self.write(batch).await.map_err(Stop::Fatal)?;
+            match last {
+                Some(None) => return self.check_end(),
+                Some(Some(Err(why))) => return Err(Stop::Broken(why)),
+                _ => {}
             }
         }
     }
@@ -479,12 +532,13 @@ impl FillTask {
         }
     }
 
-    /// Appends one chunk at `written`, hashing it, off the async workers; then publishes.
-    async fn write(&mut self, chunk: Bytes) -> Result<(), FillFailure> {
-        if chunk.is_empty() {
+    /// Appends chunks at `written`, hashing them, off the async workers; then publishes.
+    async fn write(&mut self, batch: Vec<Bytes>) -> Result<(), FillFailure> {
+        let size: u64 = batch.iter().map(|c| c.len() as u64).sum();
+        if size == 0 {
             return Ok(());
         }
-        let end = self.written + chunk.len() as u64;
+        let end = self.written + size;
         if let Some(total) = self.total_len.filter(|t| end > *t) {
             return Err(FillFailure::Invalid(format!(
                 "source sent more than the announced {total} bytes"
@@ -492,11 +546,16 @@ impl FillTask {
         }
         let mut hasher = self.hasher.take().ok_or_else(lost_hasher)?;
         let file = Arc::clone(&self.file);
-        let offset = self.written;
+        let mut offset = self.written;
         let (hasher, result) = tokio::task::spawn_blocking(move || {
-            let result = file.write_all_at(&chunk, offset);
-            hasher.update(&chunk);
-            (hasher, result)
+            for chunk in &batch {
+                if let Err(e) = file.write_all_at(chunk, offset) {
+                    return (hasher, Err(e));
+                }
+                hasher.update(chunk);
+                offset += chunk.len() as u64;
+            }
+            (hasher, Ok(()))
         })
         .await
         .map_err(|e| FillFailure::Storage(format!("write task: {e}")))?;
@@ -507,9 +566,8 @@ impl FillTask {
         Ok(())
     }
 
-    /// Invariant 3: verify length and SHA-256, then fsync, rename, fsync the dir, and only
-    /// then index the blob. Returns the length.
-    async fn commit(&mut self) -> Result<u64, FillFailure> {
+    /// Invariant 3: the length and SHA-256 match the digest.
+    fn verify(&mut self) -> Result<(), FillFailure> {
         let len = self.written;
         if let Some(total) = self.total_len.filter(|t| *t != len) {
             return Err(FillFailure::Invalid(format!("got {len} of {total} bytes")));
@@ -521,6 +579,13 @@ impl FillTask {
                 self.digest
             )));
         }
+        Ok(())
+    }
+
+    /// A verified file made durable: fsync, rename, fsync the dir, and only then index the
+    /// blob. Returns the length.
+    async fn commit(&mut self) -> Result<u64, FillFailure> {
+        let len = self.written;
         let layout = self.shared.layout.clone();
         let file = Arc::clone(&self.file);
         let temp = self.temp.clone();

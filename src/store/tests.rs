@@ -214,6 +214,8 @@ async fn fill_then_lookup() {
     assert_eq!(fill.wait_started().await.unwrap(), data.len() as u64);
     let got = drain(fill.reader(0, data.len() as u64)).await.unwrap();
     assert!(got == data);
+    // Readers finish once the bytes are verified; the durable commit follows.
+    fill.wait_done().await.unwrap();
 
     let blob = store.lookup(&digest).expect("committed");
     assert_eq!(blob.len, data.len() as u64);
@@ -293,6 +295,7 @@ async fn range_readers_during_fill_and_on_committed_blob() {
     source.gate.add_permits(1);
     assert!(during.await.unwrap().unwrap() == data[start as usize..end as usize]);
     assert!(tail.await.unwrap().unwrap() == data[end as usize..]);
+    fill.wait_done().await.unwrap();
 
     let blob = store.lookup(&digest).unwrap();
     let got = drain_blob(blob.reader(start, end)).await.unwrap();
@@ -358,6 +361,7 @@ async fn broken_source_resumes_at_written_offset() {
     let got = drain(fill.reader(0, data.len() as u64)).await.unwrap();
     assert!(got == data);
     assert_eq!(source.opens(), vec![0, 100_000, 100_000, 150_000]);
+    fill.wait_done().await.unwrap();
     assert!(store.lookup(&digest).is_some());
 }
 
@@ -387,6 +391,7 @@ async fn source_breaking_too_often_fails_cleanly_and_next_fill_starts_fresh() {
     let fresh = store.fill_or_join(&digest, Arc::new(FakeSource::new(&data)));
     assert!(!Arc::ptr_eq(&fill, &fresh));
     assert!(drain(fresh.reader(0, 300_000)).await.unwrap() == data);
+    fresh.wait_done().await.unwrap();
     assert!(store.lookup(&digest).is_some());
 }
 
