@@ -18,8 +18,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
-use futures_util::{FutureExt, StreamExt};
-use tokio::sync::watch;
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 
 use super::disk::{Blob, ChunkReader};
 use super::{BlobSource, Shared, SourceBody, SourceError};
@@ -28,7 +29,7 @@ use crate::oci::{Digest, DigestHasher, ErrorCode, OciError};
 /// Room left free on the cache's file system beyond a blob being filled.
 const SPACE_RESERVE: u64 = 1 << 20;
 
-/// Most bytes one blocking write (and hash update) takes at once.
+/// Most bytes the writer takes before it tells readers.
 const WRITE_BATCH: usize = 1 << 20;
 
 /// Timing of a fill's resume logic.
@@ -308,9 +309,11 @@ pub(crate) struct FillTask {
     source: Arc<dyn BlobSource>,
     file: Arc<File>,
     temp: PathBuf,
-    tx: watch::Sender<Progress>,
-    hasher: Option<DigestHasher>,
-    written: u64,
+    tx: Arc<watch::Sender<Progress>>,
+    /// The writer and hasher stages; `None` once finished.
+    pipeline: Option<Pipeline>,
+    /// Bytes handed to the pipeline: where a resume starts.
+    received: u64,
     total_len: Option<u64>,
     resumes: usize,
 }
@@ -338,16 +341,21 @@ pub(crate) fn new_fill(
         file: Some(Arc::clone(&file)),
         rx,
     });
+    let tx = Arc::new(tx);
     let task = FillTask {
         shared: Arc::clone(shared),
         digest: digest.clone(),
         id,
         source,
+        pipeline: Some(Pipeline::start(
+            Arc::clone(&file),
+            digest.hasher(),
+            Arc::clone(&tx),
+        )),
         file,
         temp,
         tx,
-        hasher: Some(digest.hasher()),
-        written: 0,
+        received: 0,
         total_len: None,
         resumes: 0,
     };
@@ -383,7 +391,7 @@ impl FillTask {
             id: self.id,
         };
         let result = match self.fetch().await {
-            Ok(()) => match self.verify() {
+            Ok(()) => match self.verify().await {
                 Ok(()) => {
                     // Waiting clients get their last bytes now; the fsync and rename of a
                     // large blob take a while and need not hold them up.
@@ -449,9 +457,9 @@ impl FillTask {
                 )));
             };
             self.resumes += 1;
-            tracing::info!(digest = %self.digest, offset = self.written, error = %why, "resuming fill");
+            tracing::info!(digest = %self.digest, offset = self.received, error = %why, "resuming fill");
             tokio::time::sleep(delay).await;
-            match self.source.open(self.written).await {
+            match self.source.open(self.received).await {
                 Ok(body) => return self.accept(body),
                 Err(SourceError::Refused(e)) => return Err(FillFailure::Refused(e)),
                 Err(SourceError::Broken(next)) => why = next,
@@ -485,94 +493,65 @@ impl FillTask {
         Ok(body.chunks)
     }
 
-    /// Writes chunks until the body ends or breaks.
+    /// Hands chunks to the pipeline until the body ends or breaks.
     async fn copy(&mut self, body: &mut BoxStream<'static, ChunkResult>) -> Result<(), Stop> {
         let stall = self.shared.policy.stall_timeout;
         loop {
-            let first = match tokio::time::timeout(stall, body.next()).await {
+            match tokio::time::timeout(stall, body.next()).await {
                 Err(_) => return Err(Stop::Broken(format!("no data for {stall:?}"))),
-                Ok(Some(Ok(chunk))) => chunk,
+                Ok(Some(Ok(chunk))) => self.push(chunk).await.map_err(Stop::Fatal)?,
                 Ok(Some(Err(why))) => return Err(Stop::Broken(why)),
                 Ok(None) => return self.check_end(),
-            };
-            // Network reads are small (a TLS record or so); whatever has arrived already goes
-            // into the same blocking write and hash, so readers and the disk see large pieces.
-            let mut size = first.len();
-            let mut batch = vec![first];
-            let mut last = None;
-            while size < WRITE_BATCH {
-                match body.next().now_or_never() {
-                    Some(Some(Ok(chunk))) => {
-                        size += chunk.len();
-                        batch.push(chunk);
-                    }
-                    Some(end) => {
-                        last = Some(end);
-                        break;
-                    }
-                    None => break,
-                }
-            }
-            self.write(batch).await.map_err(Stop::Fatal)?;
-            match last {
-                Some(None) => return self.check_end(),
-                Some(Some(Err(why))) => return Err(Stop::Broken(why)),
-                _ => {}
             }
         }
     }
 
     fn check_end(&self) -> Result<(), Stop> {
         match self.total_len {
-            Some(total) if self.written < total => Err(Stop::Broken(format!(
+            Some(total) if self.received < total => Err(Stop::Broken(format!(
                 "body ended at byte {} of {total}",
-                self.written
+                self.received
             ))),
             _ => Ok(()),
         }
     }
 
-    /// Appends chunks at `written`, hashing them, off the async workers; then publishes.
-    async fn write(&mut self, batch: Vec<Bytes>) -> Result<(), FillFailure> {
-        let size: u64 = batch.iter().map(|c| c.len() as u64).sum();
-        if size == 0 {
+    /// Queues one chunk for the writer and the hasher; waits while they are behind.
+    async fn push(&mut self, chunk: Bytes) -> Result<(), FillFailure> {
+        if chunk.is_empty() {
             return Ok(());
         }
-        let end = self.written + size;
+        let end = self.received + chunk.len() as u64;
         if let Some(total) = self.total_len.filter(|t| end > *t) {
             return Err(FillFailure::Invalid(format!(
                 "source sent more than the announced {total} bytes"
             )));
         }
-        let mut hasher = self.hasher.take().ok_or_else(lost_hasher)?;
-        let file = Arc::clone(&self.file);
-        let mut offset = self.written;
-        let (hasher, result) = tokio::task::spawn_blocking(move || {
-            for chunk in &batch {
-                if let Err(e) = file.write_all_at(chunk, offset) {
-                    return (hasher, Err(e));
-                }
-                hasher.update(chunk);
-                offset += chunk.len() as u64;
-            }
-            (hasher, Ok(()))
-        })
-        .await
-        .map_err(|e| FillFailure::Storage(format!("write task: {e}")))?;
-        result.map_err(|e| FillFailure::Storage(format!("writing temp file: {e}")))?;
-        self.hasher = Some(hasher);
-        self.written = end;
-        self.tx.send_modify(|p| p.written = end);
+        let pipeline = self.pipeline.as_ref().ok_or_else(lost_pipeline)?;
+        if pipeline.push(chunk).await.is_err() {
+            // A stage ended early: the writer's error says why.
+            let pipeline = self.pipeline.take().ok_or_else(lost_pipeline)?;
+            pipeline.finish().await?;
+            return Err(FillFailure::Storage("the writer stopped early".into()));
+        }
+        self.received = end;
         Ok(())
     }
 
     /// Invariant 3: the length and SHA-256 match the digest.
-    fn verify(&mut self) -> Result<(), FillFailure> {
-        let len = self.written;
+    async fn verify(&mut self) -> Result<(), FillFailure> {
+        let pipeline = self.pipeline.take().ok_or_else(lost_pipeline)?;
+        let (len, hasher) = pipeline.finish().await?;
+        if len != self.received {
+            return Err(FillFailure::Storage(format!(
+                "wrote {len} of {} bytes received",
+                self.received
+            )));
+        }
         if let Some(total) = self.total_len.filter(|t| *t != len) {
             return Err(FillFailure::Invalid(format!("got {len} of {total} bytes")));
         }
-        let actual = self.hasher.take().ok_or_else(lost_hasher)?.finish();
+        let actual = hasher.finish();
         if actual != self.digest {
             return Err(FillFailure::Invalid(format!(
                 "content hashes to {actual}, not {}",
@@ -585,7 +564,7 @@ impl FillTask {
     /// A verified file made durable: fsync, rename, fsync the dir, and only then index the
     /// blob. Returns the length.
     async fn commit(&mut self) -> Result<u64, FillFailure> {
-        let len = self.written;
+        let len = self.received;
         let layout = self.shared.layout.clone();
         let file = Arc::clone(&self.file);
         let temp = self.temp.clone();
@@ -601,8 +580,84 @@ impl FillTask {
 
 type ChunkResult = Result<Bytes, String>;
 
-fn lost_hasher() -> FillFailure {
-    FillFailure::Storage("hasher lost after a failed write".into())
+fn lost_pipeline() -> FillFailure {
+    FillFailure::Storage("fill pipeline already finished".into())
+}
+
+/// Chunks queued per stage before the network read waits (back-pressure, invariant 7).
+const STAGE_QUEUE: usize = 64;
+
+/// The two blocking stages every received chunk goes through, each on its own thread so the
+/// network read, the disk write and the SHA-256 overlap: the writer appends to the temp file
+/// and publishes `written` (readers follow it); the hasher digests the same chunks (shared
+/// `Bytes`, no copy). Only the blob's end waits for the hash.
+struct Pipeline {
+    to_writer: mpsc::Sender<Bytes>,
+    to_hasher: mpsc::Sender<Bytes>,
+    writer: JoinHandle<io::Result<u64>>,
+    hasher: JoinHandle<DigestHasher>,
+}
+
+impl Pipeline {
+    fn start(
+        file: Arc<File>,
+        mut hasher: DigestHasher,
+        progress: Arc<watch::Sender<Progress>>,
+    ) -> Pipeline {
+        let (to_writer, mut chunks) = mpsc::channel::<Bytes>(STAGE_QUEUE);
+        let writer = tokio::task::spawn_blocking(move || {
+            let mut offset = 0u64;
+            while let Some(chunk) = chunks.blocking_recv() {
+                file.write_all_at(&chunk, offset)?;
+                offset += chunk.len() as u64;
+                // Publish once per burst (up to WRITE_BATCH), not per network read.
+                let mut burst = chunk.len();
+                while burst < WRITE_BATCH {
+                    let Ok(chunk) = chunks.try_recv() else { break };
+                    file.write_all_at(&chunk, offset)?;
+                    offset += chunk.len() as u64;
+                    burst += chunk.len();
+                }
+                progress.send_modify(|p| p.written = offset);
+            }
+            Ok(offset)
+        });
+        let (to_hasher, mut chunks) = mpsc::channel::<Bytes>(STAGE_QUEUE);
+        let hasher = tokio::task::spawn_blocking(move || {
+            while let Some(chunk) = chunks.blocking_recv() {
+                hasher.update(&chunk);
+            }
+            hasher
+        });
+        Pipeline {
+            to_writer,
+            to_hasher,
+            writer,
+            hasher,
+        }
+    }
+
+    /// `Err` when a stage is gone (the writer failed).
+    async fn push(&self, chunk: Bytes) -> Result<(), ()> {
+        self.to_hasher.send(chunk.clone()).await.map_err(drop)?;
+        self.to_writer.send(chunk).await.map_err(drop)
+    }
+
+    /// Closes the queues and waits for both stages: the bytes written and the hasher.
+    async fn finish(self) -> Result<(u64, DigestHasher), FillFailure> {
+        drop(self.to_writer);
+        drop(self.to_hasher);
+        let written = self
+            .writer
+            .await
+            .map_err(|e| FillFailure::Storage(format!("write task: {e}")))?
+            .map_err(|e| FillFailure::Storage(format!("writing temp file: {e}")))?;
+        let hasher = self
+            .hasher
+            .await
+            .map_err(|e| FillFailure::Storage(format!("hash task: {e}")))?;
+        Ok((written, hasher))
+    }
 }
 
 /// `io::Error` from a fill failure, for callers that speak `std::io`.

@@ -275,6 +275,7 @@ async fn twenty_concurrent_requests_fetch_once() {
         assert!(reader.await.unwrap().unwrap() == data);
     }
     assert_eq!(source.opens(), vec![0]);
+    first.wait_done().await.unwrap();
     let stats = store.stats();
     assert_eq!((stats.fills_started, stats.fills_committed), (1, 1));
     assert!(store.lookup(&digest).is_some());

@@ -105,6 +105,7 @@ impl UpstreamClient {
             .connect_timeout(CONNECT_TIMEOUT)
             .read_timeout(READ_TIMEOUT)
             .pool_idle_timeout(Duration::from_secs(90))
+            .http1_only()
             .user_agent(concat!("pullgate/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;

@@ -22,7 +22,7 @@ fn platform_roots() -> &'static RootCertStore {
     })
 }
 
-/// A rustls client config (ring provider, TLS 1.2/1.3, ALPN h2 + http/1.1) trusting the platform
+/// A rustls client config (ring provider, TLS 1.2/1.3, ALPN http/1.1) trusting the platform
 /// roots and, if given, every certificate in the PEM file `ca`.
 pub fn client_config(ca: Option<&Path>) -> Result<rustls::ClientConfig, String> {
     let mut roots = platform_roots().clone();
@@ -48,6 +48,9 @@ pub fn client_config(ca: Option<&Path>) -> Result<rustls::ClientConfig, String> 
         .map_err(|e| format!("TLS setup: {e}"))?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // HTTP/1.1 only: every blob fill gets a connection of its own instead of sharing one h2
+    // connection's flow-control window (a cold 500 MiB pull from distribution over h2 took
+    // 1.2 s, over HTTP/1.1 0.75 s; bench/ W4).
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
 }

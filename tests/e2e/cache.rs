@@ -111,7 +111,7 @@ fn range_during_a_fill_and_restart_keeps_the_cache() {
     assert_eq!(part.status, 206);
     assert_eq!(part.body, bytes[5_000_000..5_000_100]);
     // The client had its 100 bytes before the fill ended; a whole GET joins the fill and
-    // returns once the blob is verified and committed.
+    // returns once the blob is verified (the commit follows, within the graceful stop).
     assert_eq!(get(&gw.url(&url_path)).body.len(), bytes.len());
     gw.stop();
 
@@ -366,5 +366,11 @@ fn a_full_cache_disk_serves_without_caching_and_commits_nothing() {
         get(&gw.url(&format!("/v2/team/small/blobs/{layer}"))).status,
         200
     );
-    assert_eq!(blob_files(&cache).0, 1);
+    // The client has every byte once they are verified; the commit follows.
+    wait_until(
+        Duration::from_secs(10),
+        "the small blob to be committed",
+        || blob_files(&cache).0 == 1,
+    )
+    .unwrap_or_else(|e| panic!("{e}: {:?}", blob_files(&cache)));
 }
