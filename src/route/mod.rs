@@ -54,6 +54,20 @@ pub struct Routed {
     pub client_name: String,
 }
 
+impl Routed {
+    /// The name relative to the registry: what the client sent, without the registry's path
+    /// prefix when it was routed by one. A data host (routed by Host) resolves this name to the
+    /// same upstream repository, so data-endpoint redirects use it.
+    pub fn name_at_registry(&self) -> &str {
+        match (self.by, &self.registry.prefix) {
+            (RoutedBy::Prefix, Some(prefix)) => {
+                strip_prefix(&self.client_name, prefix).unwrap_or(&self.client_name)
+            }
+            _ => &self.client_name,
+        }
+    }
+}
+
 /// Lookup tables built once from the registries. Cheap to share behind an `Arc`; rebuild it on
 /// config reload.
 #[derive(Debug, Clone, Default)]
@@ -219,7 +233,7 @@ fn upstream_repository(registry: &Registry, name: &str) -> Result<Repository, Oc
 /// A Host header value as a table key: port stripped, brackets removed from an IPv6 literal,
 /// lowercased, one trailing dot removed. `None` for an empty host. Nothing else is checked: a
 /// value that is not a configured host simply finds nothing (closed world).
-fn normalize_host(host: &str) -> Option<String> {
+pub fn normalize_host(host: &str) -> Option<String> {
     let host = host.trim();
     let bare = if let Some(bracketed) = host.strip_prefix('[') {
         // `[v6]` or `[v6]:port`.
@@ -237,6 +251,24 @@ fn normalize_host(host: &str) -> Option<String> {
     };
     let bare = bare.strip_suffix('.').unwrap_or(bare);
     (!bare.is_empty()).then(|| bare.to_ascii_lowercase())
+}
+
+/// The port of a Host header value (`name:port`, `[v6]:port`), when it has one.
+pub fn host_port(host: &str) -> Option<u16> {
+    let host = host.trim();
+    let port = if let Some(bracketed) = host.strip_prefix('[') {
+        bracketed.split_once(']')?.1.strip_prefix(':')?
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) if !name.contains(':') => port,
+            _ => return None,
+        }
+    };
+    if is_port(port) {
+        port.parse().ok()
+    } else {
+        None
+    }
 }
 
 /// 1 to 5 ASCII digits.
