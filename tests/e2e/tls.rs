@@ -658,6 +658,8 @@ pub fn make_dev_certs(out: &Path) {
             "--host",
             "private.icr.io",
             "--host",
+            "icr.data.vpc.internal",
+            "--host",
             "127.0.0.1",
             "--client",
             "build-farm.internal",
