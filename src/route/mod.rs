@@ -2,6 +2,9 @@
 //!
 //! Owns: the precedence `?ns=`, then Host, then path prefix, then the default registry
 //! (DESIGN.md "Routing"), Host normalisation, prefix stripping and `library/` normalisation.
+//! One exception to the order: a Host that is one of a registry's `data_hosts` beats `?ns=`,
+//! so a data endpoint is always a data endpoint (blob reads with a signature, nothing else)
+//! whatever the query says.
 //! Invariant 8: `ns`, Host and prefix are lookup keys into tables built from the config, never
 //! dial targets; anything not in a table is simply unknown (closed world). Must never: build an
 //! upstream from request input, or hand out a repository name that did not pass
@@ -160,12 +163,20 @@ impl RouteTable {
         Ok(routed.or_else(|| self.default.clone()))
     }
 
-    /// The first two rules: `ns` when present (and then nothing else), else the Host.
+    /// The first two rules: `ns` when present (and then nothing else), else the Host. A data
+    /// host comes first: `?ns=` must not turn it into a registry host.
     fn by_ns_or_host(
         &self,
         host: Option<&str>,
         ns: Option<&str>,
     ) -> Result<Option<(Arc<Registry>, RoutedBy)>, OciError> {
+        let by_host = host
+            .and_then(normalize_host)
+            .and_then(|key| self.by_host.get(&key))
+            .map(|(registry, by)| (Arc::clone(registry), *by));
+        if let Some((registry, RoutedBy::DataHost)) = by_host {
+            return Ok(Some((registry, RoutedBy::DataHost)));
+        }
         if let Some(ns) = ns {
             // Invariant 8: ns is a lookup key, never a dial target. An unknown value is an
             // error, not a new upstream, and it does not fall through to the other rules.
@@ -179,11 +190,7 @@ impl RouteTable {
         }
         // Invariant 8: the Host is a lookup key too; an unknown Host falls through to the
         // prefix and default rules, it never names an upstream.
-        let hit = host
-            .and_then(normalize_host)
-            .and_then(|key| self.by_host.get(&key))
-            .map(|(registry, by)| (Arc::clone(registry), *by));
-        Ok(hit)
+        Ok(by_host)
     }
 
     /// The last two rules: the longest configured prefix the name starts with (at a component

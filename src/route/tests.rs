@@ -477,3 +477,27 @@ fn host_ports() {
     assert_eq!(host_port("x:"), None);
     assert_eq!(host_port("x:1a"), None);
 }
+
+#[test]
+fn a_data_host_stays_a_data_host_whatever_ns_says() {
+    let t = table();
+    for ns in [
+        None,
+        Some("docker.io"),
+        Some("ghcr.io"),
+        Some("not-served.example"),
+    ] {
+        let routed = t
+            .resolve(Some("ghcr.data.internal:8443"), ns, "a/b")
+            .expect("routed by the data host");
+        assert_eq!(
+            (routed.registry.name.as_str(), routed.by),
+            ("ghcr", RoutedBy::DataHost)
+        );
+    }
+    // A registry host still defers to ns.
+    let routed = t
+        .resolve(Some("private.ghcr.io"), Some("docker.io"), "a/b")
+        .expect("routed");
+    assert_eq!(routed.by, RoutedBy::Ns);
+}

@@ -442,6 +442,7 @@ fn data_host_serves_blobs_only_and_unknown_hosts_stay_name_unknown() {
         ("GET", "/v2/team/app/manifests/v1".to_string()),
         ("HEAD", "/v2/team/app/manifests/v1".to_string()),
         ("GET", format!("/v2/team/app/manifests/v1?{query}")),
+        ("GET", "/v2/team/app/manifests/v1?ns=docker.io".to_string()),
         ("GET", "/v2/team/app/tags/list".to_string()),
         ("GET", format!("/v2/team/app/referrers/{layer}")),
         ("POST", "/v2/team/app/blobs/uploads/".to_string()),
