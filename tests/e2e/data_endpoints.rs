@@ -478,3 +478,145 @@ fn data_host_serves_blobs_only_and_unknown_hosts_stay_name_unknown() {
     assert_eq!(served.status, 200);
     assert_eq!(digest_of(&served.body), layer);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Scoped credentials
+
+/// A plain-HTTP GET from source address `from` to the gateway, with this Host header; no
+/// redirects followed.
+fn get_from(from: &str, gw: &Gateway, path_and_query: &str, host: &str) -> Answer {
+    let from: std::net::IpAddr = from.parse().expect("source ip");
+    let url = gw.url(path_and_query);
+    let host = host.to_string();
+    crate::support::block_on(async move {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .local_address(from)
+            .build()
+            .expect("client");
+        let resp = client
+            .get(&url)
+            .header("Host", host)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {e}"));
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
+        Answer {
+            status,
+            headers,
+            body,
+        }
+    })
+}
+
+#[test]
+fn data_endpoint_fills_with_the_account_the_registry_host_chose() {
+    use crate::support::{Auth, TokenIssuerOptions};
+    // Upstream accounts: alice may use everything, bob only team-b/.
+    let up = Upstream::start(UpstreamOptions {
+        auth: Auth::Token(TokenIssuerOptions {
+            users: vec![
+                ("alice".into(), "alice-secret-pw".into()),
+                ("bob".into(), "bob-secret-pw".into()),
+            ],
+            restricted: vec![("bob".into(), "team-b/".into())],
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let img = TestImage::small("dataep-scoped");
+    up.push(&img, "team-a/app:v1");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret = |user: &str, pw: &str| {
+        let path = dir.path().join(user);
+        std::fs::write(&path, pw).expect("password file");
+        path.display().to_string()
+    };
+    let (bob, alice) = (
+        secret("bob", "bob-secret-pw"),
+        secret("alice", "alice-secret-pw"),
+    );
+    // Callers in the vpc zone pull with alice's account ("full"); everyone else with bob's.
+    // The key is generated in the cache dir (no redirect_key_file).
+    let gw = Gateway::start_full(
+        "",
+        &format!(
+            "[zones]\nvpc = [\"127.0.0.2/32\"]\n\n[[registry]]\nname = \"hub\"\nupstream = \"{}\"\nca = \"{}\"\n\
+             hosts = [\"{HOST}\"]\ndata_hosts = [\"{DATA}\"]\nredirect = \"data-endpoint\"\n\
+             credentials = {{ username = \"bob\", password_file = \"{bob}\" }}\n\
+             [[registry.scoped_credentials]]\nname = \"full\"\nzones = [\"vpc\"]\n\
+             credentials = {{ username = \"alice\", password_file = \"{alice}\" }}\n",
+            up.url(),
+            up.pki().ca_path().display()
+        ),
+        None,
+        "",
+    );
+    let key = gw.cache_dir().join(pullgate::sign::GENERATED_KEY_FILE);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&key)
+        .expect("generated key")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let layer = img.layer_digests()[0].clone();
+    let path = format!("/v2/team-a/app/blobs/{layer}");
+    let registry_host = format!("{HOST}:{}", gw.port);
+    let data_host = format!("{DATA}:{}", gw.port);
+
+    // Outside the zone: bob's account, which cannot read team-a. The redirect carries no
+    // account, and the data host fills with bob's: the upstream refuses.
+    let outside = get_from("127.0.0.4", &gw, &path, &registry_host);
+    assert_eq!(outside.status, 307);
+    let outside_location = outside.header("location").expect("Location");
+    assert!(!outside_location.contains("account="), "{outside_location}");
+
+    // In the zone: alice's account, named in the signed URL.
+    let inside = get_from("127.0.0.2", &gw, &path, &registry_host);
+    assert_eq!(inside.status, 307);
+    let location = inside.header("location").expect("Location");
+    let prefix = format!("http://{data_host}");
+    let target = location
+        .strip_prefix(&prefix)
+        .expect("the data host, same port");
+    assert!(target.contains("account=full"), "{location}");
+
+    // Followed from anywhere (the data host has no zones to check): filled with alice's account.
+    let served = get_from("127.0.0.4", &gw, target, &data_host);
+    assert_eq!(served.status, 200, "{}", served.oci_message());
+    assert_eq!(digest_of(&served.body), layer);
+
+    // The account dropped or swapped is an altered URL.
+    for altered in [
+        target.replace("account=full&", ""),
+        target.replace("account=full", "account=other"),
+    ] {
+        let denied = get_from("127.0.0.4", &gw, &altered, &data_host);
+        assert_eq!(denied.status, 403, "{altered}");
+        assert_eq!(denied.oci_code().as_deref(), Some("DENIED"));
+    }
+    // Bob's URL: the signature is good, bob's account is not (upstream's answer).
+    let bobs = outside_location.strip_prefix(&prefix).expect("data host");
+    let refused = get_from("127.0.0.4", &gw, bobs, &data_host);
+    assert_eq!(refused.status, 403, "{}", refused.oci_message());
+    assert!(
+        !refused.oci_message().contains("signature"),
+        "{}",
+        refused.oci_message()
+    );
+
+    wait_until(
+        Duration::from_secs(10),
+        "the data host's audit line",
+        || {
+            audited(&gw, &layer, 200)
+                .iter()
+                .any(|l| l["credential"] == "registry.hub.scoped_credentials.full")
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}: {:#?}", gw.audit_lines()));
+}
