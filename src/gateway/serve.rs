@@ -1,8 +1,9 @@
 //! What the gateway asks the upstream for each registry API request, and how it answers.
 //!
 //! The request path of DESIGN.md in order: parse (OCI grammar) -> route (closed world) ->
-//! method check -> upstream (credentials injected) -> answer. Manifests are read whole (capped,
-//! invariant 7) so their digest can be checked and their bytes passed on unchanged; blobs stream.
+//! policy and method check (on a data host: the URL's signature instead, `data.rs`) -> upstream
+//! (credentials injected) -> answer. Manifests are read whole (capped, invariant 7) so their
+//! digest can be checked and their bytes passed on unchanged; blobs stream.
 
 use bytes::Bytes;
 use http::{header, HeaderMap, Method, StatusCode};
