@@ -39,5 +39,5 @@ test-deps:
 dev-certs:
 	@test -f certs/dev/ca.crt || { \
 		$(CARGO) run --quiet -- dev-certs --out certs/dev --name icr --host private.icr.io \
-			--host 127.0.0.1 --client build-farm.internal && \
+			--host icr.data.vpc.internal --host 127.0.0.1 --client build-farm.internal && \
 		$(CARGO) run --quiet -- dev-certs --out certs/dev --name ghcr --host private.ghcr.io; }

@@ -5,9 +5,10 @@
 //! with `route`, and answers it from `store` (blobs) or through `upstream`; `config` is loaded
 //! once at start.
 //!
-//! Dependency rule: `oci`, `config` and `secret` depend on nothing else in the crate; `route`
-//! depends only on `oci` and the config model; `policy` only on `oci`, the config model and
-//! `secret`; `store` only on `oci`; `metrics` only reads the store's counters, and any module
+//! Dependency rule: `oci`, `secret` and `sign` (signed data-endpoint URLs) depend on nothing
+//! else in the crate; `config` only on `secret` and `sign` (to check a key file at load);
+//! `route` depends only on `oci` and the config model; `policy` only on `oci`, the config model
+//! and `secret`; `store` only on `oci`; `metrics` only reads the store's counters, and any module
 //! may record into the `Metrics` handle it is given; `upstream` on `oci`, `config`, `secret`
 //! and `metrics`; only `gateway` and `listen` (and this file) touch Pingora.
 
@@ -20,6 +21,7 @@ pub mod oci;
 pub mod policy;
 pub mod route;
 pub mod secret;
+pub mod sign;
 pub mod store;
 pub mod upstream;
 

@@ -39,6 +39,8 @@ pub(super) struct ServerFile {
     pub audit_log: Option<String>,
     #[serde(default)]
     pub tls: Vec<TlsFile>,
+    pub redirect_key_file: Option<String>,
+    pub redirect_ttl: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -48,6 +48,11 @@ pub struct Server {
     pub log_format: LogFormat,
     pub audit_log: AuditSink,
     pub tls: Vec<TlsListener>,
+    /// The key that signs data-endpoint redirects (`redirect_key_file`); `None`: a key
+    /// generated once and kept in `cache.dir` (`sign::GENERATED_KEY_FILE`).
+    pub redirect_key_file: Option<PathBuf>,
+    /// How long a signed data-endpoint URL stays valid. Default 5 minutes.
+    pub redirect_ttl: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

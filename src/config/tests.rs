@@ -290,12 +290,15 @@ fn full_config_validates_and_resolves_paths() {
     );
 
     let keys: Vec<&str> = config.warnings.iter().map(|w| w.key.as_str()).collect();
-    for key in [
-        "registry.local.credentials.password",
-        "registry.icr.data_hosts",
-        "registry.icr.redirect",
-    ] {
-        assert!(keys.contains(&key), "no warning for {key}: {keys:?}");
+    assert!(
+        keys.contains(&"registry.local.credentials.password"),
+        "no warning for the inline password: {keys:?}"
+    );
+    for served in ["registry.icr.data_hosts", "registry.icr.redirect"] {
+        assert!(
+            !keys.contains(&served),
+            "data endpoints are served: {keys:?}"
+        );
     }
     assert!(
         !keys.contains(&"server.tls"),
@@ -895,6 +898,45 @@ fn all_errors_are_collected() {
         shown.starts_with("server.threads: must be between"),
         "{shown}"
     );
+}
+
+#[test]
+fn redirect_key_file_and_ttl() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let with = |server: &str| load_str(&format!("[server]\n{server}\n{HUB}"), dir.path());
+    let config = with("").expect("defaults");
+    assert_eq!(config.server.redirect_key_file, None);
+    assert_eq!(config.server.redirect_ttl, Duration::from_secs(300));
+
+    std::fs::write(
+        dir.path().join("good.key"),
+        "0123456789abcdef0123456789abcdef01\n",
+    )
+    .expect("write");
+    let config = with("redirect_key_file = \"good.key\"\nredirect_ttl = \"90s\"").expect("ok");
+    assert_eq!(
+        config.server.redirect_key_file,
+        Some(dir.path().join("good.key"))
+    );
+    assert_eq!(config.server.redirect_ttl, Duration::from_secs(90));
+
+    std::fs::write(dir.path().join("short.key"), "hunter2-but-short\n").expect("write");
+    let err = with("redirect_key_file = \"short.key\"")
+        .expect_err("too short")
+        .to_string();
+    assert!(err.contains("server.redirect_key_file"), "{err}");
+    assert!(err.contains("at least 32 bytes"), "{err}");
+    assert!(!err.contains("hunter2"), "the key is never shown: {err}");
+    let err = with("redirect_key_file = \"absent.key\"")
+        .expect_err("missing")
+        .to_string();
+    assert!(err.contains("server.redirect_key_file"), "{err}");
+    for bad in ["0s", "25h", "soon"] {
+        let err = with(&format!("redirect_ttl = \"{bad}\""))
+            .expect_err("bad ttl")
+            .to_string();
+        assert!(err.contains("server.redirect_ttl"), "{bad}: {err}");
+    }
 }
 
 #[test]

@@ -49,8 +49,8 @@ pub fn check_credentials(
     }
 }
 
-/// The source address and the authentication of a request.
-fn caller(gw: &Gateway, session: &Session, ctx: &RequestCtx) -> (IpAddr, policy::Authn) {
+/// The client address policy sees: the peer, or the forwarded address behind a trusted proxy.
+pub fn client_address(gw: &Gateway, session: &Session) -> IpAddr {
     let req = session.req_header();
     let values = |name: &str| -> Vec<&str> {
         req.headers
@@ -64,11 +64,17 @@ fn caller(gw: &Gateway, session: &Session, ctx: &RequestCtx) -> (IpAddr, policy:
         .and_then(|a| a.as_inet())
         .map(|a| a.ip())
         .unwrap_or(IpAddr::from([0, 0, 0, 0]));
-    let source = gw.policy.client_addr(
+    gw.policy.client_addr(
         peer,
         &values("x-forwarded-for"),
         &values(header::FORWARDED.as_str()),
-    );
+    )
+}
+
+/// The source address and the authentication of a request.
+fn caller(gw: &Gateway, session: &Session, ctx: &RequestCtx) -> (IpAddr, policy::Authn) {
+    let req = session.req_header();
+    let source = client_address(gw, session);
     let authorization = req
         .headers
         .get(header::AUTHORIZATION)

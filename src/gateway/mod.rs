@@ -9,6 +9,7 @@ mod access;
 mod blob;
 mod confirm;
 mod ctx;
+mod data;
 mod manifest;
 mod push;
 mod range;
@@ -57,6 +58,8 @@ pub struct Gateway {
     metrics: Arc<Metrics>,
     policy: Policy,
     audit: Audit,
+    /// Signs and checks data-endpoint URLs; loaded when any registry has `data_hosts`.
+    redirect_key: Option<crate::sign::RedirectKey>,
     next_request: AtomicU64,
     /// Mixed into request ids so they differ across restarts.
     id_nonce: u64,
@@ -110,6 +113,7 @@ impl Gateway {
         let links = Arc::new(Links::open(&config.cache.dir).map_err(cache_error)?);
         let audit = Audit::open(&config.server.audit_log)?;
         let policy = Policy::new(&config);
+        let redirect_key = redirect_key(&config)?;
         let id_nonce = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -126,6 +130,7 @@ impl Gateway {
             metrics,
             policy,
             audit,
+            redirect_key,
             next_request: AtomicU64::new(1),
             id_nonce,
         })
@@ -318,7 +323,7 @@ impl ProxyHttp for Gateway {
             source: match ctx.cache {
                 "hit" => "cache",
                 "fill" => "fill",
-                "-" => "local",
+                "-" | "redirect" => "local",
                 _ => "upstream",
             },
             bytes: ctx.bytes_sent,
@@ -326,6 +331,28 @@ impl ProxyHttp for Gateway {
             stale: ctx.stale,
         });
     }
+}
+
+/// The data-endpoint key: from `server.redirect_key_file`, else generated once in the cache
+/// dir. `None` when no registry has data hosts (nothing to sign or check).
+fn redirect_key(config: &Config) -> Result<Option<crate::sign::RedirectKey>, String> {
+    use crate::sign::RedirectKey;
+    if config.registries.iter().all(|r| r.data_hosts.is_empty()) {
+        return Ok(None);
+    }
+    let key = match &config.server.redirect_key_file {
+        Some(path) => {
+            RedirectKey::load(path).map_err(|e| format!("server.redirect_key_file: {e}"))?
+        }
+        None => RedirectKey::load_or_create(&config.cache.dir)
+            .map_err(|e| format!("cache.dir: cannot keep the data-endpoint key: {e}"))?,
+    };
+    Ok(Some(key))
+}
+
+/// Whether the request came over a TLS listener.
+fn is_tls(session: &Session) -> bool {
+    session.digest().is_some_and(|d| d.ssl_digest.is_some())
 }
 
 /// Every certificate of a PEM file, as Pingora's per-peer trust anchors.

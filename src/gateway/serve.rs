@@ -1,8 +1,9 @@
 //! What the gateway asks the upstream for each registry API request, and how it answers.
 //!
 //! The request path of DESIGN.md in order: parse (OCI grammar) -> route (closed world) ->
-//! method check -> upstream (credentials injected) -> answer. Manifests are read whole (capped,
-//! invariant 7) so their digest can be checked and their bytes passed on unchanged; blobs stream.
+//! policy and method check (on a data host: the URL's signature instead, `data.rs`) -> upstream
+//! (credentials injected) -> answer. Manifests are read whole (capped, invariant 7) so their
+//! digest can be checked and their bytes passed on unchanged; blobs stream.
 
 use bytes::Bytes;
 use http::{header, HeaderMap, Method, StatusCode};
@@ -11,10 +12,12 @@ use pingora::proxy::Session;
 use super::access;
 use super::blob::{self, BlobJob};
 use super::ctx::loggable_path;
+use super::data;
 use super::manifest;
 use super::push;
 use super::respond;
 use super::{request_host, Gateway, RequestCtx};
+use crate::config::RedirectMode;
 use crate::oci::{self, Algorithm, ApiRequest, Digest, Endpoint, ErrorCode, OciError};
 use crate::policy::Action;
 use crate::route::{Routed, RoutedBy};
@@ -115,16 +118,23 @@ pub async fn serve(
             }
             ctx.repository = Some(routed.repository.as_str().to_owned());
             ctx.reference = endpoint.reference();
-            let scoped = access::check(
-                gw,
-                session,
-                ctx,
-                &routed.registry,
-                Some(&routed.repository),
-                access::action_of(&method),
-            )?;
-            check_method(&routed, &endpoint, &method)?;
-            let partition = partition(&routed.registry.name, scoped.as_deref());
+            let (scoped, partition) = if routed.by == RoutedBy::DataHost {
+                // A signature stands in for policy here (`data.rs`).
+                let partition = data::admit(gw, session, ctx, &routed, &endpoint)?;
+                (None, partition)
+            } else {
+                let scoped = access::check(
+                    gw,
+                    session,
+                    ctx,
+                    &routed.registry,
+                    Some(&routed.repository),
+                    access::action_of(&method),
+                )?;
+                check_method(&routed, &endpoint, &method)?;
+                let partition = partition(&routed.registry.name, scoped.as_deref());
+                (scoped, partition)
+            };
             let client = gw
                 .upstream(&partition)
                 .ok_or_else(|| {
@@ -156,6 +166,22 @@ pub async fn serve(
             match endpoint {
                 Endpoint::Manifest(reference) => {
                     manifest::serve(gw, session, ctx, &job, &reference).await
+                }
+                Endpoint::Blob(digest)
+                    if job.method == Method::GET
+                        && routed.by != RoutedBy::DataHost
+                        && routed.registry.redirect == RedirectMode::DataEndpoint =>
+                {
+                    data::redirect(
+                        gw,
+                        session,
+                        ctx,
+                        &routed,
+                        scoped.as_deref(),
+                        &digest,
+                        host.as_deref(),
+                    )
+                    .await
                 }
                 Endpoint::Blob(digest) => {
                     let cached = BlobJob {
@@ -263,14 +289,6 @@ pub fn partition(registry: &str, scoped: Option<&str>) -> String {
 }
 
 fn check_method(routed: &Routed, endpoint: &Endpoint, method: &Method) -> Result<(), OciError> {
-    let read = matches!(*method, Method::GET | Method::HEAD);
-    if routed.by == RoutedBy::DataHost && !(read && matches!(endpoint, Endpoint::Blob(_))) {
-        return Err(OciError::new(
-            ErrorCode::Unsupported,
-            "this is a data endpoint: it serves blob reads only",
-        )
-        .with_status(404));
-    }
     let allowed: &[Method] = match endpoint {
         Endpoint::UploadStart => &[Method::POST],
         Endpoint::Upload(_) => &[Method::GET, Method::PATCH, Method::PUT, Method::DELETE],

@@ -2,6 +2,9 @@
 //!
 //! Owns: the precedence `?ns=`, then Host, then path prefix, then the default registry
 //! (DESIGN.md "Routing"), Host normalisation, prefix stripping and `library/` normalisation.
+//! One exception to the order: a Host that is one of a registry's `data_hosts` beats `?ns=`,
+//! so a data endpoint is always a data endpoint (blob reads with a signature, nothing else)
+//! whatever the query says.
 //! Invariant 8: `ns`, Host and prefix are lookup keys into tables built from the config, never
 //! dial targets; anything not in a table is simply unknown (closed world). Must never: build an
 //! upstream from request input, or hand out a repository name that did not pass
@@ -52,6 +55,20 @@ pub struct Routed {
     /// The name exactly as the client sent it (for rewriting `Location`/`Link` headers back).
     /// It is a validated name, or the registry's configured prefix followed by one.
     pub client_name: String,
+}
+
+impl Routed {
+    /// The name relative to the registry: what the client sent, without the registry's path
+    /// prefix when it was routed by one. A data host (routed by Host) resolves this name to the
+    /// same upstream repository, so data-endpoint redirects use it.
+    pub fn name_at_registry(&self) -> &str {
+        match (self.by, &self.registry.prefix) {
+            (RoutedBy::Prefix, Some(prefix)) => {
+                strip_prefix(&self.client_name, prefix).unwrap_or(&self.client_name)
+            }
+            _ => &self.client_name,
+        }
+    }
 }
 
 /// Lookup tables built once from the registries. Cheap to share behind an `Arc`; rebuild it on
@@ -146,12 +163,20 @@ impl RouteTable {
         Ok(routed.or_else(|| self.default.clone()))
     }
 
-    /// The first two rules: `ns` when present (and then nothing else), else the Host.
+    /// The first two rules: `ns` when present (and then nothing else), else the Host. A data
+    /// host comes first: `?ns=` must not turn it into a registry host.
     fn by_ns_or_host(
         &self,
         host: Option<&str>,
         ns: Option<&str>,
     ) -> Result<Option<(Arc<Registry>, RoutedBy)>, OciError> {
+        let by_host = host
+            .and_then(normalize_host)
+            .and_then(|key| self.by_host.get(&key))
+            .map(|(registry, by)| (Arc::clone(registry), *by));
+        if let Some((registry, RoutedBy::DataHost)) = by_host {
+            return Ok(Some((registry, RoutedBy::DataHost)));
+        }
         if let Some(ns) = ns {
             // Invariant 8: ns is a lookup key, never a dial target. An unknown value is an
             // error, not a new upstream, and it does not fall through to the other rules.
@@ -165,11 +190,7 @@ impl RouteTable {
         }
         // Invariant 8: the Host is a lookup key too; an unknown Host falls through to the
         // prefix and default rules, it never names an upstream.
-        let hit = host
-            .and_then(normalize_host)
-            .and_then(|key| self.by_host.get(&key))
-            .map(|(registry, by)| (Arc::clone(registry), *by));
-        Ok(hit)
+        Ok(by_host)
     }
 
     /// The last two rules: the longest configured prefix the name starts with (at a component
@@ -219,7 +240,7 @@ fn upstream_repository(registry: &Registry, name: &str) -> Result<Repository, Oc
 /// A Host header value as a table key: port stripped, brackets removed from an IPv6 literal,
 /// lowercased, one trailing dot removed. `None` for an empty host. Nothing else is checked: a
 /// value that is not a configured host simply finds nothing (closed world).
-fn normalize_host(host: &str) -> Option<String> {
+pub fn normalize_host(host: &str) -> Option<String> {
     let host = host.trim();
     let bare = if let Some(bracketed) = host.strip_prefix('[') {
         // `[v6]` or `[v6]:port`.
@@ -237,6 +258,24 @@ fn normalize_host(host: &str) -> Option<String> {
     };
     let bare = bare.strip_suffix('.').unwrap_or(bare);
     (!bare.is_empty()).then(|| bare.to_ascii_lowercase())
+}
+
+/// The port of a Host header value (`name:port`, `[v6]:port`), when it has one.
+pub fn host_port(host: &str) -> Option<u16> {
+    let host = host.trim();
+    let port = if let Some(bracketed) = host.strip_prefix('[') {
+        bracketed.split_once(']')?.1.strip_prefix(':')?
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) if !name.contains(':') => port,
+            _ => return None,
+        }
+    };
+    if is_port(port) {
+        port.parse().ok()
+    } else {
+        None
+    }
 }
 
 /// 1 to 5 ASCII digits.

@@ -440,3 +440,64 @@ fn routed_by_labels() {
         assert_eq!(by.as_str(), label);
     }
 }
+
+#[test]
+fn the_name_at_the_registry_resolves_alike_on_its_data_host() {
+    let t = table();
+    // ghcr: prefix "ghcr.io", data host "ghcr.data.internal".
+    for (host, ns, name) in [
+        (Some("private.ghcr.io"), None, "a/b"),
+        (None, Some("ghcr.io"), "a/b"),
+        (Some("127.0.0.1:5000"), None, "ghcr.io/a/b"),
+    ] {
+        let routed = t.resolve(host, ns, name).expect("routed");
+        assert_eq!(routed.name_at_registry(), "a/b", "{host:?} {ns:?} {name}");
+        let data = t
+            .resolve(Some("ghcr.data.internal"), None, routed.name_at_registry())
+            .expect("data host");
+        assert_eq!(data.by, RoutedBy::DataHost);
+        assert_eq!(data.repository, routed.repository);
+    }
+    // hub: library/ is added on both sides.
+    let routed = t
+        .resolve(Some("private.docker.io"), None, "alpine")
+        .expect("routed");
+    assert_eq!(routed.name_at_registry(), "alpine");
+    assert_eq!(routed.repository.as_str(), "library/alpine");
+}
+
+#[test]
+fn host_ports() {
+    assert_eq!(host_port("private.icr.io:8443"), Some(8443));
+    assert_eq!(host_port("[fd00::5]:443"), Some(443));
+    assert_eq!(host_port("private.icr.io"), None);
+    assert_eq!(host_port("[fd00::5]"), None);
+    assert_eq!(host_port("fd00::5"), None);
+    assert_eq!(host_port("x:99999"), None);
+    assert_eq!(host_port("x:"), None);
+    assert_eq!(host_port("x:1a"), None);
+}
+
+#[test]
+fn a_data_host_stays_a_data_host_whatever_ns_says() {
+    let t = table();
+    for ns in [
+        None,
+        Some("docker.io"),
+        Some("ghcr.io"),
+        Some("not-served.example"),
+    ] {
+        let routed = t
+            .resolve(Some("ghcr.data.internal:8443"), ns, "a/b")
+            .expect("routed by the data host");
+        assert_eq!(
+            (routed.registry.name.as_str(), routed.by),
+            ("ghcr", RoutedBy::DataHost)
+        );
+    }
+    // A registry host still defers to ns.
+    let routed = t
+        .resolve(Some("private.ghcr.io"), Some("docker.io"), "a/b")
+        .expect("routed");
+    assert_eq!(routed.by, RoutedBy::Ns);
+}

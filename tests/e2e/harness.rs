@@ -90,6 +90,11 @@ impl Gateway {
             .collect()
     }
 
+    /// The blob cache directory of a gateway started without an explicit one.
+    pub fn cache_dir(&self) -> std::path::PathBuf {
+        self._dir.path().join("cache")
+    }
+
     /// A URL on the admin listener.
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.admin_port)

@@ -13,6 +13,7 @@ mod cli;
 mod containerd;
 mod crash;
 mod credentials;
+mod data_endpoints;
 mod errors;
 mod input;
 mod manifests;

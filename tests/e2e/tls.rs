@@ -89,7 +89,7 @@ fn start(seed: &str, opts: Options<'_>) -> Bed {
 }
 
 /// `tls = [{ listen, certs, ... }]` as one `[server]` key (inline tables are one line).
-fn listener_keys(port: u16, pairs: &[(PathBuf, PathBuf)], extra: &str) -> String {
+pub fn listener_keys(port: u16, pairs: &[(PathBuf, PathBuf)], extra: &str) -> String {
     let certs: Vec<String> = pairs
         .iter()
         .map(|(c, k)| {
@@ -295,7 +295,11 @@ fn leaf_of(pem_file: &Path) -> Vec<u8> {
 /// `skopeo copy docker://REF oci:TMP:pulled` with `cert_dir` (ca.crt, and client.cert +
 /// client.key for mTLS), the names of `hosts` resolving to 127.0.0.1. Returns the manifest
 /// digest skopeo wrote.
-fn skopeo_pull(hosts: &PrivateHosts, reference: &str, cert_dir: &Path) -> Result<String, String> {
+pub fn skopeo_pull(
+    hosts: &PrivateHosts,
+    reference: &str,
+    cert_dir: &Path,
+) -> Result<String, String> {
     let out = tempfile::tempdir().expect("tempdir");
     let aux = tempfile::tempdir().expect("tempdir");
     let mut cmd = Command::new("skopeo");
@@ -653,6 +657,8 @@ pub fn make_dev_certs(out: &Path) {
             "icr",
             "--host",
             "private.icr.io",
+            "--host",
+            "icr.data.vpc.internal",
             "--host",
             "127.0.0.1",
             "--client",
