@@ -215,11 +215,12 @@ fn lay_out(docs: &[Doc], workload: &Yaml) -> Pod {
                 })
                 .collect()
         };
-        let files = if let Some(map) = volume["configMap"].as_hash().map(|_| &volume["configMap"]) {
-            let cm = find(docs, "ConfigMap", s(&map["name"], "configMap.name"))
+        let (config_map, secret) = (&volume["configMap"], &volume["secret"]);
+        let files = if config_map.is_hash() {
+            let cm = find(docs, "ConfigMap", s(&config_map["name"], "configMap.name"))
                 .unwrap_or_else(|| panic!("volume {name}: its ConfigMap is not in the manifests"));
-            items(map, &cm["data"])
-        } else if let Some(secret) = volume["secret"].as_hash().map(|_| &volume["secret"]) {
+            items(config_map, &cm["data"])
+        } else if secret.is_hash() {
             let secret_name = s(&secret["secretName"], "secretName");
             match find(docs, "Secret", secret_name) {
                 Some(found) => items(secret, &found["stringData"]),
