@@ -10,6 +10,7 @@
 
 mod container;
 mod kubernetes;
+mod pod;
 mod systemd;
 
 use std::io::{Read, Write};
