@@ -200,6 +200,15 @@ impl Running {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Has it exited? (Reaps it if so.)
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
     /// Sends SIGTERM to the PID and returns how long pullgate took to exit (None: it did not
     /// within `limit`).
     pub fn terminate(&mut self, limit: Duration) -> Option<Duration> {

@@ -3,7 +3,12 @@
 use std::collections::BTreeMap;
 use std::process::Command;
 
-use crate::{drain_seconds, parse_toml, pullgate_check, read, repo, show, warnings, BIN};
+use std::time::Duration;
+
+use crate::{
+    drain_seconds, free_port, http_status, parse_toml, poll, pullgate_check, read, repo, show,
+    warnings, Running, BIN,
+};
 
 const UNIT: &str = "deploy/systemd/pullgate.service";
 const CONFIG: &str = "deploy/systemd/config.toml";
@@ -184,4 +189,79 @@ fn systemd_analyze_verifies_the_unit_and_rates_it_ok() {
         })
         .unwrap_or_else(|| panic!("no exposure level:\n{}", show(&out)));
     assert!(score <= 2.0, "exposure {score} (want OK, <= 2.0):\n{text}");
+}
+
+/// Whether the process has a handler for SIGHUP (bit 0 of SigCgt in /proc/PID/status).
+fn catches_sighup(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            let hex = status.lines().find_map(|l| l.strip_prefix("SigCgt:"))?;
+            u64::from_str_radix(hex.trim(), 16).ok()
+        })
+        .is_some_and(|mask| mask & 1 == 1)
+}
+
+/// The example config, run as the unit runs it (addresses moved to free loopback ports, the
+/// cache to a temp dir): the unit's own ExecReload command leaves it serving, and SIGTERM
+/// ends it within the drain, well before TimeoutStopSec.
+#[test]
+fn reload_keeps_the_service_running_and_stop_ends_it_within_the_drain() {
+    let unit = parse_unit(&read(&repo(UNIT)));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = parse_toml(&read(&repo(CONFIG)));
+    let mut text = read(&repo(CONFIG)).replace(
+        &format!(
+            "\"{}\"",
+            config["cache"]["dir"].as_str().expect("cache.dir")
+        ),
+        &format!("\"{}\"", dir.path().join("cache").display()),
+    );
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let listen = config["server"]["listen"].as_array().expect("listen");
+    for old in listen.iter().chain([&config["server"]["admin_listen"]]) {
+        let old = old.as_str().expect("address");
+        let new = if *old == *config["server"]["admin_listen"].as_str().expect("admin") {
+            admin.to_string()
+        } else {
+            format!("127.0.0.1:{}", free_port())
+        };
+        text = text.replace(&format!("\"{old}\""), &format!("\"{new}\""));
+    }
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, text).expect("config");
+
+    let mut running = Running::serve(&path, &[]);
+    assert!(
+        poll(Duration::from_secs(20), || http_status(admin, "/readyz")
+            == Some(200)),
+        "/readyz 200"
+    );
+    let pid = running.pid();
+    assert!(
+        poll(Duration::from_secs(10), || catches_sighup(pid)),
+        "pullgate handles SIGHUP"
+    );
+    let reload = unit["Service"]["ExecReload"][0].replace("$MAINPID", &pid.to_string());
+    let words: Vec<&str> = reload.split_whitespace().collect();
+    let status = std::process::Command::new(words[0])
+        .args(&words[1..])
+        .status()
+        .expect("ExecReload");
+    assert!(status.success(), "{reload}");
+    assert!(
+        !poll(Duration::from_millis(500), || running.exited()),
+        "pullgate survives `systemctl reload`"
+    );
+    assert_eq!(http_status(admin, "/readyz"), Some(200));
+
+    let took = running
+        .terminate(Duration::from_secs(drain_seconds() + 10))
+        .expect("exits after SIGTERM");
+    let stop = seconds(&unit["Service"]["TimeoutStopSec"][0]);
+    assert!(took < Duration::from_secs(stop), "exit took {took:?}");
+    assert!(
+        took <= Duration::from_secs(drain_seconds() + 3),
+        "exit took {took:?}"
+    );
 }
