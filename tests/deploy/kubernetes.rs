@@ -150,6 +150,13 @@ fn check_workload(docs: &[Doc], workload: &Yaml, pod: &Pod) {
             size_bytes(limit) > pod.facts.max_size,
             "emptyDir sizeLimit {limit} must exceed cache.max_size or the pod is evicted"
         );
+        let requested = container["resources"]["requests"]["ephemeral-storage"]
+            .as_str()
+            .map_or(0, size_bytes);
+        assert!(
+            requested >= size_bytes(limit),
+            "requests.ephemeral-storage covers the cache's sizeLimit {limit}"
+        );
     } else {
         assert_eq!(
             cache["hostPath"]["type"].as_str(),
