@@ -14,7 +14,7 @@ run: build-deps
 test: test-deps lint
 	$(CARGO) build --all-targets
 	$(MAKE) --no-print-directory dev-certs
-	./target/debug/pullgate check conf/*.toml
+	./target/debug/pullgate check conf/*.toml deploy/systemd/config.toml deploy/container/config.toml
 	$(CARGO) test --all-targets -- --test-threads=4
 
 lint:

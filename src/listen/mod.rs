@@ -27,7 +27,7 @@ const GRACE_PERIOD_SECS: u64 = 5;
 const SHUTDOWN_TIMEOUT_SECS: u64 = 5;
 
 /// Build the Pingora server for `config`: one gateway service on every plain and TLS listener,
-/// the certificate reloader when there are TLS listeners, and the admin listener. Certificate
+/// the certificate reloader (always: it owns SIGHUP), and the admin listener. Certificate
 /// problems are errors naming their key (`server.tls[i].certs[j]`).
 pub fn build_server(config: Arc<Config>) -> Result<Server, String> {
     let metrics = Arc::new(Metrics::new(config.cache.max_size));
@@ -70,12 +70,12 @@ pub fn build_server(config: Arc<Config>) -> Result<Server, String> {
         resolvers.push(prepared.resolver);
     }
     server.add_service(service);
-    if !resolvers.is_empty() {
-        server.add_service(pingora::services::background::background_service(
-            "certificate reloader",
-            tls::CertReloader::new(resolvers),
-        ));
-    }
+    // Even with no TLS listener: SIGHUP's default action ends the process, and `systemctl
+    // reload` (deploy/systemd/pullgate.service ExecReload) sends it whatever the config is.
+    server.add_service(pingora::services::background::background_service(
+        "certificate reloader",
+        tls::CertReloader::new(resolvers),
+    ));
     Ok(server)
 }
 

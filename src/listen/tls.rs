@@ -469,6 +469,9 @@ impl CertReloader {
     }
 
     fn refresh_all(&self, force: bool) {
+        if force && self.resolvers.is_empty() {
+            tracing::info!("SIGHUP: no [[server.tls]] listener, nothing to reload");
+        }
         for resolver in &self.resolvers {
             let report = resolver.refresh(force);
             if force && report.reloaded.is_empty() && report.failed.is_empty() {
