@@ -30,6 +30,8 @@ use std::path::PathBuf;
 
 use crate::config::model::{Config, Registry, Server};
 
+pub use containerd::DIAL_TIMEOUT;
+
 /// The container runtimes `client-config` writes for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Client {
