@@ -1,5 +1,6 @@
 //! containerd `hosts.toml` files (the `config_path` / `ctr --hosts-dir` layout): one directory
-//! per registry host name, plus `_default` for every other host.
+//! per `ns` value with the gateway as mirror and the upstream as `server`, plus `_default` for
+//! every other host; for registries without `ns`, one directory per private host name.
 //!
 //! containerd tries each `[host]` in file order, then `server`; a host that refuses the
 //! connection, times out dialing or answers 404 makes it go on to the next one. Mirrors get
@@ -20,32 +21,58 @@ pub const DIAL_TIMEOUT: &str = "3s";
 pub(super) fn generate(ctx: &Context<'_>) -> Result<Output, Error> {
     let mut out = Output::default();
     let mut dirs: Vec<String> = Vec::new();
+    let mut add = |out: &mut Output, dir: String, contents: String| {
+        if !dirs.contains(&dir) {
+            out.files.push(File {
+                path: PathBuf::from(&dir).join("hosts.toml"),
+                contents,
+            });
+            dirs.push(dir);
+        }
+    };
     for registry in &ctx.registries {
         if registry.ns.is_empty() {
+            // No ns: reachable only by its own names (Host routing), which clients pull
+            // directly (`private.icr.io/team/app`); containerd then sends no ns.
+            let port = ctx.endpoint.port_suffix();
+            for host in &registry.hosts {
+                let name = format!("{host}{port}");
+                add(
+                    &mut out,
+                    name.clone(),
+                    private_host_file(ctx, registry, &name),
+                );
+            }
             out.notes.push(format!(
-                "registry {:?} has no `ns` values, so containerd cannot reach it through the \
-                 mirror (containerd sends ?ns=<registry host> on every request and an unknown \
-                 ns is refused); add ns = [{}] to it to include it",
+                "registry {:?} has no `ns` values, so containerd cannot use the gateway as its \
+                 mirror (containerd sends ?ns=<registry host>, and an unknown ns is refused); \
+                 clients pull it by its own name{} ({}), which must resolve to the gateway, or \
+                 add ns = [{}] to it",
                 registry.name,
+                if registry.hosts.len() == 1 { "" } else { "s" },
+                registry
+                    .hosts
+                    .iter()
+                    .map(|h| format!("{h}{port}/<repository>"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 toml_string(&client_names(registry)[0])
             ));
             continue;
         }
         for ns in &registry.ns {
-            if dirs.contains(ns) {
-                continue;
-            }
-            dirs.push(ns.clone());
-            out.files.push(File {
-                path: PathBuf::from(ns).join("hosts.toml"),
-                contents: registry_file(ctx, registry, ns),
-            });
+            add(&mut out, ns.clone(), registry_file(ctx, registry, ns));
         }
     }
-    out.files.push(File {
-        path: PathBuf::from("_default").join("hosts.toml"),
-        contents: default_file(ctx),
-    });
+    // `_default` routes by ns too: only worth writing when some registry has ns values.
+    if ctx.registries.iter().any(|r| !r.ns.is_empty()) {
+        add(&mut out, "_default".into(), default_file(ctx));
+    }
+    if out.files.is_empty() {
+        return Err(Error::Unsupported(
+            "no registry has `ns` values or `hosts`: containerd has no way to reach any".into(),
+        ));
+    }
     if !ctx.endpoint.path.is_empty() {
         out.notes.push(format!(
             "the endpoint has a path ({}): hosts.toml uses override_path = true, so the proxy \
@@ -54,6 +81,33 @@ pub(super) fn generate(ctx: &Context<'_>) -> Result<Output, Error> {
         ));
     }
     Ok(out)
+}
+
+/// `<private host>[:port]/hosts.toml`: the image's own host is the gateway (no mirror, no ns),
+/// so the file only says how to talk to it: its scheme, the CA, what it may do.
+fn private_host_file(ctx: &Context<'_>, registry: &Registry, name: &str) -> String {
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "# {name}: the gateway's own name for registry {:?} (Host routing), written by",
+        registry.name
+    );
+    let _ = writeln!(
+        t,
+        "# `pullgate client-config containerd`. Images are pulled as {name}/<repository>."
+    );
+    let url = format!("{}://{name}", ctx.endpoint.scheme());
+    let _ = writeln!(t, "[host.{}]", toml_string(&url));
+    let capabilities = if registry.push {
+        "[\"pull\", \"resolve\", \"push\"]"
+    } else {
+        "[\"pull\", \"resolve\"]"
+    };
+    let _ = writeln!(t, "  capabilities = {capabilities}");
+    if let Some(ca) = ctx.ca {
+        let _ = writeln!(t, "  ca = {}", toml_string(ca));
+    }
+    t
 }
 
 /// `<ns>/hosts.toml`: the gateway first, then the registry's own upstream.

@@ -6,8 +6,10 @@
 //! different routing rule (DESIGN.md "Routing"), and this module is where that knowledge lives:
 //!
 //! - containerd adds `?ns=<registry host>` to every request it sends to a mirror, and `ns` wins
-//!   over every other rule (an unknown value is `NAME_UNKNOWN`). So a registry is reachable
-//!   through containerd only by its `ns` values: one `<ns>/hosts.toml` each.
+//!   over every other rule (an unknown value is `NAME_UNKNOWN`, and the name is not
+//!   prefix-stripped). So a registry is mirrored for containerd only by its `ns` values: one
+//!   `<ns>/hosts.toml` each, plus `_default`. A registry without `ns` is reached by its own
+//!   `hosts` names instead (the private endpoint: the image's host *is* the gateway, no `ns`).
 //! - docker uses `registry-mirrors` for docker.io only, with no path: requests arrive as bare
 //!   `/v2/<name>/...` and are served by the `default` registry, which must therefore be Docker Hub.
 //! - podman/CRI-O send no `ns`; a mirror `location` may carry a path, so each registry is reached
@@ -159,6 +161,14 @@ impl Endpoint {
     /// `http(s)://authority/path`, without a trailing `/`.
     pub fn url(&self) -> String {
         format!("{}://{}{}", self.scheme(), self.authority, self.path)
+    }
+
+    /// `:port` when the authority carries one, else empty.
+    fn port_suffix(&self) -> String {
+        match self.authority.rsplit_once(':') {
+            Some((host, port)) if !port.contains(']') && !host.is_empty() => format!(":{port}"),
+            _ => String::new(),
+        }
     }
 
     fn scheme(&self) -> &'static str {

@@ -205,15 +205,60 @@ fn containerd_uses_override_path_for_an_endpoint_under_a_path() {
 }
 
 #[test]
-fn containerd_skips_a_registry_without_ns_and_says_how_to_include_it() {
+fn containerd_reaches_a_registry_without_ns_by_its_private_name() {
     let cfg = config(
         "[[registry]]\nname = \"hub\"\nupstream = \"https://registry-1.docker.io\"\nns = [\"docker.io\"]\n\n[[registry]]\nname = \"private\"\nupstream = \"https://registry.corp:5000\"\nprefix = \"corp\"\n",
     );
     let out = run(Client::Containerd, &cfg, None, None);
-    assert_eq!(out.files.len(), 2, "{:?}", out.files);
+    let paths: Vec<_> = out.files.iter().map(|f| f.path.clone()).collect();
+    assert_eq!(
+        paths,
+        [
+            Path::new("docker.io/hosts.toml"),
+            Path::new("private.registry.corp:5000/hosts.toml"),
+            Path::new("_default/hosts.toml"),
+        ]
+    );
+    // The image's host is the gateway: one [host] with the gateway's scheme and port, no ns.
+    let t = toml_of(file(&out, "private.registry.corp:5000/hosts.toml"));
+    assert!(t.get("server").is_none());
+    assert_eq!(hosts_of(&t)[0].0, "http://private.registry.corp:5000");
     let note = out.notes.join("\n");
     assert!(note.contains("\"private\""), "{note}");
     assert!(note.contains("ns = [\"registry.corp:5000\"]"), "{note}");
+}
+
+#[test]
+fn containerd_private_endpoint_gets_host_dirs_with_the_ca_and_no_default() {
+    let cfg = config(
+        "[[registry]]\nname = \"icr\"\nupstream = \"https://icr.io\"\nhosts = [\"private.icr.io\"]\npush = true\n\n[[registry]]\nname = \"ghcr\"\nupstream = \"https://ghcr.io\"\nhosts = [\"private.ghcr.io\"]\n",
+    );
+    let out = run(
+        Client::Containerd,
+        &cfg,
+        Some("https://10.0.0.5"),
+        Some("/etc/pullgate/ca.crt"),
+    );
+    assert_eq!(out.files.len(), 2, "{:?}", out.files);
+    let icr = toml_of(file(&out, "private.icr.io/hosts.toml"));
+    let (url, host) = &hosts_of(&icr)[0];
+    assert_eq!(url, "https://private.icr.io");
+    assert_eq!(host["ca"].as_str(), Some("/etc/pullgate/ca.crt"));
+    let caps: Vec<_> = host["capabilities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(caps, ["pull", "resolve", "push"]);
+    let ghcr = toml_of(file(&out, "private.ghcr.io/hosts.toml"));
+    assert_eq!(
+        ghcr["host"]["https://private.ghcr.io"]["capabilities"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
 }
 
 #[test]

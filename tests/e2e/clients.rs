@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use crate::harness::{registry, Gateway};
 use crate::support::{
-    can_connect, Containerd, Dockerd, Podman, PullOpts, TestImage, Upstream, UpstreamOptions,
+    can_connect, free_port, run_cmd, Containerd, Dockerd, Pki, Podman, PrivateHosts, PullOpts,
+    TestImage, Upstream, UpstreamOptions,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_pullgate");
@@ -76,7 +77,7 @@ fn bed(seed: &str) -> Bed {
 
 /// Runs `pullgate client-config CLIENT -c <the gateway's config> --out DIR`; returns the dir
 /// and what the command said on stderr.
-fn client_config(gw: &Gateway, client: &str) -> (tempfile::TempDir, String) {
+fn client_config(gw: &Gateway, client: &str, extra: &[&str]) -> (tempfile::TempDir, String) {
     let out = tempfile::Builder::new()
         .prefix("client-config-")
         .tempdir()
@@ -86,6 +87,7 @@ fn client_config(gw: &Gateway, client: &str) -> (tempfile::TempDir, String) {
         .arg(gw.config_path())
         .arg("--out")
         .arg(out.path())
+        .args(extra)
         .output()
         .expect("run pullgate client-config");
     let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
@@ -120,7 +122,7 @@ fn client_config_containerd_pulls_through_ns_dirs_and_default_then_falls_back_to
     let fallback = bed
         .up
         .push(&TestImage::small("cc-ctr-fallback"), "public/fallback:v1");
-    let (hosts, _) = client_config(&bed.gw, "containerd");
+    let (hosts, _) = client_config(&bed.gw, "containerd", &[]);
     for dir in ["docker.io", CORP, "_default"] {
         assert!(hosts.path().join(dir).join("hosts.toml").is_file(), "{dir}");
     }
@@ -189,7 +191,7 @@ fn client_config_containerd_pulls_through_ns_dirs_and_default_then_falls_back_to
 #[test]
 fn client_config_docker_daemon_mirror_pulls_docker_io_images() {
     let bed = bed("cc-docker");
-    let (dir, stderr) = client_config(&bed.gw, "docker");
+    let (dir, stderr) = client_config(&bed.gw, "docker", &[]);
     assert!(stderr.contains("docker.io images only"), "{stderr}");
     let daemon = Dockerd::start(&dir.path().join("daemon.json"));
     for (reference, want, repository) in [
@@ -211,7 +213,7 @@ fn client_config_docker_daemon_mirror_pulls_docker_io_images() {
 #[test]
 fn client_config_podman_mirrors_by_prefix() {
     let bed = bed("cc-podman");
-    let (dir, _) = client_config(&bed.gw, "podman");
+    let (dir, _) = client_config(&bed.gw, "podman", &[]);
     let podman = Podman::new(&dir.path().join("registries.conf"));
     let index_ref = format!("{CORP}/team/index:v1");
     for (reference, want, registry, repository) in [
@@ -228,4 +230,51 @@ fn client_config_podman_mirrors_by_prefix() {
         assert_repo_digest(&podman.repo_digests(reference).expect("inspect"), want);
         assert!(served(&bed.gw, registry, repository) >= 2, "{repository}");
     }
+}
+
+#[test]
+fn client_config_containerd_private_endpoint_over_tls_with_ca() {
+    // The central private endpoint: a TLS listener, a registry known by its own name (Host
+    // routing, no ns); clients pull `private.corp.test:PORT/...` directly, trusting --ca.
+    const HOST: &str = "private.corp.test";
+    let up = Upstream::start(UpstreamOptions::default());
+    let small = up.push(&TestImage::small("cc-tls-small"), "team/small:v1");
+    let certs = Pki::new();
+    let (cert, key) = certs.issue(&[HOST]);
+    let tls_port = free_port();
+    let gw = Gateway::start_full(
+        &format!(
+            "tls = [{{ listen = \"127.0.0.1:{tls_port}\", certs = [{{ cert = \"{}\", key = \"{}\" }}] }}]",
+            cert.display(),
+            key.display()
+        ),
+        &registry("corp", &up, &format!("hosts = [\"{HOST}\"]")),
+        None,
+        "",
+    );
+    let endpoint = format!("https://{HOST}:{tls_port}");
+    let ca = certs.ca_path().display().to_string();
+    let (hosts, stderr) = client_config(&gw, "containerd", &["--endpoint", &endpoint, "--ca", &ca]);
+    assert!(stderr.contains("has no `ns` values"), "{stderr}");
+    let name = format!("{HOST}:{tls_port}");
+    let written: Vec<_> = std::fs::read_dir(hosts.path())
+        .expect("out dir")
+        .map(|e| e.expect("entry").file_name().into_string().expect("utf-8"))
+        .collect();
+    assert_eq!(
+        written,
+        std::slice::from_ref(&name),
+        "only the private name, no _default"
+    );
+
+    let ctr = Containerd::start();
+    let names = PrivateHosts::new(&[HOST]);
+    let reference = format!("{name}/team/small:v1");
+    let mut pull = names.wrap(&ctr.ctr());
+    pull.args(["images", "pull", "--hosts-dir"])
+        .arg(hosts.path())
+        .arg(&reference);
+    run_cmd(&mut pull).expect("ctr pulls over TLS with the CA client-config wrote");
+    assert_eq!(ctr.image_digest(&reference).expect("pulled"), small);
+    assert!(served(&gw, "corp", "team/small") >= 2);
 }
