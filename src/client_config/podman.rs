@@ -66,7 +66,10 @@ pub(super) fn generate(ctx: &Context<'_>) -> Result<Output, Error> {
     }
     if seen.is_empty() {
         return Err(Error::Unsupported(
-            "no registry has a `prefix` or `default = true`: podman has no way to reach any".into(),
+            "no registry has a `prefix` or `default = true`, so podman cannot use the gateway as \
+             a mirror; registries with `hosts` are pulled by those names directly (the CA in \
+             /etc/containers/certs.d/<host>/ca.crt)"
+                .into(),
         ));
     }
     if endpoint.https {
