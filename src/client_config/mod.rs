@@ -194,6 +194,13 @@ pub fn generate(client: Client, config: &Config, options: &Options) -> Result<Ou
             endpoint.url()
         ));
     }
+    if endpoint.authority.starts_with('[') && client != Client::Containerd {
+        notes.push(format!(
+            "{} is an IPv6 literal, which docker and podman refuse as a registry name; pass \
+             --endpoint with a host name or an IPv4 address",
+            endpoint.url()
+        ));
+    }
     let ca = options.ca.as_ref().map(|p| p.display().to_string());
     let ctx = Context {
         endpoint: &endpoint,

@@ -387,3 +387,24 @@ fn podman_tls_is_never_insecure_and_default_without_prefix_has_no_path() {
         "{notes}"
     );
 }
+
+#[test]
+fn docker_and_podman_are_warned_about_an_ipv6_literal_endpoint() {
+    for client in [Client::Docker, Client::Podman] {
+        let out = run(client, &default_config(), Some("http://[::1]:5000"), None);
+        assert!(
+            out.notes.iter().any(|n| n.contains("IPv6 literal")),
+            "{:?}",
+            out.notes
+        );
+    }
+    let out = run(
+        Client::Containerd,
+        &default_config(),
+        Some("http://[::1]:5000"),
+        None,
+    );
+    assert!(out.notes.is_empty(), "{:?}", out.notes);
+    let t = toml_of(file(&out, "docker.io/hosts.toml"));
+    assert_eq!(hosts_of(&t)[0].0, "http://[::1]:5000");
+}

@@ -278,3 +278,57 @@ fn client_config_containerd_private_endpoint_over_tls_with_ca() {
     assert_eq!(ctr.image_digest(&reference).expect("pulled"), small);
     assert!(served(&gw, "corp", "team/small") >= 2);
 }
+
+#[test]
+fn client_config_prints_without_out_and_exits_64_or_78() {
+    // Embedded default, containerd: several files, each under a header naming its path.
+    let out = Command::new(BIN)
+        .args(["client-config", "containerd"])
+        .output()
+        .expect("run");
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for header in [
+        "# ==> docker.io/hosts.toml <==",
+        "# ==> ghcr.io/hosts.toml <==",
+        "# ==> _default/hosts.toml <==",
+    ] {
+        assert!(text.contains(header), "{header}:\n{text}");
+    }
+    // One file: printed as it is, valid JSON.
+    let out = Command::new(BIN)
+        .args([
+            "client-config",
+            "docker",
+            "--endpoint",
+            "http://10.1.2.3:5000",
+        ])
+        .output()
+        .expect("run");
+    assert!(out.status.success());
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("daemon.json");
+    assert_eq!(json["registry-mirrors"][0], "http://10.1.2.3:5000");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("docker.io images only"));
+
+    let out = Command::new(BIN)
+        .args(["client-config", "podman", "--endpoint", "ftp://x"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--endpoint"));
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("quay.toml");
+    std::fs::write(
+        &path,
+        "[[registry]]\nname = \"quay\"\nupstream = \"https://quay.io\"\ndefault = true\n",
+    )
+    .expect("write");
+    let out = Command::new(BIN)
+        .args(["client-config", "docker", "-c"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("docker.io only"));
+}
