@@ -31,6 +31,15 @@ pub(super) fn generate(ctx: &Context<'_>) -> Result<Output, Error> {
         }
     };
     for registry in &ctx.registries {
+        if registry.ns.is_empty() && registry.hosts.is_empty() {
+            out.notes.push(format!(
+                "registry {:?} has neither `ns` values nor `hosts`, so containerd cannot reach \
+                 it; add ns = [{}] to it",
+                registry.name,
+                toml_string(&client_names(registry)[0])
+            ));
+            continue;
+        }
         if registry.ns.is_empty() {
             // No ns: reachable only by its own names (Host routing), which clients pull
             // directly (`private.icr.io/team/app`); containerd then sends no ns.

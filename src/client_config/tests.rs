@@ -408,3 +408,15 @@ fn docker_and_podman_are_warned_about_an_ipv6_literal_endpoint() {
     let t = toml_of(file(&out, "docker.io/hosts.toml"));
     assert_eq!(hosts_of(&t)[0].0, "http://[::1]:5000");
 }
+
+#[test]
+fn containerd_names_a_registry_it_cannot_reach_at_all() {
+    let cfg = config(
+        "[[registry]]\nname = \"hub\"\nupstream = \"https://registry-1.docker.io\"\nns = [\"docker.io\"]\n\n[[registry]]\nname = \"quay\"\nupstream = \"https://quay.io\"\nhosts = []\nprefix = \"quay.io\"\n",
+    );
+    let out = run(Client::Containerd, &cfg, None, None);
+    assert_eq!(out.files.len(), 2, "{:?}", out.files);
+    let notes = out.notes.join("\n");
+    assert!(notes.contains("neither `ns` values nor `hosts`"), "{notes}");
+    assert!(notes.contains("ns = [\"quay.io\"]"), "{notes}");
+}
