@@ -10,9 +10,11 @@
 //! `route` depends only on `oci` and the config model; `policy` only on `oci`, the config model
 //! and `secret`; `store` only on `oci`; `metrics` only reads the store's counters, and any module
 //! may record into the `Metrics` handle it is given; `upstream` on `oci`, `config`, `secret`
-//! and `metrics`; only `gateway` and `listen` (and this file) touch Pingora.
+//! and `metrics`; `client_config` only on the config model; only `gateway` and `listen` (and
+//! this file) touch Pingora.
 
 pub mod audit;
+pub mod client_config;
 pub mod config;
 pub mod gateway;
 pub mod listen;

@@ -1,4 +1,4 @@
-//! The `pullgate` command: `serve`, `check`, `dev-certs`, `default-config`.
+//! The `pullgate` command: `serve`, `check`, `client-config`, `dev-certs`, `default-config`.
 //!
 //! Exit codes follow sysexits: 64 for bad usage, 78 for a bad config, 1 for a failure to run.
 
@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
 use pullgate::config::{self, Config};
 
@@ -38,6 +38,24 @@ enum Command {
         /// Treat warnings as errors.
         #[arg(long)]
         strict: bool,
+    },
+    /// Write the client side for the gateway a config describes: containerd hosts.toml files,
+    /// docker daemon.json keys, or podman/CRI-O registries.conf.
+    ClientConfig {
+        /// The container runtime to configure.
+        client: ClientKind,
+        /// Config file (TOML); without it the embedded default.
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// The URL clients reach the gateway at; default: the first listener (https for TLS).
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// CA certificate (PEM) that signed the gateway's certificate, as clients read it.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// Directory to write the files into (created); without it they are printed.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Print the embedded default config.
     DefaultConfig,
@@ -95,6 +113,13 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         }
+        Command::ClientConfig {
+            client,
+            config,
+            endpoint,
+            ca,
+            out,
+        } => client_config(client, config, endpoint, ca, out),
         Command::DefaultConfig => {
             print!("{}", config::DEFAULT_TOML);
             ExitCode::SUCCESS
@@ -106,6 +131,80 @@ fn main() -> ExitCode {
             clients,
         } => dev_certs(out, hosts, name, clients),
     }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ClientKind {
+    /// hosts.toml per registry host plus _default (containerd, `ctr --hosts-dir`, CRI).
+    Containerd,
+    /// daemon.json registry-mirrors (docker.io only).
+    Docker,
+    /// registries.conf mirrors by path prefix (podman, CRI-O, skopeo, buildah).
+    Podman,
+}
+
+fn client_config(
+    client: ClientKind,
+    path: Option<PathBuf>,
+    endpoint: Option<String>,
+    ca: Option<PathBuf>,
+    out: Option<PathBuf>,
+) -> ExitCode {
+    use pullgate::client_config::{self as cc, Client};
+    let config = match load(&path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let client = match client {
+        ClientKind::Containerd => Client::Containerd,
+        ClientKind::Docker => Client::Docker,
+        ClientKind::Podman => Client::Podman,
+    };
+    // containerd resolves a relative `ca` against the hosts directory: write absolute paths.
+    let ca = ca.map(|p| std::path::absolute(&p).unwrap_or(p));
+    let options = cc::Options { endpoint, ca };
+    let output = match cc::generate(client, &config, &options) {
+        Ok(o) => o,
+        Err(e @ cc::Error::Endpoint(_)) => {
+            eprintln!("pullgate client-config: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+        Err(e) => {
+            eprintln!("pullgate client-config: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    for note in &output.notes {
+        eprintln!("note: {note}");
+    }
+    match out {
+        Some(dir) => {
+            for file in &output.files {
+                let target = dir.join(&file.path);
+                let written = target
+                    .parent()
+                    .map_or(Ok(()), std::fs::create_dir_all)
+                    .and_then(|()| std::fs::write(&target, &file.contents));
+                if let Err(e) = written {
+                    eprintln!("pullgate client-config: {}: {e}", target.display());
+                    return ExitCode::FAILURE;
+                }
+                println!("{}", target.display());
+            }
+        }
+        None if output.files.len() == 1 => print!("{}", output.files[0].contents),
+        None => {
+            // Several files: each under a header naming its path, ready to be split by hand.
+            for (i, file) in output.files.iter().enumerate() {
+                if i > 0 {
+                    println!();
+                }
+                println!("# ==> {} <==", file.path.display());
+                print!("{}", file.contents);
+            }
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 fn dev_certs(out: PathBuf, hosts: Vec<String>, name: String, clients: Vec<String>) -> ExitCode {

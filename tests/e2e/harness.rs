@@ -61,6 +61,8 @@ impl Gateway {
             dir.path().join("audit.log").display(),
             cache.map(|c| c.to_path_buf()).unwrap_or_else(|| dir.path().join("cache")).display()
         );
+        // Also on disk, for the binary's commands that read a config (`client-config`).
+        std::fs::write(dir.path().join("pullgate.toml"), &text).expect("write config");
         let config = pullgate::config::load_str(&text, dir.path())
             .unwrap_or_else(|e| panic!("test config invalid:\n{e}\n---\n{text}"));
         let running = RunningGateway::start(Arc::new(config)).expect("gateway starts");
@@ -79,6 +81,11 @@ impl Gateway {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// The config this gateway runs, as a file.
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self._dir.path().join("pullgate.toml")
     }
 
     /// The audit log's lines so far, parsed.

@@ -1,6 +1,6 @@
 //! End-to-end tests: pullgate in front of the real distribution registry (bearer-token auth over
-//! TLS), pulled through by real clients (skopeo, containerd's ctr). One test binary, so the
-//! costly link happens once; tests run in parallel on ports chosen at run time.
+//! TLS), pulled through by real clients (skopeo, containerd's ctr, dockerd, podman). One test
+//! binary, so the costly link happens once; tests run in parallel on ports chosen at run time.
 
 #[path = "../support/mod.rs"]
 mod support;
@@ -10,6 +10,7 @@ mod harness;
 mod auth;
 mod cache;
 mod cli;
+mod clients;
 mod containerd;
 mod crash;
 mod credentials;

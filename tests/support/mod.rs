@@ -1,6 +1,6 @@
 //! Integration-test support: a REAL upstream (CNCF distribution 2.8 with bearer-token auth over
 //! TLS, token issuer in Rust), deterministic test images, and real-client drivers (skopeo,
-//! containerd's `ctr`).
+//! containerd's `ctr`, dockerd, podman).
 //!
 //! Design notes (the why):
 //! - Every in-process server (token issuer, storage host, redirector) runs on ONE background
@@ -17,9 +17,11 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod containerd;
+pub mod dockerd;
 pub mod hosts;
 pub mod images;
 pub mod pki;
+pub mod podman;
 pub mod relay;
 pub mod skopeo;
 pub mod storage;
@@ -39,9 +41,11 @@ use hyper::body::Incoming;
 use hyper::{Request, Response};
 
 pub use containerd::{write_hosts_toml, Containerd, PullOpts};
+pub use dockerd::Dockerd;
 pub use hosts::PrivateHosts;
 pub use images::TestImage;
 pub use pki::Pki;
+pub use podman::Podman;
 pub use relay::{Fault, Relay};
 pub use skopeo::{
     skopeo_copy_to_dir, skopeo_copy_to_oci, skopeo_copy_to_registry, skopeo_inspect_raw, ClientTls,
