@@ -42,6 +42,9 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// after the header (the ClientHello) is handed back with `rewind`.
 const READ_CHUNK: usize = 512;
 
+/// What a connection that closes before sending a byte is taken for.
+const HEALTH_CHECK: &str = "closed without sending anything (a TCP health check?)";
+
 /// Which TLS listeners want a header, looked up by a connection's local address.
 #[derive(Debug, Clone, Default)]
 pub struct ListenerTable {
@@ -113,7 +116,12 @@ impl ProxyProtocol {
             .with_label_values(&[reason])
             .inc();
         let peer = peer.map_or_else(|| "unknown".to_owned(), |p| p.to_string());
-        tracing::warn!(%peer, reason, "PROXY protocol: connection closed before TLS: {detail}");
+        if detail == HEALTH_CHECK {
+            // A trusted balancer's TCP health check: connect, close. Counted, not warned about.
+            tracing::debug!(%peer, reason, "PROXY protocol: {detail}");
+        } else {
+            tracing::warn!(%peer, reason, "PROXY protocol: connection closed before TLS: {detail}");
+        }
         Error::explain(
             ErrorType::Custom("PROXY protocol"),
             format!("{reason}: {detail}"),
@@ -184,10 +192,11 @@ async fn read_header(stream: &mut L4Stream) -> Result<(ProxyHeader, Vec<u8>), Re
             .await
             .map_err(|e| Refused::Closed(format!("read failed: {e}")))?;
         if n == 0 {
-            return Err(Refused::Closed(format!(
-                "connection closed after {} bytes of a header",
-                buf.len()
-            )));
+            return Err(Refused::Closed(if buf.is_empty() {
+                HEALTH_CHECK.to_owned()
+            } else {
+                format!("connection closed after {} bytes of a header", buf.len())
+            }));
         }
         buf.extend_from_slice(&chunk[..n]);
     }
@@ -196,6 +205,97 @@ async fn read_header(stream: &mut L4Stream) -> Result<(ProxyHeader, Vec<u8>), Re
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// Accepts one connection from `from` the way Pingora does (with a socket digest), after
+    /// the client wrote `bytes`, and runs the hook on it. The result, the peer address the
+    /// connection reports afterwards, and what the stream then yields.
+    async fn hook_on(
+        from: &str,
+        trusted: &str,
+        bytes: &[u8],
+    ) -> (
+        pingora::Result<()>,
+        Option<SocketAddr>,
+        Vec<u8>,
+        Arc<Metrics>,
+    ) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let local = listener.local_addr().unwrap();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind(SocketAddr::new(from.parse().unwrap(), 0))
+            .unwrap();
+        let mut client = socket.connect(local).await.unwrap();
+        client.write_all(bytes).await.unwrap();
+        client.shutdown().await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let mut stream = L4Stream::from(accepted);
+        {
+            use std::os::fd::AsRawFd;
+            stream.set_socket_digest(SocketDigest::from_raw_fd(stream.as_raw_fd()));
+        }
+        let metrics = Arc::new(Metrics::new(1));
+        let hook = ProxyProtocol {
+            listeners: ListenerTable::new([(local, true)]),
+            proxies: TrustedProxies::new(&[trusted.parse().unwrap()]),
+            metrics: metrics.clone(),
+            timeout: Duration::from_secs(5),
+        };
+        let result = hook.process(&mut stream).await;
+        let peer = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied());
+        let mut rest = Vec::new();
+        if result.is_ok() {
+            stream.read_to_end(&mut rest).await.unwrap();
+        }
+        (result, peer, rest, metrics)
+    }
+
+    fn rejected(metrics: &Metrics, reason: &str) -> u64 {
+        metrics
+            .proxy_protocol_rejected
+            .with_label_values(&[reason])
+            .get()
+    }
+
+    #[tokio::test]
+    async fn a_trusted_header_becomes_the_peer_and_the_bytes_after_it_stay_readable() {
+        let mut bytes = b"PROXY TCP4 10.1.2.3 10.0.0.1 40000 443\r\n".to_vec();
+        bytes.extend(b"\x16\x03\x01 the ClientHello");
+        let (result, peer, rest, _) = hook_on("127.0.0.2", "127.0.0.2/32", &bytes).await;
+        result.expect("accepted");
+        assert_eq!(peer, Some("10.1.2.3:40000".parse().unwrap()));
+        assert_eq!(rest, b"\x16\x03\x01 the ClientHello");
+    }
+
+    #[tokio::test]
+    async fn a_local_header_keeps_the_peer() {
+        let mut bytes = proxy_header::V2_SIGNATURE.to_vec();
+        bytes.extend([0x20, 0x00, 0x00, 0x00]);
+        bytes.extend(b"rest");
+        let (result, peer, rest, _) = hook_on("127.0.0.2", "127.0.0.2/32", &bytes).await;
+        result.expect("accepted");
+        assert_eq!(peer.map(|p| p.ip()), Some("127.0.0.2".parse().unwrap()));
+        assert_eq!(rest, b"rest");
+    }
+
+    #[tokio::test]
+    async fn untrusted_missing_malformed_and_silent_connections_are_refused_by_reason() {
+        let header = b"PROXY TCP4 10.1.2.3 10.0.0.1 40000 443\r\n";
+        for (from, bytes, reason) in [
+            ("127.0.0.3", &header[..], "untrusted_peer"),
+            ("127.0.0.2", b"\x16\x03\x01\x02\x00", "missing"),
+            ("127.0.0.2", b"PROXY TCP4 nonsense\r\n", "malformed"),
+            ("127.0.0.2", b"PROXY TCP4 10.1", "closed"),
+            ("127.0.0.2", b"", "closed"),
+        ] {
+            let (result, _, _, metrics) = hook_on(from, "127.0.0.2/32", bytes).await;
+            assert!(result.is_err(), "{reason}");
+            assert_eq!(rejected(&metrics, reason), 1, "{reason}");
+        }
+    }
 
     fn a(s: &str) -> SocketAddr {
         s.parse().unwrap()
