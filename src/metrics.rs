@@ -31,6 +31,7 @@ pub struct Metrics {
     pub token_fetches: IntCounterVec,
     pub denials: IntCounterVec,
     pub tls_handshakes: IntCounterVec,
+    pub proxy_protocol_rejected: IntCounterVec,
     // Mirrors of the blob store's own counters, brought up to date at each scrape.
     cache_entries: IntGauge,
     cache_bytes: IntGauge,
@@ -132,6 +133,12 @@ impl Metrics {
                 "pullgate_tls_handshakes_total",
                 "Completed TLS handshakes on TLS listeners (outcome=\"ok\"; failed ones are logged).",
                 &["outcome"],
+            ),
+            proxy_protocol_rejected: counter_vec(
+                "pullgate_proxy_protocol_rejected_total",
+                "Connections closed before TLS on proxy_protocol listeners, by reason \
+                 (untrusted_peer, missing, malformed, timeout, closed).",
+                &["reason"],
             ),
             cache_entries: gauge("pullgate_cache_entries", "Blobs in the cache."),
             cache_bytes: gauge("pullgate_cache_size_bytes", "Bytes of blobs in the cache."),

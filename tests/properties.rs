@@ -122,4 +122,33 @@ proptest! {
             prop_assert_eq!(got, peer);
         }
     }
+
+    #[test]
+    fn proxy_headers_never_panic_and_complete_ones_lie_within_the_input(
+        buf in prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..200),
+            // Near-valid v1: the signature, then printable bytes with CR/LF mixed in.
+            "PROXY (TCP4|TCP6|UNKNOWN|[A-Z0-9]{0,5})[ -~\r\n]{0,120}".prop_map(String::into_bytes),
+            // Near-valid v2: the signature, then arbitrary version, family, length and body.
+            proptest::collection::vec(any::<u8>(), 0..120).prop_map(|tail| {
+                let mut b = pullgate::policy::proxy_header::V2_SIGNATURE.to_vec();
+                b.extend(tail);
+                b
+            }),
+        ]
+    ) {
+        use pullgate::policy::proxy_header::{parse, Parsed, V1_MAX_LEN, V2_MAX_LEN};
+        match parse(&buf) {
+            Ok(Parsed::Complete { len, .. }) => {
+                prop_assert!(len <= buf.len() && len <= V1_MAX_LEN.max(V2_MAX_LEN));
+                // The same bytes followed by anything parse to the same header.
+                let mut longer = buf.clone();
+                longer.extend(b"\x16\x03\x01");
+                prop_assert_eq!(parse(&longer), parse(&buf));
+            }
+            // Incomplete only while short of the longest header.
+            Ok(Parsed::Incomplete) => prop_assert!(buf.len() < V2_MAX_LEN),
+            Err(_) => {}
+        }
+    }
 }

@@ -95,6 +95,7 @@ fn endpoint_defaults_to_the_first_listener_https_for_tls_and_loopback_for_any() 
         certs: Vec::new(),
         client_ca: None,
         require_client_cert: false,
+        proxy_protocol: false,
     });
     let e = Endpoint::from_listeners(&cfg.server, &mut notes).unwrap();
     assert_eq!(e.url(), "https://127.0.0.1:8443");

@@ -52,6 +52,8 @@ pub(super) struct TlsFile {
     pub client_ca: Option<String>,
     #[serde(default)]
     pub require_client_cert: bool,
+    #[serde(default)]
+    pub proxy_protocol: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -74,6 +74,10 @@ pub struct TlsListener {
     pub certs: Vec<CertPair>,
     pub client_ca: Option<PathBuf>,
     pub require_client_cert: bool,
+    /// Every connection starts with a PROXY protocol v1/v2 header from a peer in
+    /// `server.trusted_proxies`, whose source address replaces the TCP peer's; any other
+    /// connection is closed before TLS.
+    pub proxy_protocol: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -142,6 +142,7 @@ listen = "0.0.0.0:443"
 certs = [{ cert = "a.pem", key = "a.key" }, { cert = "b.pem", key = "b.key" }]
 client_ca = "ca.pem"
 require_client_cert = true
+proxy_protocol = true
 
 [cache]
 dir = "cache"
@@ -226,6 +227,7 @@ fn full_config_validates_and_resolves_paths() {
     );
     assert_eq!(server.tls[0].certs[1].key, base.join("b.key"));
     assert_eq!(server.tls[0].client_ca, Some(base.join("ca.pem")));
+    assert!(server.tls[0].proxy_protocol);
     assert_eq!(config.cache.dir, base.join("cache"));
     assert_eq!(config.cache.max_size, 50 << 30);
     assert_eq!(config.cache.tag_ttl, Duration::ZERO);
@@ -670,6 +672,26 @@ fn tls_files() {
         "requires client_ca",
     );
     assert!(!errs.has_key("server.tls[0].certs[0].cert"));
+}
+
+#[test]
+fn proxy_protocol_needs_trusted_proxies_and_exists_only_on_tls_listeners() {
+    let dir = dir_with(&["c.pem"]);
+    let tls = "[[server.tls]]\nlisten = \"127.0.0.1:8443\"\ncerts = [{ cert = \"c.pem\", key = \"c.pem\" }]\nproxy_protocol = true\n";
+    let errs = load_env(&format!("{tls}{HUB}"), dir.path(), &[]).unwrap_err();
+    assert_error(
+        &errs,
+        "server.tls[0].proxy_protocol",
+        "needs server.trusted_proxies",
+    );
+    let trusted = format!("[server]\ntrusted_proxies = [\"10.0.0.5\"]\n{tls}{HUB}");
+    let config = load_env(&trusted, dir.path(), &[]).unwrap_or_else(|e| panic!("{e}"));
+    assert!(config.server.tls[0].proxy_protocol);
+    // Plain listeners have no hook before the request: the key does not exist there.
+    let errs = errors(&format!(
+        "[server]\ntrusted_proxies = [\"10.0.0.5\"]\nproxy_protocol = true\n{HUB}"
+    ));
+    assert!(errs.to_string().contains("proxy_protocol"), "{errs}");
 }
 
 #[test]

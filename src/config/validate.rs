@@ -228,6 +228,20 @@ fn check_server(ctx: &mut Ctx<'_>, file: &ServerFile) -> Server {
         );
     }
     check_unique_listeners(ctx, &listen, admin_listen, &tls);
+    if trusted_proxies.is_empty() && file.trusted_proxies.is_empty() {
+        for (i, _) in file
+            .tls
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.proxy_protocol)
+        {
+            ctx.err(
+                format!("server.tls[{i}].proxy_protocol"),
+                "needs server.trusted_proxies: a PROXY header is believed only from those \
+                 peers, so without them every connection would be closed",
+            );
+        }
+    }
     let redirect_key_file = file
         .redirect_key_file
         .as_deref()
@@ -348,6 +362,7 @@ fn check_tls(ctx: &mut Ctx<'_>, key: &str, file: &TlsFile) -> Option<TlsListener
         certs: certs.into_iter().collect::<Option<Vec<_>>>()?,
         client_ca,
         require_client_cert: file.require_client_cert,
+        proxy_protocol: file.proxy_protocol,
     })
 }
 

@@ -18,6 +18,7 @@ use crate::metrics::Metrics;
 
 mod admin;
 pub mod dev_certs;
+pub mod proxy_protocol;
 pub mod tls;
 
 /// Seconds in-flight requests get after SIGTERM before the runtime is shut down. Pingora sleeps
@@ -26,8 +27,9 @@ pub mod tls;
 const GRACE_PERIOD_SECS: u64 = 5;
 const SHUTDOWN_TIMEOUT_SECS: u64 = 5;
 
-/// Build the Pingora server for `config`: one gateway service on every plain and TLS listener,
-/// the certificate reloader (always: it owns SIGHUP), and the admin listener. Certificate
+/// Build the Pingora server for `config`: one gateway service on every plain and TLS listener
+/// (with the PROXY protocol hook when a TLS listener has `proxy_protocol`), the certificate
+/// reloader (always: it owns SIGHUP), and the admin listener. Certificate
 /// problems are errors naming their key (`server.tls[i].certs[j]`).
 pub fn build_server(config: Arc<Config>) -> Result<Server, String> {
     let metrics = Arc::new(Metrics::new(config.cache.max_size));
@@ -55,7 +57,7 @@ pub fn build_server(config: Arc<Config>) -> Result<Server, String> {
             .copied()
             .chain(config.server.tls.iter().map(|t| t.listen))
             .collect();
-        let admin = admin::Admin::bind(addr, metrics, gateway.store(), every_listener)?;
+        let admin = admin::Admin::bind(addr, metrics.clone(), gateway.store(), every_listener)?;
         server.add_service(pingora::services::background::background_service(
             "admin", admin,
         ));
@@ -63,6 +65,11 @@ pub fn build_server(config: Arc<Config>) -> Result<Server, String> {
     let mut service = pingora::proxy::http_proxy_service(&server.configuration, gateway);
     for addr in &config.server.listen {
         service.add_tcp(&addr.to_string());
+    }
+    if let Some(hook) = proxy_protocol::ProxyProtocol::for_config(&config, metrics.clone()) {
+        // One hook for the whole service: Pingora keeps it per `Listeners`; it looks up the
+        // listener of each connection (see `proxy_protocol`).
+        service.endpoints().set_pre_tls_callback(Arc::new(hook));
     }
     let mut resolvers = Vec::new();
     for (listener, prepared) in config.server.tls.iter().zip(tls) {

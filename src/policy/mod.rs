@@ -9,6 +9,7 @@
 //!
 //! - [`zone`]: `ZoneTable`, source IP -> zones by longest-prefix match.
 //! - [`source`]: `TrustedProxies`, the client address behind trusted proxies.
+//! - [`proxy_header`]: the PROXY protocol v1/v2 header an L4 proxy writes before TLS.
 //! - [`identity`]: `Authenticator`, Basic and mTLS credentials -> [`Authn`].
 //! - [`glob`]: repository globs.
 //! - `rules`: [`decide`], the rules themselves, and [`Reason`].
@@ -17,6 +18,7 @@
 
 pub mod glob;
 pub mod identity;
+pub mod proxy_header;
 pub mod source;
 pub mod zone;
 

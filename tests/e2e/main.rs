@@ -21,6 +21,7 @@ mod manifests;
 mod observability;
 mod offline;
 mod policy;
+mod proxy_protocol;
 mod pull;
 mod push;
 mod redirects;
