@@ -256,14 +256,16 @@ impl FillReader {
             let Some(chunks) = self.chunks.as_mut() else {
                 return Err(FillFailure::Storage("fill has no file".into()));
             };
-            // Invariant 3: the blob's last byte goes out only once the fill is verified. With
-            // Content-Length framing a client holding every byte has a complete body, so
-            // handing out all of an unverified blob would defeat the mid-body abort.
-            let readable = match total {
-                Some(total) if !verified && chunks.end() >= total => {
-                    written.min(total.saturating_sub(1))
-                }
-                _ => written,
+            // Invariant 3: the last byte of the range goes out only once the whole blob is
+            // verified. With Content-Length framing a client holding every byte of its range
+            // has a complete body, so handing out all of an unverified range (the whole blob
+            // or a Range inside it) would defeat the mid-body abort. A Range client therefore
+            // waits for the end of the fill for its last byte.
+            let readable = if verified {
+                written
+            } else {
+                let end = chunks.end().min(total.unwrap_or(u64::MAX));
+                written.min(end.saturating_sub(1))
             };
             if !chunks.is_done() && readable > chunks.pos() {
                 return match chunks.read(readable).await {

@@ -255,12 +255,12 @@ async fn twenty_concurrent_requests_fetch_once() {
     let first = store.fill_or_join(&digest, source.clone());
     let mut r = first.reader(0, half);
     let mut seen = 0;
-    while seen < half {
+    while seen < half - 1 {
         seen += r.next_chunk().await.unwrap().unwrap().len() as u64;
     }
-    // The range's end is reported only once the blob is verified (invariant 3).
+    // The range's last byte, and its end, go out only once the blob is verified (invariant 3).
     let pending = tokio::time::timeout(Duration::from_millis(50), r.next_chunk()).await;
-    assert!(pending.is_err(), "no Ok(None) before the fill is verified");
+    assert!(pending.is_err(), "no last byte before the fill is verified");
     assert!(first.progress().written >= half);
     // Late joiners: the fill is still running and they get everything from byte 0.
     readers.extend((0..10).map(|_| spawn_reader(store.clone())));
@@ -474,6 +474,38 @@ async fn wrong_bytes_are_never_committed() {
         assert!(fill.wait_done().await.is_err(), "{name}");
         assert_nothing_committed(&store, dir.path(), &digest);
     }
+}
+
+/// A Range inside the blob is a complete body once its last byte is out: that byte waits for
+/// the whole blob's verification, or a corrupted range would reach a client looking complete.
+#[tokio::test]
+async fn a_range_inside_a_corrupted_blob_never_completes() {
+    let data = blob_bytes(3 * MAX_CHUNK, 11);
+    let digest = digest_of(&data);
+    let mut corrupt = data.to_vec();
+    corrupt[MAX_CHUNK + 5] ^= 0xff;
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(dir.path(), 1 << 30);
+    let source = FakeSource::new(&Bytes::from(corrupt));
+    let fill = store.fill_or_join(&digest, Arc::new(source));
+    let (start, end) = (MAX_CHUNK as u64, 2 * MAX_CHUNK as u64);
+    let result = drain(fill.reader(start, end)).await;
+    let Err((delivered, FillFailure::Invalid(_))) = result else {
+        panic!("a range of an unverified blob ends in Err, not {result:?}");
+    };
+    assert!(
+        (delivered.len() as u64) < end - start,
+        "the range's last byte is held until the blob is verified"
+    );
+    assert_nothing_committed(&store, dir.path(), &digest);
+
+    // The same range of a good blob is delivered whole, once the blob is verified.
+    let good_dir = tempfile::tempdir().unwrap();
+    let good = new_store(good_dir.path(), 1 << 30);
+    let fill = good.fill_or_join(&digest, Arc::new(FakeSource::new(&data)));
+    let got = drain(fill.reader(start, end)).await.unwrap();
+    assert!(got == data[start as usize..end as usize]);
+    assert!(fill.progress().verified);
 }
 
 #[tokio::test]
