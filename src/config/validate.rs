@@ -392,7 +392,9 @@ fn check_cache(ctx: &mut Ctx<'_>, file: &CacheFile) -> Cache {
         file.fill_stall_timeout.as_deref(),
     )
     .unwrap_or(DEFAULT_FILL_STALL_TIMEOUT);
-    if fill_stall_timeout < Duration::from_millis(100) || fill_stall_timeout > Duration::from_secs(3600) {
+    if fill_stall_timeout < Duration::from_millis(100)
+        || fill_stall_timeout > Duration::from_secs(3600)
+    {
         ctx.err(
             "cache.fill_stall_timeout",
             format!(

@@ -97,8 +97,9 @@ impl Gateway {
             ..FillPolicy::default()
         };
         let (store, stats) =
-            BlobStore::open_with(&config.cache.dir, config.cache.max_size, fill_policy)
-            .map_err(|e| format!("cache.dir: cannot use {}: {e}", config.cache.dir.display()))?;
+            BlobStore::open_with(&config.cache.dir, config.cache.max_size, fill_policy).map_err(
+                |e| format!("cache.dir: cannot use {}: {e}", config.cache.dir.display()),
+            )?;
         tracing::info!(
             dir = %config.cache.dir.display(),
             blobs = stats.entries,
