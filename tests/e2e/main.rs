@@ -14,6 +14,7 @@ mod containerd;
 mod crash;
 mod credentials;
 mod errors;
+mod faults;
 mod input;
 mod manifests;
 mod observability;

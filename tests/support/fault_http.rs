@@ -111,31 +111,32 @@ impl FaultRelay {
         let (shutdown, _) = watch::channel(false);
         let upstream = Arc::new(upstream_url.trim_end_matches('/').to_string());
         let (shared, stop) = (Arc::clone(&state), shutdown.clone());
-        let accept = rt().spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                let (acceptor, client, upstream) =
-                    (acceptor.clone(), client.clone(), Arc::clone(&upstream));
-                let (state, mut down) = (Arc::clone(&shared), stop.subscribe());
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let svc = hyper::service::service_fn(move |req| {
-                        let (client, upstream, state) =
-                            (client.clone(), Arc::clone(&upstream), Arc::clone(&state));
-                        async move {
-                            Ok::<_, Infallible>(handle(req, &client, &upstream, state).await)
+        let accept =
+            rt().spawn(async move {
+                while let Ok((tcp, _)) = listener.accept().await {
+                    let (acceptor, client, upstream) =
+                        (acceptor.clone(), client.clone(), Arc::clone(&upstream));
+                    let (state, mut down) = (Arc::clone(&shared), stop.subscribe());
+                    tokio::spawn(async move {
+                        let Ok(tls) = acceptor.accept(tcp).await else {
+                            return;
+                        };
+                        let svc = hyper::service::service_fn(move |req| {
+                            let (client, upstream, state) =
+                                (client.clone(), Arc::clone(&upstream), Arc::clone(&state));
+                            async move {
+                                Ok::<_, Infallible>(handle(req, &client, &upstream, state).await)
+                            }
+                        });
+                        let conn = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(hyper_util::rt::TokioIo::new(tls), svc);
+                        tokio::select! {
+                            _ = conn => {}
+                            _ = down.wait_for(|stopped| *stopped) => {}
                         }
                     });
-                    let conn = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(tls), svc);
-                    tokio::select! {
-                        _ = conn => {}
-                        _ = down.wait_for(|stopped| *stopped) => {}
-                    }
-                });
-            }
-        });
+                }
+            });
         FaultRelay {
             addr,
             state,
@@ -190,7 +191,8 @@ async fn handle(
     upstream: &str,
     state: Arc<State>,
 ) -> Response<RelayBody> {
-    let is_blob_get = req.method() == hyper::Method::GET && req.uri().path().contains("/blobs/sha256:");
+    let is_blob_get =
+        req.method() == hyper::Method::GET && req.uri().path().contains("/blobs/sha256:");
     if is_blob_get {
         let range = req
             .headers()
@@ -274,6 +276,7 @@ fn faulty_body(
         /// What happens after the piece just sent: end with an error, or stall.
         then: Then,
         counted: bool,
+        upstream_done: bool,
     }
     #[derive(PartialEq)]
     enum Then {
@@ -293,6 +296,7 @@ fn faulty_body(
         state,
         then: Then::Go,
         counted: false,
+        upstream_done: false,
     };
     let stream = futures_util::stream::unfold(start, |mut b| async move {
         match b.then {
@@ -309,15 +313,28 @@ fn faulty_body(
             }
             Then::Go => {}
         }
-        if b.pending.is_empty() {
+        // A drip gathers up to `chunk` bytes (network reads are smaller) per pause.
+        let want = match b.fault {
+            HttpFault::Drip { chunk, .. } => chunk.max(1),
+            _ => 1,
+        };
+        while b.pending.len() < want && !b.upstream_done {
             match b.chunks.next().await {
-                None => return None,
+                None => b.upstream_done = true,
                 Some(Err(e)) => {
                     b.then = Then::Over;
                     return Some((Err(e), b));
                 }
-                Some(Ok(chunk)) => b.pending = chunk,
+                Some(Ok(chunk)) if b.pending.is_empty() => b.pending = chunk,
+                Some(Ok(chunk)) => {
+                    let mut joined = BytesMut::from(&b.pending[..]);
+                    joined.extend_from_slice(&chunk);
+                    b.pending = joined.freeze();
+                }
             }
+        }
+        if b.pending.is_empty() {
+            return None;
         }
         let take = match b.fault {
             HttpFault::Drip { chunk, pause } => {

@@ -17,10 +17,10 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod containerd;
+pub mod fault_http;
 pub mod hosts;
 pub mod images;
 pub mod pki;
-pub mod fault_http;
 pub mod relay;
 pub mod skopeo;
 pub mod storage;
@@ -40,10 +40,10 @@ use hyper::body::Incoming;
 use hyper::{Request, Response};
 
 pub use containerd::{write_hosts_toml, Containerd, PullOpts};
+pub use fault_http::{FaultRelay, HttpFault};
 pub use hosts::PrivateHosts;
 pub use images::TestImage;
 pub use pki::Pki;
-pub use fault_http::{FaultRelay, HttpFault};
 pub use relay::{Fault, Relay};
 pub use skopeo::{
     skopeo_copy_to_dir, skopeo_copy_to_oci, skopeo_copy_to_registry, skopeo_inspect_raw, ClientTls,
