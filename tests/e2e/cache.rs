@@ -111,8 +111,14 @@ fn range_during_a_fill_and_restart_keeps_the_cache() {
     );
     assert_eq!(part.status, 206);
     assert_eq!(part.body, bytes[5_000_000..5_000_100]);
-    // A whole GET now gets the committed blob (or joins the fill's commit).
+    // A whole GET joins the fill (or finds the blob committed).
     assert_eq!(get(&gw.url(&url_path)).body.len(), bytes.len());
+    // Readers finish once the blob is verified, before its fsync and rename: wait for the
+    // commit, or the restart below would find only a temp file (and fetch again).
+    let hex = layer.trim_start_matches("sha256:");
+    let committed = cache.path().join("blobs/sha256").join(&hex[..2]).join(hex);
+    wait_until(Duration::from_secs(10), "the commit", || committed.exists())
+        .expect("blob committed");
     gw.stop();
 
     // A new gateway on the same cache dir serves the blob from disk: the upstream only
