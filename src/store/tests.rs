@@ -144,6 +144,7 @@ fn fast_policy() -> FillPolicy {
     FillPolicy {
         stall_timeout: Duration::from_secs(20),
         backoff: vec![Duration::from_millis(5); 3],
+        max_retry_after: Duration::from_secs(5),
     }
 }
 
@@ -506,6 +507,67 @@ async fn a_range_inside_a_corrupted_blob_never_completes() {
     let got = drain(fill.reader(start, end)).await.unwrap();
     assert!(got == data[start as usize..end as usize]);
     assert!(fill.progress().verified);
+}
+
+/// "Not now" answers (429, 5xx): a short burst is ridden out, waiting at least what the source
+/// asked; a longer wait than `max_retry_after` fails the fill at once with the source's answer;
+/// a burst that outlasts every attempt fails with the last answer.
+#[tokio::test]
+async fn busy_sources_are_retried_after_their_retry_after_or_reported() {
+    let data = blob_bytes(100_000, 12);
+    let digest = digest_of(&data);
+    let busy = |secs: Option<u64>| Plan {
+        error: Some(SourceError::Busy {
+            error: OciError::new(ErrorCode::TooManyRequests, "slow down").with_retry_after("1"),
+            retry_after: secs.map(Duration::from_millis),
+        }),
+        ..Plan::default()
+    };
+    let policy = FillPolicy {
+        max_retry_after: Duration::from_millis(300),
+        ..fast_policy()
+    };
+
+    // Two answers asking for 200 ms each, then the bytes.
+    let dir = tempfile::tempdir().unwrap();
+    let store = BlobStore::open_with(dir.path(), 1 << 30, policy.clone())
+        .unwrap()
+        .0;
+    let source =
+        Arc::new(FakeSource::new(&data).with_plans(vec![busy(Some(200)), busy(Some(200))]));
+    let started = std::time::Instant::now();
+    let fill = store.fill_or_join(&digest, source.clone());
+    assert_eq!(fill.wait_done().await.unwrap(), data.len() as u64);
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "waited as asked"
+    );
+    assert_eq!(source.opens(), vec![0, 0, 0]);
+
+    // Asked to wait longer than max_retry_after: no second request, the answer goes to clients.
+    let dir = tempfile::tempdir().unwrap();
+    let store = BlobStore::open_with(dir.path(), 1 << 30, policy.clone())
+        .unwrap()
+        .0;
+    let source = Arc::new(FakeSource::new(&data).with_plans(vec![busy(Some(60_000))]));
+    let fill = store.fill_or_join(&digest, source.clone());
+    let Err(FillFailure::Busy(e)) = fill.wait_started().await else {
+        panic!("a long Retry-After fails the fill with the source's answer");
+    };
+    assert_eq!(e.code, ErrorCode::TooManyRequests);
+    assert_eq!(e.retry_after.as_deref(), Some("1"));
+    assert_eq!(source.opens(), vec![0]);
+    assert_nothing_committed(&store, dir.path(), &digest);
+
+    // Busy on every attempt: the last answer, after 1 + 3 attempts.
+    let dir = tempfile::tempdir().unwrap();
+    let store = BlobStore::open_with(dir.path(), 1 << 30, policy).unwrap().0;
+    let source = Arc::new(FakeSource::new(&data).with_plans(vec![busy(None); 4]));
+    let fill = store.fill_or_join(&digest, source.clone());
+    let failure = fill.wait_started().await.unwrap_err();
+    assert_eq!(failure.to_oci_error().code, ErrorCode::TooManyRequests);
+    assert_eq!(source.opens().len(), 4);
+    assert_eq!(store.stats().fills_broken, 1);
 }
 
 #[tokio::test]

@@ -397,16 +397,20 @@ fn a_stalled_body_is_resumed_after_the_stall_timeout_and_a_slow_drip_is_not_a_st
 }
 
 /// A short burst of `code` is ridden out by the fill's backoff; a long one gives the clients a
-/// clear error naming the registry; the next pull succeeds.
-fn burst(seed: &str, code: u16, retry_after: Option<u32>) {
-    let bed = Bed::new(seed, 4 * MIB);
-
+/// clear error (`expect` checks it); the next pull succeeds. Returns the outcomes.
+fn burst(
+    bed: &Bed,
+    code: u16,
+    retry_after: Option<u32>,
+    expect: impl Fn(&Outcome) -> bool,
+) -> Vec<Vec<Outcome>> {
     let cache = tempfile::tempdir().expect("tempdir");
     let gw = bed.gateway(cache.path(), "");
+    let injected = bed.relay.injected();
     bed.relay.inject(HttpFault::Status { code, retry_after }, 2);
     let short = bed.pull(&gw, None);
     assert_all_verified(&short, "a short burst");
-    assert_eq!(bed.relay.injected(), 2);
+    assert_eq!(bed.relay.injected() - injected, 2);
     assert_eq!(assert_cache_verified(cache.path()), vec![bed.layer.clone()]);
     drop(gw);
 
@@ -416,40 +420,74 @@ fn burst(seed: &str, code: u16, retry_after: Option<u32>) {
         .inject(HttpFault::Status { code, retry_after }, usize::MAX);
     let long = bed.pull(&gw, None);
     for o in &long {
-        match o {
-            Outcome::Refused {
-                status: 429,
-                code,
-                retry_after: Some(_),
-                ..
-            } if code == "TOOMANYREQUESTS" => {}
-            Outcome::Refused {
-                status: 502,
-                code,
-                message,
-                ..
-            } if code == "UNAVAILABLE" && message.contains("\"hub\"") => {}
-            other => panic!("a long burst of {code} gives a clear error: {other:?}"),
-        }
+        assert!(
+            expect(o),
+            "a long burst of {code} gives a clear error: {long:?}"
+        );
     }
     assert!(
         assert_cache_verified(cache.path()).is_empty(),
         "nothing committed"
     );
+    let after = assert_next_pull_succeeds(bed, &gw, cache.path());
+    vec![short, long, after]
+}
+
+#[test]
+fn bursts_of_503_are_ridden_out_or_reported_as_502_naming_the_registry() {
+    let bed = Bed::new("fault-503", 4 * MIB);
+    let all = burst(&bed, 503, None, |o| {
+        matches!(o, Outcome::Refused { status: 502, code, message, .. }
+            if code == "UNAVAILABLE" && message.contains("\"hub\"") && message.contains("503"))
+    });
+    summary("503 burst", &bed.relay, &[&all[0], &all[1], &all[2]]);
+}
+
+#[test]
+fn bursts_of_429_are_ridden_out_after_retry_after_or_passed_on() {
+    let bed = Bed::new("fault-429", 4 * MIB);
+    // Retry-After: 1 is waited out (each of the 3 resumes waits 1 s), then passed on.
+    let started = Instant::now();
+    let all = burst(&bed, 429, Some(1), |o| {
+        matches!(o, Outcome::Refused { status: 429, code, message, retry_after: Some(r) }
+            if code == "TOOMANYREQUESTS" && r == "1" && message.contains("\"hub\""))
+    });
+    assert!(
+        started.elapsed() >= Duration::from_secs(5),
+        "Retry-After honoured"
+    );
+
+    // A Retry-After longer than a fill holds clients (5 s): passed on at once, without asking
+    // the rate-limited upstream again.
+    let cache = tempfile::tempdir().expect("tempdir");
+    let gw = bed.gateway(cache.path(), "");
+    let asked = bed.relay.blob_gets().len();
+    bed.relay.inject(
+        HttpFault::Status {
+            code: 429,
+            retry_after: Some(120),
+        },
+        usize::MAX,
+    );
+    let started = Instant::now();
+    let long_wait = bed.pull(&gw, None);
+    for o in &long_wait {
+        assert!(
+            matches!(o, Outcome::Refused { status: 429, retry_after: Some(r), .. } if r == "120"),
+            "{long_wait:?}"
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(bed.relay.blob_gets().len() - asked, 1, "asked once");
+    assert!(assert_cache_verified(cache.path()).is_empty());
     let after = assert_next_pull_succeeds(&bed, &gw, cache.path());
     summary(
-        &format!("{code} burst"),
+        "429 burst",
         &bed.relay,
-        &[&short, &long, &after],
+        &[&all[0], &all[1], &all[2], &long_wait, &after],
     );
-}
-
-#[test]
-fn bursts_of_503_are_ridden_out_or_reported() {
-    burst("fault-503", 503, None);
-}
-
-#[test]
-fn bursts_of_429_with_retry_after_are_ridden_out_or_reported() {
-    burst("fault-429", 429, Some(1));
 }
