@@ -342,7 +342,37 @@ fn truncated_bodies_are_resumed_or_fail_cleanly() {
         "nothing committed"
     );
     let after = assert_next_pull_succeeds(&bed, &gw, cache.path());
-    summary("truncate", &bed.relay, &[&once, &always, &after]);
+    drop(gw);
+
+    // A short body that looks complete on the wire (no Content-Length, chunked, ended
+    // cleanly): with no length to follow, clients are answered only once the blob is
+    // verified, so they get a 502 saying why, and nothing is committed.
+    let cache = tempfile::tempdir().expect("tempdir");
+    let gw = bed.gateway(cache.path(), "");
+    bed.relay.inject(
+        HttpFault::CleanShort {
+            after: 3 * MIB as u64,
+        },
+        1,
+    );
+    let short = bed.pull(&gw, None);
+    for o in &short {
+        assert!(
+            matches!(o, Outcome::Refused { status: 502, message, .. }
+                if message.contains("verification failed")),
+            "{short:?}"
+        );
+    }
+    assert!(
+        assert_cache_verified(cache.path()).is_empty(),
+        "nothing committed"
+    );
+    let healed = assert_next_pull_succeeds(&bed, &gw, cache.path());
+    summary(
+        "truncate",
+        &bed.relay,
+        &[&once, &always, &after, &short, &healed],
+    );
 }
 
 #[test]

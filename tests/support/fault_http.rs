@@ -41,6 +41,9 @@ pub enum HttpFault {
     /// Corrupt the byte at `at`, then truncate after `after` bytes: the fill resumes with a
     /// Range request for clean bytes, and only the whole-blob digest can catch the damage.
     CorruptThenTruncate { at: u64, after: u64 },
+    /// Drop `Content-Length` and end the body cleanly (chunked, with its last chunk) after
+    /// `after` bytes: a short body that looks complete on the wire.
+    CleanShort { after: u64 },
     /// Send the first `after` body bytes, then nothing more, keeping the connection open
     /// (until pullgate drops it or the relay stops).
     Stall { after: u64 },
@@ -229,17 +232,19 @@ async fn handle(
         Ok(a) => a,
         Err(e) => return plain(502, &format!("fault relay: upstream: {e}")),
     };
-    let mut builder = Response::builder().status(answer.status());
-    for (name, value) in answer.headers() {
-        if !HOP_BY_HOP.contains(&name.as_str()) {
-            builder = builder.header(name, value);
-        }
-    }
     let fault = if is_blob_get && answer.status().is_success() {
         state.take(|f| !f.is_status())
     } else {
         None
     };
+    let unframed = matches!(fault, Some(HttpFault::CleanShort { .. }));
+    let mut builder = Response::builder().status(answer.status());
+    for (name, value) in answer.headers() {
+        let framing = unframed && name == hyper::header::CONTENT_LENGTH;
+        if !HOP_BY_HOP.contains(&name.as_str()) && !framing {
+            builder = builder.header(name, value);
+        }
+    }
     let chunks = answer
         .bytes_stream()
         .map(|r| r.map_err(io::Error::other))
@@ -363,6 +368,7 @@ fn faulty_body(
                 Some((after, Then::Cut))
             }
             HttpFault::Stall { after } => Some((after, Then::Stall)),
+            HttpFault::CleanShort { after } => Some((after, Then::Over)),
             _ => None,
         };
         if let Some((after, then)) = stop_at.filter(|(after, _)| to > *after) {
