@@ -385,11 +385,11 @@ fn a_stalled_body_is_resumed_after_the_stall_timeout_and_a_slow_drip_is_not_a_st
     bed.relay.inject(HttpFault::Stall { after: MIB as u64 }, 1);
     let started = Instant::now();
     let stalled = bed.pull(&gw, None);
-    let took = started.elapsed();
+    let stall_took = started.elapsed();
     assert_all_verified(&stalled, "one stall");
     assert!(
-        took >= Duration::from_secs(1),
-        "waited out the stall: {took:?}"
+        stall_took >= Duration::from_secs(1),
+        "waited out the stall: {stall_took:?}"
     );
     let resumed = resume_offsets(&bed.relay);
     assert!(
@@ -422,7 +422,7 @@ fn a_stalled_body_is_resumed_after_the_stall_timeout_and_a_slow_drip_is_not_a_st
         "no resume for a slow but steady body: {gets:?}"
     );
     assert_eq!(assert_cache_verified(cache.path()), vec![bed.layer.clone()]);
-    println!("stall: resumed, pull took {took:?} with the drip");
+    println!("stall: resumed, pull took {stall_took:?}; drip: {took:?}, no resume");
     summary("stall+drip", &bed.relay, &[&stalled, &dripped]);
 }
 
