@@ -114,32 +114,17 @@ impl FaultRelay {
         let (shutdown, _) = watch::channel(false);
         let upstream = Arc::new(upstream_url.trim_end_matches('/').to_string());
         let (shared, stop) = (Arc::clone(&state), shutdown.clone());
-        let accept =
-            rt().spawn(async move {
-                while let Ok((tcp, _)) = listener.accept().await {
-                    let (acceptor, client, upstream) =
-                        (acceptor.clone(), client.clone(), Arc::clone(&upstream));
-                    let (state, mut down) = (Arc::clone(&shared), stop.subscribe());
-                    tokio::spawn(async move {
-                        let Ok(tls) = acceptor.accept(tcp).await else {
-                            return;
-                        };
-                        let svc = hyper::service::service_fn(move |req| {
-                            let (client, upstream, state) =
-                                (client.clone(), Arc::clone(&upstream), Arc::clone(&state));
-                            async move {
-                                Ok::<_, Infallible>(handle(req, &client, &upstream, state).await)
-                            }
-                        });
-                        let conn = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(hyper_util::rt::TokioIo::new(tls), svc);
-                        tokio::select! {
-                            _ = conn => {}
-                            _ = down.wait_for(|stopped| *stopped) => {}
-                        }
-                    });
-                }
-            });
+        let accept = rt().spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let conn = Conn {
+                    acceptor: acceptor.clone(),
+                    client: client.clone(),
+                    upstream: Arc::clone(&upstream),
+                    state: Arc::clone(&shared),
+                };
+                tokio::spawn(conn.serve(tcp, stop.subscribe()));
+            }
+        });
         FaultRelay {
             addr,
             state,
@@ -178,6 +163,36 @@ impl FaultRelay {
     /// The `Range` header of every blob GET the relay saw, in order (`None`: whole blob).
     pub fn blob_gets(&self) -> Vec<Option<String>> {
         self.state.blob_gets.lock().unwrap().clone()
+    }
+}
+
+/// What serving one connection needs.
+struct Conn {
+    acceptor: tokio_rustls::TlsAcceptor,
+    client: reqwest::Client,
+    upstream: Arc<String>,
+    state: Arc<State>,
+}
+
+impl Conn {
+    /// Serves HTTP/1.1 over TLS until the connection ends or the relay stops (which also ends
+    /// stalled bodies).
+    async fn serve(self, tcp: tokio::net::TcpStream, mut down: watch::Receiver<bool>) {
+        let Ok(tls) = self.acceptor.accept(tcp).await else {
+            return;
+        };
+        let (client, upstream, state) = (self.client, self.upstream, self.state);
+        let svc = hyper::service::service_fn(move |req| {
+            let (client, upstream, state) =
+                (client.clone(), Arc::clone(&upstream), Arc::clone(&state));
+            async move { Ok::<_, Infallible>(handle(req, &client, &upstream, state).await) }
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .serve_connection(hyper_util::rt::TokioIo::new(tls), svc);
+        tokio::select! {
+            _ = conn => {}
+            _ = down.wait_for(|stopped| *stopped) => {}
+        }
     }
 }
 
