@@ -72,6 +72,7 @@ pub(super) struct CacheFile {
     pub stale_if_error: Option<String>,
     pub negative_ttl: Option<String>,
     pub max_manifest_size: Option<RawSize>,
+    pub fill_stall_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -99,6 +99,9 @@ pub struct Cache {
     pub negative_ttl: Duration,
     /// Manifests larger than this are refused (invariant 7). Default 4 MiB.
     pub max_manifest_size: u64,
+    /// A blob fill that gets no byte from the upstream for this long gives up on the
+    /// connection and resumes with `Range`. Default 60 s.
+    pub fill_stall_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -150,6 +150,7 @@ max_size = "50GiB"
 tag_ttl = "0"
 stale_if_error = "1h 30m"
 max_manifest_size = 1048576
+fill_stall_timeout = "5s"
 
 [zones]
 vpc = ["10.0.0.0/8", "fd00::/8"]
@@ -233,6 +234,7 @@ fn full_config_validates_and_resolves_paths() {
     assert_eq!(config.cache.tag_ttl, Duration::ZERO);
     assert_eq!(config.cache.stale_if_error, Duration::from_secs(5400));
     assert_eq!(config.cache.max_manifest_size, 1 << 20);
+    assert_eq!(config.cache.fill_stall_timeout, Duration::from_secs(5));
     assert_eq!(config.zones.len(), 2);
     assert_eq!(config.zones[0].name, "build"); // sorted by name
     assert_eq!(config.zones[0].nets[0], "192.0.2.1/32".parse().unwrap());
@@ -421,6 +423,11 @@ fn durations() {
         &format!("[cache]\nstale_if_error = \"x\"\n{HUB}"),
         "cache.stale_if_error",
         "invalid",
+    );
+    assert_err(
+        &format!("[cache]\nfill_stall_timeout = \"0s\"\n{HUB}"),
+        "cache.fill_stall_timeout",
+        "between 100ms and 1h",
     );
 }
 

@@ -35,6 +35,7 @@ const MAX_THREADS: i64 = 256;
 const DEFAULT_MAX_SIZE: u64 = 20 * GIB;
 const DEFAULT_TAG_TTL: Duration = Duration::from_secs(5 * 60);
 const DEFAULT_STALE_IF_ERROR: Duration = Duration::from_secs(24 * 60 * 60);
+const DEFAULT_FILL_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(15);
 const DEFAULT_REDIRECT_TTL: Duration = Duration::from_secs(5 * 60);
 const MIN_REDIRECT_TTL: Duration = Duration::from_secs(1);
@@ -437,6 +438,23 @@ fn check_cache(ctx: &mut Ctx<'_>, file: &CacheFile) -> Cache {
             .unwrap_or(DEFAULT_STALE_IF_ERROR);
     let negative_ttl = check_duration(ctx, "cache.negative_ttl", file.negative_ttl.as_deref())
         .unwrap_or(DEFAULT_NEGATIVE_TTL);
+    let fill_stall_timeout = check_duration(
+        ctx,
+        "cache.fill_stall_timeout",
+        file.fill_stall_timeout.as_deref(),
+    )
+    .unwrap_or(DEFAULT_FILL_STALL_TIMEOUT);
+    if fill_stall_timeout < Duration::from_millis(100)
+        || fill_stall_timeout > Duration::from_secs(3600)
+    {
+        ctx.err(
+            "cache.fill_stall_timeout",
+            format!(
+                "must be between 100ms and 1h, got {}",
+                humantime::format_duration(fill_stall_timeout)
+            ),
+        );
+    }
     Cache {
         dir,
         max_size,
@@ -444,6 +462,7 @@ fn check_cache(ctx: &mut Ctx<'_>, file: &CacheFile) -> Cache {
         stale_if_error,
         negative_ttl,
         max_manifest_size,
+        fill_stall_timeout,
     }
 }
 

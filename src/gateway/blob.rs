@@ -179,10 +179,11 @@ impl BlobSource for UpstreamBlob {
         };
         let status = answer.status();
         if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
-            return Err(SourceError::Broken(format!(
-                "upstream registry {registry:?} answered {}",
-                status.as_u16()
-            )));
+            let retry_after = retry_after_secs(answer.headers());
+            return Err(SourceError::Busy {
+                error: error_from_upstream(&registry, "blob", answer).await,
+                retry_after,
+            });
         }
         if !status.is_success() {
             return Err(SourceError::Refused(
@@ -216,6 +217,12 @@ fn source_error(e: &UpstreamError) -> SourceError {
         | UpstreamError::Protocol { .. } => SourceError::Broken(e.to_string()),
         _ => SourceError::Refused(upstream_error(e)),
     }
+}
+
+/// `Retry-After` in its delay-seconds form (the HTTP-date form is left to the backoff).
+fn retry_after_secs(headers: &HeaderMap) -> Option<Duration> {
+    let secs = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
+    secs.parse().ok().map(Duration::from_secs)
 }
 
 /// The total length from `Content-Range: bytes a-b/total`.
@@ -273,5 +280,18 @@ mod tests {
         );
         assert_eq!(content_range_total(&h), None);
         assert_eq!(content_range_total(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn retry_after_seconds_only() {
+        let mut h = HeaderMap::new();
+        assert_eq!(retry_after_secs(&h), None);
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static(" 7 "));
+        assert_eq!(retry_after_secs(&h), Some(Duration::from_secs(7)));
+        h.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
+        assert_eq!(retry_after_secs(&h), None);
     }
 }

@@ -29,7 +29,7 @@ use crate::config::Config;
 use crate::metrics::{Metrics, RequestRecord};
 use crate::policy::Policy;
 use crate::route::RouteTable;
-use crate::store::{BlobStore, Links, ManifestStore};
+use crate::store::{BlobStore, FillPolicy, Links, ManifestStore};
 use crate::upstream::UpstreamClient;
 pub use ctx::RequestCtx;
 
@@ -95,8 +95,14 @@ impl Gateway {
                 upstream_cas.insert(registry.name.clone(), ca);
             }
         }
-        let (store, stats) = BlobStore::open(&config.cache.dir, config.cache.max_size)
-            .map_err(|e| format!("cache.dir: cannot use {}: {e}", config.cache.dir.display()))?;
+        let fill_policy = FillPolicy {
+            stall_timeout: config.cache.fill_stall_timeout,
+            ..FillPolicy::default()
+        };
+        let (store, stats) =
+            BlobStore::open_with(&config.cache.dir, config.cache.max_size, fill_policy).map_err(
+                |e| format!("cache.dir: cannot use {}: {e}", config.cache.dir.display()),
+            )?;
         tracing::info!(
             dir = %config.cache.dir.display(),
             blobs = stats.entries,

@@ -1,7 +1,7 @@
 //! Single-flight fills: one upstream fetch per digest, written to a temp file that readers
 //! follow as it grows, verified, then committed.
 //!
-//! Owns: the fill task (fetch, resume with `open(written)`, hash, verify, commit or clean up),
+//! Owns: the fill task (fetch, resume with `open(received)`, hash, verify, commit or clean up),
 //! the progress channel, and the readers of a growing file. The task runs on its own tokio task
 //! and belongs to no client: a reader going away never cancels it (invariant 4).
 //! Must never: commit bytes whose length or SHA-256 differ from the digest (invariant 3), let a
@@ -39,6 +39,9 @@ pub struct FillPolicy {
     pub stall_timeout: Duration,
     /// Wait before each resume attempt; its length is the number of resumes allowed.
     pub backoff: Vec<Duration>,
+    /// The longest `Retry-After` a fill waits out; a source asking for more fails the fill at
+    /// once with its answer (e.g. 429 and its `Retry-After`) rather than hold clients that long.
+    pub max_retry_after: Duration,
 }
 
 impl Default for FillPolicy {
@@ -50,6 +53,7 @@ impl Default for FillPolicy {
                 Duration::from_millis(400),
                 Duration::from_secs(1),
             ],
+            max_retry_after: Duration::from_secs(5),
         }
     }
 }
@@ -61,6 +65,9 @@ pub enum FillFailure {
     Refused(OciError),
     /// Transport problems outlasted every resume attempt.
     Broken(String),
+    /// The source kept answering "not now" (429, 5xx), or asked for a longer wait than a fill
+    /// holds clients: its answer, for the client (e.g. `TOOMANYREQUESTS` with `Retry-After`).
+    Busy(OciError),
     /// The bytes are not the blob: wrong length or wrong SHA-256 (invariant 3).
     Invalid(String),
     /// Local disk trouble, or a digest the store cannot hold.
@@ -72,7 +79,7 @@ impl FillFailure {
     /// everything else `UNAVAILABLE` (502) saying why.
     pub fn to_oci_error(&self) -> OciError {
         match self {
-            FillFailure::Refused(e) => e.clone(),
+            FillFailure::Refused(e) | FillFailure::Busy(e) => e.clone(),
             // Local paths stay out of client answers.
             FillFailure::Storage(_) => OciError::from_code(ErrorCode::Unavailable),
             other => OciError::new(ErrorCode::Unavailable, other.to_string()),
@@ -85,6 +92,7 @@ impl fmt::Display for FillFailure {
         match self {
             FillFailure::Refused(e) => write!(f, "refused by source: {e}"),
             FillFailure::Broken(m) => write!(f, "transfer broken: {m}"),
+            FillFailure::Busy(e) => write!(f, "source busy: {e}"),
             FillFailure::Invalid(m) => write!(f, "verification failed: {m}"),
             FillFailure::Storage(m) => write!(f, "storage error: {m}"),
         }
@@ -257,14 +265,16 @@ impl FillReader {
             let Some(chunks) = self.chunks.as_mut() else {
                 return Err(FillFailure::Storage("fill has no file".into()));
             };
-            // Invariant 3: the blob's last byte goes out only once the fill is verified. With
-            // Content-Length framing a client holding every byte has a complete body, so
-            // handing out all of an unverified blob would defeat the mid-body abort.
-            let readable = match total {
-                Some(total) if !verified && chunks.end() >= total => {
-                    written.min(total.saturating_sub(1))
-                }
-                _ => written,
+            // Invariant 3: the last byte of the range goes out only once the whole blob is
+            // verified. With Content-Length framing a client holding every byte of its range
+            // has a complete body, so handing out all of an unverified range (the whole blob
+            // or a Range inside it) would defeat the mid-body abort. A Range client therefore
+            // waits for the end of the fill for its last byte.
+            let readable = if verified {
+                written
+            } else {
+                let end = chunks.end().min(total.unwrap_or(u64::MAX));
+                written.min(end.saturating_sub(1))
             };
             if !chunks.is_done() && readable > chunks.pos() {
                 return match chunks.read(readable).await {
@@ -295,10 +305,40 @@ impl FillReader {
 
 /// Why copying a body stopped.
 enum Stop {
-    /// Worth a resume: `open(written)`.
+    /// Worth a resume: `open(received)`.
     Broken(String),
     /// Final.
     Fatal(FillFailure),
+}
+
+/// Why the last attempt to get bytes failed, in a way worth another attempt.
+enum Setback {
+    Broken(String),
+    Busy {
+        error: OciError,
+        retry_after: Option<Duration>,
+    },
+}
+
+impl Setback {
+    /// The failure to report when no attempt is left.
+    fn into_failure(self, attempts: usize) -> FillFailure {
+        match self {
+            Setback::Broken(why) => {
+                FillFailure::Broken(format!("{why} (gave up after {attempts} resume attempts)"))
+            }
+            Setback::Busy { error, .. } => FillFailure::Busy(error),
+        }
+    }
+}
+
+/// A source error as a setback worth another attempt, or the final failure.
+fn setback(e: SourceError) -> Result<Setback, FillFailure> {
+    match e {
+        SourceError::Refused(e) => Err(FillFailure::Refused(e)),
+        SourceError::Broken(why) => Ok(Setback::Broken(why)),
+        SourceError::Busy { error, retry_after } => Ok(Setback::Busy { error, retry_after }),
+    }
 }
 
 /// Everything a fill task needs; consumed by [`FillTask::run`].
@@ -432,37 +472,48 @@ impl FillTask {
     async fn fetch(&mut self) -> Result<(), FillFailure> {
         let mut body = match self.source.open(0).await {
             Ok(body) => self.accept(body)?,
-            Err(SourceError::Refused(e)) => return Err(FillFailure::Refused(e)),
-            Err(SourceError::Broken(why)) => self.resume(why).await?,
+            Err(e) => self.resume(setback(e)?).await?,
         };
         loop {
             match self.copy(&mut body).await {
                 Ok(()) => return Ok(()),
                 Err(Stop::Fatal(f)) => return Err(f),
-                Err(Stop::Broken(why)) => body = self.resume(why).await?,
+                Err(Stop::Broken(why)) => body = self.resume(Setback::Broken(why)).await?,
             }
         }
     }
 
-    /// Opens the source again at `written` after a backoff, for as long as attempts remain.
+    /// Opens the source again at `received` after a backoff (or the source's `Retry-After`, up
+    /// to `max_retry_after`), for as long as attempts remain.
     async fn resume(
         &mut self,
-        mut why: String,
+        mut last: Setback,
     ) -> Result<BoxStream<'static, ChunkResult>, FillFailure> {
+        let policy = &self.shared.policy;
         loop {
-            let Some(delay) = self.shared.policy.backoff.get(self.resumes).copied() else {
-                return Err(FillFailure::Broken(format!(
-                    "{why} (gave up after {} resume attempts)",
-                    self.resumes
-                )));
+            let Some(mut delay) = policy.backoff.get(self.resumes).copied() else {
+                return Err(last.into_failure(self.resumes));
+            };
+            let why = match &last {
+                Setback::Broken(why) => why.clone(),
+                Setback::Busy { error, retry_after } => {
+                    if let Some(wait) = *retry_after {
+                        if wait > policy.max_retry_after {
+                            // Holding clients that long helps nobody: they get the answer
+                            // (429 and its Retry-After) and can come back.
+                            return Err(last.into_failure(self.resumes));
+                        }
+                        delay = delay.max(wait);
+                    }
+                    error.to_string()
+                }
             };
             self.resumes += 1;
-            tracing::info!(digest = %self.digest, offset = self.received, error = %why, "resuming fill");
+            tracing::info!(digest = %self.digest, offset = self.received, error = %why, ?delay, "resuming fill");
             tokio::time::sleep(delay).await;
             match self.source.open(self.received).await {
                 Ok(body) => return self.accept(body),
-                Err(SourceError::Refused(e)) => return Err(FillFailure::Refused(e)),
-                Err(SourceError::Broken(next)) => why = next,
+                Err(e) => last = setback(e)?,
             }
         }
     }

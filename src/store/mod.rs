@@ -63,6 +63,13 @@ pub enum SourceError {
     Refused(OciError),
     /// A transport problem worth retrying.
     Broken(String),
+    /// The source answered "not now" (HTTP 429, 5xx): worth retrying after `retry_after` when
+    /// it said (else after the fill's own backoff). `error` is what clients get if the attempts
+    /// run out, or at once if the source asks for a longer wait than a fill holds clients.
+    Busy {
+        error: OciError,
+        retry_after: Option<Duration>,
+    },
 }
 
 /// What [`BlobStore::open`] found and did.
@@ -124,7 +131,7 @@ impl FillCounters {
         self.failed.inc();
         match failure {
             FillFailure::Refused(_) => self.refused.inc(),
-            FillFailure::Broken(_) => self.broken.inc(),
+            FillFailure::Broken(_) | FillFailure::Busy(_) => self.broken.inc(),
             FillFailure::Invalid(_) => self.invalid.inc(),
             FillFailure::Storage(_) => self.storage.inc(),
         }

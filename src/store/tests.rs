@@ -144,6 +144,7 @@ fn fast_policy() -> FillPolicy {
     FillPolicy {
         stall_timeout: Duration::from_secs(20),
         backoff: vec![Duration::from_millis(5); 3],
+        max_retry_after: Duration::from_secs(5),
     }
 }
 
@@ -255,12 +256,12 @@ async fn twenty_concurrent_requests_fetch_once() {
     let first = store.fill_or_join(&digest, source.clone());
     let mut r = first.reader(0, half);
     let mut seen = 0;
-    while seen < half {
+    while seen < half - 1 {
         seen += r.next_chunk().await.unwrap().unwrap().len() as u64;
     }
-    // The range's end is reported only once the blob is verified (invariant 3).
+    // The range's last byte, and its end, go out only once the blob is verified (invariant 3).
     let pending = tokio::time::timeout(Duration::from_millis(50), r.next_chunk()).await;
-    assert!(pending.is_err(), "no Ok(None) before the fill is verified");
+    assert!(pending.is_err(), "no last byte before the fill is verified");
     assert!(first.progress().written >= half);
     // Late joiners: the fill is still running and they get everything from byte 0.
     readers.extend((0..10).map(|_| spawn_reader(store.clone())));
@@ -475,6 +476,99 @@ async fn wrong_bytes_are_never_committed() {
         assert!(fill.wait_done().await.is_err(), "{name}");
         assert_nothing_committed(&store, dir.path(), &digest);
     }
+}
+
+/// A Range inside the blob is a complete body once its last byte is out: that byte waits for
+/// the whole blob's verification, or a corrupted range would reach a client looking complete.
+#[tokio::test]
+async fn a_range_inside_a_corrupted_blob_never_completes() {
+    let data = blob_bytes(3 * MAX_CHUNK, 11);
+    let digest = digest_of(&data);
+    let mut corrupt = data.to_vec();
+    corrupt[MAX_CHUNK + 5] ^= 0xff;
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(dir.path(), 1 << 30);
+    let source = FakeSource::new(&Bytes::from(corrupt));
+    let fill = store.fill_or_join(&digest, Arc::new(source));
+    let (start, end) = (MAX_CHUNK as u64, 2 * MAX_CHUNK as u64);
+    let result = drain(fill.reader(start, end)).await;
+    let Err((delivered, FillFailure::Invalid(_))) = result else {
+        panic!("a range of an unverified blob ends in Err, not {result:?}");
+    };
+    assert!(
+        (delivered.len() as u64) < end - start,
+        "the range's last byte is held until the blob is verified"
+    );
+    assert_nothing_committed(&store, dir.path(), &digest);
+
+    // The same range of a good blob is delivered whole, once the blob is verified.
+    let good_dir = tempfile::tempdir().unwrap();
+    let good = new_store(good_dir.path(), 1 << 30);
+    let fill = good.fill_or_join(&digest, Arc::new(FakeSource::new(&data)));
+    let got = drain(fill.reader(start, end)).await.unwrap();
+    assert!(got == data[start as usize..end as usize]);
+    assert!(fill.progress().verified);
+}
+
+/// "Not now" answers (429, 5xx): a short burst is ridden out, waiting at least what the source
+/// asked; a longer wait than `max_retry_after` fails the fill at once with the source's answer;
+/// a burst that outlasts every attempt fails with the last answer.
+#[tokio::test]
+async fn busy_sources_are_retried_after_their_retry_after_or_reported() {
+    let data = blob_bytes(100_000, 12);
+    let digest = digest_of(&data);
+    let busy = |secs: Option<u64>| Plan {
+        error: Some(SourceError::Busy {
+            error: OciError::new(ErrorCode::TooManyRequests, "slow down").with_retry_after("1"),
+            retry_after: secs.map(Duration::from_millis),
+        }),
+        ..Plan::default()
+    };
+    let policy = FillPolicy {
+        max_retry_after: Duration::from_millis(300),
+        ..fast_policy()
+    };
+
+    // Two answers asking for 200 ms each, then the bytes.
+    let dir = tempfile::tempdir().unwrap();
+    let store = BlobStore::open_with(dir.path(), 1 << 30, policy.clone())
+        .unwrap()
+        .0;
+    let source =
+        Arc::new(FakeSource::new(&data).with_plans(vec![busy(Some(200)), busy(Some(200))]));
+    let started = std::time::Instant::now();
+    let fill = store.fill_or_join(&digest, source.clone());
+    assert_eq!(fill.wait_done().await.unwrap(), data.len() as u64);
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "waited as asked"
+    );
+    assert_eq!(source.opens(), vec![0, 0, 0]);
+
+    // Asked to wait longer than max_retry_after: no second request, the answer goes to clients.
+    let dir = tempfile::tempdir().unwrap();
+    let store = BlobStore::open_with(dir.path(), 1 << 30, policy.clone())
+        .unwrap()
+        .0;
+    let source = Arc::new(FakeSource::new(&data).with_plans(vec![busy(Some(60_000))]));
+    let fill = store.fill_or_join(&digest, source.clone());
+    let Err(FillFailure::Busy(e)) = fill.wait_started().await else {
+        panic!("a long Retry-After fails the fill with the source's answer");
+    };
+    assert_eq!(e.code, ErrorCode::TooManyRequests);
+    assert_eq!(e.retry_after.as_deref(), Some("1"));
+    assert_eq!(source.opens(), vec![0]);
+    assert_nothing_committed(&store, dir.path(), &digest);
+
+    // Busy on every attempt: the last answer, after 1 + 3 attempts.
+    let dir = tempfile::tempdir().unwrap();
+    let store = BlobStore::open_with(dir.path(), 1 << 30, policy).unwrap().0;
+    let source = Arc::new(FakeSource::new(&data).with_plans(vec![busy(None); 4]));
+    let fill = store.fill_or_join(&digest, source.clone());
+    let failure = fill.wait_started().await.unwrap_err();
+    assert_eq!(failure.to_oci_error().code, ErrorCode::TooManyRequests);
+    assert_eq!(source.opens().len(), 4);
+    assert_eq!(store.stats().fills_broken, 1);
 }
 
 #[tokio::test]

@@ -102,7 +102,8 @@ fn range_during_a_fill_and_restart_keeps_the_cache() {
     let url_path = format!("/v2/team/app/blobs/{layer}");
 
     let mut gw = Gateway::start_with_cache(&table, Some(cache.path()));
-    // A cold Range request starts the fill and is served from it.
+    // A cold Range request starts the fill and is served from it; its last byte waits for the
+    // whole blob's verification (invariant 3), so the answer is complete only after that.
     let part = request(
         "GET",
         &gw.url(&url_path),
@@ -110,9 +111,14 @@ fn range_during_a_fill_and_restart_keeps_the_cache() {
     );
     assert_eq!(part.status, 206);
     assert_eq!(part.body, bytes[5_000_000..5_000_100]);
-    // The client had its 100 bytes before the fill ended; a whole GET joins the fill and
-    // returns once the blob is verified (the commit follows, within the graceful stop).
+    // A whole GET joins the fill (or finds the blob committed).
     assert_eq!(get(&gw.url(&url_path)).body.len(), bytes.len());
+    // Readers finish once the blob is verified, before its fsync and rename: wait for the
+    // commit, or the restart below would find only a temp file (and fetch again).
+    let hex = layer.trim_start_matches("sha256:");
+    let committed = cache.path().join("blobs/sha256").join(&hex[..2]).join(hex);
+    wait_until(Duration::from_secs(10), "the commit", || committed.exists())
+        .expect("blob committed");
     gw.stop();
 
     // A new gateway on the same cache dir serves the blob from disk: the upstream only

@@ -100,3 +100,75 @@ fn oversized_request_heads_are_refused_and_the_gateway_keeps_serving() {
     assert_eq!(up.requests().len(), before, "nothing reached the upstream");
     assert_eq!(get(&gw.url("/v2/")).status, 200, "still serving");
 }
+
+/// Slow-loris clients (a request head one byte per second) and silent connections do not keep
+/// the gateway from serving others. Pingora closes a connection whose request head gets no byte
+/// for 60 s (a timeout per read, not per head), longer than this test runs: it checks only that
+/// everyone else is served, promptly, all along.
+#[test]
+fn slow_loris_and_silent_connections_do_not_starve_other_clients() {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    let closed = crate::support::free_port();
+    let gw = Gateway::start(&format!(
+        "[[registry]]\nname = \"hub\"\nupstream = \"http://127.0.0.1:{closed}\"\ndefault = true\n"
+    ));
+    let addr = gw.addr();
+    // 64 connections that send nothing, held open for the whole test.
+    let silent: Vec<std::net::TcpStream> = (0..64)
+        .map(|_| std::net::TcpStream::connect(&addr).expect("connect"))
+        .collect();
+    // 8 slow-loris clients: one byte of a request head per second, for 4 seconds.
+    let head = b"GET /v2/ HTTP/1.1\r\nHost: loris\r\n\r\n";
+    let lorises: Vec<_> = (0..8)
+        .map(|_| {
+            let addr = addr.clone();
+            std::thread::spawn(move || {
+                let mut stream = std::net::TcpStream::connect(&addr).expect("connect");
+                for byte in &head[..4] {
+                    stream.write_all(&[*byte]).expect("a slow byte");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                stream
+            })
+        })
+        .collect();
+    // Meanwhile, others are served, each quickly.
+    let started = Instant::now();
+    let mut served = 0;
+    let mut slowest = Duration::ZERO;
+    while started.elapsed() < Duration::from_secs(4) {
+        let t = Instant::now();
+        let answer = raw_get(&addr, "/v2/");
+        slowest = slowest.max(t.elapsed());
+        assert_eq!(answer.status, 200, "served while lorises hold connections");
+        served += 1;
+        // A steady client, not a flood: the machine is shared.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        slowest < Duration::from_secs(1),
+        "slowest answer {slowest:?}"
+    );
+    // Every loris connection is still open (its head half sent), and the silent ones too: the
+    // gateway answered the others without waiting for them.
+    let half_sent: Vec<std::net::TcpStream> = lorises
+        .into_iter()
+        .map(|t| t.join().expect("loris"))
+        .collect();
+    for stream in half_sent.iter().chain(&silent) {
+        stream
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .expect("timeout");
+        let mut buf = [0u8; 1];
+        match (&*stream).read(&mut buf) {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+            other => panic!("a half-sent connection was answered or closed early: {other:?}"),
+        }
+    }
+    println!("slow loris: {served} requests served in 4 s beside 8 lorises and 64 silent connections, slowest {slowest:?}");
+    drop(silent);
+    assert_eq!(get(&gw.url("/v2/")).status, 200);
+}

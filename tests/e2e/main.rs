@@ -16,6 +16,7 @@ mod crash;
 mod credentials;
 mod data_endpoints;
 mod errors;
+mod faults;
 mod input;
 mod manifests;
 mod observability;

@@ -18,6 +18,7 @@
 
 pub mod containerd;
 pub mod dockerd;
+pub mod fault_http;
 pub mod hosts;
 pub mod images;
 pub mod pki;
@@ -42,6 +43,7 @@ use hyper::{Request, Response};
 
 pub use containerd::{write_hosts_toml, Containerd, PullOpts};
 pub use dockerd::Dockerd;
+pub use fault_http::{FaultRelay, HttpFault};
 pub use hosts::PrivateHosts;
 pub use images::TestImage;
 pub use pki::Pki;
