@@ -13,7 +13,7 @@ use crate::pod::{
     container_port, find, lay_out, list, load, only, pullgate_container, s, selects, Doc, Pod,
 };
 use crate::{
-    drain_seconds, files_under, free_port, http_status, poll, pullgate_check, repo, show,
+    drain_seconds, files_under, free_port, http_status, poll, pullgate_check, repo, show, BIN,
     size_bytes, warnings, Running, IMAGE_UID,
 };
 
@@ -369,7 +369,33 @@ fn node_mirror_daemonset_serves_the_node_loopback_and_installs_hosts_toml() {
     );
 
     check_config(&pod);
+    client_config_writes_hosts_toml(&pod, &endpoint);
     probe_the_real_binary(&pod);
+}
+
+/// The init container's `pullgate client-config containerd` run by the real binary on the
+/// pod's config: it succeeds and writes `_default` and the docker.io mirror pointing at the
+/// pod's listener.
+fn client_config_writes_hosts_toml(pod: &Pod, endpoint: &str) {
+    let out_dir = pod.config.with_file_name("certs.d");
+    let out = Command::new(BIN)
+        .args(["client-config", "containerd", "-c"])
+        .arg(&pod.config)
+        .args(["--endpoint", endpoint, "--out"])
+        .arg(&out_dir)
+        .env_clear()
+        .envs(pod.env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .expect("run pullgate client-config");
+    assert!(out.status.success(), "{}", show(&out));
+    for dir in ["_default", "docker.io"] {
+        let hosts = std::fs::read_to_string(out_dir.join(dir).join("hosts.toml"))
+            .unwrap_or_else(|e| panic!("{dir}/hosts.toml: {e}"));
+        assert!(
+            hosts.contains(&format!("[host.\"{endpoint}\"]")),
+            "{dir}/hosts.toml does not name {endpoint}:\n{hosts}"
+        );
+    }
 }
 
 #[test]
