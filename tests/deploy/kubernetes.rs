@@ -13,8 +13,8 @@ use crate::pod::{
     container_port, find, lay_out, list, load, only, pullgate_container, s, selects, Doc, Pod,
 };
 use crate::{
-    drain_seconds, files_under, free_port, http_status, poll, pullgate_check, repo, show, BIN,
-    size_bytes, warnings, Running, IMAGE_UID,
+    drain_seconds, files_under, free_port, http_status, poll, pullgate_check, repo, show,
+    size_bytes, warnings, Running, BIN, IMAGE_UID,
 };
 
 const NODE_MIRROR: &str = "deploy/kubernetes/node-mirror";
