@@ -19,7 +19,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::disk::{Blob, ChunkReader};
@@ -635,18 +635,24 @@ fn lost_pipeline() -> FillFailure {
     FillFailure::Storage("fill pipeline already finished".into())
 }
 
-/// Chunks queued per stage before the network read waits (back-pressure, invariant 7).
-const STAGE_QUEUE: usize = 64;
+/// Bytes a fill holds between the network read and its stage; the read waits beyond
+/// that (back-pressure: memory per fill stays bounded whatever the blob size, invariant 7).
+const IN_FLIGHT_BYTES: usize = 4 << 20;
 
-/// The two blocking stages every received chunk goes through, each on its own thread so the
-/// network read, the disk write and the SHA-256 overlap: the writer appends to the temp file
-/// and publishes `written` (readers follow it); the hasher digests the same chunks (shared
-/// `Bytes`, no copy). Only the blob's end waits for the hash.
+/// A received chunk on its way to the stage; its share of [`IN_FLIGHT_BYTES`] is given back
+/// when the stage is done with it.
+struct Piece {
+    bytes: Bytes,
+    _budget: OwnedSemaphorePermit,
+}
+
+/// The blocking stage every received chunk goes through, on a thread of its own so the network
+/// read never waits for the disk: it appends each chunk to the temp file, publishes `written`
+/// (readers follow it) and feeds the SHA-256. Only the blob's end waits for the hash.
 struct Pipeline {
-    to_writer: mpsc::Sender<Bytes>,
-    to_hasher: mpsc::Sender<Bytes>,
-    writer: JoinHandle<io::Result<u64>>,
-    hasher: JoinHandle<DigestHasher>,
+    budget: Arc<Semaphore>,
+    to_stage: mpsc::UnboundedSender<Piece>,
+    stage: JoinHandle<io::Result<(u64, DigestHasher)>>,
 }
 
 impl Pipeline {
@@ -655,59 +661,54 @@ impl Pipeline {
         mut hasher: DigestHasher,
         progress: Arc<watch::Sender<Progress>>,
     ) -> Pipeline {
-        let (to_writer, mut chunks) = mpsc::channel::<Bytes>(STAGE_QUEUE);
-        let writer = tokio::task::spawn_blocking(move || {
+        let (to_stage, mut pieces) = mpsc::unbounded_channel::<Piece>();
+        let stage = tokio::task::spawn_blocking(move || {
             let mut offset = 0u64;
-            while let Some(chunk) = chunks.blocking_recv() {
-                file.write_all_at(&chunk, offset)?;
-                offset += chunk.len() as u64;
+            while let Some(piece) = pieces.blocking_recv() {
+                let mut next = Some(piece);
                 // Publish once per burst (up to WRITE_BATCH), not per network read.
-                let mut burst = chunk.len();
-                while burst < WRITE_BATCH {
-                    let Ok(chunk) = chunks.try_recv() else { break };
-                    file.write_all_at(&chunk, offset)?;
-                    offset += chunk.len() as u64;
-                    burst += chunk.len();
+                let mut burst = 0;
+                while let Some(piece) = next.take() {
+                    file.write_all_at(&piece.bytes, offset)?;
+                    offset += piece.bytes.len() as u64;
+                    burst += piece.bytes.len();
+                    hasher.update(&piece.bytes);
+                    if burst < WRITE_BATCH {
+                        next = pieces.try_recv().ok();
+                    }
                 }
                 progress.send_modify(|p| p.written = offset);
             }
-            Ok(offset)
-        });
-        let (to_hasher, mut chunks) = mpsc::channel::<Bytes>(STAGE_QUEUE);
-        let hasher = tokio::task::spawn_blocking(move || {
-            while let Some(chunk) = chunks.blocking_recv() {
-                hasher.update(&chunk);
-            }
-            hasher
+            Ok((offset, hasher))
         });
         Pipeline {
-            to_writer,
-            to_hasher,
-            writer,
-            hasher,
+            budget: Arc::new(Semaphore::new(IN_FLIGHT_BYTES)),
+            to_stage,
+            stage,
         }
     }
 
-    /// `Err` when a stage is gone (the writer failed).
+    /// `Err` when the stage is gone (a write failed).
     async fn push(&self, chunk: Bytes) -> Result<(), ()> {
-        self.to_hasher.send(chunk.clone()).await.map_err(drop)?;
-        self.to_writer.send(chunk).await.map_err(drop)
+        let want = u32::try_from(chunk.len().min(IN_FLIGHT_BYTES)).unwrap_or(u32::MAX);
+        let budget = Arc::clone(&self.budget)
+            .acquire_many_owned(want)
+            .await
+            .map_err(drop)?;
+        let piece = Piece {
+            bytes: chunk,
+            _budget: budget,
+        };
+        self.to_stage.send(piece).map_err(drop)
     }
 
-    /// Closes the queues and waits for both stages: the bytes written and the hasher.
+    /// Closes the queue and waits for the stage: the bytes written and the hasher.
     async fn finish(self) -> Result<(u64, DigestHasher), FillFailure> {
-        drop(self.to_writer);
-        drop(self.to_hasher);
-        let written = self
-            .writer
+        drop(self.to_stage);
+        self.stage
             .await
             .map_err(|e| FillFailure::Storage(format!("write task: {e}")))?
-            .map_err(|e| FillFailure::Storage(format!("writing temp file: {e}")))?;
-        let hasher = self
-            .hasher
-            .await
-            .map_err(|e| FillFailure::Storage(format!("hash task: {e}")))?;
-        Ok((written, hasher))
+            .map_err(|e| FillFailure::Storage(format!("writing temp file: {e}")))
     }
 }
 

@@ -80,6 +80,9 @@ pub enum UpstreamError {
     Protocol { registry: String, detail: String },
 }
 
+/// Idle upstream connections kept per host for reuse.
+const IDLE_CONNECTIONS: usize = 16;
+
 /// The client for one registry's upstream. Cheap to share (`Arc`).
 #[derive(Debug)]
 pub struct UpstreamClient {
@@ -105,6 +108,9 @@ impl UpstreamClient {
             .connect_timeout(CONNECT_TIMEOUT)
             .read_timeout(READ_TIMEOUT)
             .pool_idle_timeout(Duration::from_secs(90))
+            // HTTP/1.1 (see tls.rs) means a connection per concurrent fill; keep a few idle
+            // for reuse, not every one a burst opened (each holds TLS buffers and a descriptor).
+            .pool_max_idle_per_host(IDLE_CONNECTIONS)
             .http1_only()
             .user_agent(concat!("pullgate/", env!("CARGO_PKG_VERSION")))
             .build()

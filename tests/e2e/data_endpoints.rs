@@ -119,27 +119,7 @@ fn fetch(ca_pem: &str, method: &str, url: &str, headers: &[(&str, &str)]) -> Ans
         .resolve(NOBODY, loopback)
         .build()
         .expect("client");
-    let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
-    let url = url.to_string();
-    let headers: Vec<(String, String)> = headers
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    crate::support::block_on(async move {
-        let mut req = client.request(method, &url);
-        for (k, v) in headers {
-            req = req.header(k, v);
-        }
-        let resp = req.send().await.unwrap_or_else(|e| panic!("{url}: {e:?}"));
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let body = resp.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
-        Answer {
-            status,
-            headers,
-            body,
-        }
-    })
+    crate::harness::request_with(client, method, url, headers)
 }
 
 fn unix_now() -> u64 {
@@ -514,19 +494,8 @@ fn get_from(from: &str, gw: &Gateway, path_and_query: &str, host: &str) -> Answe
 
 #[test]
 fn data_endpoint_fills_with_the_account_the_registry_host_chose() {
-    use crate::support::{Auth, TokenIssuerOptions};
     // Upstream accounts: alice may use everything, bob only team-b/.
-    let up = Upstream::start(UpstreamOptions {
-        auth: Auth::Token(TokenIssuerOptions {
-            users: vec![
-                ("alice".into(), "alice-secret-pw".into()),
-                ("bob".into(), "bob-secret-pw".into()),
-            ],
-            restricted: vec![("bob".into(), "team-b/".into())],
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
+    let up = crate::policy::two_account_upstream();
     let img = TestImage::small("dataep-scoped");
     up.push(&img, "team-a/app:v1");
     let dir = tempfile::tempdir().expect("tempdir");

@@ -253,17 +253,7 @@ fn a_corrupted_byte_fails_verification_and_nothing_is_committed() {
     let during = bed.pull(&gw, Some(range));
     assert_all_failed_cleanly(&during, "a corrupted fill");
     assert_eq!(bed.relay.corrupted_bytes(), 1);
-    assert!(
-        assert_cache_verified(cache.path()).is_empty(),
-        "nothing committed"
-    );
-    assert_eq!(
-        metric(
-            &gw,
-            r#"pullgate_cache_fill_failures_total{reason="invalid"}"#
-        ),
-        "1"
-    );
+    assert_failed_verification_left_nothing(&gw, cache.path());
 
     let after = assert_next_pull_succeeds(&bed, &gw, cache.path());
     summary("corrupt", &bed.relay, &[&during, &after]);
@@ -291,17 +281,7 @@ fn a_corrupted_byte_before_a_cut_is_not_papered_over_by_the_resume() {
         "one resume past the corrupted byte: {:?}",
         bed.relay.blob_gets()
     );
-    assert!(
-        assert_cache_verified(cache.path()).is_empty(),
-        "nothing committed"
-    );
-    assert_eq!(
-        metric(
-            &gw,
-            r#"pullgate_cache_fill_failures_total{reason="invalid"}"#
-        ),
-        "1"
-    );
+    assert_failed_verification_left_nothing(&gw, cache.path());
     let after = assert_next_pull_succeeds(&bed, &gw, cache.path());
     summary("corrupt+cut", &bed.relay, &[&during, &after]);
 }
@@ -519,5 +499,17 @@ fn bursts_of_429_are_ridden_out_after_retry_after_or_passed_on() {
         "429 burst",
         &bed.relay,
         &[&all[0], &all[1], &all[2], &long_wait, &after],
+    );
+}
+
+/// A fill that failed verification committed nothing and was counted as `invalid`.
+fn assert_failed_verification_left_nothing(gw: &Gateway, cache: &Path) {
+    assert!(assert_cache_verified(cache).is_empty(), "nothing committed");
+    assert_eq!(
+        metric(
+            gw,
+            r#"pullgate_cache_fill_failures_total{reason="invalid"}"#
+        ),
+        "1"
     );
 }

@@ -185,6 +185,16 @@ impl Answer {
 
 /// Send one request (no redirects followed) and read the whole answer.
 pub fn request(method: &str, url: &str, headers: &[(&str, &str)]) -> Answer {
+    request_with(crate::support::http_client(None), method, url, headers)
+}
+
+/// [`request`] through a client of the caller's (TLS trust, name resolution).
+pub fn request_with(
+    client: reqwest::Client,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> Answer {
     let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
     let url = url.to_string();
     let headers: Vec<(String, String)> = headers
@@ -192,12 +202,11 @@ pub fn request(method: &str, url: &str, headers: &[(&str, &str)]) -> Answer {
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     crate::support::block_on(async move {
-        let client = crate::support::http_client(None);
         let mut req = client.request(method, &url);
         for (k, v) in headers {
             req = req.header(k, v);
         }
-        let resp = req.send().await.unwrap_or_else(|e| panic!("{url}: {e}"));
+        let resp = req.send().await.unwrap_or_else(|e| panic!("{url}: {e:?}"));
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         let body = resp.bytes().await.map(|b| b.to_vec()).unwrap_or_default();

@@ -318,10 +318,9 @@ fn skopeo_pulls_with_identity_credentials_and_is_refused_without() {
     );
 }
 
-#[test]
-fn scoped_credentials_pick_the_upstream_account_and_the_cache_keeps_them_apart() {
-    // Upstream accounts: alice may use everything, bob only team-b/.
-    let up = Upstream::start(UpstreamOptions {
+/// An upstream with two accounts: alice may use everything, bob only `team-b/`.
+pub(crate) fn two_account_upstream() -> Upstream {
+    Upstream::start(UpstreamOptions {
         auth: Auth::Token(TokenIssuerOptions {
             users: vec![
                 ("alice".into(), "alice-secret-pw".into()),
@@ -331,7 +330,12 @@ fn scoped_credentials_pick_the_upstream_account_and_the_cache_keeps_them_apart()
             ..Default::default()
         }),
         ..Default::default()
-    });
+    })
+}
+
+#[test]
+fn scoped_credentials_pick_the_upstream_account_and_the_cache_keeps_them_apart() {
+    let up = two_account_upstream();
     let a = TestImage::small("scoped-a");
     let b = TestImage::small("scoped-b");
     up.push(&a, "team-a/app:v1");
