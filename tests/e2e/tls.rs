@@ -1,7 +1,8 @@
-//! TLS listeners: real clients (skopeo, ctr, reqwest, a bare rustls client) over TLS with the
-//! test CA, through a `private.*` host name that only the client's own /etc/hosts knows
-//! ([`PrivateHosts`]); certificates picked by SNI; HTTP/2 by ALPN; client certificates as
-//! identities; a certificate swapped on disk served without a restart; errors that name keys.
+//! TLS listeners: real clients (skopeo, ctr, dockerd, reqwest, a bare rustls client) over TLS
+//! with the test CA, through a `private.*` host name that only the client's own /etc/hosts knows
+//! ([`PrivateHosts`]), dockerd trusting it through its certs.d; certificates picked by SNI;
+//! HTTP/2 by ALPN; client certificates as identities; a certificate swapped on disk served
+//! without a restart; errors that name keys.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -11,8 +12,8 @@ use std::time::Duration;
 
 use crate::harness::{registry, Gateway, MANIFEST_ACCEPT};
 use crate::support::{
-    free_port, run_cmd, wait_until, write_hosts_toml, Containerd, Pki, PrivateHosts, TestImage,
-    Upstream, UpstreamOptions,
+    free_port, run_cmd, wait_until, write_hosts_toml, Containerd, Dockerd, Pki, PrivateHosts,
+    TestImage, Upstream, UpstreamOptions,
 };
 
 /// The registry's private name, and a sibling only the wildcard certificate covers.
@@ -52,7 +53,7 @@ const PLAIN: Options<'static> = Options {
 fn start(seed: &str, opts: Options<'_>) -> Bed {
     let up = Upstream::start(UpstreamOptions::default());
     let img = TestImage::small(seed);
-    up.push(&img, "team/app:v1");
+    assert_eq!(up.push(&img, "team/app:v1"), img.manifest_digest());
     let certs = Pki::new();
     let clients = Pki::new();
     let pairs = vec![
@@ -367,6 +368,75 @@ fn tls_ctr_pulls_through_a_private_name_with_hosts_toml_ca() {
     assert_eq!(
         ctr.image_digest(&reference).expect("pulled"),
         bed.img.manifest_digest()
+    );
+}
+
+/// Audit lines of manifest and blob requests for `team/app` the gateway answered 200.
+fn served(gw: &Gateway) -> usize {
+    gw.audit_lines()
+        .iter()
+        .filter(|l| {
+            l["registry"] == "tlsreg" && l["repository"] == "team/app" && l["status"] == 200
+        })
+        .count()
+}
+
+#[test]
+fn tls_dockerd_pulls_through_a_private_name_trusting_the_ca_in_certs_d() {
+    let bed = start("tls-dockerd", PLAIN);
+    // dockerd reads registry CAs from the fixed /etc/docker/certs.d/<host:port>/. It runs in a
+    // private mount namespace where a temp dir is bind-mounted over /etc/docker (which the
+    // docker.io package creates), so the machine's /etc/docker is neither read nor written
+    // (dockerd also keeps its key.json there).
+    let etc_docker = tempfile::Builder::new()
+        .prefix("etc-docker-")
+        .tempdir()
+        .expect("tempdir");
+    let host_dir = etc_docker.path().join("certs.d").join(bed.endpoint());
+    std::fs::create_dir_all(&host_dir).expect("mkdir certs.d/<host:port>");
+    let config = etc_docker.path().join("daemon.json");
+    // No `insecure-registries`, no mirrors.
+    std::fs::write(&config, "{}").expect("daemon.json");
+    // The name resolves to 0.0.0.0, not 127.0.0.1: dockerd always counts 127.0.0.0/8 as an
+    // insecure registry network and, for a name that resolves into it, skips certificate
+    // verification (and ignores certs.d). A connection to 0.0.0.0 goes to the loopback
+    // interface on Linux (the kernel makes it 127.0.0.1), so the traffic stays on 127.0.0.1
+    // while the registry counts as secure.
+    let names =
+        PrivateHosts::at("0.0.0.0", &[HOST]).bind(etc_docker.path(), Path::new("/etc/docker"));
+    let daemon = Dockerd::start_in(&config, &names);
+    let reference = format!("{}/team/app:v1", bed.endpoint());
+
+    // No ca.crt yet: the handshake fails on the certificate; nothing reached the registry.
+    let err = daemon
+        .pull(&reference)
+        .expect_err("an untrusted certificate is refused");
+    assert!(
+        err.contains("x509: certificate signed by unknown authority"),
+        "{err}"
+    );
+    assert_eq!(served(&bed.gw), 0);
+
+    // The test CA in certs.d (read at each pull): the pull goes through over TLS.
+    std::fs::copy(bed.certs.ca_path(), host_dir.join("ca.crt")).expect("ca.crt");
+    let want = bed.img.manifest_digest();
+    let got = daemon.pull(&reference).expect("docker pull over TLS");
+    assert_eq!(got, want);
+    let digests = daemon.repo_digests(&reference).expect("inspect");
+    assert_eq!(
+        digests,
+        vec![format!("{}/team/app@{want}", bed.endpoint())],
+        "RepoDigests"
+    );
+    assert!(
+        served(&bed.gw) >= 2,
+        "the gateway served the manifest and blobs"
+    );
+    // Over loopback: every request the gateway saw came from 127.0.0.1.
+    let audit = bed.gw.audit_lines();
+    assert!(
+        audit.iter().all(|l| l["client"] == "127.0.0.1"),
+        "{audit:?}"
     );
 }
 

@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use super::{isolate_env, read_lossy, run_cmd, tail, wait_until, ChildGuard, Containerd};
+use super::{
+    isolate_env, read_lossy, run_cmd, tail, wait_until, ChildGuard, Containerd, PrivateHosts,
+};
 
 /// A running dockerd; stopped on Drop.
 pub struct Dockerd {
@@ -21,6 +23,18 @@ impl Dockerd {
     /// Starts dockerd with `config_file` as its `--config-file` (used as it is) and everything
     /// else as flags, and waits until `docker version` answers on its socket.
     pub fn start(config_file: &Path) -> Dockerd {
+        Dockerd::launch(config_file, None)
+    }
+
+    /// As [`Dockerd::start`], with dockerd alone in the private mount namespace of `namespace`
+    /// (its /etc/hosts names and bind mounts, e.g. a temp dir over /etc/docker for certs.d).
+    /// Its containerd runs outside; the `docker` CLI reaches it through the socket in the temp
+    /// dir, which both sides see. Mounts dockerd makes itself stay in the namespace.
+    pub fn start_in(config_file: &Path, namespace: &PrivateHosts) -> Dockerd {
+        Dockerd::launch(config_file, Some(namespace))
+    }
+
+    fn launch(config_file: &Path, namespace: Option<&PrivateHosts>) -> Dockerd {
         let containerd = Containerd::start();
         let dir = tempfile::Builder::new()
             .prefix("dockerd-")
@@ -46,11 +60,14 @@ impl Dockerd {
                 "--ip6tables=false",
                 "--bridge=none",
                 "--storage-driver=vfs",
-            ])
-            .stdin(Stdio::null())
+            ]);
+        isolate_env(&mut cmd);
+        if let Some(ns) = namespace {
+            cmd = ns.wrap(&cmd);
+        }
+        cmd.stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup"))
             .stderr(log);
-        isolate_env(&mut cmd);
         let child = ChildGuard::new(cmd.spawn().expect("spawn dockerd"));
         let mut daemon = Dockerd {
             child,
