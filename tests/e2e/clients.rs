@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use crate::harness::{registry, Gateway};
 use crate::support::{
-    can_connect, free_port, run_cmd, Containerd, Dockerd, Pki, Podman, PrivateHosts, PullOpts,
-    TestImage, Upstream, UpstreamOptions,
+    can_connect, free_port, run_cmd, wait_until, Containerd, Dockerd, Pki, Podman, PrivateHosts,
+    PullOpts, TestImage, Upstream, UpstreamOptions,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_pullgate");
@@ -167,7 +167,12 @@ fn client_config_containerd_pulls_through_ns_dirs_and_default_then_falls_back_to
     // the `ca` the registry's config gave), anonymously for a public repository.
     let gw_addr = bed.gw.addr().parse().expect("addr");
     bed.gw.stop();
-    assert!(!can_connect(gw_addr), "the gateway still accepts");
+    wait_until(
+        Duration::from_secs(10),
+        "the gateway's port to close",
+        || !can_connect(gw_addr),
+    )
+    .expect("the gateway still accepts");
     let start = Instant::now();
     let got = ctr.pull_with("docker.io/public/fallback:v1", &opts);
     let took = start.elapsed();
