@@ -350,7 +350,7 @@ pub(crate) struct FillTask {
     file: Arc<File>,
     temp: PathBuf,
     tx: Arc<watch::Sender<Progress>>,
-    /// The writer and hasher stages; `None` once finished.
+    /// The write-and-hash stage, started by `run`; `None` before that and once finished.
     pipeline: Option<Pipeline>,
     /// Bytes handed to the pipeline: where a resume starts.
     received: u64,
@@ -387,11 +387,7 @@ pub(crate) fn new_fill(
         digest: digest.clone(),
         id,
         source,
-        pipeline: Some(Pipeline::start(
-            Arc::clone(&file),
-            digest.hasher(),
-            Arc::clone(&tx),
-        )),
+        pipeline: None,
         file,
         temp,
         tx,
@@ -430,6 +426,11 @@ impl FillTask {
             hex: self.digest.hex().to_owned(),
             id: self.id,
         };
+        self.pipeline = Some(Pipeline::start(
+            Arc::clone(&self.file),
+            self.digest.hasher(),
+            Arc::clone(&self.tx),
+        ));
         let result = match self.fetch().await {
             Ok(()) => match self.verify().await {
                 Ok(()) => {
