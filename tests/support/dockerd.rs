@@ -17,13 +17,24 @@ pub struct Dockerd {
     child: ChildGuard,
     _containerd: Containerd,
     dir: tempfile::TempDir,
+    /// What dockerd sees as /etc/docker, when [`Dockerd::start`] made it.
+    _etc_docker: Option<tempfile::TempDir>,
 }
 
 impl Dockerd {
     /// Starts dockerd with `config_file` as its `--config-file` (used as it is) and everything
     /// else as flags, and waits until `docker version` answers on its socket.
+    /// dockerd runs in a mount namespace where an empty temp dir stands over /etc/docker, so
+    /// what it writes there on its own (its `key.json`) never lands on the machine.
     pub fn start(config_file: &Path) -> Dockerd {
-        Dockerd::launch(config_file, None)
+        let etc_docker = tempfile::Builder::new()
+            .prefix("etc-docker-")
+            .tempdir()
+            .expect("tempdir");
+        let namespace = PrivateHosts::new(&[]).bind(etc_docker.path(), Path::new("/etc/docker"));
+        let mut daemon = Dockerd::launch(config_file, Some(&namespace));
+        daemon._etc_docker = Some(etc_docker);
+        daemon
     }
 
     /// As [`Dockerd::start`], with dockerd alone in the private mount namespace of `namespace`
@@ -73,6 +84,7 @@ impl Dockerd {
             child,
             _containerd: containerd,
             dir,
+            _etc_docker: None,
         };
         let ready = wait_until(Duration::from_secs(30), "dockerd socket", || {
             daemon.socket().exists()
