@@ -465,62 +465,27 @@ fn data_host_serves_blobs_only_and_unknown_hosts_stay_name_unknown() {
 /// A plain-HTTP GET from source address `from` to the gateway, with this Host header; no
 /// redirects followed.
 fn get_from(from: &str, gw: &Gateway, path_and_query: &str, host: &str) -> Answer {
-    let from: std::net::IpAddr = from.parse().expect("source ip");
-    let url = gw.url(path_and_query);
-    let host = host.to_string();
-    crate::support::block_on(async move {
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
-            .local_address(from)
-            .build()
-            .expect("client");
-        let resp = client
-            .get(&url)
-            .header("Host", host)
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{url}: {e}"));
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let body = resp.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
-        Answer {
-            status,
-            headers,
-            body,
-        }
-    })
+    crate::harness::request_with(
+        crate::harness::client_from(from),
+        "GET",
+        &gw.url(path_and_query),
+        &[("Host", host)],
+    )
 }
 
 #[test]
 fn data_endpoint_fills_with_the_account_the_registry_host_chose() {
     // Upstream accounts: alice may use everything, bob only team-b/.
-    let up = crate::policy::two_account_upstream();
+    let accounts = crate::policy::TwoAccounts::start();
     let img = TestImage::small("dataep-scoped");
-    up.push(&img, "team-a/app:v1");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let secret = |user: &str, pw: &str| {
-        let path = dir.path().join(user);
-        std::fs::write(&path, pw).expect("password file");
-        path.display().to_string()
-    };
-    let (bob, alice) = (
-        secret("bob", "bob-secret-pw"),
-        secret("alice", "alice-secret-pw"),
-    );
+    accounts.up.push(&img, "team-a/app:v1");
     // Callers in the vpc zone pull with alice's account ("full"); everyone else with bob's.
     // The key is generated in the cache dir (no redirect_key_file).
     let gw = Gateway::start_full(
         "",
-        &format!(
-            "[zones]\nvpc = [\"127.0.0.2/32\"]\n\n[[registry]]\nname = \"hub\"\nupstream = \"{}\"\nca = \"{}\"\n\
-             hosts = [\"{HOST}\"]\ndata_hosts = [\"{DATA}\"]\nredirect = \"data-endpoint\"\n\
-             credentials = {{ username = \"bob\", password_file = \"{bob}\" }}\n\
-             [[registry.scoped_credentials]]\nname = \"full\"\nzones = [\"vpc\"]\n\
-             credentials = {{ username = \"alice\", password_file = \"{alice}\" }}\n",
-            up.url(),
-            up.pki().ca_path().display()
-        ),
+        &accounts.config(&format!(
+            "hosts = [\"{HOST}\"]\ndata_hosts = [\"{DATA}\"]\nredirect = \"data-endpoint\""
+        )),
         None,
         "",
     );

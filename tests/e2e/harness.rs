@@ -188,6 +188,18 @@ pub fn request(method: &str, url: &str, headers: &[(&str, &str)]) -> Answer {
     request_with(crate::support::http_client(None), method, url, headers)
 }
 
+/// A client whose connections start from `from` (all of 127/8 is loopback), following no
+/// redirects: for source-address rules.
+pub fn client_from(from: &str) -> reqwest::Client {
+    let from: std::net::IpAddr = from.parse().expect("source ip");
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .local_address(from)
+        .build()
+        .expect("client")
+}
+
 /// [`request`] through a client of the caller's (TLS trust, name resolution).
 pub fn request_with(
     client: reqwest::Client,

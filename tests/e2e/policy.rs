@@ -3,15 +3,14 @@
 //! reach it; spoofed forwarding headers are ignored; the audit log records every decision; real
 //! skopeo pulls allowed and denied.
 
-use std::net::IpAddr;
 use std::time::Duration;
 
 use base64::Engine;
 
-use crate::harness::{registry, Answer, Gateway, MANIFEST_ACCEPT};
+use crate::harness::{client_from, registry, request_with, Answer, Gateway, MANIFEST_ACCEPT};
 use crate::support::{
-    block_on, sha256_hex, skopeo_copy_to_oci, wait_until, Auth, ClientTls, TestImage,
-    TokenIssuerOptions, Upstream, UpstreamOptions,
+    sha256_hex, skopeo_copy_to_oci, wait_until, Auth, ClientTls, TestImage, TokenIssuerOptions,
+    Upstream, UpstreamOptions,
 };
 
 const CI_PASSWORD: &str = "ci-secret-7f3a";
@@ -25,35 +24,16 @@ fn request_from(
     basic: Option<(&str, &str)>,
     headers: &[(&str, &str)],
 ) -> Answer {
-    let from: IpAddr = from.parse().expect("source ip");
-    let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
-    let url = url.to_string();
-    let mut all: Vec<(String, String)> = headers
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    all.push(("Accept".into(), MANIFEST_ACCEPT.into()));
-    if let Some((u, p)) = basic {
+    let token = basic.map(|(u, p)| {
         let token = base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"));
-        all.push(("Authorization".into(), format!("Basic {token}")));
+        format!("Basic {token}")
+    });
+    let mut all = headers.to_vec();
+    all.push(("Accept", MANIFEST_ACCEPT));
+    if let Some(token) = &token {
+        all.push(("Authorization", token));
     }
-    block_on(async move {
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .local_address(from)
-            .build()
-            .expect("client");
-        let mut req = client.request(method, &url);
-        for (k, v) in all {
-            req = req.header(k, v);
-        }
-        let resp = req.send().await.unwrap_or_else(|e| panic!("{url}: {e}"));
-        Answer {
-            status: resp.status().as_u16(),
-            headers: resp.headers().clone(),
-            body: resp.bytes().await.map(|b| b.to_vec()).unwrap_or_default(),
-        }
-    })
+    request_with(client_from(from), method, url, &all)
 }
 
 fn config(up: &Upstream) -> String {
@@ -318,52 +298,72 @@ fn skopeo_pulls_with_identity_credentials_and_is_refused_without() {
     );
 }
 
-/// An upstream with two accounts: alice may use everything, bob only `team-b/`.
-pub(crate) fn two_account_upstream() -> Upstream {
-    Upstream::start(UpstreamOptions {
-        auth: Auth::Token(TokenIssuerOptions {
-            users: vec![
-                ("alice".into(), "alice-secret-pw".into()),
-                ("bob".into(), "bob-secret-pw".into()),
-            ],
-            restricted: vec![("bob".into(), "team-b/".into())],
+/// An upstream with two accounts (alice may use everything, bob only `team-b/`) and their
+/// password files.
+pub(crate) struct TwoAccounts {
+    pub up: Upstream,
+    bob: String,
+    alice: String,
+    _dir: tempfile::TempDir,
+}
+
+impl TwoAccounts {
+    pub fn start() -> TwoAccounts {
+        let up = Upstream::start(UpstreamOptions {
+            auth: Auth::Token(TokenIssuerOptions {
+                users: vec![
+                    ("alice".into(), "alice-secret-pw".into()),
+                    ("bob".into(), "bob-secret-pw".into()),
+                ],
+                restricted: vec![("bob".into(), "team-b/".into())],
+                ..Default::default()
+            }),
             ..Default::default()
-        }),
-        ..Default::default()
-    })
+        });
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secret = |user: &str, pw: &str| {
+            let path = dir.path().join(user);
+            std::fs::write(&path, pw).expect("password file");
+            path.display().to_string()
+        };
+        let (bob, alice) = (
+            secret("bob", "bob-secret-pw"),
+            secret("alice", "alice-secret-pw"),
+        );
+        TwoAccounts {
+            up,
+            bob,
+            alice,
+            _dir: dir,
+        }
+    }
+
+    /// Zone `vpc` (127.0.0.2) and registry `hub` (plus `extra` lines): callers in the zone
+    /// pull with alice's account (`scoped_credentials` "full"), everyone else with bob's.
+    pub fn config(&self, extra: &str) -> String {
+        format!(
+            "[zones]\nvpc = [\"127.0.0.2/32\"]\n\n[[registry]]\nname = \"hub\"\nupstream = \"{}\"\nca = \"{}\"\n{extra}\n\
+             credentials = {{ username = \"bob\", password_file = \"{}\" }}\n\
+             [[registry.scoped_credentials]]\nname = \"full\"\nzones = [\"vpc\"]\n\
+             credentials = {{ username = \"alice\", password_file = \"{}\" }}\n",
+            self.up.url(),
+            self.up.pki().ca_path().display(),
+            self.bob,
+            self.alice,
+        )
+    }
 }
 
 #[test]
 fn scoped_credentials_pick_the_upstream_account_and_the_cache_keeps_them_apart() {
-    let up = two_account_upstream();
+    let accounts = TwoAccounts::start();
+    let up = &accounts.up;
     let a = TestImage::small("scoped-a");
     let b = TestImage::small("scoped-b");
     up.push(&a, "team-a/app:v1");
     up.push(&b, "team-b/app:v1");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let secret = |user: &str, pw: &str| {
-        let path = dir.path().join(user);
-        std::fs::write(&path, pw).expect("password file");
-        path.display().to_string()
-    };
-    let (bob, alice) = (
-        secret("bob", "bob-secret-pw"),
-        secret("alice", "alice-secret-pw"),
-    );
     // Callers in the vpc zone pull with alice's account; everyone else with bob's.
-    let gw = Gateway::start_full(
-        "",
-        &format!(
-            "[zones]\nvpc = [\"127.0.0.2/32\"]\n\n[[registry]]\nname = \"hub\"\nupstream = \"{}\"\nca = \"{}\"\ndefault = true\n\
-             credentials = {{ username = \"bob\", password_file = \"{bob}\" }}\n\
-             [[registry.scoped_credentials]]\nname = \"full\"\nzones = [\"vpc\"]\n\
-             credentials = {{ username = \"alice\", password_file = \"{alice}\" }}\n",
-            up.url(),
-            up.pki().ca_path().display()
-        ),
-        None,
-        "",
-    );
+    let gw = Gateway::start_full("", &accounts.config("default = true"), None, "");
     let manifest = |repo: &str| gw.url(&format!("/v2/{repo}/manifests/v1"));
     let layer = a.layer_digests()[0].clone();
     let blob = gw.url(&format!("/v2/team-a/app/blobs/{layer}"));
