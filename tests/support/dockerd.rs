@@ -139,14 +139,7 @@ impl Dockerd {
 
     /// `docker image inspect` `.RepoDigests` of a pulled image (`name@sha256:...`).
     pub fn repo_digests(&self, reference: &str) -> Result<Vec<String>, String> {
-        let out = run_cmd(self.docker().args([
-            "image",
-            "inspect",
-            "--format",
-            "{{json .RepoDigests}}",
-            reference,
-        ]))?;
-        serde_json::from_slice(&out.stdout).map_err(|e| format!("RepoDigests: {e}"))
+        super::repo_digests(self.docker(), reference)
     }
 
     /// SIGTERM by PID, up to 15 s for a clean shutdown, then SIGKILL. Idempotent.

@@ -123,6 +123,19 @@ pub fn can_connect(addr: SocketAddr) -> bool {
     TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
 }
 
+/// `<cli> image inspect` `.RepoDigests` of a pulled image (`name@sha256:...`); docker and
+/// podman answer alike.
+pub fn repo_digests(mut cli: Command, reference: &str) -> Result<Vec<String>, String> {
+    let out = run_cmd(cli.args([
+        "image",
+        "inspect",
+        "--format",
+        "{{json .RepoDigests}}",
+        reference,
+    ]))?;
+    serde_json::from_slice(&out.stdout).map_err(|e| format!("RepoDigests: {e}"))
+}
+
 /// Points every proxy variable at a closed loopback port (so a fallback to the internet fails at
 /// once, without a DNS lookup) while loopback itself stays unproxied.
 pub fn isolate_env(cmd: &mut Command) -> &mut Command {

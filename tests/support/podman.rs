@@ -53,13 +53,6 @@ impl Podman {
 
     /// `.RepoDigests` of a pulled image (`name@sha256:...`).
     pub fn repo_digests(&self, reference: &str) -> Result<Vec<String>, String> {
-        let out = run_cmd(self.podman().args([
-            "image",
-            "inspect",
-            "--format",
-            "{{json .RepoDigests}}",
-            reference,
-        ]))?;
-        serde_json::from_slice(&out.stdout).map_err(|e| format!("RepoDigests: {e}"))
+        super::repo_digests(self.podman(), reference)
     }
 }
