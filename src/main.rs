@@ -9,6 +9,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use pullgate::config::{self, Config};
+use pullgate::listen::{ConfigSource, Launch};
 
 const EXIT_USAGE: u8 = 64;
 const EXIT_CONFIG: u8 = 78;
@@ -27,6 +28,10 @@ enum Command {
         /// Config file (TOML); without it the embedded default runs.
         #[arg(short, long)]
         config: Option<PathBuf>,
+        /// Take the listening sockets over from the pullgate running with the same cache
+        /// (a binary upgrade): it stops accepting, finishes its requests and exits.
+        #[arg(long)]
+        upgrade: bool,
     },
     /// Validate config files and print their warnings; exit 78 when one is invalid.
     Check {
@@ -92,7 +97,7 @@ fn main() -> ExitCode {
     };
     pullgate::install_crypto_provider();
     match cli.command {
-        Command::Serve { config } => serve(config),
+        Command::Serve { config, upgrade } => serve(config, upgrade),
         Command::Check {
             mut config,
             files,
@@ -239,24 +244,35 @@ fn load(path: &Option<PathBuf>) -> Result<Config, ExitCode> {
     }
 }
 
+fn source(path: Option<PathBuf>) -> ConfigSource {
+    path.map_or(ConfigSource::Embedded, ConfigSource::File)
+}
+
+/// The config of `path` checked as serving (and a reload) would check it: the schema and
+/// values, then the certificate files.
+fn load_checked(path: &Option<PathBuf>) -> Result<Launch, ExitCode> {
+    Launch::load(source(path.clone())).map_err(|errors| {
+        let name = path
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "the embedded default".into());
+        eprintln!("pullgate: {name} is not a valid config:");
+        for e in errors {
+            eprintln!("{e}");
+        }
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
 fn check(path: Option<PathBuf>, strict: bool) -> ExitCode {
-    let config = match load(&path) {
-        Ok(c) => c,
+    let config = match load_checked(&path) {
+        Ok(launch) => launch.checked.config,
         Err(code) => return code,
     };
     let name = path
         .as_ref()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|| "the embedded default".into());
-    // The certificates are read as serving would read them.
-    let tls_errors = pullgate::listen::tls::check_files(&config.server.tls);
-    if !tls_errors.is_empty() {
-        eprintln!("pullgate: {name} is not a valid config:");
-        for e in tls_errors {
-            eprintln!("{e}");
-        }
-        return ExitCode::from(EXIT_CONFIG);
-    }
     for w in &config.warnings {
         println!("warning: {}: {}", w.key, w.message);
     }
@@ -271,11 +287,13 @@ fn check(path: Option<PathBuf>, strict: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn serve(path: Option<PathBuf>) -> ExitCode {
-    let config = match load(&path) {
-        Ok(c) => Arc::new(c),
+fn serve(path: Option<PathBuf>, upgrade: bool) -> ExitCode {
+    let mut launch = match load_checked(&path) {
+        Ok(l) => l,
         Err(code) => return code,
     };
+    launch.upgrade = upgrade;
+    let config = Arc::new(launch.checked.config.clone());
     pullgate::init_logging(config.server.log_format);
     pullgate::log_warnings(&config);
     for addr in &config.server.listen {
@@ -293,7 +311,7 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
             "listening (TLS, HTTP/2 and HTTP/1.1)"
         );
     }
-    match pullgate::build_server(config) {
+    match pullgate::build_server(launch) {
         Ok(server) => server.run_forever(),
         Err(e) => {
             eprintln!("pullgate: {e}");

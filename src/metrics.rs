@@ -32,6 +32,12 @@ pub struct Metrics {
     pub denials: IntCounterVec,
     pub tls_handshakes: IntCounterVec,
     pub proxy_protocol_rejected: IntCounterVec,
+    /// Config reloads by outcome (`ok`, `invalid`, `refused`).
+    pub config_reloads: IntCounterVec,
+    /// The generation of the config in use: 1 at start, +1 per successful reload.
+    pub config_generation: IntGauge,
+    /// Always 1, labelled with the SHA-256 of the config text in use (one series at a time).
+    config_info: IntGaugeVec,
     // Mirrors of the blob store's own counters, brought up to date at each scrape.
     cache_entries: IntGauge,
     cache_bytes: IntGauge,
@@ -140,6 +146,30 @@ impl Metrics {
                  (untrusted_peer, missing, malformed, timeout, closed).",
                 &["reason"],
             ),
+            config_reloads: counter_vec(
+                "pullgate_config_reloads_total",
+                "Config reloads (SIGHUP, file change, POST /-/reload) by outcome: ok, invalid \
+                 (the new config does not validate), refused (it changes keys that need a restart).",
+                &["outcome"],
+            ),
+            config_generation: gauge(
+                "pullgate_config_generation",
+                "Generation of the config in use: 1 at start, one more per applied reload.",
+            ),
+            config_info: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "pullgate_config_info",
+                        "Always 1; sha256 is the SHA-256 of the config text in use.",
+                    ),
+                    &["sha256"],
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("unique metric");
+                g
+            },
             cache_entries: gauge("pullgate_cache_entries", "Blobs in the cache."),
             cache_bytes: gauge("pullgate_cache_size_bytes", "Bytes of blobs in the cache."),
             cache_max_bytes: gauge(
@@ -175,6 +205,18 @@ impl Metrics {
         };
         metrics.cache_max_bytes.set(clamp(max_bytes));
         metrics
+    }
+
+    /// Records the config now in use (its generation and text hash).
+    pub fn config_in_use(&self, generation: u64, sha256: &str) {
+        self.config_generation.set(clamp(generation));
+        self.config_info.reset();
+        self.config_info.with_label_values(&[sha256]).set(1);
+    }
+
+    /// `cache.max_size` changed on a reload.
+    pub fn set_cache_max_bytes(&self, max_bytes: u64) {
+        self.cache_max_bytes.set(clamp(max_bytes));
     }
 
     /// Records one answered request.

@@ -6,6 +6,7 @@
 //! Validation reports *every* problem, each naming its key (`registry.hub.upstream: ...`), and
 //! never panics on bad input. Keys accepted but not acted on yet produce [`Warning`]s.
 
+pub mod live;
 pub mod model;
 
 mod error;
@@ -35,16 +36,23 @@ const FALLBACK_USER_CACHE_DIR: &str = "/var/tmp/pullgate-cache";
 /// Reads, parses and validates the config file at `path`. Relative paths inside it are
 /// resolved against the file's directory.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    load_with_text(path).map(|(config, _)| config)
+}
+
+/// [`load`], also returning the text that was validated (a reload hashes exactly what it
+/// applied, even when the file changes again meanwhile).
+pub fn load_with_text(path: &Path) -> Result<(Config, String), ConfigErrors> {
     let origin = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|err| {
         ConfigError::new(origin.clone(), format!("cannot read config file: {err}"))
     })?;
     let base_dir = path.parent().unwrap_or(Path::new(""));
-    load_text(
+    let config = load_text(
         &text,
         &origin,
         inputs(base_dir, DEFAULT_CACHE_DIR.into(), &process_env),
-    )
+    )?;
+    Ok((config, text))
 }
 
 /// Parses and validates config text; relative paths are resolved against `base_dir`.

@@ -8,6 +8,9 @@ use std::time::Instant;
 #[derive(Debug)]
 pub struct RequestCtx {
     pub request_id: String,
+    /// The config snapshot this request runs on, from its start to its end (a reload during
+    /// the request changes nothing for it).
+    pub gateway: std::sync::Arc<super::Gateway>,
     pub started: Instant,
     pub method: String,
     /// The request path, escaped and cut to a safe length: fit for a log line.
@@ -51,9 +54,10 @@ pub struct RequestCtx {
 }
 
 impl RequestCtx {
-    pub fn new(request_id: String) -> Self {
+    pub fn new(request_id: String, gateway: std::sync::Arc<super::Gateway>) -> Self {
         RequestCtx {
             request_id,
+            gateway,
             started: Instant::now(),
             method: String::new(),
             path: String::new(),

@@ -20,6 +20,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::prelude::*;
 use pingora::proxy::{ProxyHttp, Session};
@@ -45,56 +46,101 @@ const PUSH_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClientCertSubjects(pub Vec<String>);
 
-/// Shared, read-only state of a running gateway.
+/// One snapshot of the running gateway: everything derived from one config (routes, upstream
+/// clients, policy, audit sink, data-endpoint key) plus handles to the stores, which every
+/// snapshot shares. Immutable: a reload builds the next one and swaps it in whole ([`Edge`]);
+/// a request keeps the snapshot it started with until it ends, fills included.
 pub struct Gateway {
     config: Arc<Config>,
     routes: RouteTable,
     upstreams: HashMap<String, Arc<UpstreamClient>>,
+    /// What each upstream client was built from ([`UpstreamKey`]), to carry it over a reload.
+    upstream_keys: HashMap<String, UpstreamKey>,
     /// Extra trust anchors per registry (its `ca`), for the push path's Pingora connections.
     upstream_cas: HashMap<String, Arc<[pingora::utils::tls::WrappedX509]>>,
     store: BlobStore,
-    manifests: ManifestStore,
+    manifests: Arc<ManifestStore>,
     links: Arc<Links>,
     metrics: Arc<Metrics>,
     policy: Policy,
     audit: Audit,
     /// Signs and checks data-endpoint URLs; loaded when any registry has `data_hosts`.
     redirect_key: Option<crate::sign::RedirectKey>,
-    next_request: AtomicU64,
-    /// Mixed into request ids so they differ across restarts.
-    id_nonce: u64,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("registries", &self.config.registries.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The stores every snapshot shares: opened once per process, at start.
+struct Stores {
+    store: BlobStore,
+    manifests: Arc<ManifestStore>,
+    links: Arc<Links>,
+}
+
+/// Everything an upstream client is built from besides its metrics: the registry's name,
+/// upstream origin, credentials (the source, and an inline or env value), token realm hosts and
+/// the bytes of its `ca` file. Equal keys on a reload carry the client over, with its tokens,
+/// learned challenge and pooled connections, so a reload causes no token storm.
+#[derive(Debug, PartialEq, Eq)]
+struct UpstreamKey(String);
+
+impl UpstreamKey {
+    fn of(registry: &crate::config::Registry) -> UpstreamKey {
+        use crate::config::{CredentialSource, PasswordSource};
+        use sha2::{Digest as _, Sha256};
+        let mut h = Sha256::new();
+        let mut field = |bytes: &[u8]| {
+            h.update((bytes.len() as u64).to_le_bytes());
+            h.update(bytes);
+        };
+        field(registry.name.as_bytes());
+        field(registry.upstream.origin.as_bytes());
+        for realm in &registry.realm_hosts {
+            field(realm.as_bytes());
+        }
+        field(b"|");
+        match &registry.credentials {
+            None => field(b"anonymous"),
+            Some(CredentialSource::Basic { username, password }) => {
+                field(b"basic");
+                field(username.as_bytes());
+                match password {
+                    PasswordSource::Inline(secret) => field(secret.expose().as_bytes()),
+                    PasswordSource::Env { var, value } => {
+                        field(var.as_bytes());
+                        field(value.expose().as_bytes());
+                    }
+                    // Re-read by the client itself whenever the file changes.
+                    PasswordSource::File(path) => field(path.as_os_str().as_encoded_bytes()),
+                }
+            }
+            Some(CredentialSource::DockerConfig { path }) => {
+                field(b"docker_config");
+                field(path.as_os_str().as_encoded_bytes());
+            }
+            Some(CredentialSource::Helper { name }) => {
+                field(b"helper");
+                field(name.as_bytes());
+            }
+        }
+        match &registry.ca {
+            None => field(b"no ca"),
+            // A CA file rewritten in place is a new trust store: the contents count.
+            Some(path) => field(&std::fs::read(path).unwrap_or_default()),
+        }
+        UpstreamKey(hex::encode(h.finalize()))
+    }
 }
 
 impl Gateway {
-    pub fn new(config: Arc<Config>, metrics: Arc<Metrics>) -> Result<Self, String> {
-        let routes = RouteTable::new(&config.registries);
-        let mut upstreams = HashMap::new();
-        for registry in &config.registries {
-            let client = UpstreamClient::new(registry.clone(), metrics.clone())
-                .map_err(|e| format!("registry.{}: {e}", registry.name))?;
-            upstreams.insert(registry.name.clone(), Arc::new(client));
-            // One client per scoped credential: its own tokens, challenge and connections.
-            for scoped in &registry.scoped_credentials {
-                let mut with = (**registry).clone();
-                with.credentials = Some(scoped.credentials.clone());
-                let client = UpstreamClient::new(Arc::new(with), metrics.clone()).map_err(|e| {
-                    format!(
-                        "registry.{}.scoped_credentials.{}: {e}",
-                        registry.name, scoped.name
-                    )
-                })?;
-                let key = serve::partition(&registry.name, Some(&scoped.name));
-                upstreams.insert(key, Arc::new(client));
-            }
-        }
-        let mut upstream_cas = HashMap::new();
-        for registry in &config.registries {
-            if let Some(path) = &registry.ca {
-                let ca =
-                    load_ca(path).map_err(|e| format!("registry.{}.ca: {e}", registry.name))?;
-                upstream_cas.insert(registry.name.clone(), ca);
-            }
-        }
+    /// The first snapshot: opens the cache under `cache.dir` (blocking: call before serving).
+    pub fn open(config: Arc<Config>, metrics: Arc<Metrics>) -> Result<Self, String> {
         let fill_policy = FillPolicy {
             stall_timeout: config.cache.fill_stall_timeout,
             ..FillPolicy::default()
@@ -117,29 +163,127 @@ impl Gateway {
         let manifests = ManifestStore::open(&config.cache.dir, config.cache.negative_ttl)
             .map_err(cache_error)?;
         let links = Arc::new(Links::open(&config.cache.dir).map_err(cache_error)?);
+        let stores = Stores {
+            store,
+            manifests: Arc::new(manifests),
+            links,
+        };
+        Gateway::build(config, metrics, stores, None)
+    }
+
+    /// The snapshot for a reloaded `config`: the same stores and metrics; upstream clients whose
+    /// [`UpstreamKey`] did not change carried over. Has no effect on `self` or the stores (see
+    /// [`Gateway::apply_cache_limits`]), so a failure leaves the running gateway as it was.
+    pub fn next(&self, config: Arc<Config>) -> Result<Self, String> {
+        let stores = Stores {
+            store: self.store.clone(),
+            manifests: Arc::clone(&self.manifests),
+            links: Arc::clone(&self.links),
+        };
+        Gateway::build(config, Arc::clone(&self.metrics), stores, Some(self))
+    }
+
+    /// Brings the shared stores to this snapshot's `cache.max_size` (shrinking evicts now),
+    /// `negative_ttl` and `fill_stall_timeout`. Run once this snapshot is the one in use.
+    pub fn apply_cache_limits(&self) {
+        let cache = &self.config.cache;
+        self.store.set_max_size(cache.max_size);
+        self.store.set_stall_timeout(cache.fill_stall_timeout);
+        self.manifests.set_negative_ttl(cache.negative_ttl);
+        self.metrics.set_cache_max_bytes(cache.max_size);
+    }
+
+    fn build(
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+        stores: Stores,
+        previous: Option<&Gateway>,
+    ) -> Result<Self, String> {
+        let routes = RouteTable::new(&config.registries);
+        let mut upstreams = HashMap::new();
+        let mut upstream_keys = HashMap::new();
+        let mut carried = 0usize;
+        let mut client_for = |partition: String,
+                              registry: Arc<crate::config::Registry>,
+                              key_name: &dyn Fn() -> String|
+         -> Result<(), String> {
+            let key = UpstreamKey::of(&registry);
+            let old = previous.and_then(|p| {
+                (p.upstream_keys.get(&partition) == Some(&key))
+                    .then(|| p.upstreams.get(&partition).cloned())
+                    .flatten()
+            });
+            let client = match old {
+                Some(client) => {
+                    carried += 1;
+                    client
+                }
+                None => Arc::new(
+                    UpstreamClient::new(registry, metrics.clone())
+                        .map_err(|e| format!("{}: {e}", key_name()))?,
+                ),
+            };
+            upstreams.insert(partition.clone(), client);
+            upstream_keys.insert(partition, key);
+            Ok(())
+        };
+        for registry in &config.registries {
+            client_for(registry.name.clone(), registry.clone(), &|| {
+                format!("registry.{}", registry.name)
+            })?;
+            // One client per scoped credential: its own tokens, challenge and connections.
+            for scoped in &registry.scoped_credentials {
+                let mut with = (**registry).clone();
+                with.credentials = Some(scoped.credentials.clone());
+                client_for(
+                    serve::partition(&registry.name, Some(&scoped.name)),
+                    Arc::new(with),
+                    &|| {
+                        format!(
+                            "registry.{}.scoped_credentials.{}",
+                            registry.name, scoped.name
+                        )
+                    },
+                )?;
+            }
+        }
+        if previous.is_some() {
+            tracing::debug!(
+                carried,
+                new = upstreams.len() - carried,
+                "upstream clients for the new config"
+            );
+        }
+        let mut upstream_cas = HashMap::new();
+        for registry in &config.registries {
+            if let Some(path) = &registry.ca {
+                let ca =
+                    load_ca(path).map_err(|e| format!("registry.{}.ca: {e}", registry.name))?;
+                upstream_cas.insert(registry.name.clone(), ca);
+            }
+        }
         let audit = Audit::open(&config.server.audit_log)?;
         let policy = Policy::new(&config);
         let redirect_key = redirect_key(&config)?;
-        let id_nonce = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0)
-            .rotate_left(32);
         Ok(Gateway {
             config,
             routes,
             upstreams,
+            upstream_keys,
             upstream_cas,
-            store,
-            manifests,
-            links,
+            store: stores.store,
+            manifests: stores.manifests,
+            links: stores.links,
             metrics,
             policy,
             audit,
             redirect_key,
-            next_request: AtomicU64::new(1),
-            id_nonce,
         })
+    }
+
+    /// The config this snapshot was built from.
+    pub fn config(&self) -> &Arc<Config> {
+        &self.config
     }
 
     /// The blob store handle (for the admin listener's metrics).
@@ -147,9 +291,38 @@ impl Gateway {
         self.store.clone()
     }
 
+    /// Whether `ip` is in this config's `server.trusted_proxies` (the PROXY protocol hook).
+    pub fn trusts_proxy(&self, ip: std::net::IpAddr) -> bool {
+        self.policy.trusted_proxies().contains(ip)
+    }
+
     /// The upstream client of a cache partition (`serve::partition`).
     fn upstream(&self, partition: &str) -> Option<&Arc<UpstreamClient>> {
         self.upstreams.get(partition)
+    }
+}
+
+/// The edge: Pingora's `ProxyHttp`. Holds the snapshot in use behind an atomic swap; every
+/// request loads it once, in `new_ctx`, and keeps it in its context to the end.
+pub struct Edge {
+    current: Arc<ArcSwap<Gateway>>,
+    next_request: AtomicU64,
+    /// Mixed into request ids so they differ across restarts.
+    id_nonce: u64,
+}
+
+impl Edge {
+    pub fn new(current: Arc<ArcSwap<Gateway>>) -> Edge {
+        let id_nonce = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+            .rotate_left(32);
+        Edge {
+            current,
+            next_request: AtomicU64::new(1),
+            id_nonce,
+        }
     }
 
     fn request_id(&self) -> String {
@@ -162,16 +335,17 @@ impl Gateway {
 }
 
 #[async_trait]
-impl ProxyHttp for Gateway {
+impl ProxyHttp for Edge {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
-        RequestCtx::new(self.request_id())
+        RequestCtx::new(self.request_id(), self.current.load_full())
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         ctx.tls_subjects = client_cert_subjects(session);
-        match serve::serve(self, session, ctx).await {
+        let gw = Arc::clone(&ctx.gateway);
+        match serve::serve(&gw, session, ctx).await {
             // A push continues on Pingora's proxy path (upstream_peer and the filters below).
             Ok(()) if ctx.push.is_some() => Ok(false),
             Ok(()) => Ok(true),
@@ -214,7 +388,7 @@ impl ProxyHttp for Gateway {
         peer.options.read_timeout = Some(PUSH_IO_TIMEOUT);
         peer.options.write_timeout = Some(PUSH_IO_TIMEOUT);
         peer.options.idle_timeout = Some(PUSH_IDLE_TIMEOUT);
-        if let Some(ca) = self.upstream_cas.get(&registry.name) {
+        if let Some(ca) = ctx.gateway.upstream_cas.get(&registry.name) {
             peer.options.ca = Some(ca.clone());
         }
         Ok(Box::new(peer))
@@ -276,9 +450,9 @@ impl ProxyHttp for Gateway {
             if let Some(write) = &plan.manifest {
                 // A new digest for a tag is visible to the next pull at once.
                 if let Some(tag) = &write.tag {
-                    self.manifests.forget_tag(tag);
+                    ctx.gateway.manifests.forget_tag(tag);
                 }
-                self.manifests.forget_missing(&write.missing_key);
+                ctx.gateway.manifests.forget_missing(&write.missing_key);
             }
         }
         Ok(())
@@ -300,8 +474,9 @@ impl ProxyHttp for Gateway {
             }
         }
         ctx.log_access(status);
+        let gw = Arc::clone(&ctx.gateway);
         if ctx.kind != "other" {
-            self.audit.record(&AuditRecord {
+            gw.audit.record(&AuditRecord {
                 time: AuditRecord::now(),
                 request_id: &ctx.request_id,
                 client: ctx.client.map(|c| c.to_string()),
@@ -320,7 +495,7 @@ impl ProxyHttp for Gateway {
                 credential: ctx.credential.as_deref(),
             });
         }
-        self.metrics.request(&RequestRecord {
+        gw.metrics.request(&RequestRecord {
             registry: ctx.registry.as_deref().unwrap_or("-"),
             method: crate::metrics::method_label(&ctx.method),
             kind: ctx.kind,

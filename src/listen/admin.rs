@@ -1,4 +1,5 @@
-//! The admin listener (`server.admin_listen`): `/metrics`, `/healthz`, `/readyz`.
+//! The admin listener (`server.admin_listen`): `/metrics`, `/healthz`, `/readyz`, the config in
+//! use at `/-/config` and `POST /-/reload`.
 //!
 //! It runs as a Pingora background service with its own small HTTP/1.1 server rather than as a
 //! Pingora listening service, because listening services stop accepting the moment shutdown
@@ -20,60 +21,98 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
+use tokio::sync::watch;
 
+use super::reload::{Reloader, Trigger};
 use crate::metrics::Metrics;
 use crate::store::BlobStore;
 
 pub struct Admin {
-    /// Bound at build time, so a taken port is a start-up error naming the key.
+    addr: SocketAddr,
+    /// Bound at build time, so a taken port is a start-up error naming the key; `None` when
+    /// an `--upgrade` found the old process still on it (bound once that one lets go).
     listener: std::sync::Mutex<Option<std::net::TcpListener>>,
-    metrics: Arc<Metrics>,
-    store: BlobStore,
-    /// The gateway's own listeners, polled until they accept.
-    gateway_listeners: Vec<SocketAddr>,
     ready: Arc<AtomicBool>,
+    parts: Parts,
 }
 
+/// What the admin listener answers from.
+pub struct Parts {
+    pub metrics: Arc<Metrics>,
+    pub store: BlobStore,
+    /// The gateway's own listeners, polled until they accept.
+    pub gateway_listeners: Vec<SocketAddr>,
+    pub reloader: Arc<Reloader>,
+    /// Becomes true when this process hands over to a new one: the port is let go.
+    pub handing_over: watch::Receiver<bool>,
+}
+
+/// How long an upgrading process waits for the old one to let go of the admin port.
+const TAKE_OVER_WAIT: Duration = Duration::from_secs(30);
+
 impl Admin {
-    pub fn bind(
-        addr: SocketAddr,
-        metrics: Arc<Metrics>,
-        store: BlobStore,
-        gateway_listeners: Vec<SocketAddr>,
-    ) -> Result<Admin, String> {
-        let listener = std::net::TcpListener::bind(addr)
-            .and_then(|l| l.set_nonblocking(true).map(|()| l))
-            .map_err(|e| format!("server.admin_listen: cannot listen on {addr}: {e}"))?;
+    pub fn bind(addr: SocketAddr, upgrade: bool, parts: Parts) -> Result<Admin, String> {
+        let listener = match bind(addr) {
+            Ok(l) => Some(l),
+            Err(e) if upgrade && e.kind() == std::io::ErrorKind::AddrInUse => None,
+            Err(e) => return Err(format!("server.admin_listen: cannot listen on {addr}: {e}")),
+        };
         Ok(Admin {
-            listener: std::sync::Mutex::new(Some(listener)),
-            metrics,
-            store,
-            gateway_listeners,
+            addr,
+            listener: std::sync::Mutex::new(listener),
             ready: Arc::new(AtomicBool::new(false)),
+            parts,
         })
     }
+
+    /// The listener bound at build time, or (upgrading) the port once the old process has
+    /// let go of it.
+    async fn listener(&self) -> Option<tokio::net::TcpListener> {
+        let bound = self
+            .listener
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let listener = match bound {
+            Some(l) => l,
+            None => {
+                let deadline = tokio::time::Instant::now() + TAKE_OVER_WAIT;
+                loop {
+                    match bind(self.addr) {
+                        Ok(l) => break l,
+                        Err(e) if tokio::time::Instant::now() > deadline => {
+                            tracing::error!(addr = %self.addr, error = %e, "server.admin_listen: the old process never let go of the admin port");
+                            return None;
+                        }
+                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    }
+                }
+            }
+        };
+        tokio::net::TcpListener::from_std(listener).ok()
+    }
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    std::net::TcpListener::bind(addr).and_then(|l| l.set_nonblocking(true).map(|()| l))
 }
 
 #[async_trait]
 impl BackgroundService for Admin {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let Some(listener) = self
-            .listener
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .and_then(|l| tokio::net::TcpListener::from_std(l).ok())
-        else {
+        let Some(listener) = self.listener().await else {
             tracing::error!("admin listener unavailable");
             return;
         };
+        let parts = &self.parts;
         let state = Arc::new(State {
-            metrics: Arc::clone(&self.metrics),
-            store: self.store.clone(),
+            metrics: Arc::clone(&parts.metrics),
+            store: parts.store.clone(),
             ready: Arc::clone(&self.ready),
+            reloader: Arc::clone(&parts.reloader),
         });
-        tokio::spawn(accept_loop(listener, state));
-        let listeners = self.gateway_listeners.clone();
+        tokio::spawn(accept_loop(listener, state, parts.handing_over.clone()));
+        let listeners = parts.gateway_listeners.clone();
         tokio::select! {
             () = wait_listening(&listeners) => {
                 self.ready.store(true, Ordering::SeqCst);
@@ -91,6 +130,7 @@ struct State {
     metrics: Arc<Metrics>,
     store: BlobStore,
     ready: Arc<AtomicBool>,
+    reloader: Arc<Reloader>,
 }
 
 async fn wait_listening(addrs: &[SocketAddr]) {
@@ -101,16 +141,25 @@ async fn wait_listening(addrs: &[SocketAddr]) {
     }
 }
 
-async fn accept_loop(listener: tokio::net::TcpListener, state: Arc<State>) {
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    state: Arc<State>,
+    mut handing_over: watch::Receiver<bool>,
+) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            // A new process takes the port over; connections already accepted are answered.
+            Ok(_) = handing_over.wait_for(|h| *h) => return,
+        };
+        let Ok((stream, _)) = accepted else {
             continue;
         };
         let state = Arc::clone(&state);
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let state = Arc::clone(&state);
-                async move { Ok::<_, Infallible>(answer(&state, &req)) }
+                async move { Ok::<_, Infallible>(answer(state, req).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -121,7 +170,7 @@ async fn accept_loop(listener: tokio::net::TcpListener, state: Arc<State>) {
     }
 }
 
-fn answer<B>(state: &State, req: &Request<B>) -> Response<Full<Bytes>> {
+async fn answer<B>(state: Arc<State>, req: Request<B>) -> Response<Full<Bytes>> {
     let text = |status: u16, body: String, content_type: &'static str| {
         Response::builder()
             .status(status)
@@ -129,6 +178,28 @@ fn answer<B>(state: &State, req: &Request<B>) -> Response<Full<Bytes>> {
             .body(Full::new(Bytes::from(body)))
             .unwrap_or_default()
     };
+    if req.uri().path() == "/-/reload" {
+        if *req.method() != http::Method::POST {
+            return text(405, "POST only\n".into(), "text/plain");
+        }
+        let reloader = Arc::clone(&state.reloader);
+        let outcome = tokio::task::spawn_blocking(move || reloader.reload(Trigger::Admin)).await;
+        return match outcome {
+            Ok(outcome) => {
+                let status = match outcome.label() {
+                    "ok" => 200,
+                    "invalid" => 422,
+                    _ => 409,
+                };
+                text(
+                    status,
+                    format!("{}\n", outcome.to_json()),
+                    "application/json",
+                )
+            }
+            Err(e) => text(500, format!("reload failed: {e}\n"), "text/plain"),
+        };
+    }
     if !matches!(*req.method(), http::Method::GET | http::Method::HEAD) {
         return text(405, "GET only\n".into(), "text/plain");
     }
@@ -139,13 +210,21 @@ fn answer<B>(state: &State, req: &Request<B>) -> Response<Full<Bytes>> {
             "text/plain; version=0.0.4",
         ),
         "/healthz" => text(200, "ok\n".into(), "text/plain"),
+        "/-/config" => text(
+            200,
+            format!(
+                "{}\n",
+                serde_json::to_string(&state.reloader.in_use()).unwrap_or_default()
+            ),
+            "application/json",
+        ),
         "/readyz" if state.ready.load(Ordering::SeqCst) => {
             text(200, "ready\n".into(), "text/plain")
         }
         "/readyz" => text(503, "not ready\n".into(), "text/plain"),
         _ => text(
             404,
-            "not found: try /metrics, /healthz or /readyz\n".into(),
+            "not found: try /metrics, /healthz, /readyz, /-/config or POST /-/reload\n".into(),
             "text/plain",
         ),
     }

@@ -6,20 +6,25 @@
 
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use pingora::server::configuration::ServerConf;
+use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 
 use crate::config::Config;
-use crate::gateway::Gateway;
+use crate::gateway::{Edge, Gateway};
 use crate::metrics::Metrics;
+pub use reload::{Checked, ConfigSource};
 
 mod admin;
 pub mod dev_certs;
 pub mod proxy_protocol;
+pub mod reload;
 pub mod tls;
+pub mod upgrade;
 
 /// Seconds in-flight requests get after SIGTERM before the runtime is shut down. Pingora sleeps
 /// this long unconditionally (its default is 300), so keep it short and below orchestrators'
@@ -27,11 +32,36 @@ pub mod tls;
 const GRACE_PERIOD_SECS: u64 = 5;
 const SHUTDOWN_TIMEOUT_SECS: u64 = 5;
 
-/// Build the Pingora server for `config`: one gateway service on every plain and TLS listener
-/// (with the PROXY protocol hook when a TLS listener has `proxy_protocol`), the certificate
-/// reloader (always: it owns SIGHUP), and the admin listener. Certificate
-/// problems are errors naming their key (`server.tls[i].certs[j]`).
-pub fn build_server(config: Arc<Config>) -> Result<Server, String> {
+/// What `pullgate serve` starts: a checked config, where it came from, and whether to take
+/// the listening sockets over from a running process (`--upgrade`).
+pub struct Launch {
+    pub checked: Checked,
+    pub source: ConfigSource,
+    pub upgrade: bool,
+}
+
+impl Launch {
+    /// Loads and checks `source` as `pullgate check` would.
+    pub fn load(source: ConfigSource) -> Result<Launch, Vec<String>> {
+        Ok(Launch {
+            checked: reload::load_checked(&source)?,
+            source,
+            upgrade: false,
+        })
+    }
+}
+
+/// Build the Pingora server for a config: one gateway service on every plain and TLS listener
+/// (with the PROXY protocol hook when a TLS listener has `proxy_protocol`), the reload service
+/// (always: it owns SIGHUP), and the admin listener. Certificate problems are errors naming
+/// their key (`server.tls[i].certs[j]`).
+pub fn build_server(launch: Launch) -> Result<Server, String> {
+    let Launch {
+        checked,
+        source,
+        upgrade,
+    } = launch;
+    let config = Arc::new(checked.config);
     let metrics = Arc::new(Metrics::new(config.cache.max_size));
     let tls = config
         .server
@@ -46,9 +76,44 @@ pub fn build_server(config: Arc<Config>) -> Result<Server, String> {
         graceful_shutdown_timeout_seconds: Some(SHUTDOWN_TIMEOUT_SECS),
         ..ServerConf::default()
     };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let run = upgrade::RunDir::create(&config.cache.dir)?;
+    let conf = ServerConf {
+        upgrade_sock: run.upgrade_sock().display().to_string(),
+        pid_file: run.pid_file().display().to_string(),
+        // Pingora polls for the old process once a second; room for a loaded machine.
+        upgrade_sock_connect_accept_max_retries: Some(10),
+        ..conf
+    };
+    let opt = Opt {
+        upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
+    if upgrade {
+        upgrade::signal_old_process(&run)?;
+    }
+    // With --upgrade: blocks until the old process sent its listening sockets (or exits).
     server.bootstrap();
-    let gateway = Gateway::new(config.clone(), metrics.clone())?;
+    let gateway = Arc::new(ArcSwap::from_pointee(Gateway::open(
+        config.clone(),
+        metrics.clone(),
+    )?));
+    run.write_pid();
+    let (handing_over, handing_over_rx) = tokio::sync::watch::channel(false);
+    server.add_service(pingora::services::background::background_service(
+        "hand-over",
+        upgrade::HandOver {
+            phases: std::sync::Mutex::new(Some(server.watch_execution_phase())),
+            store: gateway.load().store(),
+            handing_over,
+        },
+    ));
+    let reloader = Arc::new(reload::Reloader::new(
+        source,
+        gateway.clone(),
+        metrics.clone(),
+        checked.sha256,
+    ));
     if let Some(addr) = config.server.admin_listen {
         let every_listener = config
             .server
@@ -57,16 +122,24 @@ pub fn build_server(config: Arc<Config>) -> Result<Server, String> {
             .copied()
             .chain(config.server.tls.iter().map(|t| t.listen))
             .collect();
-        let admin = admin::Admin::bind(addr, metrics.clone(), gateway.store(), every_listener)?;
+        let parts = admin::Parts {
+            metrics: metrics.clone(),
+            store: gateway.load().store(),
+            gateway_listeners: every_listener,
+            reloader: reloader.clone(),
+            handing_over: handing_over_rx,
+        };
+        let admin = admin::Admin::bind(addr, upgrade, parts)?;
         server.add_service(pingora::services::background::background_service(
             "admin", admin,
         ));
     }
-    let mut service = pingora::proxy::http_proxy_service(&server.configuration, gateway);
+    let hook = proxy_protocol::ProxyProtocol::for_config(&config, metrics.clone(), gateway.clone());
+    let mut service = pingora::proxy::http_proxy_service(&server.configuration, Edge::new(gateway));
     for addr in &config.server.listen {
         service.add_tcp(&addr.to_string());
     }
-    if let Some(hook) = proxy_protocol::ProxyProtocol::for_config(&config, metrics.clone()) {
+    if let Some(hook) = hook {
         // One hook for the whole service: Pingora keeps it per `Listeners`; it looks up the
         // listener of each connection (see `proxy_protocol`).
         service.endpoints().set_pre_tls_callback(Arc::new(hook));
@@ -80,8 +153,11 @@ pub fn build_server(config: Arc<Config>) -> Result<Server, String> {
     // Even with no TLS listener: SIGHUP's default action ends the process, and `systemctl
     // reload` (deploy/systemd/pullgate.service ExecReload) sends it whatever the config is.
     server.add_service(pingora::services::background::background_service(
-        "certificate reloader",
-        tls::CertReloader::new(resolvers),
+        "reloader",
+        reload::ReloadService {
+            certs: tls::CertReloader::new(resolvers),
+            config: reloader,
+        },
     ));
     Ok(server)
 }
@@ -106,10 +182,31 @@ impl ShutdownSignalWatch for StopChannel {
 }
 
 impl RunningGateway {
+    /// Start the config file at `path` in this process, as `pullgate serve -c` would (so it
+    /// reloads too), and wait until every listener accepts connections.
+    pub fn start_file(path: &std::path::Path) -> Result<RunningGateway, String> {
+        let launch = Launch::load(ConfigSource::File(path.to_owned()))
+            .map_err(|errors| errors.join("\n"))?;
+        let config = launch.checked.config.clone();
+        RunningGateway::run(build_server(launch)?, &config)
+    }
+
     /// Start `config` in this process and wait (polling, at most 10 s) until every listener
-    /// accepts connections.
+    /// accepts connections. It has no file to reload from (reloads are refused); use
+    /// [`RunningGateway::start_file`] for that.
     pub fn start(config: Arc<Config>) -> Result<RunningGateway, String> {
-        let server = build_server(config.clone())?;
+        let launch = Launch {
+            checked: Checked {
+                config: (*config).clone(),
+                sha256: String::new(),
+            },
+            source: ConfigSource::Value,
+            upgrade: false,
+        };
+        RunningGateway::run(build_server(launch)?, &config)
+    }
+
+    fn run(server: Server, config: &Config) -> Result<RunningGateway, String> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let watch = StopChannel(tokio::sync::Mutex::new(Some(rx)));
         let thread = std::thread::spawn(move || {

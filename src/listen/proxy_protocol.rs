@@ -22,6 +22,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::listeners::PreTlsProcess;
 use pingora::protocols::l4::stream::Stream as L4Stream;
@@ -30,9 +31,9 @@ use pingora::{Error, ErrorType};
 use tokio::io::AsyncReadExt;
 
 use crate::config::Config;
+use crate::gateway::Gateway;
 use crate::metrics::Metrics;
 use crate::policy::proxy_header::{self, Parsed, ProxyHeader};
-use crate::policy::TrustedProxies;
 
 /// How long a trusted peer has to send its whole header. Load balancers send it at once, with
 /// the connection; a peer that trickles bytes loses its connection, not the listener.
@@ -89,7 +90,9 @@ impl ListenerTable {
 /// The pre-TLS hook of the gateway service.
 pub struct ProxyProtocol {
     listeners: ListenerTable,
-    proxies: TrustedProxies,
+    /// Whether a peer is in `server.trusted_proxies`, asked of the config in use at each
+    /// connection (a reload changes the list for new connections).
+    trusted: Box<dyn Fn(IpAddr) -> bool + Send + Sync>,
     metrics: Arc<Metrics>,
     timeout: Duration,
 }
@@ -97,14 +100,18 @@ pub struct ProxyProtocol {
 impl ProxyProtocol {
     /// The hook for `config`, or `None` when no TLS listener has `proxy_protocol` (then there
     /// is nothing to install and TLS listeners work as before).
-    pub fn for_config(config: &Config, metrics: Arc<Metrics>) -> Option<ProxyProtocol> {
+    pub fn for_config(
+        config: &Config,
+        metrics: Arc<Metrics>,
+        gateway: Arc<ArcSwap<Gateway>>,
+    ) -> Option<ProxyProtocol> {
         let tls = &config.server.tls;
         if !tls.iter().any(|t| t.proxy_protocol) {
             return None;
         }
         Some(ProxyProtocol {
             listeners: ListenerTable::new(tls.iter().map(|t| (t.listen, t.proxy_protocol))),
-            proxies: TrustedProxies::new(&config.server.trusted_proxies),
+            trusted: Box::new(move |ip| gateway.load().trusts_proxy(ip)),
             metrics,
             timeout: HEADER_TIMEOUT,
         })
@@ -141,7 +148,7 @@ impl PreTlsProcess for ProxyProtocol {
             return Ok(());
         }
         let peer = inet(digest.as_ref().and_then(|d| d.peer_addr()));
-        if !peer.is_some_and(|p| self.proxies.contains(p.ip())) {
+        if !peer.is_some_and(|p| (self.trusted)(p.ip())) {
             // Checked before reading a byte: an untrusted peer's header is never looked at.
             return Err(self.reject(peer, "untrusted_peer", "peer not in server.trusted_proxies"));
         }
@@ -238,7 +245,10 @@ mod tests {
         let metrics = Arc::new(Metrics::new(1));
         let hook = ProxyProtocol {
             listeners: ListenerTable::new([(local, true)]),
-            proxies: TrustedProxies::new(&[trusted.parse().unwrap()]),
+            trusted: {
+                let proxies = crate::policy::TrustedProxies::new(&[trusted.parse().unwrap()]);
+                Box::new(move |ip| proxies.contains(ip))
+            },
             metrics: metrics.clone(),
             timeout: Duration::from_secs(5),
         };

@@ -18,8 +18,6 @@ use async_trait::async_trait;
 use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::TlsAccept;
 use pingora::protocols::tls::TlsRef;
-use pingora::server::ShutdownWatch;
-use pingora::services::background::BackgroundService;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::danger::ClientCertVerifier;
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
@@ -457,8 +455,8 @@ impl TlsAccept for ClientIdentity {
 // ---------------------------------------------------------------------------------------------
 // Reloading
 
-/// The background task that re-reads certificates: every [`POLL_INTERVAL`] the files whose
-/// modification time, size or inode changed, and on SIGHUP all of them.
+/// Re-reads certificates: on each poll ([`POLL_INTERVAL`], driven by the reload service) the
+/// files whose modification time, size or inode changed, and on SIGHUP all of them.
 pub struct CertReloader {
     resolvers: Vec<Arc<CertResolver>>,
 }
@@ -468,7 +466,12 @@ impl CertReloader {
         CertReloader { resolvers }
     }
 
-    fn refresh_all(&self, force: bool) {
+    /// How many TLS listeners it looks after.
+    pub fn listeners(&self) -> usize {
+        self.resolvers.len()
+    }
+
+    pub fn refresh_all(&self, force: bool) {
         if force && self.resolvers.is_empty() {
             tracing::info!("SIGHUP: no [[server.tls]] listener, nothing to reload");
         }
@@ -476,44 +479,6 @@ impl CertReloader {
             let report = resolver.refresh(force);
             if force && report.reloaded.is_empty() && report.failed.is_empty() {
                 tracing::info!(listener = resolver.listener(), "no certificate to reload");
-            }
-        }
-    }
-}
-
-#[async_trait]
-impl BackgroundService for CertReloader {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut hangup = match signal(SignalKind::hangup()) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                tracing::warn!("SIGHUP will not reload certificates: {e}");
-                None
-            }
-        };
-        tracing::info!(
-            listeners = self.resolvers.len(),
-            poll_seconds = POLL_INTERVAL.as_secs(),
-            sighup = hangup.is_some(),
-            "certificate reloader started"
-        );
-        let mut tick = tokio::time::interval(POLL_INTERVAL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            let hup = async {
-                match hangup.as_mut() {
-                    Some(s) => s.recv().await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = shutdown.changed() => return,
-                _ = tick.tick() => self.refresh_all(false),
-                Some(()) = hup => {
-                    tracing::info!("SIGHUP: re-reading every certificate");
-                    self.refresh_all(true);
-                }
             }
         }
     }

@@ -75,12 +75,17 @@ impl Layout {
         Ok((file, path))
     }
 
-    /// Deletes every leftover temp file (fills cut by a crash or a restart). Returns how many.
+    /// Deletes every leftover temp file (fills cut by a crash or a restart), except those of
+    /// another living process (a binary upgrade shares the cache with the old process while
+    /// its fills finish). Returns how many were deleted.
     pub(crate) fn clear_tmp(&self) -> io::Result<u64> {
         let mut removed = 0;
         for entry in fs::read_dir(&self.tmp)? {
             let entry = entry?;
             let path = entry.path();
+            if temp_owner(&entry.file_name().to_string_lossy()).is_some_and(is_other_live_process) {
+                continue;
+            }
             let result = if entry.file_type()?.is_dir() {
                 fs::remove_dir_all(&path)
             } else {
@@ -94,6 +99,17 @@ impl Layout {
             }
         }
         Ok(removed)
+    }
+
+    /// A temp file of a fill of `hex` run by another living process, if there is one.
+    pub(crate) fn foreign_fill(&self, hex: &str) -> Option<PathBuf> {
+        let prefix = format!("{hex}.");
+        fs::read_dir(&self.tmp).ok()?.flatten().find_map(|entry| {
+            let name = entry.file_name();
+            let name = name.to_str()?;
+            let owner = temp_owner(name.strip_prefix(&prefix).map(|_| name)?)?;
+            is_other_live_process(owner).then(|| entry.path())
+        })
     }
 
     /// Every committed blob as `(hex, size, mtime)`. Names that are not a 64-hex digest in the
@@ -144,6 +160,21 @@ fn scan_shard(
         found.push((hex.to_owned(), meta.len(), mtime));
     }
     Ok(())
+}
+
+/// The process id in a temp file name (`<hex>.<pid>-<n>`, see [`Layout::create_temp`]).
+fn temp_owner(name: &str) -> Option<u32> {
+    let (_, rest) = name.split_once('.')?;
+    let (pid, _) = rest.split_once('-')?;
+    pid.parse().ok()
+}
+
+/// Another running pullgate (its command name), not this process: a reused pid that belongs
+/// to something else does not keep a dead fill's temp file.
+fn is_other_live_process(pid: u32) -> bool {
+    pid != std::process::id()
+        && fs::read_to_string(format!("/proc/{pid}/comm"))
+            .is_ok_and(|comm| comm.starts_with("pullgate"))
 }
 
 /// 64 lowercase hex characters: the only file names indexed as blobs.

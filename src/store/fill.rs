@@ -13,6 +13,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -547,7 +548,7 @@ impl FillTask {
 
     /// Hands chunks to the pipeline until the body ends or breaks.
     async fn copy(&mut self, body: &mut BoxStream<'static, ChunkResult>) -> Result<(), Stop> {
-        let stall = self.shared.policy.stall_timeout;
+        let stall = Duration::from_millis(self.shared.stall_timeout_ms.load(Ordering::Relaxed));
         loop {
             match tokio::time::timeout(stall, body.next()).await {
                 Err(_) => return Err(Stop::Broken(format!("no data for {stall:?}"))),

@@ -12,8 +12,9 @@
 //! and make the next pull fetch it again.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::time::SystemTime;
 
 use moka::notification::RemovalCause;
 use moka::policy::EvictionPolicy;
@@ -30,29 +31,64 @@ struct Counters {
     entries: AtomicU64,
     bytes: AtomicU64,
     evictions: AtomicU64,
+    /// Set while another process takes over the cache (a binary upgrade): evictions still
+    /// leave the index but no longer delete files, which the new process may have indexed.
+    keep_files: AtomicBool,
 }
 
 /// `hex -> size` of every committed sha256 blob, bounded by the store's `max_size`.
-#[derive(Clone)]
 pub(crate) struct Index {
-    cache: Cache<String, u64>,
+    /// Swapped whole by [`Index::resize`] (moka's capacity is fixed per cache).
+    cache: RwLock<Cache<String, u64>>,
     counters: Arc<Counters>,
+    layout: Layout,
 }
 
 impl Index {
     /// An empty index whose evictions delete files under `layout`.
     pub(crate) fn new(layout: Layout, max_size: u64) -> Index {
         let counters = Arc::new(Counters::default());
-        let listener_counters = Arc::clone(&counters);
-        let cache = Cache::builder()
-            .eviction_policy(EvictionPolicy::lru())
-            .max_capacity(max_size / WEIGHT_UNIT)
-            .weigher(|_hex: &String, size: &u64| weight(*size))
-            .eviction_listener(move |hex: Arc<String>, size: u64, cause| {
-                on_removal(&layout, &listener_counters, &hex, size, cause);
+        let cache = build_cache(&layout, &counters, max_size);
+        Index {
+            cache: RwLock::new(cache),
+            counters,
+            layout,
+        }
+    }
+
+    fn cache(&self) -> RwLockReadGuard<'_, Cache<String, u64>> {
+        // Nothing panics while holding this lock; recover rather than panic if it did.
+        self.cache.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A new size bound (`cache.max_size` changed on a reload). Entries move to a cache of the
+    /// new capacity oldest file first, the order a restart would rebuild them in, so a
+    /// smaller bound evicts (and deletes) the least recently written blobs now.
+    pub(crate) fn resize(&self, max_size: u64) {
+        let mut slot = self.cache.write().unwrap_or_else(|e| e.into_inner());
+        let mut entries: Vec<(SystemTime, String, u64)> = slot
+            .iter()
+            .map(|(hex, size)| {
+                let mtime = std::fs::metadata(self.layout.blob_path(&hex))
+                    .and_then(|m| m.modified())
+                    .unwrap_or(SystemTime::UNIX_EPOCH);
+                (mtime, (*hex).clone(), size)
             })
-            .build();
-        Index { cache, counters }
+            .collect();
+        entries.sort();
+        let resized = build_cache(&self.layout, &self.counters, max_size);
+        for (_, hex, size) in entries {
+            // Moved, not new: the counters already include them (evictions subtract).
+            resized.insert(hex, size);
+        }
+        resized.run_pending_tasks();
+        // The old cache is dropped without notifications: no file is deleted for the move.
+        *slot = resized;
+    }
+
+    /// From now on, evictions forget blobs but keep their files (see `Counters::keep_files`).
+    pub(crate) fn keep_files(&self) {
+        self.counters.keep_files.store(true, Ordering::SeqCst);
     }
 
     /// Records a committed blob. Call only after the file is renamed into place (invariant 3).
@@ -61,29 +97,32 @@ impl Index {
         self.counters.bytes.fetch_add(size, Ordering::Relaxed);
         // A replaced entry comes back through the listener (RemovalCause::Replaced), which
         // subtracts the old size: the counters stay exact.
-        self.cache.insert(hex, size);
+        self.cache().insert(hex, size);
     }
 
     /// [`Index::insert`] for a fill's commit. moka batches evictions; applying them at every
     /// commit keeps the disk under `max_size` now rather than at some later cache operation.
     pub(crate) fn commit(&self, hex: String, size: u64) {
-        self.insert(hex, size);
-        self.cache.run_pending_tasks();
+        let cache = self.cache();
+        self.counters.entries.fetch_add(1, Ordering::Relaxed);
+        self.counters.bytes.fetch_add(size, Ordering::Relaxed);
+        cache.insert(hex, size);
+        cache.run_pending_tasks();
     }
 
     /// The size of a committed blob, marking it recently used.
     pub(crate) fn get(&self, hex: &str) -> Option<u64> {
-        self.cache.get(hex)
+        self.cache().get(hex)
     }
 
     /// Forgets an entry without deleting its file (e.g. the file vanished behind our back).
     pub(crate) fn invalidate(&self, hex: &str) {
-        self.cache.invalidate(hex);
+        self.cache().invalidate(hex);
     }
 
     /// Applies pending evictions now (moka batches them); tests call it for determinism.
     pub(crate) fn run_pending_tasks(&self) {
-        self.cache.run_pending_tasks();
+        self.cache().run_pending_tasks();
     }
 
     pub(crate) fn entries(&self) -> u64 {
@@ -99,6 +138,20 @@ impl Index {
     }
 }
 
+/// A moka LRU bounded to `max_size` whose size evictions delete their files under `layout`.
+fn build_cache(layout: &Layout, counters: &Arc<Counters>, max_size: u64) -> Cache<String, u64> {
+    let layout = layout.clone();
+    let counters = Arc::clone(counters);
+    Cache::builder()
+        .eviction_policy(EvictionPolicy::lru())
+        .max_capacity(max_size / WEIGHT_UNIT)
+        .weigher(|_hex: &String, size: &u64| weight(*size))
+        .eviction_listener(move |hex: Arc<String>, size: u64, cause| {
+            on_removal(&layout, &counters, &hex, size, cause);
+        })
+        .build()
+}
+
 /// KiB, rounded up, at least 1 (an empty blob still occupies an entry), at most `u32::MAX`.
 fn weight(size: u64) -> u32 {
     let kib = size.div_ceil(WEIGHT_UNIT).max(1);
@@ -112,6 +165,9 @@ fn on_removal(layout: &Layout, counters: &Counters, hex: &str, size: u64, cause:
         return;
     }
     counters.evictions.fetch_add(1, Ordering::Relaxed);
+    if counters.keep_files.load(Ordering::SeqCst) {
+        return;
+    }
     // Readers holding the file open keep reading: unlink only removes the name.
     let path: PathBuf = layout.blob_path(hex);
     match std::fs::remove_file(&path) {

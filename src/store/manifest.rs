@@ -93,10 +93,21 @@ pub struct ManifestStore {
     tmp: PathBuf,
     hot: moka::sync::Cache<Digest, Arc<CachedManifest>>,
     hot_tags: moka::sync::Cache<TagKey, TagEntry>,
-    /// `None` when `negative_ttl` is zero.
-    missing: Option<moka::sync::Cache<String, ()>>,
+    /// `None` when `negative_ttl` is zero. Replaced whole when a reload changes it.
+    missing: std::sync::RwLock<Option<moka::sync::Cache<String, ()>>>,
+    negative_ttl: std::sync::Mutex<Duration>,
     stored: AtomicU64,
     negative_hits: AtomicU64,
+}
+
+/// The cache of remembered upstream 404s; `None` when `ttl` is zero.
+fn missing_cache(ttl: Duration) -> Option<moka::sync::Cache<String, ()>> {
+    (!ttl.is_zero()).then(|| {
+        moka::sync::Cache::builder()
+            .max_capacity(100_000)
+            .time_to_live(ttl)
+            .build()
+    })
 }
 
 impl ManifestStore {
@@ -114,12 +125,8 @@ impl ManifestStore {
                 })
                 .build(),
             hot_tags: moka::sync::Cache::builder().max_capacity(HOT_TAGS).build(),
-            missing: (!negative_ttl.is_zero()).then(|| {
-                moka::sync::Cache::builder()
-                    .max_capacity(100_000)
-                    .time_to_live(negative_ttl)
-                    .build()
-            }),
+            missing: std::sync::RwLock::new(missing_cache(negative_ttl)),
+            negative_ttl: std::sync::Mutex::new(negative_ttl),
             stored: AtomicU64::new(0),
             negative_hits: AtomicU64::new(0),
         };
@@ -229,16 +236,33 @@ impl ManifestStore {
         let _ = fs::remove_file(self.tag_path(key));
     }
 
+    /// A new `negative_ttl` (a reload). Remembered 404s are dropped when it changes: the next
+    /// request asks the upstream again, which is always safe.
+    pub fn set_negative_ttl(&self, ttl: Duration) {
+        let mut current = self.negative_ttl.lock().unwrap_or_else(|e| e.into_inner());
+        if *current != ttl {
+            *current = ttl;
+            *self.missing.write().unwrap_or_else(|e| e.into_inner()) = missing_cache(ttl);
+        }
+    }
+
+    fn missing(&self) -> Option<moka::sync::Cache<String, ()>> {
+        self.missing
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Remembers that the upstream answered 404 for `what` (for `negative_ttl`).
     pub fn remember_missing(&self, what: String) {
-        if let Some(missing) = &self.missing {
+        if let Some(missing) = self.missing() {
             missing.insert(what, ());
         }
     }
 
     /// True while an upstream 404 for `what` is remembered.
     pub fn known_missing(&self, what: &str) -> bool {
-        let hit = self.missing.as_ref().is_some_and(|m| m.contains_key(what));
+        let hit = self.missing().is_some_and(|m| m.contains_key(what));
         if hit {
             self.negative_hits.fetch_add(1, Ordering::Relaxed);
         }
@@ -247,7 +271,7 @@ impl ManifestStore {
 
     /// Forgets a remembered 404 (a push created the manifest).
     pub fn forget_missing(&self, what: &str) {
-        if let Some(missing) = &self.missing {
+        if let Some(missing) = self.missing() {
             missing.invalidate(what);
         }
     }

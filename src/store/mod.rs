@@ -14,6 +14,7 @@
 
 mod disk;
 mod fill;
+mod handover;
 mod index;
 mod links;
 mod manifest;
@@ -146,6 +147,8 @@ pub(crate) struct Shared {
     inflight: Mutex<HashMap<String, Arc<Fill>>>,
     next_fill_id: AtomicU64,
     pub(crate) policy: FillPolicy,
+    /// `policy.stall_timeout`, changeable while serving ([`BlobStore::set_stall_timeout`]).
+    pub(crate) stall_timeout_ms: AtomicU64,
     pub(crate) counters: FillCounters,
 }
 
@@ -207,6 +210,9 @@ impl BlobStore {
             index,
             inflight: Mutex::new(HashMap::new()),
             next_fill_id: AtomicU64::new(1),
+            stall_timeout_ms: AtomicU64::new(
+                u64::try_from(policy.stall_timeout.as_millis()).unwrap_or(u64::MAX),
+            ),
             policy,
             counters: FillCounters::default(),
         };
@@ -269,6 +275,25 @@ impl BlobStore {
         if let Some(blob) = self.lookup(digest) {
             return Fill::committed(digest, blob);
         }
+        // A blob committed by another process on this cache (the old one, during an upgrade)
+        // after this one indexed the directory: the fill re-verifies it from disk.
+        let source = match shared.layout.foreign_fill(hex) {
+            Some(temp) => Arc::new(handover::AfterOtherProcess::new(
+                digest.clone(),
+                shared.layout.blob_path(hex),
+                temp,
+                shared.policy.stall_timeout,
+                source,
+            )) as Arc<dyn BlobSource>,
+            None if shared.layout.blob_path(hex).exists() => {
+                Arc::new(handover::AfterOtherProcess::committed(
+                    digest.clone(),
+                    shared.layout.blob_path(hex),
+                    source,
+                ))
+            }
+            None => source,
+        };
         let (file, temp) = match shared.layout.create_temp(hex) {
             Ok(created) => created,
             Err(e) => {
@@ -301,6 +326,25 @@ impl BlobStore {
             fills_invalid: shared.counters.invalid.get(),
             fills_storage: shared.counters.storage.get(),
         }
+    }
+
+    /// A new `cache.max_size` (a reload): shrinking evicts down to it now.
+    pub fn set_max_size(&self, max_size: u64) {
+        self.shared.index.resize(max_size);
+    }
+
+    /// A new `cache.fill_stall_timeout` (a reload), for fills that start from now on.
+    pub fn set_stall_timeout(&self, timeout: Duration) {
+        self.shared.stall_timeout_ms.store(
+            u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Another process is taking this cache over (a binary upgrade): from now on this one
+    /// never deletes a committed blob, which the new process may already have indexed.
+    pub fn hand_over(&self) {
+        self.shared.index.keep_files();
     }
 
     /// Applies moka's batched index maintenance (evictions) now. For tests and shutdown.

@@ -1,7 +1,5 @@
 //! Starting pullgate in-process for a test, with a config written the way users write theirs.
 
-use std::sync::Arc;
-
 use pullgate::RunningGateway;
 
 use crate::support::{free_port, Upstream};
@@ -63,9 +61,11 @@ impl Gateway {
         );
         // Also on disk, for the binary's commands that read a config (`client-config`).
         std::fs::write(dir.path().join("pullgate.toml"), &text).expect("write config");
-        let config = pullgate::config::load_str(&text, dir.path())
+        // Validated here first for a readable failure; the gateway then loads the file.
+        pullgate::config::load_str(&text, dir.path())
             .unwrap_or_else(|e| panic!("test config invalid:\n{e}\n---\n{text}"));
-        let running = RunningGateway::start(Arc::new(config)).expect("gateway starts");
+        let running =
+            RunningGateway::start_file(&dir.path().join("pullgate.toml")).expect("gateway starts");
         Gateway {
             port,
             admin_port,

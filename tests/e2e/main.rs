@@ -26,6 +26,7 @@ mod proxy_protocol;
 mod pull;
 mod push;
 mod redirects;
+mod reload;
 mod routing;
 mod soak;
 mod tls;

@@ -701,7 +701,15 @@ fn tls_certificate_errors_name_the_key_at_start_and_in_check() {
         dir.path().join("cache").display()
     );
     let config = pullgate::config::load_str(&text, dir.path()).expect("the files exist");
-    let err = pullgate::build_server(Arc::new(config))
+    let launch = pullgate::listen::Launch {
+        checked: pullgate::listen::Checked {
+            config,
+            sha256: String::new(),
+        },
+        source: pullgate::listen::ConfigSource::Value,
+        upgrade: false,
+    };
+    let err = pullgate::build_server(launch)
         .err()
         .expect("a key that is not the certificate's");
     assert!(err.contains("server.tls[0].certs[1]"), "{err}");
