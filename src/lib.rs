@@ -3,13 +3,15 @@
 //! A request travels top to bottom through the modules below (DESIGN.md, "The way a request
 //! travels"): `listen` accepts it, `gateway` (the Pingora edge) parses it with `oci`, routes it
 //! with `route`, and answers it from `store` (blobs) or through `upstream`; `config` is loaded
-//! once at start.
+//! at start and again on every reload (`listen::reload`), each time into a new immutable
+//! `gateway::Gateway` snapshot. ARCHITECTURE.md walks through all of it.
 //!
 //! Dependency rule: `oci`, `secret` and `sign` (signed data-endpoint URLs) depend on nothing
 //! else in the crate; `config` only on `secret` and `sign` (to check a key file at load);
 //! `route` depends only on `oci` and the config model; `policy` only on `oci`, the config model
 //! and `secret`; `store` only on `oci`; `metrics` only reads the store's counters, and any module
-//! may record into the `Metrics` handle it is given; `upstream` on `oci`, `config`, `secret`
+//! may record into the `Metrics` handle it is given; `audit` only on the config model;
+//! `upstream` on `oci`, `config`, `secret`
 //! and `metrics`; `client_config` only on the config model; only `gateway` and `listen` (and
 //! this file) touch Pingora.
 

@@ -1,9 +1,11 @@
-//! The edge: the only `impl ProxyHttp`, where Pingora's `Session` meets pullgate.
+//! The edge: the only `impl ProxyHttp` ([`Edge`]), where Pingora's `Session` meets pullgate,
+//! and the config snapshot every request runs on ([`Gateway`]).
 //!
-//! Every registry request is answered from `request_filter` (the `Ok(true)` contract): parse the
-//! path, route, ask the upstream through `UpstreamClient`, write the answer. Nothing reaches
-//! Pingora's proxy path yet, so `upstream_peer` only refuses. The hooks stay short; the work
-//! lives in `serve.rs` (what to ask and answer) and `respond.rs` (how bytes are written).
+//! Pulls are answered from `request_filter` (the `Ok(true)` contract): parse the path, route,
+//! decide, answer from the store or through `UpstreamClient`. Pushes are planned there and then
+//! go through Pingora's proxy path (`upstream_peer` and the filters below), with credentials
+//! injected. The hooks stay short; the work lives in `serve.rs` (what to ask and answer) and
+//! `respond.rs` (how bytes are written).
 
 mod access;
 mod blob;

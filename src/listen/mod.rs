@@ -94,6 +94,9 @@ pub fn build_server(launch: Launch) -> Result<Server, String> {
     }
     // With --upgrade: blocks until the old process sent its listening sockets (or exits).
     server.bootstrap();
+    if upgrade {
+        upgrade::notify_main_pid();
+    }
     let gateway = Arc::new(ArcSwap::from_pointee(Gateway::open(
         config.clone(),
         metrics.clone(),
@@ -157,6 +160,11 @@ pub fn build_server(launch: Launch) -> Result<Server, String> {
         reload::ReloadService {
             certs: tls::CertReloader::new(resolvers),
             config: reloader,
+            // Only the pullgate binary restarts itself (not a test binary serving in-process).
+            exe: std::env::current_exe().ok().filter(|exe| {
+                exe.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("pullgate"))
+            }),
         },
     ));
     Ok(server)

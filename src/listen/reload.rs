@@ -77,10 +77,12 @@ pub fn load_checked(source: &ConfigSource) -> Result<Checked, Vec<String>> {
                 .map(str::to_owned)
                 .collect::<Vec<_>>()
         })?,
-        ConfigSource::Value => return Err(vec![
+        ConfigSource::Value => {
+            return Err(vec![
             "config: this gateway was started from a config value, not a file: nothing to reload"
                 .into(),
-        ]),
+        ])
+        }
     };
     let tls_errors = tls::check_files(&config.server.tls);
     if !tls_errors.is_empty() {
@@ -325,12 +327,15 @@ impl Reloader {
     }
 }
 
-/// The background service that owns SIGHUP: it re-reads every certificate and the config.
+/// The background service that owns SIGHUP (re-read every certificate and the config) and
+/// SIGUSR2 (start the binary again with `--upgrade`, see `upgrade.rs`).
 /// Between signals it polls the config file ([`CONFIG_POLL_INTERVAL`]) and the certificate
 /// files ([`tls::POLL_INTERVAL`]).
 pub struct ReloadService {
     pub certs: CertReloader,
     pub config: Arc<Reloader>,
+    /// The binary this process was started from (SIGUSR2 starts it with `--upgrade`).
+    pub exe: Option<PathBuf>,
 }
 
 impl ReloadService {
@@ -351,6 +356,13 @@ impl BackgroundService for ReloadService {
                 None
             }
         };
+        let mut usr2 = match signal(SignalKind::user_defined2()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!("SIGUSR2 will not start an upgrade: {e}");
+                None
+            }
+        };
         tracing::info!(
             config = %self.config.source.describe(),
             tls_listeners = self.certs.listeners(),
@@ -368,6 +380,12 @@ impl BackgroundService for ReloadService {
                     None => std::future::pending().await,
                 }
             };
+            let upgrade = async {
+                match usr2.as_mut() {
+                    Some(s) => s.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = shutdown.changed() => return,
                 _ = cert_tick.tick() => self.certs.refresh_all(false),
@@ -381,6 +399,10 @@ impl BackgroundService for ReloadService {
                     self.certs.refresh_all(true);
                     self.reload(Trigger::Signal).await;
                 }
+                Some(()) = upgrade => match &self.exe {
+                    Some(exe) => super::upgrade::spawn_successor(exe, self.config.source.path()),
+                    None => tracing::error!("SIGUSR2: the path of this binary is unknown; run `pullgate serve --upgrade` by hand"),
+                },
             }
         }
     }

@@ -134,6 +134,50 @@ pub fn signal_old_process(run: &RunDir) -> Result<(), String> {
     Ok(())
 }
 
+/// SIGUSR2: start `exe serve --upgrade` as a child of this process, so it runs in the same
+/// service (systemd cgroup) and takes the sockets over; this process then drains and exits.
+/// `exe` is the path this process was started from, read at start: a binary replaced on disk
+/// since then is the one that runs.
+pub fn spawn_successor(exe: &Path, config: Option<&Path>) {
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("serve").arg("--upgrade");
+    if let Some(path) = config {
+        cmd.arg("-c").arg(path);
+    }
+    match cmd.spawn() {
+        Ok(child) => {
+            tracing::info!(pid = child.id(), exe = %exe.display(), "SIGUSR2: started the new process to hand over to")
+        }
+        Err(e) => {
+            tracing::error!(exe = %exe.display(), error = %e, "SIGUSR2: cannot start the new process; still serving")
+        }
+    }
+}
+
+/// Tells systemd this process is now the service's main process (`MAINPID=`), when it runs
+/// under a unit with `NotifyAccess=all` (which sets `NOTIFY_SOCKET`). Without it systemd would
+/// count the old process's exit as the service's end.
+pub fn notify_main_pid() {
+    let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let message = format!("MAINPID={}\nREADY=1\n", std::process::id());
+    let sent = std::os::unix::net::UnixDatagram::unbound().and_then(|sock| {
+        let bytes = socket.as_encoded_bytes();
+        if let Some(name) = bytes.strip_prefix(b"@") {
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+            sock.send_to_addr(message.as_bytes(), &addr)
+        } else {
+            sock.send_to(message.as_bytes(), &socket)
+        }
+    });
+    match sent {
+        Ok(_) => tracing::info!("told systemd this process is the service's main process now"),
+        Err(e) => tracing::warn!(error = %e, "cannot notify systemd of the new main process"),
+    }
+}
+
 /// Watches Pingora's execution phase: when this process starts handing its sockets to a new
 /// one, it stops deleting blob files and lets go of the admin port (so the new process can
 /// bind it).

@@ -24,8 +24,8 @@
 //!    source, so credentials never reduce access.
 //! 4. **Push role.** When any `[[identity]]` is configured, a push needs an identity with the
 //!    `push` role. With no identity configured at all, `push = true` plus the network rule is
-//!    the whole gate (the private-endpoint case: the VPC is the boundary); `pullgate check`
-//!    should flag that combination.
+//!    the whole gate (the private-endpoint case: the VPC is the boundary, so `pullgate check`
+//!    does not warn about it).
 //! 5. **Repositories.** `deny_repositories` first: any match denies. Then, when `repositories`
 //!    is not empty, the repository must match one of them. These hold for identities too.
 //!    Network comes before repositories so that a caller outside the network learns nothing

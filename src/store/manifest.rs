@@ -100,6 +100,9 @@ pub struct ManifestStore {
     negative_hits: AtomicU64,
 }
 
+/// Age past which a manifest temp file is a crash's leftover.
+const STALE_TEMP: Duration = Duration::from_secs(60);
+
 /// The cache of remembered upstream 404s; `None` when `ttl` is zero.
 fn missing_cache(ttl: Duration) -> Option<moka::sync::Cache<String, ()>> {
     (!ttl.is_zero()).then(|| {
@@ -133,8 +136,16 @@ impl ManifestStore {
         for dir in [&store.manifests, &store.tags, &store.tmp] {
             fs::create_dir_all(dir)?;
         }
-        for entry in fs::read_dir(&store.tmp)? {
-            fs::remove_file(entry?.path())?;
+        // Temp files a crash left behind. Recent ones may belong to another pullgate on this
+        // cache (a binary upgrade): its writes take milliseconds, so only old files go.
+        for entry in fs::read_dir(&store.tmp)?.flatten() {
+            let stale = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().unwrap_or_default() > STALE_TEMP);
+            if stale {
+                let _ = fs::remove_file(entry.path());
+            }
         }
         Ok(store)
     }

@@ -265,17 +265,7 @@ impl BlobStore {
         };
         let shared = &self.shared;
         let hex = digest.hex();
-        let mut map = shared.inflight();
-        if let Some(fill) = map.get(hex) {
-            shared.counters.joined.inc();
-            return Arc::clone(fill);
-        }
-        // Invariant 4: a fill indexes its blob BEFORE it leaves this map, and we look under the
-        // map's lock, so a request racing a commit finds the blob here or joins above.
-        if let Some(blob) = self.lookup(digest) {
-            return Fill::committed(digest, blob);
-        }
-        // A blob committed by another process on this cache (the old one, during an upgrade)
+        // Looked at before taking the map's lock (it reads `tmp/`). A blob committed by another process on this cache (the old one, during an upgrade)
         // after this one indexed the directory: the fill re-verifies it from disk.
         let source = match shared.layout.foreign_fill(hex) {
             Some(temp) => Arc::new(handover::AfterOtherProcess::new(
@@ -294,6 +284,17 @@ impl BlobStore {
             }
             None => source,
         };
+        let mut map = shared.inflight();
+        if let Some(fill) = map.get(hex) {
+            shared.counters.joined.inc();
+            return Arc::clone(fill);
+        }
+        // Invariant 4: a fill indexes its blob BEFORE it leaves this map, and we look under the
+        // map's lock, so a request racing a commit finds the blob here or joins above.
+        if let Some(blob) = self.lookup(digest) {
+            return Fill::committed(digest, blob);
+        }
+
         let (file, temp) = match shared.layout.create_temp(hex) {
             Ok(created) => created,
             Err(e) => {

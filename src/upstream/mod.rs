@@ -32,7 +32,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// No byte for this long from the upstream ends the request.
 const READ_TIMEOUT: Duration = Duration::from_secs(60);
 const TOKEN_TIMEOUT: Duration = Duration::from_secs(30);
-/// The only credential name until scoped credentials arrive (token cache key part).
+/// The credential part of token cache keys: each client holds one credential (scoped
+/// credentials get a client of their own, see `gateway::Gateway`).
 const DEFAULT_CREDENTIAL: &str = "default";
 
 /// A request for the upstream, in the upstream's own names.

@@ -30,3 +30,4 @@ mod reload;
 mod routing;
 mod soak;
 mod tls;
+mod upgrade;

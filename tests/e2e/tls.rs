@@ -860,8 +860,8 @@ fn tls_sighup_rereads_every_certificate_in_the_running_binary() {
     let pid = guard.id().expect("pid");
     let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
     // Until the reloader has its SIGHUP handler, SIGHUP would end the process.
-    wait_until(Duration::from_secs(10), "the certificate reloader", || {
-        read_log().contains("certificate reloader started")
+    wait_until(Duration::from_secs(10), "the reloader", || {
+        read_log().contains("reloader started")
     })
     .expect("reloader started");
     wait_until(Duration::from_secs(10), "the TLS listener", || {
