@@ -575,3 +575,47 @@ fn request_host(req: &pingora::http::RequestHeader) -> Option<&str> {
         .and_then(|h| h.to_str().ok())
         .or_else(|| req.uri.authority().map(|a| a.as_str()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &std::path::Path, password: &str, zones: &str) -> Arc<Config> {
+        let text = format!(
+            "[server]\nlisten = [\"127.0.0.1:5000\"]\naudit_log = \"{}\"\n[cache]\ndir = \"{}\"\n{zones}\n\
+             [[registry]]\nname = \"a\"\nupstream = \"https://a.example\"\nhosts = [\"a.internal\"]\n\
+             credentials = {{ username = \"u\", password = \"{password}\" }}\n\
+             [[registry]]\nname = \"b\"\nupstream = \"https://b.example\"\nhosts = [\"b.internal\"]\n",
+            dir.join("audit.log").display(),
+            dir.join("cache").display()
+        );
+        Arc::new(crate::config::load_str(&text, dir).expect("valid config"))
+    }
+
+    #[test]
+    fn a_reload_carries_over_the_upstream_clients_whose_settings_did_not_change() {
+        crate::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new(1 << 30));
+        let first = Gateway::open(config(dir.path(), "one", ""), metrics).unwrap();
+        let same = |a: &Gateway, b: &Gateway, name: &str| {
+            Arc::ptr_eq(&a.upstreams[name], &b.upstreams[name])
+        };
+
+        // A policy edit: every client (tokens, challenge, connections) carried over.
+        let zoned = first
+            .next(config(
+                dir.path(),
+                "one",
+                "[zones]\nvpc = [\"10.0.0.0/8\"]\n",
+            ))
+            .unwrap();
+        assert!(same(&first, &zoned, "a") && same(&first, &zoned, "b"));
+        assert!(Arc::ptr_eq(&first.manifests, &zoned.manifests), "one cache");
+
+        // A rotated password: a new client for that registry only.
+        let rotated = zoned.next(config(dir.path(), "two", "")).unwrap();
+        assert!(!same(&zoned, &rotated, "a"));
+        assert!(same(&zoned, &rotated, "b"));
+    }
+}

@@ -662,6 +662,98 @@ async fn filling_beyond_max_size_evicts_oldest() {
     assert_eq!(store.stats().entries, 1);
 }
 
+#[tokio::test]
+async fn a_smaller_max_size_on_a_running_store_evicts_the_oldest_now() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(dir.path(), 1 << 30);
+    let blobs: Vec<Bytes> = (0..4).map(|i| blob_bytes(30 * 1024, 40 + i)).collect();
+    for (i, data) in blobs.iter().enumerate() {
+        let fill = store.fill_or_join(&digest_of(data), Arc::new(FakeSource::new(data)));
+        fill.wait_done().await.unwrap();
+        // Distinct write times: the resize keeps the newest files.
+        let path = dir
+            .path()
+            .join("blobs/sha256")
+            .join(&digest_of(data).hex()[..2])
+            .join(digest_of(data).hex());
+        let mtime = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + i as u64);
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+    }
+    store.set_max_size(70 * 1024);
+    let stats = store.stats();
+    assert_eq!((stats.entries, stats.bytes), (2, 60 * 1024), "{stats:?}");
+    assert_eq!(stats.evictions, 2);
+    assert_eq!(files_under(&dir.path().join("blobs")).len(), 2);
+    assert!(store.lookup(&digest_of(&blobs[0])).is_none());
+    assert!(store.lookup(&digest_of(&blobs[3])).is_some());
+
+    // Growing again evicts nothing, and new fills count against the new bound.
+    store.set_max_size(1 << 30);
+    let extra = blob_bytes(30 * 1024, 99);
+    let fill = store.fill_or_join(&digest_of(&extra), Arc::new(FakeSource::new(&extra)));
+    fill.wait_done().await.unwrap();
+    assert_eq!(store.stats().entries, 3);
+}
+
+#[tokio::test]
+async fn after_a_hand_over_evictions_keep_the_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(dir.path(), 40 * 1024);
+    store.hand_over();
+    for i in 0..3 {
+        let data = blob_bytes(30 * 1024, 60 + i);
+        let fill = store.fill_or_join(&digest_of(&data), Arc::new(FakeSource::new(&data)));
+        fill.wait_done().await.unwrap();
+        store.run_pending_tasks();
+    }
+    assert_eq!(
+        store.stats().entries,
+        1,
+        "the index still keeps to its bound"
+    );
+    assert_eq!(
+        files_under(&dir.path().join("blobs")).len(),
+        3,
+        "but the new process may have indexed the files: none deleted"
+    );
+}
+
+#[tokio::test]
+async fn a_blob_another_process_committed_is_taken_from_disk_after_checking_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(dir.path(), 1 << 30);
+    let data = blob_bytes(50_000, 70);
+    let digest = digest_of(&data);
+    // As the old process of an upgrade would leave it: committed after this store's scan.
+    let shard = dir.path().join("blobs/sha256").join(&digest.hex()[..2]);
+    std::fs::create_dir_all(&shard).unwrap();
+    std::fs::write(shard.join(digest.hex()), &data).unwrap();
+    let source = Arc::new(FakeSource::new(&data));
+    let fill = store.fill_or_join(&digest, source.clone());
+    fill.wait_done().await.unwrap();
+    assert!(source.opens().is_empty(), "not fetched again");
+    let blob = store.lookup(&digest).unwrap();
+    assert!(drain_blob(blob.reader(0, blob.len)).await.unwrap() == data);
+
+    // A file under the digest's name that is not the digest's bytes is not used.
+    let other = blob_bytes(50_000, 71);
+    let digest = digest_of(&other);
+    let shard = dir.path().join("blobs/sha256").join(&digest.hex()[..2]);
+    std::fs::create_dir_all(&shard).unwrap();
+    std::fs::write(shard.join(digest.hex()), b"not these bytes").unwrap();
+    let source = Arc::new(FakeSource::new(&other));
+    let fill = store.fill_or_join(&digest, source.clone());
+    fill.wait_done().await.unwrap();
+    assert_eq!(source.opens().len(), 1, "fetched from the source instead");
+    let blob = store.lookup(&digest).unwrap();
+    assert!(drain_blob(blob.reader(0, blob.len)).await.unwrap() == other);
+}
+
 /// Start-up index rebuild time. Run with
 /// `cargo test --release -- --ignored --nocapture open_time_100k`.
 #[test]
