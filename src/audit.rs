@@ -1,16 +1,23 @@
 //! The audit log (`server.audit_log`): one JSON line per registry request saying who asked for
 //! what from where, what policy decided and why, and how it ended.
 //!
-//! Owns: the record's fields and the sink (stdout, or a file opened for appending at start).
-//! Must never: hold a secret. Every field is a name from the config (registry, zone, identity,
-//! credential), an address, or a grammar-checked OCI name; the credential is named, never shown.
+//! Owns: the record's fields and the sink (stdout, or a file opened for appending at start and
+//! on every reload). Must never: hold a secret. Every field is a name from the config (registry,
+//! zone, identity, credential), an address, or a grammar-checked OCI name; the credential is
+//! named, never shown.
+//!
+//! Lines are written by a thread of their own (tracing-appender's non-blocking writer), so a
+//! request never waits on the disk or a slow journal. The queue is bounded and never drops:
+//! when it is full the request waits, so an audit line is never lost under load. Lines still
+//! queued are written when the sink is dropped (a reload's old sink, or the end of `serve`);
+//! a crash or SIGKILL loses the lines of the last moments still in the queue.
 
 use std::fs::OpenOptions;
-use std::io::{LineWriter, Write};
-use std::sync::Mutex;
+use std::io::Write;
 use std::time::SystemTime;
 
 use serde::Serialize;
+use tracing_appender::non_blocking::{NonBlocking, NonBlockingBuilder, WorkerGuard};
 
 use crate::config::AuditSink;
 
@@ -48,35 +55,43 @@ impl AuditRecord<'_> {
     }
 }
 
+/// Lines the writer thread may have queued before a request waits for it.
+const QUEUED_LINES: usize = 64 * 1024;
+
 /// Where audit lines go.
 pub struct Audit {
-    out: Mutex<Box<dyn Write + Send>>,
+    out: NonBlocking,
+    /// Writes what is queued and stops the thread when the sink is dropped.
+    _flush_on_drop: WorkerGuard,
 }
 
 impl Audit {
     pub fn open(sink: &AuditSink) -> Result<Audit, String> {
         let out: Box<dyn Write + Send> = match sink {
             AuditSink::Stdout => Box::new(std::io::stdout()),
-            AuditSink::File(path) => {
-                let file = OpenOptions::new()
+            AuditSink::File(path) => Box::new(
+                OpenOptions::new()
                     .create(true)
                     .append(true)
                     .open(path)
                     .map_err(|e| {
                         format!("server.audit_log: cannot open {}: {e}", path.display())
-                    })?;
-                Box::new(LineWriter::new(file))
-            }
+                    })?,
+            ),
         };
-        Ok(Audit {
-            out: Mutex::new(out),
-        })
+        Ok(Audit::to_writer(out))
     }
 
-    /// An audit log that keeps lines in memory (tests).
+    /// An audit log writing to `out` from its own thread.
     pub fn to_writer(out: Box<dyn Write + Send>) -> Audit {
+        let (out, guard) = NonBlockingBuilder::default()
+            .lossy(false)
+            .buffered_lines_limit(QUEUED_LINES)
+            .thread_name("pullgate-audit")
+            .finish(out);
         Audit {
-            out: Mutex::new(out),
+            out,
+            _flush_on_drop: guard,
         }
     }
 
@@ -85,8 +100,8 @@ impl Audit {
             return;
         };
         line.push(b'\n');
-        let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = out.write_all(&line).and_then(|()| out.flush()) {
+        // One message per line: the writer thread writes it with one `write_all`.
+        if let Err(e) = self.out.clone().write_all(&line) {
             tracing::warn!(error = %e, "cannot write the audit log");
         }
     }
@@ -95,7 +110,7 @@ impl Audit {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
+    use std::sync::{Arc, Mutex};
 
     #[derive(Clone, Default)]
     struct Shared(Arc<Mutex<Vec<u8>>>);
@@ -134,6 +149,7 @@ mod tests {
                 credential: Some("registry.hub.credentials"),
             });
         }
+        drop(audit); // writes what is queued
         let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
         let lines: Vec<serde_json::Value> = text
             .lines()

@@ -39,21 +39,33 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// Keeps the log writer thread alive; dropping it writes the lines still queued.
+pub struct LogGuard(#[allow(dead_code)] tracing_appender::non_blocking::WorkerGuard);
+
 /// Set up tracing for the configured format. `RUST_LOG` overrides the default level (`info`).
-/// Safe to call more than once (later calls do nothing).
-pub fn init_logging(format: config::LogFormat) {
+/// Safe to call more than once (later calls do nothing). Lines go to stderr from a thread of
+/// their own, so a request never waits on the terminal or the journal. The queue is bounded
+/// and never drops a line: when it is full (the journal cannot keep up) requests wait, as they
+/// did when they wrote themselves. Keep the guard until the process ends: dropping it writes
+/// what is queued. A crash or SIGKILL loses the lines of the last moments still queued.
+pub fn init_logging(format: config::LogFormat) -> LogGuard {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Colours only for a person at a terminal; a log file or journald gets plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("pullgate-log")
+        .finish(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     let _ = match format {
         config::LogFormat::Json => builder.json().flatten_event(true).try_init(),
         config::LogFormat::Text => builder.try_init(),
     };
+    LogGuard(guard)
 }
 
 /// Log the config's warnings once, each naming its key.

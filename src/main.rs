@@ -294,7 +294,7 @@ fn serve(path: Option<PathBuf>, upgrade: bool) -> ExitCode {
     };
     launch.upgrade = upgrade;
     let config = Arc::new(launch.checked.config.clone());
-    pullgate::init_logging(config.server.log_format);
+    let _logs = pullgate::init_logging(config.server.log_format);
     pullgate::log_warnings(&config);
     for addr in &config.server.listen {
         tracing::info!(%addr, "listening (plain HTTP)");
@@ -312,7 +312,12 @@ fn serve(path: Option<PathBuf>, upgrade: bool) -> ExitCode {
         );
     }
     match pullgate::build_server(launch) {
-        Ok(server) => server.run_forever(),
+        Ok(server) => {
+            // Returns once the drain is over; the services (and with them the audit sink) are
+            // dropped by then, and `_logs` writes what is still queued as it goes.
+            server.run(pingora::server::RunArgs::default());
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("pullgate: {e}");
             ExitCode::FAILURE
