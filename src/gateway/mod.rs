@@ -88,9 +88,10 @@ struct Stores {
 /// Everything an upstream client is built from besides its metrics: the registry's name,
 /// upstream origin, credentials (the source, and an inline or env value), token realm hosts and
 /// the bytes of its `ca` file. Equal keys on a reload carry the client over, with its tokens,
-/// learned challenge and pooled connections, so a reload causes no token storm.
-#[derive(Debug, PartialEq, Eq)]
-struct UpstreamKey(String);
+/// learned challenge and pooled connections, so a reload causes no token storm. A hash, so no
+/// secret is kept twice; no `Debug`, as it is derived from one.
+#[derive(PartialEq, Eq)]
+struct UpstreamKey([u8; 32]);
 
 impl UpstreamKey {
     fn of(registry: &crate::config::Registry) -> UpstreamKey {
@@ -136,7 +137,7 @@ impl UpstreamKey {
             // A CA file rewritten in place is a new trust store: the contents count.
             Some(path) => field(&std::fs::read(path).unwrap_or_default()),
         }
-        UpstreamKey(hex::encode(h.finalize()))
+        UpstreamKey(h.finalize().into())
     }
 }
 

@@ -6,10 +6,9 @@
 
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
-
-use arc_swap::ArcSwap;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
@@ -70,19 +69,16 @@ pub fn build_server(launch: Launch) -> Result<Server, String> {
         .enumerate()
         .map(|(i, listener)| tls::prepare(i, listener, metrics.clone()))
         .collect::<Result<Vec<_>, _>>()?;
+    let run = upgrade::RunDir::create(&config.cache.dir)?;
     let conf = ServerConf {
         threads: config.server.threads,
         grace_period_seconds: Some(GRACE_PERIOD_SECS),
         graceful_shutdown_timeout_seconds: Some(SHUTDOWN_TIMEOUT_SECS),
-        ..ServerConf::default()
-    };
-    let run = upgrade::RunDir::create(&config.cache.dir)?;
-    let conf = ServerConf {
         upgrade_sock: run.upgrade_sock().display().to_string(),
         pid_file: run.pid_file().display().to_string(),
         // Pingora polls for the old process once a second; room for a loaded machine.
         upgrade_sock_connect_accept_max_retries: Some(10),
-        ..conf
+        ..ServerConf::default()
     };
     let opt = Opt {
         upgrade,
