@@ -1,7 +1,7 @@
 //! The serde schema of the config file. Seen by nothing outside `config/`.
 //!
 //! Everything is optional or defaulted here and typed loosely (strings for addresses, sizes,
-//! durations, enums): `validate.rs` converts each value and reports a problem with the key's
+//! durations, enums): `validate/` converts each value and reports a problem with the key's
 //! name, which a serde error could not do as readably. Only unknown keys and wrong TOML types
 //! are left to serde (`deny_unknown_fields` everywhere).
 
@@ -134,7 +134,8 @@ pub(super) struct ScopedCredentialsFile {
     pub credentials: Option<CredentialsFile>,
 }
 
-/// All credential kinds in one table; `validate.rs` checks that exactly one kind is used.
+/// All credential kinds in one table; `validate/credentials.rs` checks that exactly one kind is
+/// used.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct CredentialsFile {

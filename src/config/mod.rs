@@ -76,7 +76,7 @@ pub fn embedded_default() -> Config {
         inputs(Path::new("/"), cache_dir, &process_env),
     ) {
         Ok(config) => config,
-        // Unreachable in practice: `tests.rs` proves default.toml validates.
+        // Unreachable in practice: `tests/loading.rs` proves default.toml validates.
         Err(errors) => panic!("the embedded default.toml is invalid:\n{errors}"),
     }
 }

@@ -1,6 +1,6 @@
 //! The validated configuration: the only config types the rest of pullgate sees.
 //!
-//! Everything here has already been checked by `validate.rs`: addresses parsed, sizes and
+//! Everything here has already been checked by `validate/`: addresses parsed, sizes and
 //! durations converted, zone and identity names resolved, hosts lowercased, the upstream URL
 //! split. Code outside `config/` must never need to re-validate a field, and must never see the
 //! serde schema in `file.rs`.

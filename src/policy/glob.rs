@@ -1,8 +1,8 @@
 //! Repository globs of `repositories` and `deny_repositories` (issue 5, item 4).
 //!
-//! Owns: what a glob means. `config/validate.rs` (`parse_glob`) owns the syntax: OCI name
-//! characters plus `*`, no empty path components, no `***`. Must never: allocate per match in a
-//! way that grows with the input, or backtrack exponentially (`*a*a*a*b`).
+//! Owns: what a glob means. `config/validate/values.rs` (`parse_glob`) owns the syntax: OCI
+//! name characters plus `*`, no empty path components, no `***`. Must never: allocate per match
+//! in a way that grows with the input, or backtrack exponentially (`*a*a*a*b`).
 //!
 //! Meaning, matched against the whole repository name (after `library/` normalisation):
 //!
