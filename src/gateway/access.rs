@@ -122,6 +122,8 @@ pub fn check(
     match policy::decide(&facts) {
         Decision::Allow => {
             ctx.decision = "allow";
+            ctx.could_log_in =
+                matches!(authn, policy::Authn::Anonymous) && facts.identities.password;
             let scoped =
                 policy::scoped_credentials(registry, &facts.zones, authn.identity(), repository);
             ctx.credential = match scoped {

@@ -13,6 +13,7 @@ mod data;
 mod manifest;
 mod push;
 mod range;
+mod refusal;
 mod respond;
 mod serve;
 
@@ -257,13 +258,23 @@ impl ProxyHttp for Gateway {
         };
         let status = upstream_response.status;
         ctx.upstream_status = Some(status.as_u16());
+        if let Some(error) = push::refusal(plan, status.as_u16()) {
+            // Never the upstream's challenge: `fail_to_proxy` writes pullgate's own error.
+            ctx.proxy_error = Some(error);
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(status.as_u16()),
+                "upstream refused the request",
+            ));
+        }
         if let Some(location) = upstream_response
             .headers
             .get(http::header::LOCATION)
             .and_then(|l| l.to_str().ok())
         {
             let Some(rewritten) = push::rewrite_location(location, &plan.locations) else {
+                let error = push::foreign_location(plan);
                 ctx.note_error("upstream sent a Location outside the repository");
+                ctx.proxy_error = Some(error);
                 return Err(Error::explain(
                     ErrorType::HTTPStatus(502),
                     "upstream sent a Location outside the repository",
@@ -282,6 +293,15 @@ impl ProxyHttp for Gateway {
             }
         }
         Ok(())
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> pingora::proxy::FailToProxy {
+        push::fail_to_proxy(session, e, ctx).await
     }
 
     fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, _error: &Error) -> bool {

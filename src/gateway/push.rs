@@ -12,9 +12,10 @@
 use std::sync::Arc;
 
 use http::Method;
+use pingora::proxy::{FailToProxy, Session};
 
 use super::serve::{upstream_error, Job};
-use super::RequestCtx;
+use super::{refusal, respond, RequestCtx};
 use crate::oci::{Endpoint, ErrorCode, OciError, Reference, Repository};
 use crate::route::RoutedBy;
 use crate::secret::Secret;
@@ -129,6 +130,69 @@ pub async fn plan(
         },
         manifest,
     })
+}
+
+/// pullgate's own error for an upstream refusal (401/403) on the proxy path: the upstream's
+/// answer, with its `WWW-Authenticate`, must not reach the client (`refusal.rs`).
+pub fn refusal(plan: &PushPlan, status: u16) -> Option<OciError> {
+    matches!(status, 401 | 403)
+        .then(|| refusal::upstream_denied(&plan.client.registry().name, status, None))
+}
+
+/// The error for an upload `Location` that points outside the repository.
+pub fn foreign_location(plan: &PushPlan) -> OciError {
+    OciError::new(
+        ErrorCode::Unavailable,
+        format!(
+            "upstream registry {:?} sent a Location outside the repository",
+            plan.client.registry().name
+        ),
+    )
+    .with_status(502)
+}
+
+/// `fail_to_proxy` for the proxy path: an error the hooks prepared (`ctx.proxy_error`) is
+/// written as OCI JSON; anything else gets Pingora's default answer.
+pub async fn fail_to_proxy(
+    session: &mut Session,
+    e: &pingora::Error,
+    ctx: &mut RequestCtx,
+) -> FailToProxy {
+    use pingora::{ErrorSource, ErrorType};
+    if let Some(error) = ctx.proxy_error.take() {
+        if let Err(we) = respond::oci_error(session, ctx, &error).await {
+            tracing::debug!(error = %we, "could not write the error response");
+        }
+        let error_code = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .unwrap_or(error.status);
+        return FailToProxy {
+            error_code,
+            can_reuse_downstream: false,
+        };
+    }
+    // Pingora's default (`ProxyHttp::fail_to_proxy`).
+    let code = match e.etype() {
+        ErrorType::HTTPStatus(code) => *code,
+        _ => match e.esource() {
+            ErrorSource::Upstream => 502,
+            ErrorSource::Downstream => match e.etype() {
+                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
+                _ => 400,
+            },
+            ErrorSource::Internal | ErrorSource::Unset => 500,
+        },
+    };
+    if code > 0 {
+        if let Err(we) = session.respond_error(code).await {
+            tracing::debug!(error = %we, "could not write the error response");
+        }
+    }
+    FailToProxy {
+        error_code: code,
+        can_reuse_downstream: false,
+    }
 }
 
 /// The client's query for the upstream: `ns` dropped (it routed the request here), a mount's

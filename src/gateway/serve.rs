@@ -15,6 +15,7 @@ use super::ctx::loggable_path;
 use super::data;
 use super::manifest;
 use super::push;
+use super::refusal;
 use super::respond;
 use super::{request_host, Gateway, RequestCtx};
 use crate::config::RedirectMode;
@@ -472,12 +473,11 @@ pub async fn error_from_upstream(
             }
             e
         }
-        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => OciError::new(
-            ErrorCode::Denied,
-            message(format!(
-                "upstream registry {registry:?} denied access ({})",
-                status.as_u16()
-            )),
+        // Never the upstream's message or challenge (`refusal.rs`).
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => refusal::upstream_denied(
+            registry,
+            status.as_u16(),
+            parsed.as_ref().map(|(c, _)| c.as_str()),
         ),
         s if s.is_server_error() => OciError::new(
             ErrorCode::Unavailable,

@@ -5,10 +5,12 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod api;
 mod harness;
 
 mod auth;
 mod cache;
+mod challenges;
 mod cli;
 mod clients;
 mod containerd;
