@@ -106,7 +106,14 @@ impl ManifestJob<'_> {
         let key = TagKey::new(&self.job.partition, &routed.repository, tag);
         let now = SystemTime::now();
         let accept = accept_of(&self.upstream_headers);
-        let cached = self.gw.manifests.tag(&key);
+        let deleted =
+            super::delete::deleted_scope(&routed.registry.name, routed.repository.as_str());
+        let cached = self.gw.manifests.tag(&key).filter(|e| {
+            !self
+                .gw
+                .manifests
+                .deleted_since(&deleted, &e.digest, e.validated_at)
+        });
         let usable = cached
             .as_ref()
             .is_none_or(|e| oci::accepts(&accept, &e.media_type));

@@ -10,6 +10,7 @@ mod blob;
 mod confirm;
 mod ctx;
 mod data;
+mod delete;
 mod manifest;
 mod push;
 mod range;

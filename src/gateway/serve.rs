@@ -13,6 +13,7 @@ use super::access;
 use super::blob::{self, BlobJob};
 use super::ctx::loggable_path;
 use super::data;
+use super::delete;
 use super::manifest;
 use super::push;
 use super::refusal;
@@ -130,7 +131,7 @@ pub async fn serve(
                     ctx,
                     &routed.registry,
                     Some(&routed.repository),
-                    access::action_of(&method),
+                    access::action_of(&method, &endpoint),
                 )?;
                 check_method(&routed, &endpoint, &method)?;
                 let partition = partition(&routed.registry.name, scoped.as_deref());
@@ -157,6 +158,11 @@ pub async fn serve(
                 query,
                 max_manifest: gw.config.cache.max_manifest_size,
             };
+            if job.method == Method::DELETE {
+                // Deletes (and upload cancels) go through the upstream client, whose token
+                // scope learns `delete` from the upstream's challenge (`delete.rs`).
+                return delete::serve(gw, session, ctx, &job, &endpoint).await;
+            }
             if push::is_push(&endpoint, &job.method) {
                 let from = mount_source(gw, session, ctx, &job, host.as_deref(), ns.as_deref());
                 let plan = push::plan(ctx, &client, &job, &endpoint, ns.clone(), from).await?;
@@ -300,7 +306,9 @@ fn check_method(routed: &Routed, endpoint: &Endpoint, method: &Method) -> Result
     if !allowed.contains(method) {
         return Err(unsupported_method(method));
     }
-    if push::is_push(endpoint, method) && !routed.registry.push {
+    let delete =
+        *method == Method::DELETE && matches!(endpoint, Endpoint::Manifest(_) | Endpoint::Blob(_));
+    if push::is_push(endpoint, method) && !delete && !routed.registry.push {
         return Err(push_denied(routed));
     }
     Ok(())

@@ -30,6 +30,9 @@ const HOT_BYTES: u64 = 32 << 20;
 /// Tag answers kept in memory (the disk keeps all).
 const HOT_TAGS: u64 = 100_000;
 
+/// How long a delete through pullgate is remembered against older tag answers (memory only).
+const DELETED_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// A manifest as the upstream sent it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CachedManifest {
@@ -95,6 +98,9 @@ pub struct ManifestStore {
     hot_tags: moka::sync::Cache<TagKey, TagEntry>,
     /// `None` when `negative_ttl` is zero.
     missing: Option<moka::sync::Cache<String, ()>>,
+    /// Manifests deleted through pullgate: `<registry>\0<repository>\0<digest>` -> when. A tag
+    /// answer given before that time names a manifest the upstream no longer has.
+    deleted: moka::sync::Cache<String, SystemTime>,
     stored: AtomicU64,
     negative_hits: AtomicU64,
 }
@@ -120,6 +126,10 @@ impl ManifestStore {
                     .time_to_live(negative_ttl)
                     .build()
             }),
+            deleted: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(DELETED_TTL)
+                .build(),
             stored: AtomicU64::new(0),
             negative_hits: AtomicU64::new(0),
         };
@@ -187,6 +197,28 @@ impl ManifestStore {
         self.hot
             .insert(manifest.digest.clone(), Arc::clone(&manifest));
         manifest
+    }
+
+    /// Drops a cached manifest (memory and disk): it was deleted upstream.
+    pub fn remove(&self, digest: &Digest) {
+        self.hot.invalidate(digest);
+        if let Some(path) = self.manifest_path(digest) {
+            let _ = fs::remove_file(path);
+        }
+    }
+
+    /// Records that `digest` was deleted from `scope` (`<registry>\0<repository>`) now.
+    pub fn mark_deleted(&self, scope: &str, digest: &Digest) {
+        self.deleted
+            .insert(format!("{scope}\0{digest}"), SystemTime::now());
+    }
+
+    /// True when `digest` was deleted from `scope` at or after `at` (so an answer given at
+    /// `at` is out of date).
+    pub fn deleted_since(&self, scope: &str, digest: &Digest, at: SystemTime) -> bool {
+        self.deleted
+            .get(&format!("{scope}\0{digest}"))
+            .is_some_and(|when| when >= at)
     }
 
     /// The last answer for a tag, from memory or disk.

@@ -82,12 +82,12 @@ fn no_route_ever_hands_on_the_upstream_challenge() {
     let upstream_host = up.host_port();
     let gw = Gateway::start(&format!(
         "{}{}{}",
-        identity("ci", CI_PASSWORD, &["pull", "push"]),
-        registry("hub", &up, "default = true\npush = true"),
+        identity("ci", CI_PASSWORD, &["pull", "push", "delete"]),
+        registry("hub", &up, "default = true\npush = true\ndelete = true"),
         anonymous_registry(
             "anon",
             &up,
-            "prefix = \"anon\"\nhosts = [\"anon.example\"]\npush = true"
+            "prefix = \"anon\"\nhosts = [\"anon.example\"]\npush = true\ndelete = true"
         ),
     ));
     let ci = basic("ci", CI_PASSWORD);

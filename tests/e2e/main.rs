@@ -17,6 +17,7 @@ mod containerd;
 mod crash;
 mod credentials;
 mod data_endpoints;
+mod deletes;
 mod errors;
 mod faults;
 mod input;
