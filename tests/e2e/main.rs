@@ -22,6 +22,7 @@ mod errors;
 mod faults;
 mod input;
 mod manifests;
+mod negotiation;
 mod observability;
 mod offline;
 mod policy;
