@@ -20,7 +20,7 @@ use http::Method;
 use pingora::proxy::Session;
 
 use super::respond;
-use super::serve::{error_from_upstream, partition, Failure, Job};
+use super::serve::{error_from_upstream, partitions, Failure, Job};
 use super::{Gateway, RequestCtx};
 use crate::oci::{Endpoint, ErrorCode, OciError, Reference};
 use crate::store::TagKey;
@@ -87,14 +87,7 @@ pub async fn serve(
 fn forget(gw: &Gateway, job: &Job<'_>, endpoint: &Endpoint) {
     let registry = &job.routed.registry;
     let repository = &job.routed.repository;
-    let partitions: Vec<String> = std::iter::once(partition(&registry.name, None))
-        .chain(
-            registry
-                .scoped_credentials
-                .iter()
-                .map(|s| partition(&registry.name, Some(&s.name))),
-        )
-        .collect();
+    let partitions = partitions(registry);
     match endpoint {
         Endpoint::Manifest(Reference::Tag(tag)) => {
             for p in &partitions {

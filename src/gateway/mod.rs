@@ -14,6 +14,7 @@ mod delete;
 mod manifest;
 mod push;
 mod range;
+mod referrers;
 mod refusal;
 mod respond;
 mod serve;
@@ -287,10 +288,7 @@ impl ProxyHttp for Gateway {
         if status.is_success() {
             if let Some(write) = &plan.manifest {
                 // A new digest for a tag is visible to the next pull at once.
-                if let Some(tag) = &write.tag {
-                    self.manifests.forget_tag(tag);
-                }
-                self.manifests.forget_missing(&write.missing_key);
+                push::after_manifest_write(self, plan, write, upstream_response);
             }
         }
         Ok(())

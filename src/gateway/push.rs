@@ -15,8 +15,8 @@ use http::Method;
 use pingora::proxy::{FailToProxy, Session};
 
 use super::serve::{upstream_error, Job};
-use super::{refusal, respond, RequestCtx};
-use crate::oci::{Endpoint, ErrorCode, OciError, Reference, Repository};
+use super::{referrers, refusal, respond, Gateway, RequestCtx};
+use crate::oci::{Digest, Endpoint, ErrorCode, OciError, Reference, Repository};
 use crate::route::RoutedBy;
 use crate::secret::Secret;
 use crate::store::TagKey;
@@ -46,11 +46,38 @@ pub struct LocationMap {
     pub ns: Option<String>,
 }
 
-/// What a manifest write makes stale: the tag's cached answer and a remembered 404.
+/// What a manifest write makes stale: the tag's cached answer, a remembered 404, and the
+/// cached referrers of a subject when the tag is its referrers tag.
 #[derive(Debug)]
 pub struct ManifestWrite {
     pub tag: Option<TagKey>,
     pub missing_key: String,
+    pub repository: Repository,
+    pub referrers_of: Option<Digest>,
+}
+
+/// After the upstream accepted a manifest write: the next pull sees it at once (the tag's
+/// cached answers, a remembered 404 and the referrers it changes are forgotten). An
+/// `OCI-Subject` answer names the subject whose referrers the manifest joined.
+pub fn after_manifest_write(
+    gw: &Gateway,
+    plan: &PushPlan,
+    write: &ManifestWrite,
+    answer: &pingora::http::ResponseHeader,
+) {
+    if let Some(tag) = &write.tag {
+        gw.manifests.forget_tag(tag);
+    }
+    gw.manifests.forget_missing(&write.missing_key);
+    let registry = plan.client.registry();
+    let subject = answer
+        .headers
+        .get("oci-subject")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| Digest::parse(v.trim()).ok());
+    for subject in subject.iter().chain(write.referrers_of.iter()) {
+        referrers::forget(gw, registry, &write.repository, subject);
+    }
 }
 
 /// Whether this endpoint and method are a write (or an upload-session read) that goes to the
@@ -113,6 +140,11 @@ pub async fn plan(
                 Reference::Digest(_) => None,
             },
             missing_key: format!("{}\0{}\0{reference}", job.partition, repository.as_str()),
+            repository: repository.clone(),
+            referrers_of: match reference {
+                Reference::Tag(tag) => referrers::subject_of_tag(tag.as_str()),
+                Reference::Digest(_) => None,
+            },
         }),
         _ => None,
     };

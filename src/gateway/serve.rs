@@ -16,6 +16,7 @@ use super::data;
 use super::delete;
 use super::manifest;
 use super::push;
+use super::referrers;
 use super::refusal;
 use super::respond;
 use super::{request_host, Gateway, RequestCtx};
@@ -213,7 +214,7 @@ pub async fn serve(
                 }
                 Endpoint::TagsList => passthrough(session, ctx, &job, "tags/list", true).await,
                 Endpoint::Referrers(digest) => {
-                    passthrough(session, ctx, &job, &format!("referrers/{digest}"), true).await
+                    referrers::serve(gw, session, ctx, &job, &digest).await
                 }
                 // Every upload request is a push, handled above.
                 Endpoint::UploadStart | Endpoint::Upload(_) => Err(push_denied(&routed).into()),
@@ -293,6 +294,18 @@ pub fn partition(registry: &str, scoped: Option<&str>) -> String {
         Some(name) => format!("{registry}/{name}"),
         None => registry.to_owned(),
     }
+}
+
+/// Every cache partition of a registry: its own credentials' and each scoped credential's.
+pub fn partitions(registry: &crate::config::Registry) -> Vec<String> {
+    std::iter::once(partition(&registry.name, None))
+        .chain(
+            registry
+                .scoped_credentials
+                .iter()
+                .map(|s| partition(&registry.name, Some(&s.name))),
+        )
+        .collect()
 }
 
 fn check_method(routed: &Routed, endpoint: &Endpoint, method: &Method) -> Result<(), OciError> {
@@ -431,7 +444,7 @@ async fn passthrough(
 
 /// Pagination links name the upstream's repository on the upstream's origin; the client must
 /// keep talking to pullgate under its own name. Anything unexpected is dropped, not passed on.
-fn rewrite_link(link: &str, upstream_name: &str, client_name: &str) -> Option<String> {
+pub fn rewrite_link(link: &str, upstream_name: &str, client_name: &str) -> Option<String> {
     let start = link.find('<')? + 1;
     let end = link[start..].find('>')? + start;
     let target = &link[start..end];

@@ -3,8 +3,9 @@
 //! Owns: `<cache dir>/manifests/sha256/<2 hex>/<hex>` (a manifest's media type on the first
 //! line, then its bytes exactly as the upstream sent them), `<cache dir>/manifests/tags/`
 //! (tag -> digest answers with the time the upstream last gave them, and the variants given
-//! to clients that refuse some manifest types), a memory tier for hot manifests, and the
-//! short-lived memory of upstream 404s and of deletes made through pullgate.
+//! to clients that refuse some manifest types), `<cache dir>/manifests/referrers/` (see
+//! `referrers.rs`), a memory tier for hot manifests, and the short-lived memory of upstream
+//! 404s and of deletes made through pullgate.
 //! Must never: hand out manifest bytes that do not hash to their digest (checked on every read
 //! from disk), or build a path from a request string (tags are hashed, manifests are named by a
 //! verified digest).
@@ -25,6 +26,9 @@ use sha2::{Digest as _, Sha256};
 
 use super::links::unix_secs;
 use crate::oci::{Algorithm, Digest, Repository, Tag};
+
+mod referrers;
+pub use referrers::{ReferrersEntry, ReferrersKey};
 
 /// Bytes of manifests kept in memory besides the disk copy.
 const HOT_BYTES: u64 = 32 << 20;
@@ -136,9 +140,11 @@ pub struct ManifestStats {
 pub struct ManifestStore {
     manifests: PathBuf,
     tags: PathBuf,
+    referrers_dir: PathBuf,
     tmp: PathBuf,
     hot: moka::sync::Cache<Digest, Arc<CachedManifest>>,
     hot_tags: moka::sync::Cache<TagKey, Arc<TagRecord>>,
+    hot_referrers: moka::sync::Cache<ReferrersKey, Arc<ReferrersEntry>>,
     /// One tag record writer at a time (read, change, write back).
     tag_writes: std::sync::Mutex<()>,
     /// `None` when `negative_ttl` is zero.
@@ -157,6 +163,7 @@ impl ManifestStore {
         let store = ManifestStore {
             manifests: root.join("sha256"),
             tags: root.join("tags"),
+            referrers_dir: root.join("referrers"),
             tmp: root.join("tmp"),
             hot: moka::sync::Cache::builder()
                 .max_capacity(HOT_BYTES)
@@ -166,6 +173,7 @@ impl ManifestStore {
                 .build(),
             hot_tags: moka::sync::Cache::builder().max_capacity(HOT_TAGS).build(),
             tag_writes: std::sync::Mutex::new(()),
+            hot_referrers: moka::sync::Cache::builder().max_capacity(HOT_TAGS).build(),
             missing: (!negative_ttl.is_zero()).then(|| {
                 moka::sync::Cache::builder()
                     .max_capacity(100_000)
@@ -179,7 +187,12 @@ impl ManifestStore {
             stored: AtomicU64::new(0),
             negative_hits: AtomicU64::new(0),
         };
-        for dir in [&store.manifests, &store.tags, &store.tmp] {
+        for dir in [
+            &store.manifests,
+            &store.tags,
+            &store.referrers_dir,
+            &store.tmp,
+        ] {
             fs::create_dir_all(dir)?;
         }
         for entry in fs::read_dir(&store.tmp)? {

@@ -34,7 +34,9 @@ use crate::oci::{Algorithm, Digest, ErrorCode, OciError};
 pub use disk::{Blob, BlobReader, MAX_CHUNK};
 pub use fill::{Fill, FillFailure, FillPolicy, FillReader, FillState, Progress};
 pub use links::Links;
-pub use manifest::{CachedManifest, ManifestStats, ManifestStore, TagEntry, TagKey};
+pub use manifest::{
+    CachedManifest, ManifestStats, ManifestStore, ReferrersEntry, ReferrersKey, TagEntry, TagKey,
+};
 
 use disk::Layout;
 use index::Index;

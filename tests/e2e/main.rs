@@ -30,6 +30,7 @@ mod proxy_protocol;
 mod pull;
 mod push;
 mod redirects;
+mod referrers;
 mod routing;
 mod soak;
 mod tls;
