@@ -21,7 +21,7 @@ use super::refusal;
 use super::respond;
 use super::{request_host, Gateway, RequestCtx};
 use crate::config::RedirectMode;
-use crate::oci::{self, Algorithm, ApiRequest, Digest, Endpoint, ErrorCode, OciError};
+use crate::oci::{self, ApiRequest, Digest, Endpoint, ErrorCode, OciError};
 use crate::policy::Action;
 use crate::route::{Routed, RoutedBy};
 use crate::upstream::{self, UpstreamClient, UpstreamError, UpstreamRequest};
@@ -204,9 +204,7 @@ pub async fn serve(
                         method: job.method.clone(),
                         range,
                     };
-                    if digest.algorithm() == Algorithm::Sha256
-                        && blob::serve(session, ctx, &cached).await?
-                    {
+                    if blob::serve(session, ctx, &cached).await? {
                         return Ok(());
                     }
                     ctx.cache = "bypass";

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use super::links::unix_secs;
-use crate::oci::{Algorithm, Digest, Repository, Tag};
+use crate::oci::{Digest, Repository, Tag};
 
 mod referrers;
 pub use referrers::{ReferrersEntry, ReferrersKey};
@@ -138,6 +138,7 @@ pub struct ManifestStats {
 
 /// Manifests by digest, tags by key, and recent upstream 404s.
 pub struct ManifestStore {
+    /// `<cache dir>/manifests`: `<algorithm>/<2 hex>/<hex>` below it.
     manifests: PathBuf,
     tags: PathBuf,
     referrers_dir: PathBuf,
@@ -161,7 +162,7 @@ impl ManifestStore {
     pub fn open(cache_dir: &Path, negative_ttl: Duration) -> std::io::Result<ManifestStore> {
         let root = cache_dir.join("manifests");
         let store = ManifestStore {
-            manifests: root.join("sha256"),
+            manifests: root.clone(),
             tags: root.join("tags"),
             referrers_dir: root.join("referrers"),
             tmp: root.join("tmp"),
@@ -415,10 +416,13 @@ impl ManifestStore {
     }
 
     fn manifest_path(&self, digest: &Digest) -> Option<PathBuf> {
-        (digest.algorithm() == Algorithm::Sha256).then(|| {
-            let hex = digest.hex();
-            self.manifests.join(&hex[..2]).join(hex)
-        })
+        let hex = digest.hex();
+        Some(
+            self.manifests
+                .join(digest.algorithm().as_str())
+                .join(&hex[..2])
+                .join(hex),
+        )
     }
 
     fn tag_path(&self, key: &TagKey) -> PathBuf {
@@ -449,6 +453,7 @@ impl ManifestStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::oci::Algorithm;
 
     fn manifest(body: &'static [u8]) -> CachedManifest {
         CachedManifest {

@@ -18,6 +18,7 @@ mod crash;
 mod credentials;
 mod data_endpoints;
 mod deletes;
+mod digests;
 mod errors;
 mod faults;
 mod input;
