@@ -35,3 +35,4 @@ mod referrers;
 mod routing;
 mod soak;
 mod tls;
+mod uploads;
