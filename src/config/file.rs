@@ -114,6 +114,8 @@ pub(super) struct RegistryFile {
     pub deny_repositories: Vec<String>,
     #[serde(default)]
     pub push: bool,
+    #[serde(default)]
+    pub delete: bool,
     pub redirect: Option<String>,
     pub tag_ttl: Option<String>,
     #[serde(default)]

@@ -150,6 +150,8 @@ impl std::fmt::Debug for PasswordCheck {
 pub struct Roles {
     pub pull: bool,
     pub push: bool,
+    /// DELETE of manifests, tags and blobs (on registries with `delete = true`).
+    pub delete: bool,
 }
 
 /// One upstream registry and the names it answers to.
@@ -188,6 +190,9 @@ pub struct Registry {
     /// Denied repository globs, checked before `repositories`.
     pub deny_repositories: Vec<String>,
     pub push: bool,
+    /// DELETE of manifests (by digest), tags and blobs goes to the upstream. Default false:
+    /// such requests are `UNSUPPORTED` (405) before anything reaches the upstream.
+    pub delete: bool,
     pub redirect: RedirectMode,
     /// Per-registry override of `cache.tag_ttl`.
     pub tag_ttl: Option<Duration>,

@@ -11,15 +11,16 @@ use pingora::proxy::Session;
 
 use super::{Gateway, RequestCtx};
 use crate::config::Registry;
-use crate::oci::{ErrorCode, OciError, Repository};
+use crate::oci::{Endpoint, ErrorCode, OciError, Repository};
 use crate::policy::{self, Action, Decision};
 
-/// The action a method asks for.
-pub fn action_of(method: &Method) -> Action {
-    if matches!(*method, Method::GET | Method::HEAD) {
-        Action::Pull
-    } else {
-        Action::Push
+/// The action a method asks for on an endpoint: DELETE of a manifest, tag or blob is a
+/// delete; cancelling an upload (DELETE of an upload session) is part of a push.
+pub fn action_of(method: &Method, endpoint: &Endpoint) -> Action {
+    match (method, endpoint) {
+        (&Method::GET | &Method::HEAD, _) => Action::Pull,
+        (&Method::DELETE, Endpoint::Manifest(_) | Endpoint::Blob(_)) => Action::Delete,
+        _ => Action::Push,
     }
 }
 
@@ -122,6 +123,8 @@ pub fn check(
     match policy::decide(&facts) {
         Decision::Allow => {
             ctx.decision = "allow";
+            ctx.could_log_in =
+                matches!(authn, policy::Authn::Anonymous) && facts.identities.password;
             let scoped =
                 policy::scoped_credentials(registry, &facts.zones, authn.identity(), repository);
             ctx.credential = match scoped {

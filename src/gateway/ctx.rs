@@ -47,6 +47,12 @@ pub struct RequestCtx {
     pub reason: Option<&'static str>,
     /// The name of the upstream credential in use, for the audit line.
     pub credential: Option<String>,
+    /// Policy allowed an anonymous caller while password identities exist: an upstream
+    /// refusal is answered with pullgate's own Basic challenge (`refusal.rs`).
+    pub could_log_in: bool,
+    /// An error found on Pingora's proxy path (an upstream refusal), written by
+    /// `fail_to_proxy` instead of the upstream's answer.
+    pub proxy_error: Option<crate::oci::OciError>,
     /// Set for a push: the request goes to the upstream through Pingora's proxy path.
     pub push: Option<super::push::PushPlan>,
     /// Why the request failed, for the access line (never a secret: built from our own errors).
@@ -78,6 +84,8 @@ impl RequestCtx {
             decision: "none",
             reason: None,
             credential: None,
+            could_log_in: false,
+            proxy_error: None,
             push: None,
             error: None,
         }

@@ -20,18 +20,37 @@ use super::respond;
 use super::serve::{error_from_upstream, manifest_read_error, upstream_error, Failure, Job};
 use super::{Gateway, RequestCtx};
 use crate::oci::{self, Digest, ErrorCode, OciError, Reference, Tag};
-use crate::store::{CachedManifest, TagEntry, TagKey};
+use crate::store::{CachedManifest, ManifestStore, TagEntry, TagKey};
 use crate::upstream;
 
 /// One manifest request, with what it needs from the gateway.
 struct ManifestJob<'a> {
     gw: &'a Gateway,
     job: &'a Job<'a>,
-    /// Headers for upstream manifest requests: the client's `Accept` lines, or every manifest
-    /// type when it sent none.
+    /// The client's `Accept` values joined by commas; empty when it sent none.
+    accept: String,
+    /// The client takes every modern manifest type (no `Accept`, a wildcard, or all four
+    /// listed): the upstream's answer to it is the tag's real target.
+    full: bool,
+    /// Headers for upstream manifest requests in the client's terms: its `Accept` lines, plus
+    /// every manifest type when it sent none or a wildcard (distribution honours only the
+    /// types listed).
     upstream_headers: HeaderMap,
-    /// Key of remembered 404s for this reference.
+    /// Headers asking for the tag's real target: every manifest type.
+    full_headers: HeaderMap,
+    /// Key of remembered 404s for this reference in the client's terms (per set of accepted
+    /// manifest types), and for clients that take every type.
     missing_key: String,
+    full_missing_key: String,
+}
+
+/// Which cached answer of a tag a request is served from: the tag's real target (the answer
+/// to clients taking every type), or the variant for clients refusing some types, at most one
+/// per media type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Primary,
+    Variant,
 }
 
 pub async fn serve(
@@ -41,22 +60,37 @@ pub async fn serve(
     job: &Job<'_>,
     reference: &Reference,
 ) -> Result<(), Failure> {
+    let accept = accept_of(&job.headers);
+    let full = oci::takes_every_modern_type(&accept);
     let mut upstream_headers = upstream::forwarded_headers(&job.headers, false);
+    let every_type = HeaderValue::from_static(oci::MANIFEST_ACCEPT);
     if job.headers.get(header::ACCEPT).is_none() {
-        upstream_headers.insert(
-            header::ACCEPT,
-            HeaderValue::from_static(oci::MANIFEST_ACCEPT),
-        );
+        upstream_headers.insert(header::ACCEPT, every_type.clone());
+    } else if full && oci::has_wildcard(&accept) {
+        upstream_headers.append(header::ACCEPT, every_type.clone());
     }
+    let full_headers = if full {
+        upstream_headers.clone()
+    } else {
+        HeaderMap::from_iter([(header::ACCEPT, every_type)])
+    };
+    let base = format!(
+        "{}\0{}\0{reference}",
+        job.partition,
+        job.routed.repository.as_str()
+    );
     let m = ManifestJob {
         gw,
         job,
-        upstream_headers,
-        missing_key: format!(
-            "{}\0{}\0{reference}",
-            job.partition,
-            job.routed.repository.as_str()
+        missing_key: ManifestStore::missing_key_for(
+            &base,
+            (!full).then(|| oci::accept_set(&accept)),
         ),
+        full_missing_key: base,
+        accept,
+        full,
+        upstream_headers,
+        full_headers,
     };
     match reference {
         Reference::Digest(digest) => m.by_digest(session, ctx, digest).await,
@@ -76,6 +110,36 @@ impl ManifestJob<'_> {
         }
     }
 
+    fn headers(&self, slot: Slot) -> &HeaderMap {
+        match slot {
+            Slot::Primary => &self.full_headers,
+            Slot::Variant => &self.upstream_headers,
+        }
+    }
+
+    fn missing(&self, slot: Slot) -> &str {
+        match slot {
+            Slot::Primary => &self.full_missing_key,
+            Slot::Variant => &self.missing_key,
+        }
+    }
+
+    /// Records a tag answer in its slot; schema 1 answers are never cached (see `fetch`).
+    fn store(&self, slot: Slot, key: &TagKey, entry: TagEntry) {
+        if oci::media::is_schema1(&entry.media_type) {
+            return;
+        }
+        match slot {
+            Slot::Primary => self.gw.manifests.set_tag(key, entry),
+            Slot::Variant => self.gw.manifests.set_tag_variant(key, entry),
+        }
+    }
+
+    /// A primary answer this client does not take: it is served from a variant instead.
+    fn refuses(&self, slot: Slot, media_type: &str) -> bool {
+        slot == Slot::Primary && !self.full && !oci::accepts(&self.accept, media_type)
+    }
+
     async fn by_digest(
         &self,
         session: &mut Session,
@@ -83,16 +147,23 @@ impl ManifestJob<'_> {
         digest: &Digest,
     ) -> Result<(), Failure> {
         if let Some(cached) = self.gw.manifests.get(digest) {
-            let confirmed = self.confirm().check(Kind::Manifest, digest).await?;
-            self.confirm()
-                .references(digest, &cached.body, confirmed.at);
-            ctx.cache = "hit";
-            ctx.mark_stale(confirmed.stale);
-            return send(session, ctx, &cached).await;
+            if oci::accepts(&self.accept, &cached.media_type) {
+                let confirmed = self.confirm().check(Kind::Manifest, digest).await?;
+                self.confirm()
+                    .references(digest, &cached.body, confirmed.at);
+                ctx.cache = "hit";
+                ctx.mark_stale(confirmed.stale);
+                return send(session, ctx, &cached).await;
+            }
+            // Not a type this client takes: the upstream says what it gets (distribution:
+            // a 404 for a type it did not ask for).
+            ctx.cache = "bypass";
+        } else {
+            ctx.cache = "miss";
         }
-        self.refuse_if_known_missing(ctx)?;
-        let fetched = self.fetch(ctx, &Reference::Digest(digest.clone())).await?;
-        ctx.cache = "miss";
+        self.refuse_if_known_missing(ctx, Slot::Variant)?;
+        let reference = Reference::Digest(digest.clone());
+        let fetched = self.fetch(ctx, &reference, Slot::Variant).await?;
         send(session, ctx, &fetched).await
     }
 
@@ -104,42 +175,83 @@ impl ManifestJob<'_> {
     ) -> Result<(), Failure> {
         let routed = self.job.routed;
         let key = TagKey::new(&self.job.partition, &routed.repository, tag);
-        let now = SystemTime::now();
-        let accept = accept_of(&self.upstream_headers);
-        let cached = self.gw.manifests.tag(&key);
-        let usable = cached
-            .as_ref()
-            .is_none_or(|e| oci::accepts(&accept, &e.media_type));
-        if !usable || !takes_every_modern_type(&accept) {
-            // A client that refuses some manifest types may be answered differently by the
-            // upstream: it is served in its own terms, and its answer is not cached.
-            ctx.cache = "bypass";
-            let fetched = self.fetch(ctx, &Reference::Tag(tag.clone())).await?;
-            return send(session, ctx, &fetched).await;
+        let deleted =
+            super::delete::deleted_scope(&routed.registry.name, routed.repository.as_str());
+        let live = |e: &TagEntry| {
+            !self
+                .gw
+                .manifests
+                .deleted_since(&deleted, &e.digest, e.validated_at)
+        };
+        let primary = self.gw.manifests.tag(&key).filter(live);
+        let use_primary = self.full
+            || primary
+                .as_ref()
+                .is_some_and(|p| !self.refuses(Slot::Primary, &p.media_type));
+        if use_primary
+            && self
+                .tag_in(session, ctx, tag, &key, Slot::Primary, primary)
+                .await?
+        {
+            return Ok(());
         }
+        // A client that refuses the tag's real type: its own variant.
+        let variant = self
+            .gw
+            .manifests
+            .tag_variants(&key)
+            .into_iter()
+            .filter(live)
+            .find(|v| oci::accepts(&self.accept, &v.media_type));
+        self.tag_in(session, ctx, tag, &key, Slot::Variant, variant)
+            .await?;
+        Ok(())
+    }
+
+    /// Serves a tag from one slot: a fresh answer from the cache, else asked again (a HEAD,
+    /// which Docker Hub does not count as a pull, and a GET only when the answer changed or
+    /// cannot tell), a stale answer while the upstream fails. `Ok(false)`: the primary answer
+    /// turned out to be of a type this client refuses (nothing was sent; try the variant).
+    async fn tag_in(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        tag: &Tag,
+        key: &TagKey,
+        slot: Slot,
+        cached: Option<TagEntry>,
+    ) -> Result<bool, Failure> {
+        let routed = self.job.routed;
+        let now = SystemTime::now();
         let ttl = routed.registry.tag_ttl(&self.gw.config.cache);
         if let Some(entry) = cached.clone().filter(|e| e.age(now) < ttl) {
             ctx.cache = "hit";
-            return self.send_tag(session, ctx, tag, entry).await;
+            self.send_tag(session, ctx, tag, entry).await?;
+            return Ok(true);
         }
+        let reference = Reference::Tag(tag.clone());
         if cached.is_none() {
-            self.refuse_if_known_missing(ctx)?;
+            self.refuse_if_known_missing(ctx, slot)?;
             if self.job.method == Method::GET {
-                let fetched = self.fetch(ctx, &Reference::Tag(tag.clone())).await?;
-                self.gw.manifests.set_tag(&key, entry_of(&fetched, now));
+                let fetched = self.fetch(ctx, &reference, slot).await?;
+                self.store(slot, key, entry_of(&fetched, now));
+                if self.refuses(slot, &fetched.media_type) {
+                    return Ok(false);
+                }
                 ctx.cache = "miss";
-                return send(session, ctx, &fetched).await;
+                send(session, ctx, &fetched).await?;
+                return Ok(true);
             }
         }
-        // Due (or a HEAD of an unknown tag): ask the upstream with a HEAD, which Docker Hub does
-        // not count as a pull, and a GET only when the answer changed or cannot tell.
         let asked = self
             .job
             .client
-            .send(&self.request(Method::HEAD, &Reference::Tag(tag.clone())))
+            .send(&self.request(Method::HEAD, &reference, slot))
             .await
             .map(|a| a.response);
-        let stale = cached.filter(|e| e.age(now) < self.gw.config.cache.stale_if_error);
+        let stale = cached
+            .clone()
+            .filter(|e| e.age(now) < self.gw.config.cache.stale_if_error);
         match asked {
             Ok(answer) if answer.status().is_success() => {
                 ctx.upstream_status = Some(answer.status().as_u16());
@@ -149,30 +261,51 @@ impl ManifestJob<'_> {
                     "miss"
                 };
                 match entry_from_head(answer.headers(), now) {
-                    Some(entry) => {
-                        self.gw.manifests.set_tag(&key, entry.clone());
-                        self.send_tag(session, ctx, tag, entry).await
+                    Some(entry) if !oci::media::is_schema1(&entry.media_type) => {
+                        self.store(slot, key, entry.clone());
+                        if self.refuses(slot, &entry.media_type) {
+                            return Ok(false);
+                        }
+                        self.send_tag(session, ctx, tag, entry).await?;
                     }
-                    None => {
-                        let fetched = self.fetch(ctx, &Reference::Tag(tag.clone())).await?;
-                        self.gw.manifests.set_tag(&key, entry_of(&fetched, now));
-                        send(session, ctx, &fetched).await
+                    Some(entry) if self.job.method == Method::HEAD => {
+                        ctx.cache = "bypass";
+                        send_head(session, ctx, &entry).await?;
+                    }
+                    _ => {
+                        let fetched = self.fetch(ctx, &reference, slot).await?;
+                        self.store(slot, key, entry_of(&fetched, now));
+                        if self.refuses(slot, &fetched.media_type) {
+                            return Ok(false);
+                        }
+                        send(session, ctx, &fetched).await?;
                     }
                 }
+                Ok(true)
             }
             Ok(answer) if is_unavailable_status(answer.status()) && stale.is_some() => {
                 ctx.upstream_status = Some(answer.status().as_u16());
-                self.send_stale(session, ctx, tag, stale).await
+                self.send_stale(session, ctx, tag, stale).await?;
+                Ok(true)
             }
             Err(e) if is_unavailable_error(&e) && stale.is_some() => {
                 ctx.note_error(&e.to_string());
-                self.send_stale(session, ctx, tag, stale).await
+                self.send_stale(session, ctx, tag, stale).await?;
+                Ok(true)
             }
             Ok(answer) => {
                 ctx.upstream_status = Some(answer.status().as_u16());
                 if answer.status().as_u16() == 404 {
-                    self.gw.manifests.forget_tag(&key);
-                    self.gw.manifests.remember_missing(self.missing_key.clone());
+                    match (slot, &cached) {
+                        (Slot::Primary, _) => self.gw.manifests.forget_tag(key),
+                        (Slot::Variant, Some(v)) => {
+                            self.gw.manifests.forget_tag_variant(key, &v.media_type)
+                        }
+                        (Slot::Variant, None) => {}
+                    }
+                    self.gw
+                        .manifests
+                        .remember_missing(self.missing(slot).to_owned());
                 }
                 Err(
                     error_from_upstream(&routed.registry.name, "manifest", answer)
@@ -226,13 +359,7 @@ impl ManifestJob<'_> {
             return send(session, ctx, &cached).await;
         }
         if self.job.method == Method::HEAD {
-            let mut resp = respond::head(200, ctx)?;
-            resp.insert_header(header::CONTENT_TYPE, entry.media_type.as_str())?;
-            resp.insert_header(header::CONTENT_LENGTH, entry.size)?;
-            resp.insert_header("Docker-Content-Digest", entry.digest.as_str())?;
-            session.write_response_header(Box::new(resp), true).await?;
-            session.write_response_body(None, true).await?;
-            return Ok(());
+            return send_head(session, ctx, &entry).await;
         }
         if ctx.stale {
             return Err(OciError::new(
@@ -245,8 +372,9 @@ impl ManifestJob<'_> {
             .with_status(503)
             .into());
         }
+        // By digest, in terms that take the entry's type whatever this client sent.
         let fetched = self
-            .fetch(ctx, &Reference::Digest(entry.digest.clone()))
+            .fetch(ctx, &Reference::Digest(entry.digest.clone()), Slot::Primary)
             .await?;
         send(session, ctx, &fetched).await
     }
@@ -257,18 +385,21 @@ impl ManifestJob<'_> {
         &self,
         ctx: &mut RequestCtx,
         reference: &Reference,
+        slot: Slot,
     ) -> Result<Arc<CachedManifest>, Failure> {
         let routed = self.job.routed;
         let answer = self
             .job
             .client
-            .send(&self.request(Method::GET, reference))
+            .send(&self.request(Method::GET, reference, slot))
             .await?
             .response;
         ctx.upstream_status = Some(answer.status().as_u16());
         if !answer.status().is_success() {
             if answer.status().as_u16() == 404 {
-                self.gw.manifests.remember_missing(self.missing_key.clone());
+                self.gw
+                    .manifests
+                    .remember_missing(self.missing(slot).to_owned());
             }
             return Err(
                 error_from_upstream(&routed.registry.name, "manifest", answer)
@@ -295,6 +426,15 @@ impl ManifestJob<'_> {
             .and_then(|v| v.to_str().ok())
             .unwrap_or(oci::media::OCI_MANIFEST_V1)
             .to_owned();
+        if oci::media::is_schema1(&media_type) {
+            // Made on the fly by the upstream for this client (distribution converts for
+            // clients that take nothing newer): served, never cached.
+            return Ok(Arc::new(CachedManifest {
+                digest,
+                media_type,
+                body: Bytes::from(body),
+            }));
+        }
         let now = SystemTime::now();
         let stored = self.gw.manifests.put(CachedManifest {
             digest,
@@ -308,17 +448,22 @@ impl ManifestJob<'_> {
         Ok(stored)
     }
 
-    fn request(&self, method: Method, reference: &Reference) -> upstream::UpstreamRequest {
+    fn request(
+        &self,
+        method: Method,
+        reference: &Reference,
+        slot: Slot,
+    ) -> upstream::UpstreamRequest {
         self.job.request(
             method,
             &format!("manifests/{reference}"),
-            self.upstream_headers.clone(),
+            self.headers(slot).clone(),
             false,
         )
     }
 
-    fn refuse_if_known_missing(&self, ctx: &mut RequestCtx) -> Result<(), OciError> {
-        if !self.gw.manifests.known_missing(&self.missing_key) {
+    fn refuse_if_known_missing(&self, ctx: &mut RequestCtx, slot: Slot) -> Result<(), OciError> {
+        if !self.gw.manifests.known_missing(self.missing(slot)) {
             return Ok(());
         }
         ctx.cache = "negative";
@@ -347,7 +492,22 @@ async fn send(
     Ok(())
 }
 
-/// All `Accept` values as one string (the tag cache key).
+/// A HEAD answer from a tag entry alone.
+async fn send_head(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    entry: &TagEntry,
+) -> Result<(), Failure> {
+    let mut resp = respond::head(200, ctx)?;
+    resp.insert_header(header::CONTENT_TYPE, entry.media_type.as_str())?;
+    resp.insert_header(header::CONTENT_LENGTH, entry.size)?;
+    resp.insert_header("Docker-Content-Digest", entry.digest.as_str())?;
+    session.write_response_header(Box::new(resp), true).await?;
+    session.write_response_body(None, true).await?;
+    Ok(())
+}
+
+/// All `Accept` values as one string.
 fn accept_of(headers: &HeaderMap) -> String {
     headers
         .get_all(header::ACCEPT)
@@ -355,19 +515,6 @@ fn accept_of(headers: &HeaderMap) -> String {
         .filter_map(|v| v.to_str().ok())
         .collect::<Vec<_>>()
         .join(",")
-}
-
-/// True when the client takes images and indexes in both OCI and Docker terms, so the upstream's
-/// answer to it is the tag's real target, fit for every such client.
-fn takes_every_modern_type(accept: &str) -> bool {
-    [
-        oci::media::OCI_INDEX_V1,
-        oci::media::OCI_MANIFEST_V1,
-        oci::media::DOCKER_MANIFEST_LIST_V2,
-        oci::media::DOCKER_MANIFEST_V2,
-    ]
-    .iter()
-    .all(|t| oci::accepts(accept, t))
 }
 
 /// A tag answer from a HEAD, when it carries a digest, a length and a media type.
@@ -400,8 +547,11 @@ fn manifest_digest(
     upstream: &HeaderMap,
     body: &[u8],
 ) -> Result<Digest, String> {
+    // A signed schema 1 manifest's digest covers its payload, not the signatures.
+    let schema1 = oci::media::schema1_signed_payload(body);
+    let matches = |d: &Digest| d.verify(body) || schema1.as_ref().is_some_and(|p| d.verify(p));
     if let Reference::Digest(d) = reference {
-        return if d.verify(body) {
+        return if matches(d) {
             Ok(d.clone())
         } else {
             Err(format!("its bytes do not hash to {d}"))
@@ -414,7 +564,7 @@ fn manifest_digest(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| Digest::parse(v).ok());
     match announced {
-        Some(d) if d.verify(body) => Ok(d),
+        Some(d) if matches(&d) => Ok(d),
         Some(d) if d.as_str().starts_with("sha256:") => Err(format!(
             "the upstream announced {d} but the bytes hash to {computed}"
         )),

@@ -12,9 +12,12 @@ mod blob;
 mod confirm;
 mod ctx;
 mod data;
+mod delete;
 mod manifest;
 mod push;
 mod range;
+mod referrers;
+mod refusal;
 mod respond;
 mod serve;
 
@@ -434,13 +437,23 @@ impl ProxyHttp for Edge {
         };
         let status = upstream_response.status;
         ctx.upstream_status = Some(status.as_u16());
+        if let Some(error) = push::refusal(plan, status.as_u16()) {
+            // Never the upstream's challenge: `fail_to_proxy` writes pullgate's own error.
+            ctx.proxy_error = Some(error);
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(status.as_u16()),
+                "upstream refused the request",
+            ));
+        }
         if let Some(location) = upstream_response
             .headers
             .get(http::header::LOCATION)
             .and_then(|l| l.to_str().ok())
         {
             let Some(rewritten) = push::rewrite_location(location, &plan.locations) else {
+                let error = push::foreign_location(plan);
                 ctx.note_error("upstream sent a Location outside the repository");
+                ctx.proxy_error = Some(error);
                 return Err(Error::explain(
                     ErrorType::HTTPStatus(502),
                     "upstream sent a Location outside the repository",
@@ -452,13 +465,19 @@ impl ProxyHttp for Edge {
         if status.is_success() {
             if let Some(write) = &plan.manifest {
                 // A new digest for a tag is visible to the next pull at once.
-                if let Some(tag) = &write.tag {
-                    ctx.gateway.manifests.forget_tag(tag);
-                }
-                ctx.gateway.manifests.forget_missing(&write.missing_key);
+                push::after_manifest_write(&ctx.gateway, plan, write, upstream_response);
             }
         }
         Ok(())
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> pingora::proxy::FailToProxy {
+        push::fail_to_proxy(session, e, ctx).await
     }
 
     fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, _error: &Error) -> bool {
@@ -591,6 +610,17 @@ mod tests {
             dir.join("cache").display()
         );
         Arc::new(crate::config::load_str(&text, dir).expect("valid config"))
+    }
+
+    /// A snapshot of a small config with its cache in a temp dir, for tests that need one.
+    pub(super) fn snapshot() -> (tempfile::TempDir, Arc<Gateway>) {
+        crate::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let gw = Gateway::open(
+            config(dir.path(), "one", ""),
+            Arc::new(Metrics::new(1 << 30)),
+        );
+        (dir, Arc::new(gw.unwrap()))
     }
 
     #[test]

@@ -12,10 +12,11 @@
 use std::sync::Arc;
 
 use http::Method;
+use pingora::proxy::{FailToProxy, Session};
 
 use super::serve::{upstream_error, Job};
-use super::RequestCtx;
-use crate::oci::{Endpoint, ErrorCode, OciError, Reference, Repository};
+use super::{referrers, refusal, respond, Gateway, RequestCtx};
+use crate::oci::{Digest, Endpoint, ErrorCode, OciError, Reference, Repository};
 use crate::route::RoutedBy;
 use crate::secret::Secret;
 use crate::store::TagKey;
@@ -45,11 +46,38 @@ pub struct LocationMap {
     pub ns: Option<String>,
 }
 
-/// What a manifest write makes stale: the tag's cached answer and a remembered 404.
+/// What a manifest write makes stale: the tag's cached answer, a remembered 404, and the
+/// cached referrers of a subject when the tag is its referrers tag.
 #[derive(Debug)]
 pub struct ManifestWrite {
     pub tag: Option<TagKey>,
     pub missing_key: String,
+    pub repository: Repository,
+    pub referrers_of: Option<Digest>,
+}
+
+/// After the upstream accepted a manifest write: the next pull sees it at once (the tag's
+/// cached answers, a remembered 404 and the referrers it changes are forgotten). An
+/// `OCI-Subject` answer names the subject whose referrers the manifest joined.
+pub fn after_manifest_write(
+    gw: &Gateway,
+    plan: &PushPlan,
+    write: &ManifestWrite,
+    answer: &pingora::http::ResponseHeader,
+) {
+    if let Some(tag) = &write.tag {
+        gw.manifests.forget_tag(tag);
+    }
+    gw.manifests.forget_missing(&write.missing_key);
+    let registry = plan.client.registry();
+    let subject = answer
+        .headers
+        .get("oci-subject")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| Digest::parse(v.trim()).ok());
+    for subject in subject.iter().chain(write.referrers_of.iter()) {
+        referrers::forget(gw, registry, &write.repository, subject);
+    }
 }
 
 /// Whether this endpoint and method are a write (or an upload-session read) that goes to the
@@ -112,6 +140,11 @@ pub async fn plan(
                 Reference::Digest(_) => None,
             },
             missing_key: format!("{}\0{}\0{reference}", job.partition, repository.as_str()),
+            repository: repository.clone(),
+            referrers_of: match reference {
+                Reference::Tag(tag) => referrers::subject_of_tag(tag.as_str()),
+                Reference::Digest(_) => None,
+            },
         }),
         _ => None,
     };
@@ -129,6 +162,69 @@ pub async fn plan(
         },
         manifest,
     })
+}
+
+/// pullgate's own error for an upstream refusal (401/403) on the proxy path: the upstream's
+/// answer, with its `WWW-Authenticate`, must not reach the client (`refusal.rs`).
+pub fn refusal(plan: &PushPlan, status: u16) -> Option<OciError> {
+    matches!(status, 401 | 403)
+        .then(|| refusal::upstream_denied(&plan.client.registry().name, status, None))
+}
+
+/// The error for an upload `Location` that points outside the repository.
+pub fn foreign_location(plan: &PushPlan) -> OciError {
+    OciError::new(
+        ErrorCode::Unavailable,
+        format!(
+            "upstream registry {:?} sent a Location outside the repository",
+            plan.client.registry().name
+        ),
+    )
+    .with_status(502)
+}
+
+/// `fail_to_proxy` for the proxy path: an error the hooks prepared (`ctx.proxy_error`) is
+/// written as OCI JSON; anything else gets Pingora's default answer.
+pub async fn fail_to_proxy(
+    session: &mut Session,
+    e: &pingora::Error,
+    ctx: &mut RequestCtx,
+) -> FailToProxy {
+    use pingora::{ErrorSource, ErrorType};
+    if let Some(error) = ctx.proxy_error.take() {
+        if let Err(we) = respond::oci_error(session, ctx, &error).await {
+            tracing::debug!(error = %we, "could not write the error response");
+        }
+        let error_code = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .unwrap_or(error.status);
+        return FailToProxy {
+            error_code,
+            can_reuse_downstream: false,
+        };
+    }
+    // Pingora's default (`ProxyHttp::fail_to_proxy`).
+    let code = match e.etype() {
+        ErrorType::HTTPStatus(code) => *code,
+        _ => match e.esource() {
+            ErrorSource::Upstream => 502,
+            ErrorSource::Downstream => match e.etype() {
+                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
+                _ => 400,
+            },
+            ErrorSource::Internal | ErrorSource::Unset => 500,
+        },
+    };
+    if code > 0 {
+        if let Err(we) = session.respond_error(code).await {
+            tracing::debug!(error = %we, "could not write the error response");
+        }
+    }
+    FailToProxy {
+        error_code: code,
+        can_reuse_downstream: false,
+    }
 }
 
 /// The client's query for the upstream: `ns` dropped (it routed the request here), a mount's

@@ -67,6 +67,8 @@ pub async fn oci_error(
     ctx: &mut RequestCtx,
     error: &OciError,
 ) -> Result<()> {
+    let challenged = super::refusal::for_caller(error, ctx);
+    let error = challenged.as_ref().unwrap_or(error);
     if ctx.error.is_none() {
         ctx.note_error(&error.to_string());
     }

@@ -13,12 +13,15 @@ use super::access;
 use super::blob::{self, BlobJob};
 use super::ctx::loggable_path;
 use super::data;
+use super::delete;
 use super::manifest;
 use super::push;
+use super::referrers;
+use super::refusal;
 use super::respond;
 use super::{request_host, Gateway, RequestCtx};
 use crate::config::RedirectMode;
-use crate::oci::{self, Algorithm, ApiRequest, Digest, Endpoint, ErrorCode, OciError};
+use crate::oci::{self, ApiRequest, Digest, Endpoint, ErrorCode, OciError};
 use crate::policy::Action;
 use crate::route::{Routed, RoutedBy};
 use crate::upstream::{self, UpstreamClient, UpstreamError, UpstreamRequest};
@@ -129,7 +132,7 @@ pub async fn serve(
                     ctx,
                     &routed.registry,
                     Some(&routed.repository),
-                    access::action_of(&method),
+                    access::action_of(&method, &endpoint),
                 )?;
                 check_method(&routed, &endpoint, &method)?;
                 let partition = partition(&routed.registry.name, scoped.as_deref());
@@ -156,6 +159,11 @@ pub async fn serve(
                 query,
                 max_manifest: gw.config.cache.max_manifest_size,
             };
+            if job.method == Method::DELETE {
+                // Deletes (and upload cancels) go through the upstream client, whose token
+                // scope learns `delete` from the upstream's challenge (`delete.rs`).
+                return delete::serve(gw, session, ctx, &job, &endpoint).await;
+            }
             if push::is_push(&endpoint, &job.method) {
                 let from = mount_source(gw, session, ctx, &job, host.as_deref(), ns.as_deref());
                 let plan = push::plan(ctx, &client, &job, &endpoint, ns.clone(), from).await?;
@@ -196,9 +204,7 @@ pub async fn serve(
                         method: job.method.clone(),
                         range,
                     };
-                    if digest.algorithm() == Algorithm::Sha256
-                        && blob::serve(session, ctx, &cached).await?
-                    {
+                    if blob::serve(session, ctx, &cached).await? {
                         return Ok(());
                     }
                     ctx.cache = "bypass";
@@ -206,7 +212,7 @@ pub async fn serve(
                 }
                 Endpoint::TagsList => passthrough(session, ctx, &job, "tags/list", true).await,
                 Endpoint::Referrers(digest) => {
-                    passthrough(session, ctx, &job, &format!("referrers/{digest}"), true).await
+                    referrers::serve(gw, session, ctx, &job, &digest).await
                 }
                 // Every upload request is a push, handled above.
                 Endpoint::UploadStart | Endpoint::Upload(_) => Err(push_denied(&routed).into()),
@@ -288,6 +294,18 @@ pub fn partition(registry: &str, scoped: Option<&str>) -> String {
     }
 }
 
+/// Every cache partition of a registry: its own credentials' and each scoped credential's.
+pub fn partitions(registry: &crate::config::Registry) -> Vec<String> {
+    std::iter::once(partition(&registry.name, None))
+        .chain(
+            registry
+                .scoped_credentials
+                .iter()
+                .map(|s| partition(&registry.name, Some(&s.name))),
+        )
+        .collect()
+}
+
 fn check_method(routed: &Routed, endpoint: &Endpoint, method: &Method) -> Result<(), OciError> {
     let allowed: &[Method] = match endpoint {
         Endpoint::UploadStart => &[Method::POST],
@@ -299,7 +317,9 @@ fn check_method(routed: &Routed, endpoint: &Endpoint, method: &Method) -> Result
     if !allowed.contains(method) {
         return Err(unsupported_method(method));
     }
-    if push::is_push(endpoint, method) && !routed.registry.push {
+    let delete =
+        *method == Method::DELETE && matches!(endpoint, Endpoint::Manifest(_) | Endpoint::Blob(_));
+    if push::is_push(endpoint, method) && !delete && !routed.registry.push {
         return Err(push_denied(routed));
     }
     Ok(())
@@ -422,7 +442,7 @@ async fn passthrough(
 
 /// Pagination links name the upstream's repository on the upstream's origin; the client must
 /// keep talking to pullgate under its own name. Anything unexpected is dropped, not passed on.
-fn rewrite_link(link: &str, upstream_name: &str, client_name: &str) -> Option<String> {
+pub fn rewrite_link(link: &str, upstream_name: &str, client_name: &str) -> Option<String> {
     let start = link.find('<')? + 1;
     let end = link[start..].find('>')? + start;
     let target = &link[start..end];
@@ -472,12 +492,11 @@ pub async fn error_from_upstream(
             }
             e
         }
-        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => OciError::new(
-            ErrorCode::Denied,
-            message(format!(
-                "upstream registry {registry:?} denied access ({})",
-                status.as_u16()
-            )),
+        // Never the upstream's message or challenge (`refusal.rs`).
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => refusal::upstream_denied(
+            registry,
+            status.as_u16(),
+            parsed.as_ref().map(|(c, _)| c.as_str()),
         ),
         s if s.is_server_error() => OciError::new(
             ErrorCode::Unavailable,

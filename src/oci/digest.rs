@@ -68,8 +68,8 @@ pub struct Digest {
 impl Digest {
     /// Parses `sha256:<64 lowercase hex>` or `sha512:<128 lowercase hex>`.
     ///
-    /// A malformed digest is `DIGEST_INVALID` (400); a well-formed digest with an algorithm
-    /// pullgate does not support (e.g. `blake3:...`) is `UNSUPPORTED` (400).
+    /// A malformed digest, and a well-formed one with an algorithm pullgate cannot verify
+    /// (e.g. `blake3:...`), is `DIGEST_INVALID` (400).
     pub fn parse(s: &str) -> Result<Digest, OciError> {
         if s.len() > MAX_DIGEST_LEN {
             return Err(invalid(s));
@@ -82,8 +82,11 @@ impl Digest {
             return Err(invalid(s));
         }
         let Some(algorithm) = Algorithm::from_name(name) else {
-            let message = format!("unsupported digest algorithm {}", echo(name));
-            return Err(OciError::new(ErrorCode::Unsupported, message).with_status(400));
+            let message = format!(
+                "unsupported digest algorithm {} (pullgate verifies sha256 and sha512)",
+                echo(name)
+            );
+            return Err(OciError::new(ErrorCode::DigestInvalid, message));
         };
         if encoded.len() != algorithm.hex_len() || !is_lower_hex(encoded) {
             return Err(invalid(s));
@@ -274,15 +277,16 @@ mod tests {
     }
 
     #[test]
-    fn well_formed_unknown_algorithm_is_unsupported() {
+    fn well_formed_unknown_algorithm_is_digest_invalid() {
         for input in [
             "blake3:abcd",
             "sha384:ab",
             "multihash+base58:QmRZxt2b1FVZPNqd8hsiykDL3TdBDeTSPX9Kv46HmX4Gx8",
         ] {
             let err = Digest::parse(input).unwrap_err();
-            assert_eq!(err.code, ErrorCode::Unsupported, "{input}");
+            assert_eq!(err.code, ErrorCode::DigestInvalid, "{input}");
             assert_eq!(err.status, 400);
+            assert!(err.message.contains("sha512"), "{}", err.message);
         }
     }
 

@@ -72,16 +72,88 @@ pub fn is_index(media_type: &str) -> bool {
 pub fn accepts(accept: &str, media_type: &str) -> bool {
     let wanted = essence(media_type);
     let mut any = false;
-    for offered in accept.split(',').map(essence).filter(|t| !t.is_empty()) {
+    for range in accept.split(',').filter(|r| !essence(r).is_empty()) {
         any = true;
-        if offered == "*/*"
+        let offered = essence(range);
+        let matches = offered == "*/*"
             || offered.eq_ignore_ascii_case("application/*")
-            || offered.eq_ignore_ascii_case(wanted)
-        {
+            || offered.eq_ignore_ascii_case(wanted);
+        if matches && !refused(range) {
             return true;
         }
     }
     !any
+}
+
+/// True for a media range with `q=0` (RFC 9110: "not acceptable").
+fn refused(range: &str) -> bool {
+    range.split(';').skip(1).any(|param| {
+        let (name, value) = param.split_once('=').unwrap_or((param, ""));
+        name.trim().eq_ignore_ascii_case("q") && value.trim().parse::<f32>().is_ok_and(|q| q == 0.0)
+    })
+}
+
+/// True for Docker schema 1 (signed or not): deprecated, and what distribution converts a
+/// manifest to on the fly for clients that take nothing newer (so not content it stores).
+pub fn is_schema1(media_type: &str) -> bool {
+    let essence = essence(media_type);
+    [DOCKER_MANIFEST_V1_SIGNED, DOCKER_MANIFEST_V1]
+        .iter()
+        .any(|t| t.eq_ignore_ascii_case(essence))
+}
+
+/// The signed payload of a Docker schema 1 manifest (libtrust JWS): the bytes its digest is
+/// computed over, i.e. the body up to the first signature's `formatLength` followed by its
+/// `formatTail`. `None` for anything else.
+pub fn schema1_signed_payload(body: &[u8]) -> Option<Vec<u8>> {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let doc: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let protected = doc.get("signatures")?.get(0)?.get("protected")?.as_str()?;
+    let header: serde_json::Value =
+        serde_json::from_slice(&b64.decode(protected.trim_end_matches('=')).ok()?).ok()?;
+    let length = usize::try_from(header.get("formatLength")?.as_u64()?).ok()?;
+    let tail = b64
+        .decode(header.get("formatTail")?.as_str()?.trim_end_matches('='))
+        .ok()?;
+    let mut payload = body.get(..length)?.to_vec();
+    payload.extend_from_slice(&tail);
+    Some(payload)
+}
+
+/// How many values [`accept_set`] can take (one bit per [`MANIFEST_MEDIA_TYPES`] entry).
+pub const ACCEPT_SETS: u8 = 1 << MANIFEST_MEDIA_TYPES.len();
+
+/// The manifest types an `Accept` admits, one bit per [`MANIFEST_MEDIA_TYPES`] entry (bit 0:
+/// the OCI index). Clients with the same set get the same answers from a registry.
+pub fn accept_set(accept: &str) -> u8 {
+    MANIFEST_MEDIA_TYPES
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| accepts(accept, t))
+        .fold(0, |set, (i, _)| set | (1 << i))
+}
+
+/// True when the client takes images and indexes in both OCI and Docker terms: the
+/// registry's answer to it is the tag's real target.
+pub fn takes_every_modern_type(accept: &str) -> bool {
+    [
+        OCI_INDEX_V1,
+        OCI_MANIFEST_V1,
+        DOCKER_MANIFEST_LIST_V2,
+        DOCKER_MANIFEST_V2,
+    ]
+    .iter()
+    .all(|t| accepts(accept, t))
+}
+
+/// True when the `Accept` holds a wildcard (`*/*`, `application/*`), which registries such as
+/// distribution do not honour: they answer only the types listed.
+pub fn has_wildcard(accept: &str) -> bool {
+    accept
+        .split(',')
+        .map(essence)
+        .any(|t| t == "*/*" || t.eq_ignore_ascii_case("application/*"))
 }
 
 /// The digests a manifest points at: its config and layers (image manifests), its child
@@ -131,7 +203,52 @@ mod tests {
             "Application/VND.docker.distribution.manifest.v2+json"
         ));
         assert!(!accepts(DOCKER_MANIFEST_V2, OCI_INDEX_V1));
+        assert!(!accepts(&format!("{OCI_INDEX_V1};q=0"), OCI_INDEX_V1));
+        assert!(accepts(&format!("{OCI_INDEX_V1};q=0.5"), OCI_INDEX_V1));
         assert!(!accepts("text/html, application/json", OCI_MANIFEST_V1));
+    }
+
+    #[test]
+    fn schema1_payloads_are_cut_where_the_signature_says() {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let payload = "{\n   \"schemaVersion\": 1,\n   \"name\": \"a\"\n}";
+        let head = &payload[..payload.len() - 2];
+        let protected = b64.encode(format!(
+            r#"{{"formatLength":{},"formatTail":"{}"}}"#,
+            head.len(),
+            b64.encode("\n}")
+        ));
+        let body = format!(
+            "{head},\n   \"signatures\": [{{\"protected\": \"{protected}\", \"signature\": \"x\"}}]\n}}"
+        );
+        assert_eq!(
+            schema1_signed_payload(body.as_bytes()).as_deref(),
+            Some(payload.as_bytes())
+        );
+        assert_eq!(schema1_signed_payload(b"{\"schemaVersion\":2}"), None);
+        assert!(is_schema1(DOCKER_MANIFEST_V1_SIGNED) && !is_schema1(DOCKER_MANIFEST_V2));
+    }
+
+    #[test]
+    fn accept_sets_and_wildcards() {
+        assert_eq!(
+            accept_set(""),
+            ACCEPT_SETS - 1,
+            "no Accept takes every type"
+        );
+        assert_eq!(accept_set("*/*"), ACCEPT_SETS - 1);
+        assert_eq!(accept_set(OCI_INDEX_V1), 1);
+        assert_eq!(
+            accept_set(&format!("{OCI_MANIFEST_V1}, {DOCKER_MANIFEST_V2}")),
+            0b1010
+        );
+        assert!(takes_every_modern_type(""));
+        assert!(takes_every_modern_type("application/*"));
+        assert!(!takes_every_modern_type(OCI_MANIFEST_V1));
+        assert!(has_wildcard("application/json, */*;q=0.1"));
+        assert!(has_wildcard("Application/*"));
+        assert!(!has_wildcard(MANIFEST_ACCEPT));
     }
 
     #[test]

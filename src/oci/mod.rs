@@ -15,8 +15,8 @@ pub mod request;
 pub use digest::{Algorithm, Digest, DigestHasher};
 pub use error::{echo, ErrorCode, OciError};
 pub use media::{
-    accepts, is_index, is_manifest_media_type, manifest_references, DEFAULT_MAX_MANIFEST_SIZE,
-    MANIFEST_ACCEPT,
+    accept_set, accepts, has_wildcard, is_index, is_manifest_media_type, manifest_references,
+    takes_every_modern_type, DEFAULT_MAX_MANIFEST_SIZE, MANIFEST_ACCEPT,
 };
 pub use name::{Reference, Repository, Tag};
 pub use request::{parse_path, ApiRequest, Endpoint};

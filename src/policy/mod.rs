@@ -41,8 +41,10 @@ pub use zone::{ZoneMatch, ZoneTable};
 pub enum Action {
     /// Reads: GET and HEAD of manifests, blobs, tags, referrers.
     Pull,
-    /// Every write: blob uploads, manifest PUT, DELETE.
+    /// Writes: blob uploads (and cancelling them), manifest PUT.
     Push,
+    /// DELETE of a manifest (by digest), a tag or a blob.
+    Delete,
 }
 
 impl Action {
@@ -50,6 +52,7 @@ impl Action {
         match self {
             Action::Pull => "pull",
             Action::Push => "push",
+            Action::Delete => "delete",
         }
     }
 }

@@ -9,7 +9,8 @@
 //! The rules, checked in this order (the first that fails is the reason):
 //!
 //! 1. **Credentials.** `Authn::BadCredentials` is denied with a Basic challenge (401).
-//! 2. **Push switch.** A push to a registry with `push = false` is denied.
+//! 2. **Push and delete switches.** A push to a registry with `push = false` is denied; a
+//!    delete on a registry without `delete = true` is `UNSUPPORTED` (405), naming the key.
 //! 3. **Network.** The source passes when `network_access` is `enabled`, or `selected` and one
 //!    of the source's zones (any of them, zones may overlap) is in the registry's `zones`.
 //!    Otherwise the caller must be an identity holding the role of the action (`pull` for a
@@ -22,10 +23,11 @@
 //!
 //!    An identity without the action's role is treated like an anonymous caller from its
 //!    source, so credentials never reduce access.
-//! 4. **Push role.** When any `[[identity]]` is configured, a push needs an identity with the
-//!    `push` role. With no identity configured at all, `push = true` plus the network rule is
-//!    the whole gate (the private-endpoint case: the VPC is the boundary, so `pullgate check`
-//!    does not warn about it).
+//! 4. **Push and delete roles.** When any `[[identity]]` is configured, a push needs an
+//!    identity with the `push` role, a delete one with the `delete` role. With no identity
+//!    configured at all, `push = true` plus the network rule is the whole gate (the
+//!    private-endpoint case: the VPC is the boundary, so `pullgate check` does not warn about
+//!    it).
 //! 5. **Repositories.** `deny_repositories` first: any match denies. Then, when `repositories`
 //!    is not empty, the repository must match one of them. These hold for identities too.
 //!    Network comes before repositories so that a caller outside the network learns nothing
@@ -59,6 +61,10 @@ pub enum ReasonCode {
     PushDisabled,
     /// A push without an identity, while identities are configured.
     PushNeedsIdentity,
+    /// A delete on a registry without `delete = true`.
+    DeleteDisabled,
+    /// A delete without an identity, while identities are configured.
+    DeleteNeedsIdentity,
     /// The repository matches a `deny_repositories` glob.
     RepositoryDenied,
     /// The repository matches none of the `repositories` globs.
@@ -66,7 +72,7 @@ pub enum ReasonCode {
 }
 
 impl ReasonCode {
-    pub const ALL: [ReasonCode; 9] = [
+    pub const ALL: [ReasonCode; 11] = [
         ReasonCode::BadCredentials,
         ReasonCode::IdentityRequired,
         ReasonCode::SourceNotInZone,
@@ -74,6 +80,8 @@ impl ReasonCode {
         ReasonCode::MissingRole,
         ReasonCode::PushDisabled,
         ReasonCode::PushNeedsIdentity,
+        ReasonCode::DeleteDisabled,
+        ReasonCode::DeleteNeedsIdentity,
         ReasonCode::RepositoryDenied,
         ReasonCode::RepositoryNotAllowed,
     ];
@@ -88,6 +96,8 @@ impl ReasonCode {
             ReasonCode::MissingRole => "missing_role",
             ReasonCode::PushDisabled => "push_disabled",
             ReasonCode::PushNeedsIdentity => "push_needs_identity",
+            ReasonCode::DeleteDisabled => "delete_disabled",
+            ReasonCode::DeleteNeedsIdentity => "delete_needs_identity",
             ReasonCode::RepositoryDenied => "repository_denied",
             ReasonCode::RepositoryNotAllowed => "repository_not_allowed",
         }
@@ -130,18 +140,23 @@ impl Reason {
         self.challenge
     }
 
-    /// 401 when [`Reason::challenge`], else 403.
+    /// 401 when [`Reason::challenge`], else 403 (405 for a registry that takes no deletes).
     pub fn status(&self) -> u16 {
-        if self.challenge {
+        if self.code == ReasonCode::DeleteDisabled {
+            405
+        } else if self.challenge {
             401
         } else {
             403
         }
     }
 
-    /// `UNAUTHORIZED` when [`Reason::challenge`], else `DENIED`.
+    /// `UNAUTHORIZED` when [`Reason::challenge`], else `DENIED` (`UNSUPPORTED` for a registry
+    /// that takes no deletes).
     pub fn error_code(&self) -> ErrorCode {
-        if self.challenge {
+        if self.code == ReasonCode::DeleteDisabled {
+            ErrorCode::Unsupported
+        } else if self.challenge {
             ErrorCode::Unauthorized
         } else {
             ErrorCode::Denied
@@ -176,22 +191,36 @@ fn check(f: &Facts<'_>) -> Result<(), Reason> {
             format!("registry {name} does not accept pushes (registry.{name}.push = false)");
         return Err(Reason::new(ReasonCode::PushDisabled, message, false));
     }
+    if f.action == Action::Delete && !reg.delete {
+        let message = format!(
+            "deletes through pullgate are not enabled for registry {name} \
+             (registry.{name}.delete = false)"
+        );
+        return Err(Reason::new(ReasonCode::DeleteDisabled, message, false));
+    }
     let (identity, has_role) = match f.authn {
         Authn::Identity { name, roles, .. } => (Some(name.as_str()), has_role(*roles, f.action)),
         _ => (None, false),
     };
     network(f, identity, has_role)?;
-    if f.action == Action::Push && f.identities.any && !has_role {
+    if f.action != Action::Pull && f.identities.any && !has_role {
         return Err(match identity {
             Some(id) => missing_role(id, f.action, name),
-            None => Reason::new(
-                ReasonCode::PushNeedsIdentity,
-                format!(
-                    "pushing to registry {name} needs an identity with the push role: \
-                     log in (docker login) or present a client certificate"
-                ),
-                f.identities.password,
-            ),
+            None => {
+                let (code, what) = match f.action {
+                    Action::Delete => (ReasonCode::DeleteNeedsIdentity, "deleting on"),
+                    _ => (ReasonCode::PushNeedsIdentity, "pushing to"),
+                };
+                Reason::new(
+                    code,
+                    format!(
+                        "{what} registry {name} needs an identity with the {} role: \
+                         log in (docker login) or present a client certificate",
+                        f.action.label()
+                    ),
+                    f.identities.password,
+                )
+            }
         });
     }
     if let Some(repository) = f.repository {
@@ -204,6 +233,7 @@ fn has_role(roles: Roles, action: Action) -> bool {
     match action {
         Action::Pull => roles.pull,
         Action::Push => roles.push,
+        Action::Delete => roles.delete,
     }
 }
 

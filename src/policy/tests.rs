@@ -11,18 +11,22 @@ use crate::config::{IdentityAuth, NetworkAccess, PasswordCheck, RedirectMode, Ro
 const NONE: Roles = Roles {
     pull: false,
     push: false,
+    delete: false,
 };
 const PULL: Roles = Roles {
     pull: true,
     push: false,
+    delete: false,
 };
 const PUSH_ONLY: Roles = Roles {
     pull: false,
     push: true,
+    delete: false,
 };
 const PULL_PUSH: Roles = Roles {
     pull: true,
     push: true,
+    delete: false,
 };
 
 /// Kinds used by most tests: password identities exist (so challenges are possible).
@@ -63,6 +67,7 @@ fn registry(access: NetworkAccess) -> Registry {
         repositories: vec![],
         deny_repositories: vec![],
         push: false,
+        delete: false,
         redirect: RedirectMode::Follow,
         tag_ttl: None,
         scoped_credentials: Vec::new(),
@@ -638,4 +643,53 @@ fn policy_from_config() {
     };
     assert_eq!((reason.label(), reason.status()), ("bad_credentials", 401));
     assert!(!format!("{facts:?}").contains("nope"));
+}
+
+#[test]
+fn deletes_need_the_registry_switch_then_the_delete_role() {
+    let mut reg = registry(NetworkAccess::Enabled);
+    fn delete(c: Case<'_>) -> Case<'_> {
+        Case {
+            action: Action::Delete,
+            ..c
+        }
+    }
+    let cleaner = Roles {
+        pull: true,
+        delete: true,
+        ..Roles::default()
+    };
+    // Without `delete = true`: UNSUPPORTED (405) naming the key, whoever asks.
+    let reason = delete(Case::new(&reg, IN_ZONE, id(cleaner))).reason();
+    assert_eq!(reason.code(), ReasonCode::DeleteDisabled);
+    assert_eq!(
+        (reason.status(), reason.error_code()),
+        (405, crate::oci::ErrorCode::Unsupported)
+    );
+    assert!(
+        reason.message().contains("registry.icr.delete"),
+        "{}",
+        reason.message()
+    );
+    reg.delete = true;
+    let cases = [
+        (id(cleaner), "allow"),
+        (id(PULL_PUSH), "missing_role"),
+        (Authn::Anonymous, "delete_needs_identity+401"),
+    ];
+    for (authn, want) in cases {
+        assert_eq!(
+            delete(Case::new(&reg, IN_ZONE, authn)).outcome(),
+            want,
+            "{want}"
+        );
+    }
+    // No identity configured: the switch and the network rule are the whole gate.
+    let open = delete(Case::new(&reg, OUT_ZONE, Authn::Anonymous).kinds(IdentityKinds::default()));
+    assert_eq!(open.outcome(), "allow");
+    // The push switch does not open deletes, nor the delete switch pushes.
+    assert_eq!(
+        Case::new(&reg, IN_ZONE, id(cleaner)).push().outcome(),
+        "push_disabled"
+    );
 }

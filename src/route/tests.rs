@@ -39,6 +39,7 @@ fn registry(
         repositories: Vec::new(),
         deny_repositories: Vec::new(),
         push: false,
+        delete: false,
         redirect: RedirectMode::Follow,
         tag_ttl: None,
         scoped_credentials: Vec::new(),

@@ -1,6 +1,7 @@
 //! The on-disk layout and every file operation of the store.
 //!
-//! Owns: `blobs/sha256/<2 hex>/<hex>` and `tmp/<hex>.<unique>` under the cache directory;
+//! Owns: `blobs/sha256/<2 hex>/<hex>`, `blobs/sha512/<2 hex>/<hex>` and `tmp/<hex>.<unique>`
+//! under the cache directory;
 //! creating, syncing, renaming and deleting those files; the start-up scan; and THE read path
 //! ([`ChunkReader`]), the one place a transform such as encryption at rest would sit.
 //! Must never: build a path from anything but a verified [`Digest`] hex or a name it checked
@@ -22,12 +23,15 @@ pub const MAX_CHUNK: usize = 1 << 20;
 /// Reads at least this large go to the blocking pool; smaller ones are done inline.
 const BLOCKING_READ_MIN: usize = 64 << 10;
 const SHA256_HEX_LEN: usize = 64;
+const SHA512_HEX_LEN: usize = 128;
 
 /// Paths under the cache directory.
 #[derive(Debug, Clone)]
 pub(crate) struct Layout {
     /// `<dir>/blobs/sha256`
     blobs: PathBuf,
+    /// `<dir>/blobs/sha512`
+    blobs_sha512: PathBuf,
     /// `<dir>/tmp`
     tmp: PathBuf,
 }
@@ -36,23 +40,31 @@ impl Layout {
     pub(crate) fn new(dir: &Path) -> Layout {
         Layout {
             blobs: dir.join("blobs").join("sha256"),
+            blobs_sha512: dir.join("blobs").join("sha512"),
             tmp: dir.join("tmp"),
         }
     }
 
     pub(crate) fn create_dirs(&self) -> io::Result<()> {
         fs::create_dir_all(&self.blobs)?;
+        fs::create_dir_all(&self.blobs_sha512)?;
         fs::create_dir_all(&self.tmp)
     }
 
-    /// Where a committed blob lives. `hex` comes from a `Digest` or from [`is_sha256_hex`]
-    /// (invariant 2), so it holds only `[0-9a-f]` and cannot escape the directory.
+    /// Where a committed blob lives. `hex` comes from a `Digest` or from [`is_blob_hex`]
+    /// (invariant 2), so it holds only `[0-9a-f]` and cannot escape the directory; its length
+    /// names the algorithm (64: sha256, 128: sha512), so the index can key blobs by hex alone.
     pub(crate) fn blob_path(&self, hex: &str) -> PathBuf {
         self.shard_dir(hex).join(hex)
     }
 
     fn shard_dir(&self, hex: &str) -> PathBuf {
-        self.blobs.join(hex.get(..2).unwrap_or("00"))
+        let blobs = if hex.len() == SHA512_HEX_LEN {
+            &self.blobs_sha512
+        } else {
+            &self.blobs
+        };
+        blobs.join(hex.get(..2).unwrap_or("00"))
     }
 
     /// Bytes the file system of the cache can still take (for an unprivileged writer), or `None`
@@ -112,24 +124,38 @@ impl Layout {
         })
     }
 
-    /// Every committed blob as `(hex, size, mtime)`. Names that are not a 64-hex digest in the
-    /// right shard are logged and skipped, never indexed (invariant 2).
+    /// Every committed blob as `(hex, size, mtime)`. Names that are not a digest's hex of the
+    /// directory's algorithm in the right shard are logged and skipped, never indexed
+    /// (invariant 2).
     pub(crate) fn scan(&self) -> io::Result<Vec<(String, u64, SystemTime)>> {
         let mut found = Vec::new();
-        for shard in fs::read_dir(&self.blobs)? {
-            let shard = shard?;
-            let name = shard.file_name();
-            let shard_name = name.to_str().unwrap_or("");
-            if !shard.file_type()?.is_dir() || shard_name.len() != 2 || !is_lower_hex(shard_name) {
-                tracing::warn!(path = %shard.path().display(), "ignoring unexpected entry in blobs/");
-                continue;
+        for (blobs, hex_len) in [
+            (&self.blobs, SHA256_HEX_LEN),
+            (&self.blobs_sha512, SHA512_HEX_LEN),
+        ] {
+            let entries = match fs::read_dir(blobs) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            for shard in entries {
+                let shard = shard?;
+                let name = shard.file_name();
+                let shard_name = name.to_str().unwrap_or("");
+                if !shard.file_type()?.is_dir()
+                    || shard_name.len() != 2
+                    || !is_lower_hex(shard_name)
+                {
+                    tracing::warn!(path = %shard.path().display(), "ignoring unexpected entry in blobs/");
+                    continue;
+                }
+                scan_shard(&shard.path(), shard_name, hex_len, &mut found)?;
             }
-            scan_shard(&shard.path(), shard_name, &mut found)?;
         }
         Ok(found)
     }
 
-    /// Verified temp file -> `blobs/sha256/ab/<hex>`, durably: fsync the file, rename, fsync
+    /// Verified temp file -> `blobs/<algorithm>/ab/<hex>`, durably: fsync the file, rename, fsync
     /// the directory. Invariant 3: the caller has already checked length and SHA-256.
     pub(crate) fn commit(&self, file: &File, temp: &Path, hex: &str) -> io::Result<PathBuf> {
         file.sync_all()?;
@@ -145,6 +171,7 @@ impl Layout {
 fn scan_shard(
     shard: &Path,
     prefix: &str,
+    hex_len: usize,
     found: &mut Vec<(String, u64, SystemTime)>,
 ) -> io::Result<()> {
     for entry in fs::read_dir(shard)? {
@@ -152,7 +179,7 @@ fn scan_shard(
         let name = entry.file_name();
         let hex = name.to_str().unwrap_or("");
         let meta = entry.metadata()?;
-        if !meta.is_file() || !is_sha256_hex(hex) || !hex.starts_with(prefix) {
+        if !meta.is_file() || !is_blob_hex(hex, hex_len) || !hex.starts_with(prefix) {
             tracing::warn!(path = %entry.path().display(), "ignoring file that is not a blob");
             continue;
         }
@@ -177,9 +204,10 @@ fn is_other_live_process(pid: u32) -> bool {
             .is_ok_and(|comm| comm.starts_with("pullgate"))
 }
 
-/// 64 lowercase hex characters: the only file names indexed as blobs.
-pub(crate) fn is_sha256_hex(s: &str) -> bool {
-    s.len() == SHA256_HEX_LEN && is_lower_hex(s)
+/// `len` lowercase hex characters (64 under sha256/, 128 under sha512/): the only file names
+/// indexed as blobs.
+pub(crate) fn is_blob_hex(s: &str, len: usize) -> bool {
+    s.len() == len && is_lower_hex(s)
 }
 
 fn is_lower_hex(s: &str) -> bool {

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest as _, Sha256};
 
-use crate::oci::{Algorithm, Digest, Repository};
+use crate::oci::{Digest, Repository};
 
 /// A confirmation is rewritten on disk only when it moves forward by more than this, so a busy
 /// hit path does not write a file per request.
@@ -125,11 +125,8 @@ impl Links {
         fs::read_to_string(path).ok()?.trim().parse().ok()
     }
 
-    /// Only sha256 digests are kept on disk; others live in the memo alone.
+    /// Named by the digest's hex (64 characters for sha256, 128 for sha512: never the same).
     fn path(&self, registry: &str, repository: &Repository, digest: &Digest) -> Option<PathBuf> {
-        if digest.algorithm() != Algorithm::Sha256 {
-            return None;
-        }
         let mut hasher = Sha256::new();
         hasher.update(registry.as_bytes());
         hasher.update([0]);

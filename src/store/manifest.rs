@@ -2,8 +2,10 @@
 //!
 //! Owns: `<cache dir>/manifests/sha256/<2 hex>/<hex>` (a manifest's media type on the first
 //! line, then its bytes exactly as the upstream sent them), `<cache dir>/manifests/tags/`
-//! (tag -> digest answers with the time the upstream last gave them), a memory tier for hot
-//! manifests, and the short-lived memory of upstream 404s.
+//! (tag -> digest answers with the time the upstream last gave them, and the variants given
+//! to clients that refuse some manifest types), `<cache dir>/manifests/referrers/` (see
+//! `referrers.rs`), a memory tier for hot manifests, and the short-lived memory of upstream
+//! 404s and of deletes made through pullgate.
 //! Must never: hand out manifest bytes that do not hash to their digest (checked on every read
 //! from disk), or build a path from a request string (tags are hashed, manifests are named by a
 //! verified digest).
@@ -23,12 +25,18 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use super::links::unix_secs;
-use crate::oci::{Algorithm, Digest, Repository, Tag};
+use crate::oci::{Digest, Repository, Tag};
+
+mod referrers;
+pub use referrers::{ReferrersEntry, ReferrersKey};
 
 /// Bytes of manifests kept in memory besides the disk copy.
 const HOT_BYTES: u64 = 32 << 20;
 /// Tag answers kept in memory (the disk keeps all).
 const HOT_TAGS: u64 = 100_000;
+
+/// How long a delete through pullgate is remembered against older tag answers (memory only).
+const DELETED_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// A manifest as the upstream sent it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,13 +78,55 @@ impl TagKey {
     }
 }
 
-/// On-disk form of a [`TagEntry`].
+/// Everything known about one tag: its answer to clients that take every manifest type, and
+/// its answers to clients that refuse some (one per media type).
+#[derive(Debug, Clone, Default)]
+struct TagRecord {
+    primary: Option<TagEntry>,
+    variants: Vec<TagEntry>,
+}
+
+/// On-disk form of a [`TagRecord`]: the primary answer's fields at the top (as files written
+/// before variants existed have them; empty when there is none), variants beside them.
 #[derive(Serialize, Deserialize)]
 struct TagFile {
+    #[serde(flatten)]
+    primary: EntryFile,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    variants: Vec<EntryFile>,
+}
+
+/// On-disk form of a [`TagEntry`].
+#[derive(Serialize, Deserialize, Default)]
+struct EntryFile {
+    #[serde(default)]
     digest: String,
+    #[serde(default)]
     media_type: String,
+    #[serde(default)]
     size: u64,
+    #[serde(default)]
     validated_at: u64,
+}
+
+impl EntryFile {
+    fn of(entry: &TagEntry) -> EntryFile {
+        EntryFile {
+            digest: entry.digest.to_string(),
+            media_type: entry.media_type.clone(),
+            size: entry.size,
+            validated_at: unix_secs(entry.validated_at),
+        }
+    }
+
+    fn entry(&self) -> Option<TagEntry> {
+        Some(TagEntry {
+            digest: Digest::parse(&self.digest).ok()?,
+            media_type: self.media_type.clone(),
+            size: self.size,
+            validated_at: UNIX_EPOCH + Duration::from_secs(self.validated_at),
+        })
+    }
 }
 
 /// Counters for metrics.
@@ -88,14 +138,22 @@ pub struct ManifestStats {
 
 /// Manifests by digest, tags by key, and recent upstream 404s.
 pub struct ManifestStore {
+    /// `<cache dir>/manifests`: `<algorithm>/<2 hex>/<hex>` below it.
     manifests: PathBuf,
     tags: PathBuf,
+    referrers_dir: PathBuf,
     tmp: PathBuf,
     hot: moka::sync::Cache<Digest, Arc<CachedManifest>>,
-    hot_tags: moka::sync::Cache<TagKey, TagEntry>,
+    hot_tags: moka::sync::Cache<TagKey, Arc<TagRecord>>,
+    hot_referrers: moka::sync::Cache<ReferrersKey, Arc<ReferrersEntry>>,
+    /// One tag record writer at a time (read, change, write back).
+    tag_writes: std::sync::Mutex<()>,
     /// `None` when `negative_ttl` is zero. Replaced whole when a reload changes it.
     missing: std::sync::RwLock<Option<moka::sync::Cache<String, ()>>>,
     negative_ttl: std::sync::Mutex<Duration>,
+    /// Manifests deleted through pullgate: `<registry>\0<repository>\0<digest>` -> when. A tag
+    /// answer given before that time names a manifest the upstream no longer has.
+    deleted: moka::sync::Cache<String, SystemTime>,
     stored: AtomicU64,
     negative_hits: AtomicU64,
 }
@@ -118,8 +176,9 @@ impl ManifestStore {
     pub fn open(cache_dir: &Path, negative_ttl: Duration) -> std::io::Result<ManifestStore> {
         let root = cache_dir.join("manifests");
         let store = ManifestStore {
-            manifests: root.join("sha256"),
+            manifests: root.clone(),
             tags: root.join("tags"),
+            referrers_dir: root.join("referrers"),
             tmp: root.join("tmp"),
             hot: moka::sync::Cache::builder()
                 .max_capacity(HOT_BYTES)
@@ -128,12 +187,23 @@ impl ManifestStore {
                 })
                 .build(),
             hot_tags: moka::sync::Cache::builder().max_capacity(HOT_TAGS).build(),
+            tag_writes: std::sync::Mutex::new(()),
+            hot_referrers: moka::sync::Cache::builder().max_capacity(HOT_TAGS).build(),
             missing: std::sync::RwLock::new(missing_cache(negative_ttl)),
             negative_ttl: std::sync::Mutex::new(negative_ttl),
+            deleted: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(DELETED_TTL)
+                .build(),
             stored: AtomicU64::new(0),
             negative_hits: AtomicU64::new(0),
         };
-        for dir in [&store.manifests, &store.tags, &store.tmp] {
+        for dir in [
+            &store.manifests,
+            &store.tags,
+            &store.referrers_dir,
+            &store.tmp,
+        ] {
             fs::create_dir_all(dir)?;
         }
         // Temp files a crash left behind. Recent ones may belong to another pullgate on this
@@ -207,44 +277,116 @@ impl ManifestStore {
         manifest
     }
 
-    /// The last answer for a tag, from memory or disk.
+    /// Drops a cached manifest (memory and disk): it was deleted upstream.
+    pub fn remove(&self, digest: &Digest) {
+        self.hot.invalidate(digest);
+        if let Some(path) = self.manifest_path(digest) {
+            let _ = fs::remove_file(path);
+        }
+    }
+
+    /// Records that `digest` was deleted from `scope` (`<registry>\0<repository>`) now.
+    pub fn mark_deleted(&self, scope: &str, digest: &Digest) {
+        self.deleted
+            .insert(format!("{scope}\0{digest}"), SystemTime::now());
+    }
+
+    /// True when `digest` was deleted from `scope` at or after `at` (so an answer given at
+    /// `at` is out of date).
+    pub fn deleted_since(&self, scope: &str, digest: &Digest, at: SystemTime) -> bool {
+        self.deleted
+            .get(&format!("{scope}\0{digest}"))
+            .is_some_and(|when| when >= at)
+    }
+
+    /// The last answer for a tag to clients that take every manifest type (its real
+    /// target), from memory or disk.
     pub fn tag(&self, key: &TagKey) -> Option<TagEntry> {
-        if let Some(entry) = self.hot_tags.get(key) {
-            return Some(entry);
+        self.tag_record(key)?.primary.clone()
+    }
+
+    /// The answers for a tag to clients that refuse some manifest types, at most one per media
+    /// type (e.g. the `linux/amd64` image a registry picks from an index for a client that
+    /// takes no indexes).
+    pub fn tag_variants(&self, key: &TagKey) -> Vec<TagEntry> {
+        self.tag_record(key)
+            .map(|r| r.variants.clone())
+            .unwrap_or_default()
+    }
+
+    /// Records the tag's answer to clients that take every manifest type (in memory and on
+    /// disk); its variants stay.
+    pub fn set_tag(&self, key: &TagKey, entry: TagEntry) {
+        self.update_tag(key, |record| record.primary = Some(entry));
+    }
+
+    /// Records one variant of a tag, replacing the variant of the same media type.
+    pub fn set_tag_variant(&self, key: &TagKey, entry: TagEntry) {
+        self.update_tag(key, |record| {
+            record
+                .variants
+                .retain(|v| !v.media_type.eq_ignore_ascii_case(&entry.media_type));
+            record.variants.push(entry);
+        });
+    }
+
+    /// Forgets the variant of `media_type` (the upstream no longer answers it).
+    pub fn forget_tag_variant(&self, key: &TagKey, media_type: &str) {
+        self.update_tag(key, |record| {
+            record
+                .variants
+                .retain(|v| !v.media_type.eq_ignore_ascii_case(media_type));
+        });
+    }
+
+    /// Forgets a tag and all its variants (the upstream no longer has it, or a push changed
+    /// it).
+    pub fn forget_tag(&self, key: &TagKey) {
+        let _guard = self.tag_writes.lock().unwrap_or_else(|e| e.into_inner());
+        self.hot_tags.invalidate(key);
+        let _ = fs::remove_file(self.tag_path(key));
+    }
+
+    fn tag_record(&self, key: &TagKey) -> Option<Arc<TagRecord>> {
+        if let Some(record) = self.hot_tags.get(key) {
+            return Some(record);
         }
         let raw = fs::read(self.tag_path(key)).ok()?;
         let file: TagFile = serde_json::from_slice(&raw).ok()?;
-        let entry = TagEntry {
-            digest: Digest::parse(&file.digest).ok()?,
-            media_type: file.media_type,
-            size: file.size,
-            validated_at: UNIX_EPOCH + Duration::from_secs(file.validated_at),
-        };
-        self.hot_tags.insert(key.clone(), entry.clone());
-        Some(entry)
+        let record = Arc::new(TagRecord {
+            primary: (!file.primary.digest.is_empty())
+                .then(|| file.primary.entry())
+                .flatten(),
+            variants: file.variants.iter().filter_map(EntryFile::entry).collect(),
+        });
+        self.hot_tags.insert(key.clone(), Arc::clone(&record));
+        Some(record)
     }
 
-    /// Records a tag answer (in memory and on disk).
-    pub fn set_tag(&self, key: &TagKey, entry: TagEntry) {
+    /// Read, change and write back a tag's record (writes are rare: misses and
+    /// revalidations), one writer at a time.
+    fn update_tag(&self, key: &TagKey, change: impl FnOnce(&mut TagRecord)) {
+        let _guard = self.tag_writes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut record = self
+            .tag_record(key)
+            .map(|r| (*r).clone())
+            .unwrap_or_default();
+        change(&mut record);
         let file = TagFile {
-            digest: entry.digest.to_string(),
-            media_type: entry.media_type.clone(),
-            size: entry.size,
-            validated_at: unix_secs(entry.validated_at),
+            primary: record
+                .primary
+                .as_ref()
+                .map(EntryFile::of)
+                .unwrap_or_default(),
+            variants: record.variants.iter().map(EntryFile::of).collect(),
         };
-        self.hot_tags.insert(key.clone(), entry);
+        self.hot_tags.insert(key.clone(), Arc::new(record));
         let written = serde_json::to_vec(&file)
             .map_err(std::io::Error::other)
             .and_then(|bytes| self.write_atomically(&self.tag_path(key), &bytes));
         if let Err(e) = written {
             tracing::warn!(error = %e, "cannot record a tag answer on disk");
         }
-    }
-
-    /// Forgets a tag (the upstream no longer has it, or a push changed it).
-    pub fn forget_tag(&self, key: &TagKey) {
-        self.hot_tags.invalidate(key);
-        let _ = fs::remove_file(self.tag_path(key));
     }
 
     /// A new `negative_ttl` (a reload). Remembered 404s are dropped when it changes: the next
@@ -280,10 +422,24 @@ impl ManifestStore {
         hit
     }
 
-    /// Forgets a remembered 404 (a push created the manifest).
+    /// Forgets a remembered 404 (a push created the manifest), and the 404s remembered for
+    /// clients that refuse some manifest types ([`ManifestStore::missing_key_for`]).
     pub fn forget_missing(&self, what: &str) {
         if let Some(missing) = self.missing() {
             missing.invalidate(what);
+            for set in 0..crate::oci::media::ACCEPT_SETS {
+                missing.invalidate(&Self::missing_key_for(what, Some(set)));
+            }
+        }
+    }
+
+    /// The key of a remembered 404 for `what` as answered to clients whose `Accept` admits
+    /// exactly the manifest types of `accept_set` (`oci::media::accept_set`); `None`: clients
+    /// that take every type.
+    pub fn missing_key_for(what: &str, accept_set: Option<u8>) -> String {
+        match accept_set {
+            Some(set) => format!("{what}\0{set}"),
+            None => what.to_owned(),
         }
     }
 
@@ -295,10 +451,13 @@ impl ManifestStore {
     }
 
     fn manifest_path(&self, digest: &Digest) -> Option<PathBuf> {
-        (digest.algorithm() == Algorithm::Sha256).then(|| {
-            let hex = digest.hex();
-            self.manifests.join(&hex[..2]).join(hex)
-        })
+        let hex = digest.hex();
+        Some(
+            self.manifests
+                .join(digest.algorithm().as_str())
+                .join(&hex[..2])
+                .join(hex),
+        )
     }
 
     fn tag_path(&self, key: &TagKey) -> PathBuf {
@@ -329,6 +488,7 @@ impl ManifestStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::oci::Algorithm;
 
     fn manifest(body: &'static [u8]) -> CachedManifest {
         CachedManifest {
@@ -368,6 +528,81 @@ mod tests {
                 .tag(&key),
             None
         );
+    }
+
+    #[test]
+    fn tag_variants_are_kept_one_per_media_type_beside_the_primary_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ManifestStore::open(dir.path(), Duration::ZERO).unwrap();
+        let key = TagKey::new(
+            "hub",
+            &Repository::parse("team/app").unwrap(),
+            &Tag::parse("v1").unwrap(),
+        );
+        let at = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let entry = |body: &[u8], media_type: &str| TagEntry {
+            digest: Digest::compute(Algorithm::Sha256, body),
+            media_type: media_type.to_owned(),
+            size: body.len() as u64,
+            validated_at: at,
+        };
+        let amd64 = entry(b"amd64", crate::oci::media::DOCKER_MANIFEST_V2);
+        store.set_tag_variant(&key, amd64.clone());
+        assert_eq!(
+            store.tag(&key),
+            None,
+            "a variant is not the tag's real target"
+        );
+        let index = entry(b"index", crate::oci::media::OCI_INDEX_V1);
+        store.set_tag(&key, index.clone());
+        let newer = entry(b"amd64 v2", crate::oci::media::DOCKER_MANIFEST_V2);
+        store.set_tag_variant(&key, newer.clone());
+        let schema1 = entry(b"s1", crate::oci::media::DOCKER_MANIFEST_V1_SIGNED);
+        store.set_tag_variant(&key, schema1.clone());
+
+        let reopened = ManifestStore::open(dir.path(), Duration::ZERO).unwrap();
+        assert_eq!(reopened.tag(&key), Some(index));
+        assert_eq!(reopened.tag_variants(&key), vec![newer, schema1.clone()]);
+        reopened.forget_tag_variant(&key, crate::oci::media::DOCKER_MANIFEST_V2);
+        assert_eq!(reopened.tag_variants(&key), vec![schema1]);
+        reopened.forget_tag(&key);
+        assert!(reopened.tag_variants(&key).is_empty());
+        assert_eq!(reopened.tag(&key), None);
+    }
+
+    #[test]
+    fn tag_files_written_before_variants_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ManifestStore::open(dir.path(), Duration::ZERO).unwrap();
+        let key = TagKey::new(
+            "hub",
+            &Repository::parse("team/app").unwrap(),
+            &Tag::parse("old").unwrap(),
+        );
+        let digest = Digest::compute(Algorithm::Sha256, b"x");
+        let old = format!(
+            r#"{{"digest":"{digest}","media_type":"{}","size":1,"validated_at":1700000000}}"#,
+            crate::oci::media::OCI_MANIFEST_V1
+        );
+        let path = store.tag_path(&key);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, old).unwrap();
+        let entry = store.tag(&key).expect("old file read");
+        assert_eq!(entry.digest, digest);
+        assert!(store.tag_variants(&key).is_empty());
+    }
+
+    #[test]
+    fn forgetting_a_404_forgets_it_for_every_accept_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ManifestStore::open(dir.path(), Duration::from_secs(60)).unwrap();
+        let narrow = ManifestStore::missing_key_for("k", Some(2));
+        store.remember_missing(narrow.clone());
+        store.remember_missing("k".into());
+        assert!(store.known_missing(&narrow) && store.known_missing("k"));
+        assert!(!store.known_missing(&ManifestStore::missing_key_for("k", Some(3))));
+        store.forget_missing("k");
+        assert!(!store.known_missing(&narrow) && !store.known_missing("k"));
     }
 
     #[test]

@@ -30,12 +30,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
 
-use crate::oci::{Algorithm, Digest, ErrorCode, OciError};
+use crate::oci::{Digest, OciError};
 
 pub use disk::{Blob, BlobReader, MAX_CHUNK};
 pub use fill::{Fill, FillFailure, FillPolicy, FillReader, FillState, Progress};
 pub use links::Links;
-pub use manifest::{CachedManifest, ManifestStats, ManifestStore, TagEntry, TagKey};
+pub use manifest::{
+    CachedManifest, ManifestStats, ManifestStore, ReferrersEntry, ReferrersKey, TagEntry, TagKey,
+};
 
 use disk::Layout;
 use index::Index;
@@ -224,12 +226,9 @@ impl BlobStore {
         Ok((store, stats))
     }
 
-    /// A committed blob: an open file and its size, marking it recently used. `None` if absent
-    /// (or not sha256). Does one `open` + `fstat`.
+    /// A committed blob: an open file and its size, marking it recently used. `None` if absent.
+    /// Does one `open` + `fstat`.
     pub fn lookup(&self, digest: &Digest) -> Option<Blob> {
-        if digest.algorithm() != Algorithm::Sha256 {
-            return None;
-        }
         let hex = digest.hex();
         let size = self.shared.index.get(hex)?;
         match open_blob(&self.shared.layout.blob_path(hex), size) {
@@ -246,27 +245,18 @@ impl BlobStore {
     /// Single flight (invariant 4): joins the running fill of `digest`, or returns the committed
     /// blob as a finished fill, or starts a fill on a new tokio task that belongs to no client
     /// and pulls from `source`. Exactly one `source.open` sequence runs per concurrent set of
-    /// callers. Never fails directly: problems (a non-sha256 digest, no temp file, no tokio
-    /// runtime) come back as a fill already in `Failed`.
+    /// callers. Blobs are verified with their digest's algorithm (SHA-256 or SHA-512). Never
+    /// fails directly: problems (no temp file, no tokio runtime) come back as a fill already in
+    /// `Failed`.
     pub fn fill_or_join(&self, digest: &Digest, source: Arc<dyn BlobSource>) -> Arc<Fill> {
-        if digest.algorithm() != Algorithm::Sha256 {
-            let e = OciError::new(
-                ErrorCode::Unsupported,
-                format!(
-                    "the cache holds only sha256 blobs, not {}",
-                    digest.algorithm()
-                ),
-            )
-            .with_status(400);
-            return Fill::failed(digest, FillFailure::Refused(e));
-        }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return Fill::failed(digest, FillFailure::Storage("no tokio runtime".into()));
         };
         let shared = &self.shared;
         let hex = digest.hex();
-        // Looked at before taking the map's lock (it reads `tmp/`). A blob committed by another process on this cache (the old one, during an upgrade)
-        // after this one indexed the directory: the fill re-verifies it from disk.
+        // A blob another process on this cache (the old one, during an upgrade) is filling, or
+        // committed after this one indexed the directory: the fill re-verifies it from disk.
+        // Looked at before taking the map's lock (it reads `tmp/`).
         let source = match shared.layout.foreign_fill(hex) {
             Some(temp) => Arc::new(handover::AfterOtherProcess::new(
                 digest.clone(),
@@ -294,7 +284,6 @@ impl BlobStore {
         if let Some(blob) = self.lookup(digest) {
             return Fill::committed(digest, blob);
         }
-
         let (file, temp) = match shared.layout.create_temp(hex) {
             Ok(created) => created,
             Err(e) => {

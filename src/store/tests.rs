@@ -593,19 +593,32 @@ async fn refused_source_is_reported_and_leaves_nothing() {
 }
 
 #[tokio::test]
-async fn non_sha256_digests_are_refused() {
+async fn sha512_blobs_are_verified_with_sha512_and_kept_apart() {
     let dir = tempfile::tempdir().unwrap();
-    let store = new_store(dir.path(), 1 << 30);
-    let digest = Digest::compute(Algorithm::Sha512, b"x");
-    let source = Arc::new(FakeSource::new(&Bytes::from_static(b"x")));
-    assert!(store.lookup(&digest).is_none());
-    let err = store
-        .fill_or_join(&digest, source.clone())
-        .wait_started()
-        .await
-        .unwrap_err();
-    assert!(matches!(err, FillFailure::Refused(e) if e.code == ErrorCode::Unsupported));
-    assert!(source.opens().is_empty());
+    let data = blob_bytes(MAX_CHUNK + 4_321, 12);
+    let digest = Digest::compute(Algorithm::Sha512, &data);
+    {
+        let store = new_store(dir.path(), 1 << 30);
+        let fill = store.fill_or_join(&digest, Arc::new(FakeSource::new(&data)));
+        assert!(drain(fill.reader(0, data.len() as u64)).await.unwrap() == data);
+        fill.wait_done().await.unwrap();
+        let hex = digest.hex();
+        let path = dir.path().join("blobs/sha512").join(&hex[..2]).join(hex);
+        assert!(std::fs::read(path).unwrap() == data);
+        // The SHA-256 of the same bytes is another blob.
+        assert!(store.lookup(&digest_of(&data)).is_none());
+
+        // Bytes that are not the sha512 digest's are never committed.
+        let mut corrupt = data.to_vec();
+        corrupt[1000] ^= 1;
+        let other = Digest::compute(Algorithm::Sha512, b"something else");
+        let bad = store.fill_or_join(&other, Arc::new(FakeSource::new(&Bytes::from(corrupt))));
+        assert!(drain(bad.reader(0, data.len() as u64)).await.is_err());
+        assert!(store.lookup(&other).is_none());
+    }
+    let reopened = new_store(dir.path(), 1 << 30);
+    let blob = reopened.lookup(&digest).expect("indexed again at start");
+    assert!(drain_blob(blob.reader(0, blob.len)).await.unwrap() == data);
 }
 
 #[tokio::test]

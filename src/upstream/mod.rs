@@ -93,6 +93,9 @@ pub struct UpstreamClient {
     tokens: TokenCache,
     /// The scheme the upstream asked for last time, so later requests authenticate up front.
     challenge: RwLock<Option<Challenge>>,
+    /// Token actions the upstream's challenges asked for, by the actions pullgate asked
+    /// (`send_scoped`): e.g. `delete` -> `*`.
+    learned: RwLock<std::collections::HashMap<String, String>>,
     guard: Arc<AddressGuard>,
     metrics: Arc<Metrics>,
 }
@@ -127,6 +130,7 @@ impl UpstreamClient {
             credentials,
             tokens: TokenCache::default(),
             challenge: RwLock::new(None),
+            learned: RwLock::new(std::collections::HashMap::new()),
             guard,
             metrics,
         })
@@ -139,11 +143,32 @@ impl UpstreamClient {
     /// Send `req`, authenticating as the upstream demands (one retry after a 401 with fresh
     /// credentials) and following redirects (at most `MAX_REDIRECTS`).
     pub async fn send(&self, req: &UpstreamRequest) -> Result<UpstreamResponse, UpstreamError> {
+        self.send_as(req, "pull").await
+    }
+
+    /// [`UpstreamClient::send`] for a request that needs `actions` on its repository (e.g.
+    /// `delete`, distribution's name for DELETE). When the upstream's challenge asks for other
+    /// actions on the same repository (`scope="repository:<name>:*"`), the token is fetched
+    /// for those and they are used up front from then on.
+    pub async fn send_scoped(
+        &self,
+        req: &UpstreamRequest,
+        actions: &str,
+    ) -> Result<UpstreamResponse, UpstreamError> {
+        self.send_as(req, actions).await
+    }
+
+    async fn send_as(
+        &self,
+        req: &UpstreamRequest,
+        actions: &str,
+    ) -> Result<UpstreamResponse, UpstreamError> {
         let url = format!("{}{}", self.registry.upstream.origin, req.path_and_query);
-        let scope = req
+        let learned = self.learned_actions(actions);
+        let mut scope = req
             .repository
             .as_ref()
-            .map(|r| format!("repository:{}:pull", r.as_str()));
+            .map(|r| format!("repository:{}:{learned}", r.as_str()));
         let known = self.known_challenge();
         let auth = match &known {
             Some(c) => self.authorization(c, scope.as_deref(), false).await?,
@@ -170,6 +195,17 @@ impl UpstreamClient {
                 self.tokens.forget(s, DEFAULT_CREDENTIAL);
             }
             self.credentials.invalidate();
+        }
+        if actions != "pull" {
+            if let (Some(repository), Some(wanted)) = (
+                &req.repository,
+                req.repository
+                    .as_ref()
+                    .and_then(|r| token::challenge_actions(&challenge, r.as_str())),
+            ) {
+                self.remember_actions(actions, &wanted);
+                scope = Some(format!("repository:{}:{wanted}", repository.as_str()));
+            }
         }
         let auth = self
             .authorization(&challenge, scope.as_deref(), true)
@@ -247,6 +283,24 @@ impl UpstreamClient {
             .into_iter()
             .next()
             .ok_or_else(|| unreachable(format!("{} has no usable address", up.host)))
+    }
+
+    /// The actions a token for `asked` carries: what the upstream's challenge asked for last
+    /// time, else `asked` itself.
+    fn learned_actions(&self, asked: &str) -> String {
+        self.learned
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(asked)
+            .cloned()
+            .unwrap_or_else(|| asked.to_owned())
+    }
+
+    fn remember_actions(&self, asked: &str, wanted: &str) {
+        self.learned
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(asked.to_owned(), wanted.to_owned());
     }
 
     fn known_challenge(&self) -> Option<Challenge> {

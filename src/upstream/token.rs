@@ -56,6 +56,28 @@ pub fn parse_challenges(value: &str) -> Vec<Challenge> {
     out
 }
 
+/// The actions a Bearer challenge's `scope` asks for on `repository`
+/// (`repository:<name>:<actions>`), when they are all actions of the distribution spec
+/// (`pull`, `push`, `delete`, `*`). A scope for another repository or resource, or with other
+/// actions, is not taken: pullgate asks only for what the policy allowed it to do here.
+pub fn challenge_actions(challenge: &Challenge, repository: &str) -> Option<String> {
+    let Challenge::Bearer {
+        scope: Some(scope), ..
+    } = challenge
+    else {
+        return None;
+    };
+    scope.split_whitespace().find_map(|one| {
+        let rest = one.strip_prefix("repository:")?;
+        let (name, actions) = rest.rsplit_once(':')?;
+        let known = !actions.is_empty()
+            && actions
+                .split(',')
+                .all(|a| matches!(a, "pull" | "push" | "delete" | "*"));
+        (name == repository && known).then(|| actions.to_owned())
+    })
+}
+
 fn split_token(s: &str) -> (&str, &str) {
     let s = s.trim_start();
     let end = s

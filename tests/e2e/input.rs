@@ -20,7 +20,7 @@ fn invalid_names_digests_and_paths_get_oci_errors() {
         (
             "/v2/team/app/blobs/md5:d41d8cd98f00b204e9800998ecf8427e",
             400,
-            "UNSUPPORTED",
+            "DIGEST_INVALID",
         ),
         ("/v2/team/app/manifests/-bad-tag", 400, "TAG_INVALID"),
         ("/etc/passwd", 404, "UNSUPPORTED"),

@@ -5,20 +5,25 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod api;
 mod harness;
 
 mod auth;
 mod cache;
+mod challenges;
 mod cli;
 mod clients;
 mod containerd;
 mod crash;
 mod credentials;
 mod data_endpoints;
+mod deletes;
+mod digests;
 mod errors;
 mod faults;
 mod input;
 mod manifests;
+mod negotiation;
 mod observability;
 mod offline;
 mod policy;
@@ -26,8 +31,10 @@ mod proxy_protocol;
 mod pull;
 mod push;
 mod redirects;
+mod referrers;
 mod reload;
 mod routing;
 mod soak;
 mod tls;
 mod upgrade;
+mod uploads;

@@ -191,14 +191,16 @@ fn full_config_validates_and_resolves_paths() {
         config.identities[0].roles,
         Roles {
             pull: true,
-            push: false
+            push: false,
+            delete: false
         }
     );
     assert_eq!(
         config.identities[1].roles,
         Roles {
             pull: true,
-            push: true
+            push: true,
+            delete: false
         }
     );
     assert!(matches!(

@@ -154,20 +154,24 @@ fn check_roles(ctx: &mut Ctx<'_>, key: &str, raw: Option<&[String]>) -> Roles {
     let Some(raw) = raw else {
         return Roles {
             pull: true,
-            push: false,
+            ..Roles::default()
         };
     };
     if raw.is_empty() {
-        ctx.err(key, "must name at least one role: \"pull\", \"push\"");
+        ctx.err(
+            key,
+            "must name at least one role: \"pull\", \"push\", \"delete\"",
+        );
     }
     let mut roles = Roles::default();
     for (i, role) in raw.iter().enumerate() {
         match role.as_str() {
             "pull" => roles.pull = true,
             "push" => roles.push = true,
+            "delete" => roles.delete = true,
             other => ctx.err(
                 format!("{key}[{i}]"),
-                format!("unknown role {other:?}: expected \"pull\" or \"push\""),
+                format!("unknown role {other:?}: expected \"pull\", \"push\" or \"delete\""),
             ),
         }
     }

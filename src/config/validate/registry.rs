@@ -150,6 +150,7 @@ fn check_registry(
         repositories,
         deny_repositories,
         push: file.push,
+        delete: file.delete,
         redirect,
         tag_ttl,
         scoped_credentials: Vec::new(),

@@ -8,10 +8,12 @@ use super::*;
 const PULL: Roles = Roles {
     pull: true,
     push: false,
+    delete: false,
 };
 const PULL_PUSH: Roles = Roles {
     pull: true,
     push: true,
+    delete: false,
 };
 
 fn basic_header(user: &str, password: &str) -> String {

@@ -135,3 +135,38 @@ fn realm_trust_follows_the_registrable_domain() {
         &["login.other.net".to_string()]
     ));
 }
+
+#[test]
+fn challenge_actions_are_taken_only_for_the_repository_and_known_actions() {
+    let challenge = |scope: Option<&str>| Challenge::Bearer {
+        realm: "https://auth.example/token".into(),
+        service: None,
+        scope: scope.map(str::to_owned),
+        error: Some("insufficient_scope".into()),
+    };
+    let cases = [
+        (Some("repository:team/app:delete"), Some("delete")),
+        (Some("repository:team/app:*"), Some("*")),
+        (
+            Some("repository:team/app:pull,push,delete"),
+            Some("pull,push,delete"),
+        ),
+        (
+            Some("repository:other:pull repository:team/app:delete"),
+            Some("delete"),
+        ),
+        (Some("repository:other/app:delete"), None),
+        (Some("repository:team/app:admin"), None),
+        (Some("repository:team/app:"), None),
+        (Some("registry:catalog:*"), None),
+        (None, None),
+    ];
+    for (scope, want) in cases {
+        assert_eq!(
+            challenge_actions(&challenge(scope), "team/app").as_deref(),
+            want,
+            "{scope:?}"
+        );
+    }
+    assert_eq!(challenge_actions(&Challenge::Basic, "team/app"), None);
+}
