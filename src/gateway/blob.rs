@@ -15,9 +15,9 @@ use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 
 use super::confirm::{Confirm, Confirmed, Kind};
+use super::job::{error_from_upstream, upstream_error, Failure};
 use super::range::{self, RangeAnswer};
 use super::respond::{self, Body};
-use super::serve::{error_from_upstream, upstream_error, Failure};
 use super::RequestCtx;
 use crate::oci::{Digest, Repository};
 use crate::store::{BlobSource, BlobStore, FillFailure, Links, SourceBody, SourceError};

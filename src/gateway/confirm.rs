@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 
-use super::serve::{error_from_upstream, upstream_error, Failure};
+use super::job::{error_from_upstream, upstream_error, Failure};
 use crate::oci::{self, Digest, Repository};
 use crate::store::Links;
 use crate::upstream::{UpstreamClient, UpstreamError, UpstreamRequest};

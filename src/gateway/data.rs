@@ -16,7 +16,7 @@ use bytes::Bytes;
 use http::{header, Method};
 use pingora::proxy::Session;
 
-use super::serve::{partition, Failure};
+use super::job::{partition, Failure};
 use super::{access, respond, Gateway, RequestCtx};
 use crate::oci::{Digest, Endpoint, ErrorCode, OciError};
 use crate::route::{self, Routed};

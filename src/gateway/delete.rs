@@ -19,8 +19,8 @@ use bytes::Bytes;
 use http::Method;
 use pingora::proxy::Session;
 
+use super::job::{error_from_upstream, partitions, Failure, Job};
 use super::respond;
-use super::serve::{error_from_upstream, partitions, Failure, Job};
 use super::{Gateway, RequestCtx};
 use crate::oci::{Endpoint, ErrorCode, OciError, Reference};
 use crate::store::TagKey;

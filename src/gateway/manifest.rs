@@ -16,8 +16,8 @@ use pingora::proxy::Session;
 use sha2::{Digest as _, Sha256};
 
 use super::confirm::{is_unavailable_error, is_unavailable_status, Confirm, Kind};
+use super::job::{error_from_upstream, manifest_read_error, upstream_error, Failure, Job};
 use super::respond;
-use super::serve::{error_from_upstream, manifest_read_error, upstream_error, Failure, Job};
 use super::{Gateway, RequestCtx};
 use crate::oci::{self, Digest, ErrorCode, OciError, Reference, Tag};
 use crate::store::{CachedManifest, ManifestStore, TagEntry, TagKey};

@@ -13,6 +13,7 @@ mod confirm;
 mod ctx;
 mod data;
 mod delete;
+mod job;
 mod manifest;
 mod push;
 mod range;
@@ -242,7 +243,7 @@ impl Gateway {
                 let mut with = (**registry).clone();
                 with.credentials = Some(scoped.credentials.clone());
                 client_for(
-                    serve::partition(&registry.name, Some(&scoped.name)),
+                    job::partition(&registry.name, Some(&scoped.name)),
                     Arc::new(with),
                     &|| {
                         format!(
@@ -302,7 +303,7 @@ impl Gateway {
         self.policy.trusted_proxies().contains(ip)
     }
 
-    /// The upstream client of a cache partition (`serve::partition`).
+    /// The upstream client of a cache partition (`job::partition`).
     fn upstream(&self, partition: &str) -> Option<&Arc<UpstreamClient>> {
         self.upstreams.get(partition)
     }
@@ -355,11 +356,11 @@ impl ProxyHttp for Edge {
             // A push continues on Pingora's proxy path (upstream_peer and the filters below).
             Ok(()) if ctx.push.is_some() => Ok(false),
             Ok(()) => Ok(true),
-            Err(serve::Failure::Respond(error)) => {
+            Err(job::Failure::Respond(error)) => {
                 respond::oci_error(session, ctx, &error).await?;
                 Ok(true)
             }
-            Err(serve::Failure::Abort(reason)) => {
+            Err(job::Failure::Abort(reason)) => {
                 // Invariant 3: the response head is out; ending the body early would look
                 // complete. Failing the request drops the connection mid-body instead.
                 ctx.note_error(&reason);

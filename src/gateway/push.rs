@@ -14,7 +14,7 @@ use std::sync::Arc;
 use http::Method;
 use pingora::proxy::{FailToProxy, Session};
 
-use super::serve::{upstream_error, Job};
+use super::job::{upstream_error, Job};
 use super::{referrers, refusal, respond, Gateway, RequestCtx};
 use crate::oci::{Digest, Endpoint, ErrorCode, OciError, Reference, Repository};
 use crate::route::RoutedBy;

@@ -15,11 +15,11 @@ use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use pingora::proxy::Session;
 
 use super::confirm::{is_unavailable_error, is_unavailable_status};
-use super::respond;
-use super::serve::{
+use super::job::{
     error_from_upstream, manifest_read_error, partitions, rewrite_link, upstream_error, Failure,
     Job,
 };
+use super::respond;
 use super::{Gateway, RequestCtx};
 use crate::config::Registry;
 use crate::oci::{self, Digest, ErrorCode, OciError, Repository};

@@ -88,11 +88,24 @@ impl Gateway {
         self._dir.path().join("pullgate.toml")
     }
 
-    /// The audit log's lines so far, parsed.
+    /// The audit log's lines so far, parsed. Audit lines are written by a thread of their own
+    /// after each answer, so this reads until the file has stopped growing for 100 ms (at most
+    /// 5 s): every request the test already got an answer to is in it.
     pub fn audit_lines(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(self._dir.path().join("audit.log"))
-            .unwrap_or_default()
-            .lines()
+        let path = self._dir.path().join("audit.log");
+        let read = || std::fs::read_to_string(&path).unwrap_or_default();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let (mut text, mut since) = (read(), std::time::Instant::now());
+        while since.elapsed() < std::time::Duration::from_millis(100)
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            let now = read();
+            if now.len() != text.len() {
+                (text, since) = (now, std::time::Instant::now());
+            }
+        }
+        text.lines()
             .map(|l| serde_json::from_str(l).expect("audit lines are JSON"))
             .collect()
     }
