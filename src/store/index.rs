@@ -6,14 +6,19 @@
 //! (an explicit invalidation or a replacement leaves the file alone), or hold a lock while it
 //! touches the disk for longer than one `unlink`.
 //!
+//! Pinned blobs (warm-up entries with `pin = true`) live outside the LRU, in a map of their own
+//! with its own budget (`pinned_max`), so no eviction can reach them; the list is kept in
+//! `<cache dir>/pins` so a restart's start-up eviction spares them too.
+//!
 //! Policy: moka's plain LRU (`EvictionPolicy::lru()`), "least recently used first". TinyLFU's
 //! admission filter was not chosen on purpose: it can reject a blob that was just fetched (a
 //! newcomer has no frequency yet), which would delete a file clients are still being served from
 //! and make the next pull fetch it again.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::time::SystemTime;
 
 use moka::notification::RemovalCause;
@@ -42,6 +47,41 @@ pub(crate) struct Index {
     cache: RwLock<Cache<String, u64>>,
     counters: Arc<Counters>,
     layout: Layout,
+    pins: Mutex<Pins>,
+}
+
+/// Blobs that are never evicted: `hex -> size`, their bytes, their budget, and the file that
+/// lists them.
+struct Pins {
+    blobs: HashMap<String, u64>,
+    bytes: u64,
+    max: u64,
+    file: Option<PathBuf>,
+}
+
+/// Why a blob could not be pinned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PinError {
+    /// It is not in the cache (fill it first).
+    NotCached,
+    /// Pinning it would take the pinned bytes past `cache.pinned_max_size`.
+    OverBudget { needed: u64, pinned: u64, max: u64 },
+}
+
+impl std::fmt::Display for PinError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PinError::NotCached => f.write_str("the blob is not in the cache"),
+            PinError::OverBudget {
+                needed,
+                pinned,
+                max,
+            } => write!(
+                f,
+                "pinning {needed} more bytes would exceed cache.pinned_max_size ({pinned} of {max} bytes pinned)"
+            ),
+        }
+    }
 }
 
 impl Index {
@@ -53,7 +93,122 @@ impl Index {
             cache: RwLock::new(cache),
             counters,
             layout,
+            pins: Mutex::new(Pins {
+                blobs: HashMap::new(),
+                bytes: 0,
+                max: 0,
+                file: None,
+            }),
         }
+    }
+
+    fn pins(&self) -> MutexGuard<'_, Pins> {
+        self.pins.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reads the pin list from `file` (missing: none) before the start-up scan is indexed:
+    /// [`Index::insert_scanned`] then keeps those blobs out of the LRU. Returns how many
+    /// names it read.
+    pub(crate) fn load_pins(&self, file: PathBuf, max: u64) -> usize {
+        let listed: Vec<String> = std::fs::read_to_string(&file)
+            .unwrap_or_default()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_hexdigit()))
+            .map(str::to_owned)
+            .collect();
+        let mut pins = self.pins();
+        pins.file = Some(file);
+        pins.max = max;
+        // Sizes are filled in by `insert_scanned`; a listed blob that is gone is dropped then.
+        for hex in &listed {
+            pins.blobs.insert(hex.clone(), u64::MAX);
+        }
+        listed.len()
+    }
+
+    /// A blob found by the start-up scan: pinned if the pin list names it (and the budget
+    /// holds), else into the LRU.
+    pub(crate) fn insert_scanned(&self, hex: String, size: u64) {
+        {
+            let mut pins = self.pins();
+            let listed = pins.blobs.get(&hex) == Some(&u64::MAX);
+            if listed && pins.bytes + size <= pins.max {
+                pins.blobs.insert(hex, size);
+                pins.bytes += size;
+                self.counters.entries.fetch_add(1, Ordering::Relaxed);
+                self.counters.bytes.fetch_add(size, Ordering::Relaxed);
+                return;
+            }
+            if listed {
+                pins.blobs.remove(&hex);
+            }
+        }
+        self.insert(hex, size);
+    }
+
+    /// After the start-up scan: listed pins whose blob is gone are forgotten (and the list
+    /// rewritten without them).
+    pub(crate) fn finish_scan(&self) {
+        let mut pins = self.pins();
+        let before = pins.blobs.len();
+        pins.blobs.retain(|_, size| *size != u64::MAX);
+        if pins.blobs.len() != before {
+            write_pins(&pins);
+        }
+    }
+
+    /// Keeps a cached blob out of every eviction until [`Index::unpin`].
+    pub(crate) fn pin(&self, hex: &str) -> Result<(), PinError> {
+        let mut pins = self.pins();
+        if pins.blobs.contains_key(hex) {
+            return Ok(());
+        }
+        let cache = self.cache();
+        let size = cache.get(hex).ok_or(PinError::NotCached)?;
+        if pins.bytes + size > pins.max {
+            return Err(PinError::OverBudget {
+                needed: size,
+                pinned: pins.bytes,
+                max: pins.max,
+            });
+        }
+        // Out of the LRU (an explicit removal: the listener subtracts it and keeps the file),
+        // then counted again as pinned.
+        cache.invalidate(hex);
+        self.counters.entries.fetch_add(1, Ordering::Relaxed);
+        self.counters.bytes.fetch_add(size, Ordering::Relaxed);
+        pins.blobs.insert(hex.to_owned(), size);
+        pins.bytes += size;
+        write_pins(&pins);
+        Ok(())
+    }
+
+    /// Back into the LRU (where it may be evicted at once if the cache is full). Not deleted.
+    pub(crate) fn unpin(&self, hex: &str) {
+        let size = {
+            let mut pins = self.pins();
+            let Some(size) = pins.blobs.remove(hex) else {
+                return;
+            };
+            pins.bytes -= size;
+            write_pins(&pins);
+            size
+        };
+        self.counters.entries.fetch_sub(1, Ordering::Relaxed);
+        self.counters.bytes.fetch_sub(size, Ordering::Relaxed);
+        self.commit(hex.to_owned(), size);
+    }
+
+    /// A new `cache.pinned_max_size`. What is pinned stays pinned; new pins must fit.
+    pub(crate) fn set_pinned_max(&self, max: u64) {
+        self.pins().max = max;
+    }
+
+    /// Pinned blobs and their bytes.
+    pub(crate) fn pinned(&self) -> (u64, u64) {
+        let pins = self.pins();
+        (pins.blobs.len() as u64, pins.bytes)
     }
 
     fn cache(&self) -> RwLockReadGuard<'_, Cache<String, u64>> {
@@ -112,12 +267,22 @@ impl Index {
 
     /// The size of a committed blob, marking it recently used.
     pub(crate) fn get(&self, hex: &str) -> Option<u64> {
-        self.cache().get(hex)
+        if let Some(size) = self.cache().get(hex) {
+            return Some(size);
+        }
+        self.pins().blobs.get(hex).copied()
     }
 
     /// Forgets an entry without deleting its file (e.g. the file vanished behind our back).
     pub(crate) fn invalidate(&self, hex: &str) {
         self.cache().invalidate(hex);
+        let mut pins = self.pins();
+        if let Some(size) = pins.blobs.remove(hex) {
+            pins.bytes -= size;
+            self.counters.entries.fetch_sub(1, Ordering::Relaxed);
+            self.counters.bytes.fetch_sub(size, Ordering::Relaxed);
+            write_pins(&pins);
+        }
     }
 
     /// Applies pending evictions now (moka batches them); tests call it for determinism.
@@ -135,6 +300,26 @@ impl Index {
 
     pub(crate) fn evictions(&self) -> u64 {
         self.counters.evictions.load(Ordering::Relaxed)
+    }
+}
+
+/// Rewrites the pin list (temp file and rename). A failure is logged: the pins hold in memory,
+/// and only a restart could then lose them.
+fn write_pins(pins: &Pins) {
+    let Some(file) = &pins.file else {
+        return;
+    };
+    let mut text = String::new();
+    let mut names: Vec<&String> = pins.blobs.keys().collect();
+    names.sort();
+    for hex in names {
+        text.push_str(hex);
+        text.push('\n');
+    }
+    let tmp = file.with_extension("tmp");
+    let written = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, file));
+    if let Err(e) = written {
+        tracing::warn!(path = %file.display(), error = %e, "cannot write the pin list");
     }
 }
 

@@ -41,6 +41,10 @@ pub use manifest::{
 
 use disk::Layout;
 use index::Index;
+pub use index::PinError;
+
+/// The list of pinned blobs under the cache directory.
+const PINS_FILE: &str = "pins";
 
 /// Where a fill gets its bytes: the upstream registry today, a peer or a second tier later.
 #[async_trait::async_trait]
@@ -89,8 +93,12 @@ pub struct OpenStats {
 /// Counters for metrics; read with [`BlobStore::stats`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StoreStats {
+    /// Every committed blob (pinned ones included) and their bytes.
     pub entries: u64,
     pub bytes: u64,
+    /// Blobs kept out of eviction ([`BlobStore::pin`]) and their bytes.
+    pub pinned_entries: u64,
+    pub pinned_bytes: u64,
     pub fills_in_flight: u64,
     pub evictions: u64,
     pub fills_started: u64,
@@ -197,9 +205,14 @@ impl BlobStore {
         let mut found = layout.scan()?;
         found.sort_by_key(|(_, _, mtime)| *mtime);
         let index = Index::new(layout.clone(), max_size);
+        // What the list names stays pinned, whatever the budget (it fitted when it was pinned);
+        // new pins need `set_pinned_max_size` (none fit until then).
+        index.load_pins(dir.join(PINS_FILE), u64::MAX);
         for (hex, size, _) in found {
-            index.insert(hex, size);
+            index.insert_scanned(hex, size);
         }
+        index.finish_scan();
+        index.set_pinned_max(0);
         index.run_pending_tasks();
         let stats = OpenStats {
             entries: index.entries(),
@@ -302,9 +315,12 @@ impl BlobStore {
 
     pub fn stats(&self) -> StoreStats {
         let shared = &self.shared;
+        let (pinned_entries, pinned_bytes) = shared.index.pinned();
         StoreStats {
             entries: shared.index.entries(),
             bytes: shared.index.bytes(),
+            pinned_entries,
+            pinned_bytes,
             fills_in_flight: shared.inflight().len() as u64,
             evictions: shared.index.evictions(),
             fills_started: shared.counters.started.get(),
@@ -329,6 +345,22 @@ impl BlobStore {
             u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
         );
+    }
+
+    /// Keeps a cached blob from ever being evicted, within `cache.pinned_max_size`; kept across
+    /// restarts (`<cache dir>/pins`).
+    pub fn pin(&self, digest: &Digest) -> Result<(), PinError> {
+        self.shared.index.pin(digest.hex())
+    }
+
+    /// Lets a pinned blob be evicted again (it is not deleted).
+    pub fn unpin(&self, digest: &Digest) {
+        self.shared.index.unpin(digest.hex());
+    }
+
+    /// A new `cache.pinned_max_size`: what is pinned stays, new pins must fit.
+    pub fn set_pinned_max_size(&self, max: u64) {
+        self.shared.index.set_pinned_max(max);
     }
 
     /// Another process is taking this cache over (a binary upgrade): from now on this one

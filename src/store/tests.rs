@@ -767,6 +767,59 @@ async fn a_blob_another_process_committed_is_taken_from_disk_after_checking_it()
     assert!(drain_blob(blob.reader(0, blob.len)).await.unwrap() == other);
 }
 
+#[tokio::test]
+async fn pinned_blobs_survive_every_eviction_and_a_restart_within_their_own_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(dir.path(), 100 * 1024);
+    async fn fill(store: &BlobStore, data: Bytes) {
+        let fill = store.fill_or_join(&digest_of(&data), Arc::new(FakeSource::new(&data)));
+        fill.wait_done().await.unwrap();
+        store.run_pending_tasks();
+    }
+    let pinned = blob_bytes(30 * 1024, 80);
+    fill(&store, pinned.clone()).await;
+    assert_eq!(
+        store.pin(&digest_of(&pinned)),
+        Err(PinError::OverBudget {
+            needed: 30 * 1024,
+            pinned: 0,
+            max: 0
+        }),
+        "no budget, no pin"
+    );
+    store.set_pinned_max_size(40 * 1024);
+    store.pin(&digest_of(&pinned)).unwrap();
+    let missing = digest_of(&blob_bytes(10, 81));
+    assert_eq!(store.pin(&missing), Err(PinError::NotCached));
+    let second = blob_bytes(30 * 1024, 82);
+    fill(&store, second.clone()).await;
+    assert!(matches!(
+        store.pin(&digest_of(&second)),
+        Err(PinError::OverBudget { .. })
+    ));
+
+    // Cache pressure: many more blobs than fit; the pinned one is never evicted.
+    for i in 0..8 {
+        fill(&store, blob_bytes(30 * 1024, 90 + i)).await;
+    }
+    assert!(store.lookup(&digest_of(&pinned)).is_some());
+    let stats = store.stats();
+    assert_eq!((stats.pinned_entries, stats.pinned_bytes), (1, 30 * 1024));
+    assert!(stats.evictions >= 6, "{stats:?}");
+
+    // A restart with a tiny max_size: the start-up eviction spares it too.
+    drop(store);
+    let (store, _) = BlobStore::open(dir.path(), 10 * 1024).unwrap();
+    assert!(store.lookup(&digest_of(&pinned)).is_some());
+    assert_eq!(store.stats().pinned_entries, 1);
+
+    // Unpinned: back in the LRU, evicted by the next pressure, never deleted by the unpin.
+    store.unpin(&digest_of(&pinned));
+    assert_eq!(store.stats().pinned_entries, 0);
+    fill(&store, blob_bytes(30 * 1024, 120)).await;
+    assert!(store.lookup(&digest_of(&pinned)).is_none());
+}
+
 /// Start-up index rebuild time. Run with
 /// `cargo test --release -- --ignored --nocapture open_time_100k`.
 #[test]
