@@ -37,6 +37,8 @@ const GB: f64 = 1e9;
 const BIG: u64 = 500 * MIB;
 const MEDIUM: u64 = 50 * MIB;
 /// What registry clients send for manifests.
+/// What tag pollers (crane, regctl, Renovate, Trivy) send: the one type they want.
+const ONE_TYPE_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json";
 const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
 
 struct Opts {
@@ -861,17 +863,29 @@ fn w3(
         64,
         d,
     );
+    let mid_full = bed.up.requests().len();
+    let h1 = load::hammer(
+        port,
+        "HEAD",
+        manifest,
+        &[("Accept", ONE_TYPE_ACCEPT)],
+        64,
+        d,
+    );
     let mid = bed.up.requests().len();
     let g = load::wrk(&format!("http://127.0.0.1:{port}{blob_path}"), &[], 64, d)?;
     let after = bed.up.requests().len();
     // How often each kind of request reached the upstream (1.0: every time).
     let per = |n: usize, r: &load::LoadResult| n as f64 / r.requests.max(1) as f64;
     println!(
-        "  {id}: W3 HEAD manifest {:.0} req/s p99 {:.2} ms ({} errors, {}, upstream {:.2}/req); GET small blob {:.0} req/s p99 {:.2} ms ({} errors, {}, upstream {:.2}/req)",
-        h.rps, h.p99_ms, h.errors, h.tool, per(mid - before, &h), g.rps, g.p99_ms, g.errors, g.tool, per(after - mid, &g)
+        "  {id}: W3 HEAD manifest {:.0} req/s p99 {:.2} ms ({} errors, {}, upstream {:.2}/req); one-type Accept {:.0} req/s p99 {:.2} ms ({} errors, upstream {:.2}/req); GET small blob {:.0} req/s p99 {:.2} ms ({} errors, {}, upstream {:.2}/req)",
+        h.rps, h.p99_ms, h.errors, h.tool, per(mid_full - before, &h),
+        h1.rps, h1.p99_ms, h1.errors, per(mid - mid_full, &h1),
+        g.rps, g.p99_ms, g.errors, g.tool, per(after - mid, &g)
     );
     for (r, rps, p99) in [
         (&h, "w3_head_rps", "w3_head_p99"),
+        (&h1, "w3_head1_rps", "w3_head1_p99"),
         (&g, "w3_get_rps", "w3_get_p99"),
     ] {
         if r.errors > r.requests / 100 {

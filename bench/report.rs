@@ -50,6 +50,20 @@ pub const METRICS: &[Metric] = &[
         better: Better::Lower,
     },
     Metric {
+        id: "w3_head1_rps",
+        workload: "W3",
+        title: "HEAD manifest by tag, one-type Accept, 64 conns",
+        unit: "req/s",
+        better: Better::Higher,
+    },
+    Metric {
+        id: "w3_head1_p99",
+        workload: "W3",
+        title: "HEAD manifest by tag, one-type Accept, p99",
+        unit: "ms",
+        better: Better::Lower,
+    },
+    Metric {
         id: "w3_get_rps",
         workload: "W3",
         title: "GET small blob, 64 conns (wrk)",
@@ -298,6 +312,8 @@ impl Results {
             "w2_gbps",
             "w3_head_rps",
             "w3_head_p99",
+            "w3_head1_rps",
+            "w3_head1_p99",
             "w3_get_rps",
             "w3_get_p99",
         ] {
