@@ -6,8 +6,8 @@
 //! at start and again on every reload (`listen::reload`), each time into a new immutable
 //! `gateway::Gateway` snapshot. ARCHITECTURE.md walks through all of it.
 //!
-//! Dependency rule: `oci`, `secret` and `sign` (signed data-endpoint URLs) depend on nothing
-//! else in the crate; `config` only on `secret` and `sign` (to check a key file at load);
+//! Dependency rule: `oci`, `secret`, `sign` (signed data-endpoint URLs) and `crypt` (the sealed
+//! file format of the encrypted cache) depend on nothing else in the crate; `config` only on `secret` and `sign` (to check a key file at load);
 //! `route` depends only on `oci` and the config model; `policy` only on `oci`, the config model
 //! and `secret`; `store` only on `oci`; `metrics` only reads the store's counters, and any module
 //! may record into the `Metrics` handle it is given; `audit` only on the config model;
@@ -18,6 +18,7 @@
 pub mod audit;
 pub mod client_config;
 pub mod config;
+pub mod crypt;
 pub mod gateway;
 pub mod listen;
 pub mod metrics;
