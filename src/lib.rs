@@ -6,14 +6,14 @@
 //! at start and again on every reload (`listen::reload`), each time into a new immutable
 //! `gateway::Gateway` snapshot. ARCHITECTURE.md walks through all of it.
 //!
-//! Dependency rule: `oci`, `secret`, `sign` (signed data-endpoint URLs) and `crypt` (the sealed
-//! file format of the encrypted cache) depend on nothing else in the crate; `config` only on `secret` and `sign` (to check a key file at load);
-//! `route` depends only on `oci` and the config model; `policy` only on `oci`, the config model
-//! and `secret`; `store` only on `oci`; `metrics` only reads the store's counters, and any module
-//! may record into the `Metrics` handle it is given; `audit` only on the config model;
-//! `upstream` on `oci`, `config`, `secret`
-//! and `metrics`; `client_config` only on the config model; only `gateway` and `listen` (and
-//! this file) touch Pingora.
+//! Dependency rule: `oci`, `secret`, `sign` (signed data-endpoint URLs) and `crypt` (the
+//! sealed file format of the encrypted cache) depend on nothing else in the crate; `config`
+//! only on `secret` and `sign` (to check a key file at load); `route` only on `oci` and the
+//! config model; `policy` only on `oci`, the config model and `secret`; `store` only on `oci`;
+//! `metrics` only reads the store's counters, and any module may record into the `Metrics`
+//! handle it is given; `audit` only on the config model; `upstream` on `oci`, `config`,
+//! `secret` and `metrics`; `client_config` only on the config model; only `gateway` and
+//! `listen` (and this file) touch Pingora.
 
 pub mod audit;
 pub mod client_config;
