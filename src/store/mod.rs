@@ -267,9 +267,14 @@ impl BlobStore {
         };
         let shared = &self.shared;
         let hex = digest.hex();
+        // Joining a running fill needs no disk look (below); only a new fill does.
+        if let Some(fill) = shared.inflight().get(hex).cloned() {
+            shared.counters.joined.inc();
+            return fill;
+        }
         // A blob another process on this cache (the old one, during an upgrade) is filling, or
         // committed after this one indexed the directory: the fill re-verifies it from disk.
-        // Looked at before taking the map's lock (it reads `tmp/`).
+        // Looked at outside the map's lock (it reads `tmp/`); the map is checked again below.
         let source = match shared.layout.foreign_fill(hex) {
             Some(temp) => Arc::new(handover::AfterOtherProcess::new(
                 digest.clone(),

@@ -4,34 +4,17 @@
 
 use base64::Engine;
 
-use crate::harness::Answer;
+use crate::harness::{request_with_body, Answer};
 
 /// Send one request with a body (no redirects followed) and read the whole answer.
 pub fn send(method: &str, url: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Answer {
-    let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
-    let url = url.to_string();
-    let headers: Vec<(String, String)> = headers
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    crate::support::block_on(async move {
-        let mut req = crate::support::http_client(None).request(method, &url);
-        for (k, v) in headers {
-            req = req.header(k, v);
-        }
-        if !body.is_empty() {
-            req = req.body(body);
-        }
-        let resp = req.send().await.unwrap_or_else(|e| panic!("{url}: {e:?}"));
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let body = resp.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
-        Answer {
-            status,
-            headers,
-            body,
-        }
-    })
+    request_with_body(
+        crate::support::http_client(None),
+        method,
+        url,
+        headers,
+        body,
+    )
 }
 
 /// `Authorization: Basic ...` for a pullgate identity.

@@ -220,6 +220,17 @@ pub fn request_with(
     url: &str,
     headers: &[(&str, &str)],
 ) -> Answer {
+    request_with_body(client, method, url, headers, Vec::new())
+}
+
+/// [`request_with`] sending `body` (none when empty).
+pub fn request_with_body(
+    client: reqwest::Client,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> Answer {
     let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
     let url = url.to_string();
     let headers: Vec<(String, String)> = headers
@@ -230,6 +241,9 @@ pub fn request_with(
         let mut req = client.request(method, &url);
         for (k, v) in headers {
             req = req.header(k, v);
+        }
+        if !body.is_empty() {
+            req = req.body(body);
         }
         let resp = req.send().await.unwrap_or_else(|e| panic!("{url}: {e:?}"));
         let status = resp.status().as_u16();

@@ -5,7 +5,7 @@
 //! to pullgate and the client's name.
 
 use crate::api::{sha256, upstream_token};
-use crate::harness::{registry, Answer, Gateway};
+use crate::harness::{registry, request_with_body, Answer, Gateway};
 use crate::support::{Upstream, UpstreamOptions};
 
 /// The headers whose values must be the same either way.
@@ -31,34 +31,17 @@ impl Side<'_> {
         } else {
             format!("{}{target}", self.base)
         };
-        let mut all: Vec<(String, String)> = headers
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let mut all = headers.to_vec();
         if let Some(a) = &self.auth {
-            all.push(("Authorization".into(), a.clone()));
+            all.push(("Authorization", a));
         }
-        let client = crate::support::http_client(self.ca.as_deref());
-        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-        let body = body.to_vec();
-        crate::support::block_on(async move {
-            let mut req = client.request(method, &url);
-            for (k, v) in all {
-                req = req.header(k, v);
-            }
-            if !body.is_empty() {
-                req = req.body(body);
-            }
-            let resp = req.send().await.unwrap_or_else(|e| panic!("{url}: {e}"));
-            let status = resp.status().as_u16();
-            let headers = resp.headers().clone();
-            let body = resp.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
-            Answer {
-                status,
-                headers,
-                body,
-            }
-        })
+        request_with_body(
+            crate::support::http_client(self.ca.as_deref()),
+            method,
+            &url,
+            &all,
+            body.to_vec(),
+        )
     }
 }
 
