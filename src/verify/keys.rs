@@ -110,9 +110,11 @@ impl PublicKey {
             }
             OID_ED25519 => KeyKind::Ed25519,
             OID_RSA => KeyKind::Rsa,
-            other => return Err(format!(
+            other => {
+                return Err(format!(
                 "unsupported key type (algorithm {other}): use ECDSA P-256, P-384, Ed25519 or RSA"
-            )),
+            ))
+            }
         };
         let point_ok = match kind {
             KeyKind::EcdsaP256 => bits.len() == 65 && bits[0] == 4,
