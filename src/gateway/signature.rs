@@ -233,7 +233,7 @@ pub async fn gate(
     ctx.decision = "deny";
     gw.metrics
         .denials
-        .with_label_values(&[routed.registry.name.as_str(), "signature"])
+        .with_label_values(&[routed.registry.name.as_str(), reason_label(&outcome)])
         .inc();
     Err(OciError::new(ErrorCode::Denied, message)
         .with_status(403)
@@ -242,10 +242,10 @@ pub async fn gate(
 
 fn reason_label(outcome: &Outcome) -> &'static str {
     match outcome {
-        Outcome::Verified => "signature_verified",
-        Outcome::Unsigned => "signature_unsigned",
-        Outcome::BadSignature(_) => "signature_bad",
-        Outcome::Error(_) => "signature_error",
+        Outcome::Verified => "image_verified",
+        Outcome::Unsigned => "image_unsigned",
+        Outcome::BadSignature(_) => "image_bad_signature",
+        Outcome::Error(_) => "image_signature_error",
     }
 }
 

@@ -148,7 +148,7 @@ fn only_manifests_signed_by_a_trusted_key_are_served() {
         .iter()
         .find(|l| l["reference"] == "unsigned" && l["decision"] == "deny")
         .expect("an audit line for the denial");
-    assert_eq!(denied["reason"], "signature_unsigned");
+    assert_eq!(denied["reason"], "image_unsigned");
     assert!(denied["message"]
         .as_str()
         .unwrap()
@@ -238,7 +238,7 @@ fn audit_mode_serves_unsigned_manifests_but_audits_and_counts_them() {
         .expect("an audit line");
     assert_eq!(line["decision"], "allow");
     assert_eq!(line["status"], 200);
-    assert_eq!(line["reason"], "signature_unsigned");
+    assert_eq!(line["reason"], "image_unsigned");
     let message = line["message"].as_str().unwrap();
     assert!(message.contains(&unsigned) && message.contains("registry.icr.signatures[0]"));
 }
@@ -379,4 +379,66 @@ fn verdicts_follow_reloads_and_decide_while_the_upstream_is_down() {
     assert_eq!(a.status, 403);
     assert!(a.oci_message().contains("error"), "{}", a.oci_message());
     assert!(checks(&gw, "error") >= 1);
+}
+
+#[test]
+fn pullgate_check_names_bad_keys_and_policies_that_match_nothing() {
+    let bin = env!("CARGO_BIN_EXE_pullgate");
+    let dir = tempfile::tempdir().unwrap();
+    let key = CosignKey::generate();
+    std::fs::write(dir.path().join("good.pub"), key.public_pem()).unwrap();
+    std::fs::write(
+        dir.path().join("cosign.key"),
+        "-----BEGIN ENCRYPTED SIGSTORE PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED SIGSTORE PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    // secp256k1, which ring does not verify.
+    let mut der = hex::decode("3056301006072a8648ce3d020106052b8104000a034200").unwrap();
+    der.extend_from_slice(&[4u8; 65]);
+    let k1 = format!(
+        "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
+        base64(&der)
+    );
+    std::fs::write(dir.path().join("k1.pub"), k1).unwrap();
+    let head = "[server]\nlisten = [\"127.0.0.1:5000\"]\n[[registry]]\nname = \"icr\"\nupstream = \"https://icr.example\"\nrepositories = [\"team-a/**\"]\n";
+    let check = |text: &str| {
+        let path = dir.path().join("pullgate.toml");
+        std::fs::write(&path, text).unwrap();
+        let out = std::process::Command::new(bin)
+            .args(["check", "--strict", "-c"])
+            .arg(&path)
+            .output()
+            .expect("run");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    };
+    let (code, out) = check(&format!(
+        "{head}[[registry.signatures]]\nrepositories = [\"team-a/**\"]\nkeys = [\"good.pub\", \"cosign.key\", \"k1.pub\", \"gone.pub\"]\n"
+    ));
+    assert_eq!(code, Some(78), "{out}");
+    for expected in [
+        "registry.icr.signatures[0].keys[1]",
+        "private key",
+        "registry.icr.signatures[0].keys[2]",
+        "unsupported elliptic curve",
+        "registry.icr.signatures[0].keys[3]",
+    ] {
+        assert!(out.contains(expected), "{expected:?} not in {out}");
+    }
+    assert!(!out.contains("keys[0]"), "{out}");
+
+    let (code, out) = check(&format!(
+        "{head}[[registry.signatures]]\nrepositories = [\"team-b/**\"]\nkeys = [\"good.pub\"]\n"
+    ));
+    assert_ne!(code, Some(0), "--strict fails on the finding: {out}");
+    assert!(out.contains("[signatures-never-match]"), "{out}");
+    assert!(out.contains("registry.icr.signatures[0]"), "{out}");
+    let (code, out) = check(&format!(
+        "{head}[[registry.signatures]]\nrepositories = [\"team-a/app\"]\nkeys = [\"good.pub\"]\n"
+    ));
+    assert_eq!(code, Some(0), "{out}");
 }
