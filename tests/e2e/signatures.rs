@@ -5,7 +5,7 @@
 
 use crate::api::{push_blob_upstream, push_manifest_upstream};
 use crate::harness::{get, registry, request, Answer, Gateway};
-use crate::support::signing::{base64, cosign_attachment, simple_signing_payload};
+use crate::support::signing::{attach, base64, sign, simple_signing_payload};
 use crate::support::{
     digest_of, skopeo_copy_to_oci, ClientTls, CosignKey, TestImage, Upstream, UpstreamOptions,
 };
@@ -28,22 +28,6 @@ pub fn checks(gw: &Gateway, outcome: &str) -> u64 {
     text.lines()
         .find_map(|l| l.strip_prefix(&want))
         .map_or(0, |v| v.trim().parse().expect("a count"))
-}
-
-/// Stores a cosign `.sig` attachment for `subject` in `repo` of the upstream: `payload` with
-/// the signature annotation `signature`.
-fn attach(up: &Upstream, repo: &str, subject: &str, payload: &[u8], signature: &str) {
-    let (config, payload, manifest) = cosign_attachment(payload, signature);
-    push_blob_upstream(up, repo, &digest_of(&config), &config);
-    push_blob_upstream(up, repo, &digest_of(&payload), &payload);
-    let tag = format!("sha256-{}.sig", subject.trim_start_matches("sha256:"));
-    push_manifest_upstream(up, repo, &tag, OCI_MANIFEST, &manifest);
-}
-
-/// Signs `subject` of `repo` with `key`, as `cosign sign --key` would.
-pub fn sign(up: &Upstream, repo: &str, subject: &str, key: &CosignKey) {
-    let payload = simple_signing_payload(&format!("{}/{repo}", up.host_port()), subject);
-    attach(up, repo, subject, &payload, &base64(&key.sign(&payload)));
 }
 
 fn manifest(gw: &Gateway, repo: &str, reference: &str, method: &str) -> Answer {

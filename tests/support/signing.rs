@@ -158,3 +158,26 @@ pub fn cosign_attachment(payload: &[u8], signature: &str) -> (Vec<u8>, Vec<u8>, 
 pub fn base64(bytes: &[u8]) -> String {
     b64(bytes)
 }
+
+/// Stores a cosign `.sig` attachment for `subject` in `repo` of the upstream: `payload` with
+/// the signature annotation `signature`.
+pub fn attach(up: &super::Upstream, repo: &str, subject: &str, payload: &[u8], signature: &str) {
+    use super::upstream::{push_blob_upstream, push_manifest_upstream};
+    let (config, payload, manifest) = cosign_attachment(payload, signature);
+    push_blob_upstream(up, repo, &super::digest_of(&config), &config);
+    push_blob_upstream(up, repo, &super::digest_of(&payload), &payload);
+    let tag = format!("sha256-{}.sig", subject.trim_start_matches("sha256:"));
+    push_manifest_upstream(
+        up,
+        repo,
+        &tag,
+        "application/vnd.oci.image.manifest.v1+json",
+        &manifest,
+    );
+}
+
+/// Signs `subject` of `repo` in the upstream with `key`, as `cosign sign --key` would.
+pub fn sign(up: &super::Upstream, repo: &str, subject: &str, key: &CosignKey) {
+    let payload = simple_signing_payload(&format!("{}/{repo}", up.host_port()), subject);
+    attach(up, repo, subject, &payload, &base64(&key.sign(&payload)));
+}
