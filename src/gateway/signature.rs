@@ -500,6 +500,85 @@ async fn bundles(job: &Job<'_>, digest: &Digest) -> Result<Vec<Vec<u8>>, String>
 mod tests {
     use super::*;
 
+    /// A config whose registry `icr` has `policies` (TOML), with `a.pub` and `b.pub` (P-256
+    /// public keys) in `dir`.
+    fn config(dir: &std::path::Path, policies: &str) -> crate::config::Config {
+        use base64::Engine as _;
+        use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_ASN1_SIGNING};
+        for name in ["a.pub", "b.pub"] {
+            if dir.join(name).exists() {
+                continue;
+            }
+            let rng = ring::rand::SystemRandom::new();
+            let pkcs8 =
+                EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng).unwrap();
+            let pair =
+                EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref(), &rng)
+                    .unwrap();
+            let mut der =
+                hex::decode("3059301306072a8648ce3d020106082a8648ce3d030107034200").unwrap();
+            der.extend_from_slice(pair.public_key().as_ref());
+            let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+            let pem = format!("-----BEGIN PUBLIC KEY-----\n{b64}\n-----END PUBLIC KEY-----\n");
+            std::fs::write(dir.join(name), pem).unwrap();
+        }
+        let text =
+            format!("[[registry]]\nname = \"icr\"\nupstream = \"https://icr.example\"\n{policies}");
+        crate::config::load_str(&text, dir).unwrap()
+    }
+
+    #[test]
+    fn the_first_matching_policy_covers_a_repository() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = config(
+            dir.path(),
+            "[[registry.signatures]]\nrepositories = [\"team-a/**\"]\nkeys = [\"a.pub\"]\n\
+             [[registry.signatures]]\nkeys = [\"b.pub\"]\nmode = \"audit\"\n",
+        );
+        let reg = &c.registries[0];
+        let repo = |n: &str| Repository::parse(n).unwrap();
+        let key = |n: &str| policy_for(reg, &repo(n)).map(|p| p.key.as_str());
+        assert_eq!(key("team-a/app"), Some("registry.icr.signatures[0]"));
+        assert_eq!(key("team-a"), Some("registry.icr.signatures[0]"));
+        // The second has no globs: it covers everything else.
+        assert_eq!(key("team-b/app"), Some("registry.icr.signatures[1]"));
+        let none = config(dir.path(), "");
+        assert!(policy_for(&none.registries[0], &repo("team-a/app")).is_none());
+    }
+
+    #[test]
+    fn verdicts_carry_over_a_reload_only_when_no_policy_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = |key: &str| format!("[[registry.signatures]]\nkeys = [\"{key}\"]\n");
+        let first = Verdicts::carry(None, &config(dir.path(), &policy("a.pub")));
+        let digest = Digest::compute(crate::oci::Algorithm::Sha256, b"m");
+        let c = config(dir.path(), &policy("a.pub"));
+        let p = &c.registries[0].signatures[0];
+        first.put(
+            &digest,
+            p,
+            Verdict {
+                outcome: Outcome::Verified,
+                at: SystemTime::now(),
+                via: None,
+            },
+        );
+        let same = Verdicts::carry(Some(&first), &c);
+        assert!(same.get(&digest, p).is_some(), "same policy: carried over");
+        let changed = config(dir.path(), &policy("b.pub"));
+        let other = Verdicts::carry(Some(&same), &changed);
+        assert!(!Arc::ptr_eq(&other, &same));
+        assert!(
+            other.get(&digest, p).is_none(),
+            "a changed policy starts empty"
+        );
+        let back = Verdicts::carry(Some(&other), &c);
+        assert!(
+            back.get(&digest, p).is_none(),
+            "nothing comes back from before"
+        );
+    }
+
     #[test]
     fn signature_tags_and_artifacts_are_told_apart() {
         let hex = "a".repeat(64);
