@@ -11,10 +11,11 @@
 //! before the verdict (callers run [`gate`] before writing the head), or cache an `error`
 //! verdict.
 //!
-//! Exempt, served without a check: signature artifacts asked by tag (`sha256-<hex>.sig`,
-//! `.att`, `.sbom`, and the referrers fallback tag `sha256-<hex>`), and manifests no runtime can
-//! run: artifacts whose config is not an image config, or whose layers are all signature
-//! payloads. Blobs are not checked: they are only reachable through a manifest.
+//! Exempt, served without a check: manifests no runtime can run (anything but an image config
+//! with image layers: cosign's `.sig` manifests, sigstore bundles, SBOMs), and indexes asked
+//! by a signature tag (`sha256-<hex>.sig`, `.att`, `.sbom`, the referrers fallback tag
+//! `sha256-<hex>`). A runnable image under a signature tag is checked like any other. Blobs are
+//! not checked: they are only reachable through a manifest.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -110,13 +111,14 @@ pub fn is_signature_tag(tag: &str) -> bool {
     super::referrers::subject_of_tag(base).is_some()
 }
 
-/// A manifest no runtime runs: an artifact (its config is not an image config) or a manifest
-/// whose layers are all signature payloads (cosign's `.sig` manifests).
+/// A manifest no runtime runs: not an index (whose children may be images), not schema 1, and
+/// not an image config with at least one image layer. Sigstore bundles, SBOMs and cosign's
+/// `.sig` manifests (image config, simple-signing layers) are such artifacts.
 fn is_artifact(body: &[u8]) -> bool {
     let Ok(doc) = serde_json::from_slice::<serde_json::Value>(body) else {
         return false;
     };
-    if doc.get("manifests").is_some() {
+    if doc.get("manifests").is_some() || doc.get("fsLayers").is_some() {
         return false;
     }
     let config = doc["config"]["mediaType"].as_str().unwrap_or_default();
@@ -125,18 +127,36 @@ fn is_artifact(body: &[u8]) -> bool {
         "application/vnd.docker.container.image.v1+json",
     ]
     .contains(&config);
-    let layers = doc["layers"].as_array().cloned().unwrap_or_default();
-    let all_signatures = !layers.is_empty()
-        && layers.iter().all(|l| {
-            let t = l["mediaType"].as_str().unwrap_or_default();
-            t == verify::SIMPLE_SIGNING_MEDIA_TYPE
-                || t.starts_with(verify::BUNDLE_MEDIA_TYPE_PREFIX)
-        });
-    (!config.is_empty() && !image_config) || all_signatures
+    let image_layer = doc["layers"].as_array().into_iter().flatten().any(|l| {
+        let t = l["mediaType"].as_str().unwrap_or_default();
+        t.starts_with("application/vnd.oci.image.layer.")
+            || t.starts_with("application/vnd.docker.image.rootfs.")
+    });
+    !(image_config && image_layer)
+}
+
+fn is_index(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .is_ok_and(|d| d.get("manifests").is_some_and(|m| m.is_array()))
+}
+
+/// The manifest's bytes: given, cached, or fetched by digest.
+async fn body_of(
+    gw: &Gateway,
+    job: &Job<'_>,
+    digest: &Digest,
+    body: Option<Bytes>,
+) -> Option<Bytes> {
+    match body.or_else(|| gw.manifests.get(digest).map(|m| m.body.clone())) {
+        Some(b) => Some(b),
+        None => fetch_manifest(job, digest).await.ok(),
+    }
 }
 
 /// Lets `digest` (bytes `body` when known) through, or refuses it. Run before the first byte of
-/// a manifest answer. `exempt`: the request named a signature tag.
+/// a manifest answer. `exempt`: the request named a signature tag; what it names is served
+/// unchecked when it is an index or an artifact (a runnable image under such a tag is checked
+/// like any other).
 pub async fn gate(
     gw: &Gateway,
     ctx: &mut RequestCtx,
@@ -149,8 +169,15 @@ pub async fn gate(
     let Some(policy) = policy_for(&routed.registry, &routed.repository) else {
         return Ok(());
     };
+    let mut body = body;
     if exempt {
-        return Ok(());
+        body = body_of(gw, job, digest, body).await;
+        if body
+            .as_deref()
+            .is_none_or(|b| is_index(b) || is_artifact(b))
+        {
+            return Ok(());
+        }
     }
     let now = SystemTime::now();
     let cache = &gw.config.cache;
@@ -160,10 +187,7 @@ pub async fn gate(
     let outcome = match cached.as_ref().filter(|v| age(v) < ttl) {
         Some(v) => v.outcome.clone(),
         None => {
-            let body = match body.or_else(|| gw.manifests.get(digest).map(|m| m.body.clone())) {
-                Some(b) => Some(b),
-                None => fetch_manifest(job, digest).await.ok(),
-            };
+            let body = body_of(gw, job, digest, body).await;
             if body.as_deref().is_some_and(is_artifact) {
                 return Ok(());
             }
@@ -283,13 +307,7 @@ async fn check(
     digest: &Digest,
     body: Option<&[u8]>,
 ) -> Outcome {
-    let body = match body {
-        Some(b) => Some(Bytes::copy_from_slice(b)),
-        None => match gw.manifests.get(digest) {
-            Some(m) => Some(m.body.clone()),
-            None => fetch_manifest(job, digest).await.ok(),
-        },
-    };
+    let body = body_of(gw, job, digest, body.map(Bytes::copy_from_slice)).await;
     let mut evidence = Evidence::default();
     match cosign_layers(job, digest).await {
         Ok(layers) => evidence.simple_signing = layers,
@@ -593,10 +611,19 @@ mod tests {
         let sig = br#"{"config":{"mediaType":"application/vnd.oci.image.config.v1+json"},"layers":[{"mediaType":"application/vnd.dev.cosign.simplesigning.v1+json"}]}"#;
         let bundle = br#"{"artifactType":"application/vnd.dev.sigstore.bundle.v0.3+json","config":{"mediaType":"application/vnd.oci.empty.v1+json"},"layers":[]}"#;
         let index = br#"{"manifests":[]}"#;
+        let docker = br#"{"config":{"mediaType":"application/vnd.docker.container.image.v1+json"},"layers":[{"mediaType":"application/vnd.docker.image.rootfs.diff.tar.gzip"}]}"#;
+        let schema1 = br#"{"schemaVersion":1,"fsLayers":[{"blobSum":"sha256:aa"}]}"#;
+        // An image config over layers that are not image layers: nothing to run.
+        let sbom = br#"{"config":{"mediaType":"application/vnd.oci.image.config.v1+json"},"layers":[{"mediaType":"text/spdx+json"}]}"#;
         assert!(!is_artifact(image));
+        assert!(!is_artifact(docker));
+        assert!(!is_artifact(schema1));
         assert!(is_artifact(sig));
         assert!(is_artifact(bundle));
+        assert!(is_artifact(sbom));
         assert!(!is_artifact(index));
+        assert!(is_index(index));
+        assert!(!is_index(image));
         assert!(!is_artifact(b"not json"));
     }
 }

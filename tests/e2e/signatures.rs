@@ -67,6 +67,12 @@ fn only_manifests_signed_by_a_trusted_key_are_served() {
     sig[mid] ^= 0x01;
     attach(&up, repo, &tampered, &payload, &base64(&sig));
     up.push(&TestImage::small("sig-unsigned"), "free/app:v1");
+    // A runnable image disguised under a signature tag.
+    let disguise = format!("sha256-{}.sig", "e".repeat(64));
+    up.push(
+        &TestImage::small("sig-disguised"),
+        &format!("{repo}:{disguise}"),
+    );
 
     let gw = Gateway::start(&registry(
         "icr",
@@ -114,6 +120,13 @@ fn only_manifests_signed_by_a_trusted_key_are_served() {
     assert_eq!(manifest(&gw, "free/app", "v1", "GET").status, 200);
     let sig_tag = format!("sha256-{}.sig", &signed["sha256:".len()..]);
     assert_eq!(manifest(&gw, repo, &sig_tag, "GET").status, 200);
+    for method in ["GET", "HEAD"] {
+        assert_eq!(
+            manifest(&gw, repo, &disguise, method).status,
+            403,
+            "{method}"
+        );
+    }
 
     // A real client: skopeo pulls the signed image, and fails on the unsigned one.
     let image = |tag: &str| format!("{}/{repo}:{tag}", gw.addr());
