@@ -43,7 +43,8 @@ pub async fn serve(
         .iter()
         .map(|(k, v)| k.as_str().len() + v.len())
         .sum::<usize>()
-        + req.uri.to_string().len();
+        + req.uri.path_and_query().map_or(0, |p| p.as_str().len())
+        + req.uri.authority().map_or(0, |a| a.as_str().len());
     if head_bytes > MAX_REQUEST_HEAD {
         return Err(OciError::new(
             ErrorCode::Unsupported,
