@@ -18,6 +18,8 @@ use crate::support::{free_port, isolate_env, tail};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Pullgate,
+    /// pullgate with a signature policy over the benchmark repositories (W3 only).
+    PullgateSigned,
     Distribution,
     NginxCache,
     NginxStatic,
@@ -28,6 +30,7 @@ impl Kind {
     pub fn id(self) -> &'static str {
         match self {
             Kind::Pullgate => "pullgate",
+            Kind::PullgateSigned => "pullgate-signed",
             Kind::Distribution => "distribution",
             Kind::NginxCache => "nginx-cache",
             Kind::NginxStatic => "nginx-static",
@@ -49,6 +52,8 @@ pub struct Env {
     pub nginx_token: String,
     /// The folder nginx-static serves.
     pub www: PathBuf,
+    /// The public key `pullgate-signed` trusts (the benchmark manifests are signed with it).
+    pub signature_key: PathBuf,
 }
 
 /// A running server.
@@ -73,7 +78,8 @@ impl Server {
                 .keep();
             let log = dir.join("server.log");
             let cmd = match kind {
-                Kind::Pullgate => pullgate_cmd(env, port, state, &dir)?,
+                Kind::Pullgate => pullgate_cmd(env, port, state, &dir, false)?,
+                Kind::PullgateSigned => pullgate_cmd(env, port, state, &dir, true)?,
                 Kind::Distribution => distribution_cmd(env, port, state, &dir)?,
                 Kind::NginxCache => nginx_cmd(&nginx_cache_conf(env, port, state, &dir), &dir)?,
                 Kind::NginxStatic => nginx_cmd(&nginx_static_conf(env, port, &dir), &dir)?,
@@ -146,7 +152,13 @@ fn wait_ready(proc: &mut Proc, port: u16) -> Result<(), String> {
     }
 }
 
-fn pullgate_cmd(env: &Env, port: u16, state: &Path, dir: &Path) -> Result<Command, String> {
+fn pullgate_cmd(
+    env: &Env,
+    port: u16,
+    state: &Path,
+    dir: &Path,
+    signed: bool,
+) -> Result<Command, String> {
     let password = dir.join("password");
     std::fs::write(&password, format!("{}\n", env.password)).map_err(|e| e.to_string())?;
     let config = format!(
@@ -171,6 +183,14 @@ credentials = {{ username = "{user}", password_file = "{password}" }}
         user = env.user,
         password = password.display(),
     );
+    let config = if signed {
+        format!(
+            "{config}\n[[registry.signatures]]\nrepositories = [\"bench/**\"]\nkeys = [\"{}\"]\n",
+            env.signature_key.display()
+        )
+    } else {
+        config
+    };
     let path = dir.join("pullgate.toml");
     std::fs::write(&path, config).map_err(|e| e.to_string())?;
     let mut cmd = Command::new(&env.pullgate_bin);

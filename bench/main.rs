@@ -61,7 +61,7 @@ struct Opts {
 
 fn usage(code: i32) -> ! {
     eprintln!(
-        "usage: bench [--quick] [--reps N] [--load-secs S] [--no-big16] [--only pullgate,distribution,nginx-cache,limits] [--out DIR] [--pullgate PATH] [--perf DIR] [--no-nice] [--wait-idle S] [--redo N]\n\
+        "usage: bench [--quick] [--reps N] [--load-secs S] [--no-big16] [--only pullgate,pullgate-signed,distribution,nginx-cache,limits] [--out DIR] [--pullgate PATH] [--perf DIR] [--no-nice] [--wait-idle S] [--redo N]\n\
          --quick      one repetition, 1 s load runs, no 16 × 500 MiB run (a smoke test, ~1 min)\n\
          --reps N     repetitions of every measurement (default 3)\n\
          --load-secs  duration of each W3 load run (default 3)\n\
@@ -203,6 +203,8 @@ struct Bed {
     small_manifest_digest: String,
     run: PathBuf,
     _images: Vec<TestImage>,
+    /// Holds the public key file `pullgate-signed` reads.
+    _signer: support::CosignKey,
 }
 
 fn main() {
@@ -233,6 +235,7 @@ fn main() {
         );
         let mut order = vec![
             Round::Proxy(Kind::Pullgate),
+            Round::Proxy(Kind::PullgateSigned),
             Round::Proxy(Kind::Distribution),
             Round::Proxy(Kind::NginxCache),
         ];
@@ -421,6 +424,9 @@ fn setup(opts: Opts, root: &Path) -> Bed {
     up.push(&big_img, "bench/big:v1");
     up.push(&medium_img, "bench/medium:v1");
     let small_manifest_digest = up.push(&small_img, "bench/small:v1");
+    // pullgate-signed trusts this key; the small image's manifest (W3's) is signed with it.
+    let signer = support::CosignKey::generate();
+    support::signing::sign(&up, "bench/small", &small_manifest_digest, &signer);
     println!(
         "images pushed with skopeo ({:.1} s)",
         t.elapsed().as_secs_f64()
@@ -468,6 +474,7 @@ fn setup(opts: Opts, root: &Path) -> Bed {
         password: up.password().to_string(),
         nginx_token,
         www,
+        signature_key: signer.public_path(),
     };
     let run = root.join("run");
     std::fs::create_dir_all(&run).expect("mkdir run");
@@ -481,6 +488,7 @@ fn setup(opts: Opts, root: &Path) -> Bed {
         small_manifest_digest,
         run,
         _images: vec![big_img, medium_img, small_img],
+        _signer: signer,
     }
 }
 
@@ -550,6 +558,23 @@ fn proxy_round(bed: &Bed, kind: Kind, rep: usize, results: &mut Results) {
             results.fail(format!("{id} rep {} {what}: {e}", rep + 1));
         }
     };
+    if kind == Kind::PullgateSigned {
+        // Only W3: what a signature policy costs a warm tag poller.
+        settle();
+        let r = with_server(bed, kind, &state, &format!("w3-{rep}"), |srv| {
+            w3(
+                bed,
+                srv.port,
+                &bed.small.path,
+                &manifest_path(),
+                id,
+                results,
+            )
+        });
+        step(results, "W3", r);
+        let _ = std::fs::remove_dir_all(&state);
+        return;
+    }
 
     // W5: 20 clients at once on a cold 50 MiB blob (empty cache, new process).
     settle();

@@ -138,6 +138,7 @@ pub const METRICS: &[Metric] = &[
 /// Columns, in order: (id, heading).
 pub const CONTESTANTS: &[(&str, &str)] = &[
     ("pullgate", "pullgate"),
+    ("pullgate-signed", "pullgate, signature policy on (W3)"),
     ("distribution", "distribution 2.8 proxy"),
     ("nginx-cache", "nginx proxy_cache"),
     ("nginx-static", "limit: nginx static file"),
@@ -298,6 +299,16 @@ impl Results {
             (!w5.is_empty()).then(|| w5.iter().all(|r| (r - 1.0).abs() < 1e-6)),
             w5.iter().map(|r| fmt(*r)).collect::<Vec<_>>().join(", "),
         );
+        // Issue 19: a warm tag with a signature policy costs at most 10 % of HEAD throughput.
+        for m in ["w3_head_rps", "w3_head1_rps"] {
+            if let (Some(p), Some(s)) = (med(m, "pullgate"), med(m, "pullgate-signed")) {
+                check(
+                    format!("{m}: signature policy on within 10 % of off"),
+                    Some(s >= 0.9 * p),
+                    format!("{} vs {} req/s ({}×)", fmt(s), fmt(p), fmt(s / p)),
+                );
+            }
+        }
         for m in ["w6_rss_w2", "w6_rss_w4", "x_rss_16x500"] {
             if let Some(s) = self.get(m, "pullgate") {
                 check(

@@ -30,6 +30,7 @@ pub struct Metrics {
     pub upstream_duration: HistogramVec,
     pub token_fetches: IntCounterVec,
     pub denials: IntCounterVec,
+    pub signature_checks: IntCounterVec,
     pub tls_handshakes: IntCounterVec,
     pub proxy_protocol_rejected: IntCounterVec,
     /// Config reloads by outcome (`ok`, `invalid`, `refused`).
@@ -134,6 +135,12 @@ impl Metrics {
                 "pullgate_denials_total",
                 "Requests refused by policy, by reason.",
                 &["registry", "reason"],
+            ),
+            signature_checks: counter_vec(
+                "pullgate_signature_checks_total",
+                "Manifest answers decided by a signature policy, by outcome (verified, unsigned, \
+                 bad_signature, error); a cached verdict counts.",
+                &["registry", "outcome"],
             ),
             tls_handshakes: counter_vec(
                 "pullgate_tls_handshakes_total",
@@ -272,6 +279,7 @@ impl Metrics {
             &self.upstream_duration,
             &self.token_fetches,
             &self.denials,
+            &self.signature_checks,
             &self.tls_handshakes,
             &self.cache_entries,
             &self.cache_bytes,

@@ -120,6 +120,19 @@ pub(super) struct RegistryFile {
     pub tag_ttl: Option<String>,
     #[serde(default)]
     pub scoped_credentials: Vec<ScopedCredentialsFile>,
+    #[serde(default)]
+    pub signatures: Vec<SignaturesFile>,
+}
+
+/// `[[registry.signatures]]`: manifests of these repositories must be signed by one of the keys.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SignaturesFile {
+    #[serde(default)]
+    pub repositories: Vec<String>,
+    #[serde(default)]
+    pub keys: Vec<String>,
+    pub mode: Option<String>,
 }
 
 /// `[[registry.scoped_credentials]]`: other upstream credentials for some callers.

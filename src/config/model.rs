@@ -199,6 +199,33 @@ pub struct Registry {
     /// Other upstream credentials for some callers; the first that matches is used, else
     /// `credentials`.
     pub scoped_credentials: Vec<ScopedCredentials>,
+    /// Signature policies (`[[registry.signatures]]`); the first whose globs match a
+    /// repository covers it.
+    pub signatures: Vec<SignaturePolicy>,
+}
+
+/// `[[registry.signatures]]`: manifests in these repositories are served only when signed by
+/// one of `keys` (issue 19; `verify/` checks, `gateway/signature.rs` enforces).
+#[derive(Debug, Clone)]
+pub struct SignaturePolicy {
+    /// The policy's own key, `registry.<name>.signatures[<i>]`: named in denials.
+    pub key: String,
+    /// Repository globs; empty means every repository of the registry.
+    pub repositories: Vec<String>,
+    /// The trusted keys, read and parsed at load (a reload reads them again).
+    pub keys: Vec<crate::verify::PublicKey>,
+    pub mode: SignatureMode,
+    /// SHA-256 (hex) over the policy's key, mode, globs and keys: verdicts are cached per
+    /// (digest, fingerprint), so a changed policy never reuses an old verdict.
+    pub fingerprint: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignatureMode {
+    /// Refuse what does not verify.
+    Enforce,
+    /// Serve it, but audit and count.
+    Audit,
 }
 
 /// Upstream credentials for the callers a rule selects: every non-empty list must match (any

@@ -18,6 +18,7 @@ use sha2::{Digest as _, Sha256};
 use super::confirm::{is_unavailable_error, is_unavailable_status, Confirm, Kind};
 use super::job::{error_from_upstream, manifest_read_error, upstream_error, Failure, Job};
 use super::respond;
+use super::signature;
 use super::{Gateway, RequestCtx};
 use crate::oci::{self, Digest, ErrorCode, OciError, Reference, Tag};
 use crate::store::{CachedManifest, ManifestStore, TagEntry, TagKey};
@@ -42,6 +43,8 @@ struct ManifestJob<'a> {
     /// manifest types), and for clients that take every type.
     missing_key: String,
     full_missing_key: String,
+    /// The request names a signature artifact's tag: no signature policy applies.
+    exempt: bool,
 }
 
 /// Which cached answer of a tag a request is served from: the tag's real target (the answer
@@ -87,6 +90,7 @@ pub async fn serve(
             (!full).then(|| oci::accept_set(&accept)),
         ),
         full_missing_key: base,
+        exempt: matches!(reference, Reference::Tag(t) if signature::is_signature_tag(t.as_str())),
         accept,
         full,
         upstream_headers,
@@ -99,6 +103,29 @@ pub async fn serve(
 }
 
 impl ManifestJob<'_> {
+    /// Writes a manifest answer once the signature policy lets it out.
+    async fn send(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        manifest: &CachedManifest,
+    ) -> Result<(), Failure> {
+        let body = Some(manifest.body.clone());
+        signature::gate(self.gw, ctx, self.job, &manifest.digest, body, self.exempt).await?;
+        write(session, ctx, manifest).await
+    }
+
+    /// Writes a HEAD answer from a tag entry once the signature policy lets it out.
+    async fn send_head(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        entry: &TagEntry,
+    ) -> Result<(), Failure> {
+        signature::gate(self.gw, ctx, self.job, &entry.digest, None, self.exempt).await?;
+        write_head(session, ctx, entry).await
+    }
+
     fn confirm(&self) -> Confirm<'_> {
         Confirm {
             links: &self.gw.links,
@@ -153,7 +180,7 @@ impl ManifestJob<'_> {
                     .references(digest, &cached.body, confirmed.at);
                 ctx.cache = "hit";
                 ctx.mark_stale(confirmed.stale);
-                return send(session, ctx, &cached).await;
+                return self.send(session, ctx, &cached).await;
             }
             // Not a type this client takes: the upstream says what it gets (distribution:
             // a 404 for a type it did not ask for).
@@ -164,7 +191,7 @@ impl ManifestJob<'_> {
         self.refuse_if_known_missing(ctx, Slot::Variant)?;
         let reference = Reference::Digest(digest.clone());
         let fetched = self.fetch(ctx, &reference, Slot::Variant).await?;
-        send(session, ctx, &fetched).await
+        self.send(session, ctx, &fetched).await
     }
 
     async fn by_tag(
@@ -239,7 +266,7 @@ impl ManifestJob<'_> {
                     return Ok(false);
                 }
                 ctx.cache = "miss";
-                send(session, ctx, &fetched).await?;
+                self.send(session, ctx, &fetched).await?;
                 return Ok(true);
             }
         }
@@ -270,7 +297,7 @@ impl ManifestJob<'_> {
                     }
                     Some(entry) if self.job.method == Method::HEAD => {
                         ctx.cache = "bypass";
-                        send_head(session, ctx, &entry).await?;
+                        self.send_head(session, ctx, &entry).await?;
                     }
                     _ => {
                         let fetched = self.fetch(ctx, &reference, slot).await?;
@@ -278,7 +305,7 @@ impl ManifestJob<'_> {
                         if self.refuses(slot, &fetched.media_type) {
                             return Ok(false);
                         }
-                        send(session, ctx, &fetched).await?;
+                        self.send(session, ctx, &fetched).await?;
                     }
                 }
                 Ok(true)
@@ -356,10 +383,10 @@ impl ManifestJob<'_> {
         if let Some(cached) = self.gw.manifests.get(&entry.digest) {
             self.confirm()
                 .references(&entry.digest, &cached.body, entry.validated_at);
-            return send(session, ctx, &cached).await;
+            return self.send(session, ctx, &cached).await;
         }
         if self.job.method == Method::HEAD {
-            return send_head(session, ctx, &entry).await;
+            return self.send_head(session, ctx, &entry).await;
         }
         if ctx.stale {
             return Err(OciError::new(
@@ -376,7 +403,7 @@ impl ManifestJob<'_> {
         let fetched = self
             .fetch(ctx, &Reference::Digest(entry.digest.clone()), Slot::Primary)
             .await?;
-        send(session, ctx, &fetched).await
+        self.send(session, ctx, &fetched).await
     }
 
     /// GETs a manifest from the upstream, verifies it, caches it and records the repository's
@@ -479,7 +506,7 @@ impl ManifestJob<'_> {
 }
 
 /// A cached manifest as a response (the head only for HEAD).
-async fn send(
+async fn write(
     session: &mut Session,
     ctx: &mut RequestCtx,
     manifest: &CachedManifest,
@@ -493,7 +520,7 @@ async fn send(
 }
 
 /// A HEAD answer from a tag entry alone.
-async fn send_head(
+async fn write_head(
     session: &mut Session,
     ctx: &mut RequestCtx,
     entry: &TagEntry,

@@ -21,6 +21,7 @@ mod referrers;
 mod refusal;
 mod respond;
 mod serve;
+mod signature;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -72,6 +73,8 @@ pub struct Gateway {
     audit: Audit,
     /// Signs and checks data-endpoint URLs; loaded when any registry has `data_hosts`.
     redirect_key: Option<crate::sign::RedirectKey>,
+    /// Signature verdicts; carried over a reload that changes no signature policy.
+    verdicts: Arc<signature::Verdicts>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -272,6 +275,7 @@ impl Gateway {
         let audit = Audit::open(&config.server.audit_log)?;
         let policy = Policy::new(&config);
         let redirect_key = redirect_key(&config)?;
+        let verdicts = signature::Verdicts::carry(previous.map(|p| &p.verdicts), &config);
         Ok(Gateway {
             config,
             routes,
@@ -285,6 +289,7 @@ impl Gateway {
             policy,
             audit,
             redirect_key,
+            verdicts,
         })
     }
 

@@ -71,6 +71,7 @@ fn registry(access: NetworkAccess) -> Registry {
         redirect: RedirectMode::Follow,
         tag_ttl: None,
         scoped_credentials: Vec::new(),
+        signatures: Vec::new(),
     }
 }
 

@@ -43,6 +43,7 @@ fn registry(
         redirect: RedirectMode::Follow,
         tag_ttl: None,
         scoped_credentials: Vec::new(),
+        signatures: Vec::new(),
     })
 }
 

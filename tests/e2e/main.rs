@@ -34,6 +34,7 @@ mod redirects;
 mod referrers;
 mod reload;
 mod routing;
+mod signatures;
 mod soak;
 mod tls;
 mod upgrade;

@@ -24,6 +24,7 @@ pub mod images;
 pub mod pki;
 pub mod podman;
 pub mod relay;
+pub mod signing;
 pub mod skopeo;
 pub mod storage;
 pub mod token;
@@ -49,6 +50,7 @@ pub use images::TestImage;
 pub use pki::Pki;
 pub use podman::Podman;
 pub use relay::{Fault, Relay};
+pub use signing::CosignKey;
 pub use skopeo::{
     skopeo_copy_to_dir, skopeo_copy_to_oci, skopeo_copy_to_registry, skopeo_inspect_raw, ClientTls,
     PulledImage,

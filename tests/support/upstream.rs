@@ -327,6 +327,80 @@ impl Upstream {
     }
 }
 
+/// Pushes `body` as a blob of `repo` straight to the upstream (monolithic POST + PUT) with
+/// the upstream's own credentials; `digest` names it (any algorithm the upstream takes).
+pub fn push_blob_upstream(up: &super::Upstream, repo: &str, digest: &str, body: &[u8]) {
+    let token = upstream_token(up, repo, "pull,push");
+    let client = super::http_client(Some(up.pki().ca_pem()));
+    let base = up.url();
+    let (repo, digest, body) = (repo.to_string(), digest.to_string(), body.to_vec());
+    let status = super::block_on(async move {
+        let started = client
+            .post(format!("{base}/v2/{repo}/blobs/uploads/"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .expect("POST upload");
+        assert_eq!(started.status().as_u16(), 202, "upload start");
+        let location = started.headers()["location"].to_str().unwrap().to_string();
+        let url = if location.starts_with('/') {
+            format!("{base}{location}")
+        } else {
+            location
+        };
+        let sep = if url.contains('?') { '&' } else { '?' };
+        client
+            .put(format!("{url}{sep}digest={digest}"))
+            .bearer_auth(&token)
+            .header("Content-Type", "application/octet-stream")
+            .body(body)
+            .send()
+            .await
+            .expect("PUT upload")
+            .status()
+            .as_u16()
+    });
+    assert_eq!(status, 201, "upstream took the blob");
+}
+
+/// PUTs a manifest straight to the upstream.
+pub fn push_manifest_upstream(
+    up: &super::Upstream,
+    repo: &str,
+    reference: &str,
+    media_type: &str,
+    body: &[u8],
+) {
+    let token = upstream_token(up, repo, "pull,push");
+    let client = super::http_client(Some(up.pki().ca_pem()));
+    let url = format!("{}/v2/{repo}/manifests/{reference}", up.url());
+    let (media_type, body) = (media_type.to_string(), body.to_vec());
+    let status = super::block_on(async move {
+        let r = client
+            .put(url)
+            .bearer_auth(&token)
+            .header("Content-Type", media_type)
+            .body(body)
+            .send()
+            .await
+            .expect("PUT manifest");
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap_or_default();
+        (status, text)
+    });
+    assert_eq!(status.0, 201, "upstream took the manifest: {}", status.1);
+}
+
+/// A token for the upstream user, minted by the issuer.
+pub fn upstream_token(up: &super::Upstream, repo: &str, actions: &str) -> String {
+    let actions: Vec<&str> = actions.split(',').collect();
+    up.issuer().mint(
+        up.user(),
+        super::upstream::SERVICE,
+        serde_json::json!([{"type": "repository", "name": repo, "actions": actions}]),
+    )
+}
+
 /// Parses one access-log line; None for every other kind of line.
 pub fn parse_access_line(line: &str) -> Option<LoggedRequest> {
     let start = line.find("] \"")? + 3;

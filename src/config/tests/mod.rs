@@ -10,6 +10,7 @@ mod loading;
 mod policy;
 mod registry;
 mod server;
+mod signatures;
 mod values;
 
 use std::path::Path;

@@ -64,6 +64,13 @@ pub(super) fn audit_rules(config: &Config) -> Vec<Warning> {
             ),
         );
     }
+    for reg in &config.registries {
+        for policy in &reg.signatures {
+            if let Some(why) = signature_policy_unreachable(reg, policy) {
+                warn(policy.key.clone(), "signatures-never-match", why);
+            }
+        }
+    }
     for zone in &config.zones {
         if zone.nets.iter().any(|n| n.prefix_len() == 0) {
             warn(
@@ -74,6 +81,57 @@ pub(super) fn audit_rules(config: &Config) -> Vec<Warning> {
         }
     }
     out
+}
+
+/// Why a signature policy can cover no repository of its registry, as far as the globs tell
+/// statically: every glob is outside the registry's `repositories`, denied by a
+/// `deny_repositories` glob covering it whole, or shadowed by an earlier policy that covers
+/// everything. Two globs can only overlap when one's literal start (before any `*`) begins
+/// the other's.
+fn signature_policy_unreachable(reg: &Registry, policy: &SignaturePolicy) -> Option<String> {
+    let all = ["**".to_owned()];
+    let globs: &[String] = if policy.repositories.is_empty() {
+        &all
+    } else {
+        &policy.repositories
+    };
+    let name = &reg.name;
+    if let Some(earlier) = reg
+        .signatures
+        .iter()
+        .take_while(|p| p.key != policy.key)
+        .find(|p| p.repositories.is_empty() || p.repositories.iter().any(|g| g == "**"))
+    {
+        return Some(format!(
+            "never used: {} before it covers every repository",
+            earlier.key
+        ));
+    }
+    let literal = |g: &str| g.split('*').next().unwrap_or("").to_owned();
+    let overlap = |a: &str, b: &str| {
+        let (a, b) = (literal(a), literal(b));
+        a.starts_with(&b) || b.starts_with(&a)
+    };
+    let allowed =
+        |g: &str| reg.repositories.is_empty() || reg.repositories.iter().any(|r| overlap(g, r));
+    let denied = |g: &str| {
+        reg.deny_repositories.iter().any(|d| {
+            d == "**"
+                || d.strip_suffix("/**")
+                    .is_some_and(|root| g == root || g.starts_with(&format!("{root}/")))
+        })
+    };
+    if globs.iter().all(|g| !allowed(g)) {
+        return Some(format!(
+            "its repositories never match: every glob is outside registry.{name}.repositories"
+        ));
+    }
+    if globs.iter().all(|g| denied(g)) {
+        return Some(format!(
+            "its repositories never match: registry.{name}.deny_repositories denies them all"
+        ));
+    }
+    None
 }
 
 // ---------------------------------------------------------------------------------------------

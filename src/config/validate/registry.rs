@@ -11,7 +11,7 @@ use super::values::{
     is_registry_name, is_zone_name, parse_glob, parse_host, parse_ns, parse_prefix, parse_upstream,
 };
 use super::{check_duration, entry_key, Ctx};
-use crate::config::file::{RegistryFile, ScopedCredentialsFile};
+use crate::config::file::{RegistryFile, ScopedCredentialsFile, SignaturesFile};
 use crate::config::model::*;
 
 /// Upstream hosts that are Docker Hub: their one-component names get `library/`.
@@ -64,8 +64,10 @@ pub(super) fn check_registries(
         }
         let scoped =
             check_scoped_credentials(ctx, &key, &file.scoped_credentials, zones, identities);
+        let signatures = check_signatures(ctx, &key, &file.signatures);
         if let Some(mut registry) = check_registry(ctx, &key, file, zones, &mut claims) {
             registry.scoped_credentials = scoped;
+            registry.signatures = signatures;
             out.push(registry);
         }
     }
@@ -154,7 +156,75 @@ fn check_registry(
         redirect,
         tag_ttl,
         scoped_credentials: Vec::new(),
+        signatures: Vec::new(),
     })
+}
+
+/// `[[registry.signatures]]`: globs, keys that are readable PEM public keys of a supported
+/// type (each error names its `keys[i]`), and the mode.
+fn check_signatures(
+    ctx: &mut Ctx<'_>,
+    registry_key: &str,
+    files: &[SignaturesFile],
+) -> Vec<SignaturePolicy> {
+    use sha2::{Digest as _, Sha256};
+    let mut out = Vec::new();
+    for (i, file) in files.iter().enumerate() {
+        let key = format!("{registry_key}.signatures[{i}]");
+        let repositories = check_globs(ctx, &format!("{key}.repositories"), &file.repositories);
+        if file.keys.is_empty() {
+            ctx.err(
+                format!("{key}.keys"),
+                "missing: at least one PEM public key file",
+            );
+        }
+        let mut keys = Vec::new();
+        for (j, raw) in file.keys.iter().enumerate() {
+            let k = format!("{key}.keys[{j}]");
+            let Some(path) = ctx.existing_file(&k, raw) else {
+                continue;
+            };
+            let parsed = std::fs::read(&path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))
+                .and_then(|text| {
+                    crate::verify::PublicKey::from_pem(&text)
+                        .map_err(|e| format!("{}: {e}", path.display()))
+                });
+            if let Some(public) = ctx.ok(&k, parsed) {
+                keys.push(public);
+            }
+        }
+        let mode = match file.mode.as_deref().unwrap_or("enforce") {
+            "enforce" => SignatureMode::Enforce,
+            "audit" => SignatureMode::Audit,
+            other => {
+                ctx.err(
+                    format!("{key}.mode"),
+                    format!("must be \"enforce\" or \"audit\", got {other:?}"),
+                );
+                SignatureMode::Enforce
+            }
+        };
+        let mut h = Sha256::new();
+        h.update(key.as_bytes());
+        h.update([mode as u8]);
+        for g in &repositories {
+            h.update((g.len() as u64).to_le_bytes());
+            h.update(g.as_bytes());
+        }
+        for k in &keys {
+            h.update((k.spki().len() as u64).to_le_bytes());
+            h.update(k.spki());
+        }
+        out.push(SignaturePolicy {
+            key,
+            repositories,
+            keys,
+            mode,
+            fingerprint: hex::encode(h.finalize()),
+        });
+    }
+    out
 }
 
 fn check_scoped_credentials(
