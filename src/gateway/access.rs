@@ -120,7 +120,17 @@ pub fn check(
     ctx.zone = facts.zones.best().map(str::to_owned);
     ctx.identity = authn.identity().map(str::to_owned);
     ctx.action = action.label();
-    match policy::decide(&facts) {
+    let decision = policy::decide(&facts);
+    if let Some(warm) = ctx.warm.clone() {
+        let pull = matches!(action, Action::Pull);
+        if let Some(allowed) = pull
+            .then(|| warm_decision(gw, ctx, registry, &decision, warm.account))
+            .flatten()
+        {
+            return allowed;
+        }
+    }
+    match decision {
         Decision::Allow => {
             ctx.decision = "allow";
             ctx.could_log_in =
@@ -149,4 +159,56 @@ pub fn check(
             Err(OciError::new(reason.error_code(), reason.message()).with_status(reason.status()))
         }
     }
+}
+
+/// A warm request of this process's engine. It acts for the operator's own config, so the
+/// rules about who connects from where (credentials, zones, identities) do not apply; the
+/// repository rules do (a denied repository is denied to warm jobs too: `None`, the normal
+/// denial follows). Its account is the one the entry named, not one chosen by facts.
+fn warm_decision(
+    gw: &Gateway,
+    ctx: &mut RequestCtx,
+    registry: &Registry,
+    decision: &Decision,
+    account: Option<String>,
+) -> Option<Result<Option<String>, OciError>> {
+    use policy::ReasonCode::{RepositoryDenied, RepositoryNotAllowed};
+    if let Decision::Deny(reason) = decision {
+        if matches!(reason.code(), RepositoryDenied | RepositoryNotAllowed) {
+            return None;
+        }
+    }
+    ctx.action = "warm";
+    ctx.identity = None;
+    ctx.zone = None;
+    if let Some(name) = &account {
+        if !registry.scoped_credentials.iter().any(|s| &s.name == name) {
+            ctx.decision = "deny";
+            ctx.reason = Some("unknown_account");
+            gw.metrics
+                .denials
+                .with_label_values(&[registry.name.as_str(), "unknown_account"])
+                .inc();
+            return Some(Err(OciError::new(
+                ErrorCode::Denied,
+                format!(
+                    "warm: registry {} has no scoped_credentials named {}",
+                    registry.name,
+                    crate::oci::echo(name)
+                ),
+            )));
+        }
+    }
+    ctx.decision = "allow";
+    ctx.credential = match &account {
+        Some(name) => Some(format!(
+            "registry.{}.scoped_credentials.{name}",
+            registry.name
+        )),
+        None => registry
+            .credentials
+            .as_ref()
+            .map(|_| format!("registry.{}.credentials", registry.name)),
+    };
+    Some(Ok(account))
 }

@@ -358,6 +358,16 @@ impl BlobStore {
         self.shared.index.pin(digest.hex())
     }
 
+    /// Waits for a running fill of `digest` to end (committed and indexed, or failed). A
+    /// reader has every byte once the blob is verified, a moment before the commit: a pin
+    /// right after a read waits here first.
+    pub async fn settled(&self, digest: &Digest) {
+        let fill = self.shared.inflight().get(digest.hex()).cloned();
+        if let Some(fill) = fill {
+            let _ = fill.wait_done().await;
+        }
+    }
+
     /// Lets a pinned blob be evicted again (it is not deleted).
     pub fn unpin(&self, digest: &Digest) {
         self.shared.index.unpin(digest.hex());

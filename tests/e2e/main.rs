@@ -38,3 +38,4 @@ mod soak;
 mod tls;
 mod upgrade;
 mod uploads;
+mod warm;
