@@ -368,6 +368,16 @@ impl BlobStore {
         }
     }
 
+    /// Every pinned blob (sha256 only: the index holds no other).
+    pub fn pinned_digests(&self) -> Vec<Digest> {
+        self.shared
+            .index
+            .pinned_names()
+            .into_iter()
+            .filter_map(|hex| Digest::parse(&format!("sha256:{hex}")).ok())
+            .collect()
+    }
+
     /// Lets a pinned blob be evicted again (it is not deleted).
     pub fn unpin(&self, digest: &Digest) {
         self.shared.index.unpin(digest.hex());

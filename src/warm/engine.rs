@@ -123,6 +123,13 @@ struct State {
     entries: HashMap<String, tokio::task::JoinHandle<()>>,
     /// The blobs each entry holds pinned (by identity).
     pins: HashMap<String, HashSet<Digest>>,
+    /// Blobs pinned by runs not over yet (a count per digest): held too.
+    in_flight_pins: HashMap<Digest, usize>,
+    /// The pinning entries of the first config whose first run is not over, and whether all
+    /// that ended completed. When the last one does, pins no entry holds (left by an earlier
+    /// config, before a restart) are let go. `None` once that happened or was given up.
+    first_runs: Option<(HashSet<String>, bool)>,
+    started: bool,
     /// A reconcile that came before the runtime did.
     pending: bool,
 }
@@ -160,6 +167,9 @@ impl Warmer {
                     jobs: VecDeque::new(),
                     entries: HashMap::new(),
                     pins: HashMap::new(),
+                    in_flight_pins: HashMap::new(),
+                    first_runs: None,
+                    started: false,
                     pending: false,
                 }),
             }),
@@ -237,8 +247,20 @@ impl Warmer {
                 task.abort();
             }
             let held = state.pins.remove(&id).unwrap_or_default();
-            release(&self.inner.store, &state.pins, held);
+            state.release(&self.inner.store, held);
+            if let Some((waiting, _)) = &mut state.first_runs {
+                waiting.remove(&id);
+            }
         }
+        if !std::mem::replace(&mut state.started, true) {
+            let waiting = wanted
+                .iter()
+                .filter(|(_, t)| t.pin)
+                .map(|(id, _)| id.clone())
+                .collect();
+            state.first_runs = Some((waiting, true));
+        }
+        self.sweep_if_first_runs_over(&mut state);
         for (id, target) in wanted {
             if state.entries.contains_key(&id) {
                 continue;
@@ -256,7 +278,7 @@ impl Warmer {
             let job = self.new_job("config", vec![target.image.clone()]);
             let held = self.run(&job, std::slice::from_ref(&target)).await;
             if target.pin {
-                self.repin(&id, &target, &job, held);
+                self.repin(&id, &target, held);
             }
             self.finish(&job);
             match target.refresh {
@@ -269,12 +291,19 @@ impl Warmer {
     /// After a run of a pinning entry: the blobs of what it resolved to now are pinned (each
     /// was pinned as it arrived); the ones it held before and no longer needs are let go, but
     /// only once the new set is complete (a failed run keeps the old set).
-    fn repin(&self, id: &str, target: &Target, job: &Job, held: Option<HashSet<Digest>>) {
+    fn repin(&self, id: &str, target: &Target, held: Option<HashSet<Digest>>) {
         let mut state = self.state();
+        if let Some((waiting, all_ok)) = &mut state.first_runs {
+            if waiting.remove(id) {
+                *all_ok &= held.is_some();
+            }
+        }
         let Some(new) = held else {
             tracing::warn!(key = %target.key, image = %target.image, "warm run incomplete: the previous content stays pinned");
+            self.sweep_if_first_runs_over(&mut state);
             return;
         };
+        state.end_in_flight(&new);
         let old = state
             .pins
             .insert(id.to_owned(), new.clone())
@@ -283,8 +312,41 @@ impl Warmer {
         if !stale.is_empty() {
             tracing::info!(key = %target.key, image = %target.image, unpinned = stale.len(), "warm refresh: the previous content is no longer pinned");
         }
-        release(&self.inner.store, &state.pins, stale);
-        let _ = job;
+        state.release(&self.inner.store, stale);
+        self.sweep_if_first_runs_over(&mut state);
+    }
+
+    /// Once every pinning entry of the first config completed its first run: pins that no
+    /// entry holds were left by an earlier config (removed entries, tags that moved while
+    /// pullgate was down) and are let go. If a first run failed, nothing is: what that entry
+    /// held before the restart is unknown.
+    fn sweep_if_first_runs_over(&self, state: &mut State) {
+        let Some((waiting, all_ok)) = &state.first_runs else {
+            return;
+        };
+        if !waiting.is_empty() {
+            return;
+        }
+        let all_ok = *all_ok;
+        state.first_runs = None;
+        if !all_ok {
+            tracing::warn!("a pinning [[warm]] entry did not complete its first run: pins left by an earlier config stay until the next restart");
+            return;
+        }
+        let orphans: HashSet<Digest> = self
+            .inner
+            .store
+            .pinned_digests()
+            .into_iter()
+            .filter(|d| !state.holds(d))
+            .collect();
+        if !orphans.is_empty() {
+            tracing::info!(
+                unpinned = orphans.len(),
+                "pins no [[warm]] entry holds any more are let go"
+            );
+        }
+        state.release(&self.inner.store, orphans);
     }
 
     /// Starts a job for `POST /warm`; every problem names its key (`images[0]`,
@@ -453,29 +515,56 @@ impl Warmer {
             base: &base,
             limits: &limits,
         };
-        let mut all = Some(HashSet::new());
+        let mut pinned = HashSet::new();
+        let mut complete = true;
         for target in targets {
             match run.target(target).await {
-                Ok(pinned) => {
-                    if let Some(all) = &mut all {
-                        all.extend(pinned);
-                    }
-                }
+                Ok(set) => pinned.extend(set),
                 Err(e) => {
                     job.error(format!("{}: {e}", target.image));
-                    all = None;
+                    complete = false;
                 }
             }
         }
-        all
+        if !complete {
+            // An incomplete run holds nothing: what it pinned goes unless something else holds it.
+            let mut state = self.state();
+            state.end_in_flight(&pinned);
+            state.release(&self.inner.store, pinned);
+            return None;
+        }
+        Some(pinned)
     }
 }
 
-/// Unpins `digests` that no entry in `pins` still holds.
-fn release(store: &BlobStore, pins: &HashMap<String, HashSet<Digest>>, digests: HashSet<Digest>) {
-    for d in digests {
-        if !pins.values().any(|held| held.contains(&d)) {
-            store.unpin(&d);
+impl State {
+    /// Whether an entry, or a run not over yet, holds `d` pinned.
+    fn holds(&self, d: &Digest) -> bool {
+        self.in_flight_pins.contains_key(d) || self.pins.values().any(|held| held.contains(d))
+    }
+
+    /// Unpins the `digests` nothing holds.
+    fn release(&self, store: &BlobStore, digests: HashSet<Digest>) {
+        for d in digests {
+            if !self.holds(&d) {
+                store.unpin(&d);
+            }
+        }
+    }
+
+    fn begin_in_flight(&mut self, d: &Digest) {
+        *self.in_flight_pins.entry(d.clone()).or_default() += 1;
+    }
+
+    /// The run that pinned `digests` is over (its set is now an entry's, or let go).
+    fn end_in_flight(&mut self, digests: &HashSet<Digest>) {
+        for d in digests {
+            if let Some(n) = self.in_flight_pins.get_mut(d) {
+                *n -= 1;
+                if *n == 0 {
+                    self.in_flight_pins.remove(d);
+                }
+            }
         }
     }
 }
@@ -600,9 +689,10 @@ impl Run<'_> {
         }
         match first_error {
             Some(e) => {
-                // What was pinned stays held by this run's set only if the run completes;
-                // let go of the new pins no entry holds, so a failed run leaks nothing.
-                release(&self.warmer.inner.store, &self.warmer.state().pins, pinned);
+                // A failed run leaves nothing pinned that no entry holds.
+                let mut state = self.warmer.state();
+                state.end_in_flight(&pinned);
+                state.release(&self.warmer.inner.store, pinned);
                 Err(e)
             }
             None => Ok(pinned),
@@ -612,7 +702,10 @@ impl Run<'_> {
     async fn pin(&self, digest: &Digest) -> Result<(), PinError> {
         let store = &self.warmer.inner.store;
         store.settled(digest).await;
-        store.pin(digest)
+        let mut state = self.warmer.state();
+        store.pin(digest)?;
+        state.begin_in_flight(digest);
+        Ok(())
     }
 
     async fn manifest(&self, target: &Target, reference: String) -> Result<Manifest, String> {

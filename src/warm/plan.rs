@@ -270,10 +270,12 @@ fn resolve_image(routes: &RouteTable, image: &str) -> Result<Image, String> {
     let by_host = routes.resolve(Some(first), None, rest);
     let (routed, host, ns) = match &by_host {
         Ok(r) if r.by == RoutedBy::Host => (r.clone(), Some(first.to_owned()), None),
-        Ok(r) if r.by == RoutedBy::DataHost => return Err(format!(
+        Ok(r) if r.by == RoutedBy::DataHost => {
+            return Err(format!(
             "{first:?} is a data host of registry {}: it serves blobs only; use one of its hosts",
             r.registry.name
-        )),
+        ))
+        }
         _ => match routes.resolve(None, Some(first), rest) {
             Ok(r) => (r, None, Some(first.to_owned())),
             Err(_) => match by_host {

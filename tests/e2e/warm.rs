@@ -434,3 +434,56 @@ fn a_moved_tag_is_warmed_on_refresh_and_the_old_content_unpinned_only_once_the_n
         );
     }
 }
+
+#[test]
+fn after_a_restart_pins_no_entry_holds_any_more_are_let_go() {
+    let up = Upstream::start(UpstreamOptions::default());
+    let kept = TestImage::small("warm-restart-kept");
+    let dropped = TestImage::small("warm-restart-dropped");
+    up.push(&kept, "team/kept:v1");
+    up.push(&dropped, "team/dropped:v1");
+    let cache = tempfile::tempdir().unwrap();
+    let table = registry("hub", &up, "default = true\nhosts = [\"warm.test\"]");
+    let entry =
+        |name: &str| format!("[[warm]]\nimage = \"warm.test/team/{name}:v1\"\npin = true\n");
+    let keys = "pinned_max_size = \"64MiB\"";
+    let mut gw = Gateway::start_configured(
+        &format!("{table}{}{}", entry("kept"), entry("dropped")),
+        Some(cache.path()),
+        keys,
+    );
+    wait_jobs_over(&gw, 2);
+    let pinned = |dir: &std::path::Path| {
+        let mut p: Vec<String> = std::fs::read_to_string(dir.join("pins"))
+            .unwrap_or_default()
+            .lines()
+            .map(|h| format!("sha256:{h}"))
+            .collect();
+        p.sort();
+        p
+    };
+    let mut both: Vec<String> = kept
+        .blobs()
+        .into_iter()
+        .chain(dropped.blobs())
+        .map(|(d, _)| d)
+        .collect();
+    both.sort();
+    assert_eq!(pinned(cache.path()), both);
+    gw.stop();
+
+    // The entry is gone from the config while pullgate was down: once the remaining entry's
+    // first run is complete, its content alone stays pinned.
+    let gw = Gateway::start_configured(
+        &format!("{table}{}", entry("kept")),
+        Some(cache.path()),
+        keys,
+    );
+    let mut only: Vec<String> = kept.blobs().into_iter().map(|(d, _)| d).collect();
+    only.sort();
+    wait_until(Duration::from_secs(30), "the orphaned pins let go", || {
+        pinned(cache.path()) == only
+    })
+    .unwrap_or_else(|e| panic!("{e}: {:?}", pinned(cache.path())));
+    assert_eq!(jobs(&gw)[0]["state"], "done");
+}
