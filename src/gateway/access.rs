@@ -120,14 +120,21 @@ pub fn check(
     ctx.zone = facts.zones.best().map(str::to_owned);
     ctx.identity = authn.identity().map(str::to_owned);
     ctx.action = action.label();
-    let decision = policy::decide(&facts);
-    if let Some(warm) = ctx.warm.clone() {
-        let pull = matches!(action, Action::Pull);
-        if let Some(allowed) = pull
-            .then(|| warm_decision(gw, ctx, registry, &decision, warm.account))
-            .flatten()
-        {
-            return allowed;
+    if ctx.warm.is_some() && matches!(action, Action::Pull) {
+        ctx.action = "warm";
+    }
+    let decision = match &ctx.warm {
+        // This process's warm engine acts for the operator's own config: the rules about who
+        // connects from where do not concern it; the repository rules do.
+        Some(_) if matches!(action, Action::Pull) => match repository {
+            Some(repository) => policy::repository_rules(registry, repository),
+            None => Decision::Allow,
+        },
+        _ => policy::decide(&facts),
+    };
+    if let (Some(warm), Decision::Allow) = (ctx.warm.clone(), &decision) {
+        if matches!(action, Action::Pull) {
+            return warm_allowed(gw, ctx, registry, warm.account);
         }
     }
     match decision {
@@ -161,23 +168,14 @@ pub fn check(
     }
 }
 
-/// A warm request of this process's engine. It acts for the operator's own config, so the
-/// rules about who connects from where (credentials, zones, identities) do not apply; the
-/// repository rules do (a denied repository is denied to warm jobs too: `None`, the normal
-/// denial follows). Its account is the one the entry named, not one chosen by facts.
-fn warm_decision(
+/// A warm request of this process's engine, allowed by the repository rules: audited as
+/// `warm`, with the account its entry named rather than one chosen by the caller's facts.
+fn warm_allowed(
     gw: &Gateway,
     ctx: &mut RequestCtx,
     registry: &Registry,
-    decision: &Decision,
     account: Option<String>,
-) -> Option<Result<Option<String>, OciError>> {
-    use policy::ReasonCode::{RepositoryDenied, RepositoryNotAllowed};
-    if let Decision::Deny(reason) = decision {
-        if matches!(reason.code(), RepositoryDenied | RepositoryNotAllowed) {
-            return None;
-        }
-    }
+) -> Result<Option<String>, OciError> {
     ctx.action = "warm";
     ctx.identity = None;
     ctx.zone = None;
@@ -189,14 +187,14 @@ fn warm_decision(
                 .denials
                 .with_label_values(&[registry.name.as_str(), "unknown_account"])
                 .inc();
-            return Some(Err(OciError::new(
+            return Err(OciError::new(
                 ErrorCode::Denied,
                 format!(
                     "warm: registry {} has no scoped_credentials named {}",
                     registry.name,
                     crate::oci::echo(name)
                 ),
-            )));
+            ));
         }
     }
     ctx.decision = "allow";
@@ -210,5 +208,5 @@ fn warm_decision(
             .as_ref()
             .map(|_| format!("registry.{}.credentials", registry.name)),
     };
-    Some(Ok(account))
+    Ok(account)
 }

@@ -782,6 +782,9 @@ impl Run<'_> {
     }
 
     async fn blob(&self, target: &Target, blob: &Descriptor) -> Result<(), String> {
+        // Paid before asking: the fill a request starts runs at the upstream's speed whoever
+        // reads it, so the cap spaces out the fills a job starts.
+        self.bandwidth(blob.size).await;
         let _permit = self
             .limits
             .fetches
@@ -810,7 +813,6 @@ impl Run<'_> {
         {
             let n = chunk.len() as u64;
             got += n;
-            self.bandwidth(n).await;
             self.warmer.inner.metrics.warm_bytes.inc_by(n);
             self.job.update(|v| v.bytes_done += n);
         }

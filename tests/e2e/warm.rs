@@ -163,7 +163,7 @@ fn the_admin_api_and_the_cli_start_jobs_and_refuse_bad_requests_starting_nothing
     let gw = Gateway::start(&registry(
         "hub",
         &up,
-        "default = true\nhosts = [\"warm.test\"]",
+        "default = true\nhosts = [\"warm.test\"]\ndeny_repositories = [\"secret/**\"]",
     ));
     let post = |body: &str| {
         request_with_body(
@@ -219,6 +219,26 @@ fn the_admin_api_and_the_cli_start_jobs_and_refuse_bad_requests_starting_nothing
     assert_eq!(job["blobs_done"], job["blobs_total"]);
     assert_eq!(job["bytes_done"], job["bytes_total"]);
     assert!(job["bytes_total"].as_u64().unwrap() > 10 * 1024);
+
+    // Policy holds for warm jobs too: a denied repository is not fetched.
+    let a = post("{\"images\": [\"warm.test/secret/app:v1\"]}");
+    assert_eq!(a.status, 202);
+    let id = serde_json::from_slice::<serde_json::Value>(&a.body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut job = serde_json::Value::Null;
+    wait_until(Duration::from_secs(30), "the denied job to end", || {
+        job = serde_json::from_slice(&get(&gw.admin_url(&format!("/warm/{id}"))).body).unwrap();
+        job["state"] != "running"
+    })
+    .unwrap();
+    assert_eq!(job["state"], "failed");
+    assert!(
+        job["errors"][0].as_str().unwrap().contains("DENIED"),
+        "{job}"
+    );
+    assert_eq!(up.count_requests("GET", "/secret/"), 0);
 
     // The CLI: plain lines when not on a terminal, exit 0 when done.
     let admin = format!("127.0.0.1:{}", gw.admin_port);
@@ -486,4 +506,63 @@ fn after_a_restart_pins_no_entry_holds_any_more_are_let_go() {
     })
     .unwrap_or_else(|e| panic!("{e}: {:?}", pinned(cache.path())));
     assert_eq!(jobs(&gw)[0]["state"], "done");
+}
+
+#[test]
+fn referrers_are_warmed_when_asked_and_served_with_the_upstream_down() {
+    let mut up = Upstream::start(UpstreamOptions::default());
+    let subject = TestImage::small("warm-referrers");
+    up.push(&subject, "team/signed:v1");
+    let s = subject.manifest_digest().to_string();
+    let size = subject.manifest_bytes().len();
+    // Signed through a pushing gateway (distribution 2.8: the referrers tag schema).
+    let pusher = Gateway::start(&registry("hub", &up, "default = true\npush = true"));
+    let sig = crate::referrers::push_artifact(
+        &pusher,
+        "team/signed",
+        "application/vnd.example.signature.v1",
+        (&s, size),
+        b"warm signature",
+    );
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [sig.clone()],
+    });
+    let tag = format!("sha256-{}", &s["sha256:".len()..]);
+    let put = crate::referrers::put_manifest(
+        &pusher,
+        "team/signed",
+        &tag,
+        "application/vnd.oci.image.index.v1+json",
+        &serde_json::to_vec(&index).unwrap(),
+    );
+    assert_eq!(put.status, 201);
+    drop(pusher);
+
+    let rest = registry("hub", &up, "default = true\nhosts = [\"warm.test\"]")
+        + "[[warm]]\nimage = \"warm.test/team/signed:v1\"\nreferrers = true\n";
+    let gw = Gateway::start(&rest);
+    let done = wait_jobs_over(&gw, 1);
+    assert_eq!(done[0]["state"], "done", "{done:?}");
+    assert_eq!(done[0]["manifests_done"], 2, "the image and its signature");
+    let sig_digest = sig["digest"].as_str().unwrap();
+    let sig_manifest: serde_json::Value = serde_json::from_slice(
+        &get(&gw.url(&format!("/v2/team/signed/manifests/{sig_digest}"))).body,
+    )
+    .unwrap();
+    let payload = sig_manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(up.count_requests("GET", &format!("/blobs/{payload}")), 1);
+
+    up.stop();
+    let referrers = get(&gw.url(&format!("/v2/team/signed/referrers/{s}")));
+    assert_eq!(referrers.status, 200);
+    let doc: serde_json::Value = serde_json::from_slice(&referrers.body).unwrap();
+    assert_eq!(doc["manifests"][0]["digest"], sig_digest);
+    let blob = get(&gw.url(&format!("/v2/team/signed/blobs/{payload}")));
+    assert_eq!(blob.status, 200);
+    assert_eq!(blob.body, b"warm signature");
 }
