@@ -566,3 +566,57 @@ fn referrers_are_warmed_when_asked_and_served_with_the_upstream_down() {
     assert_eq!(blob.status, 200);
     assert_eq!(blob.body, b"warm signature");
 }
+
+#[test]
+fn a_warm_entry_fills_the_view_of_the_account_it_names() {
+    let up = Upstream::start(UpstreamOptions::default());
+    let image = TestImage::small("warm-account");
+    up.push(&image, "team/app:v1");
+    let password = up.storage_dir().join("build-password");
+    std::fs::write(&password, format!("{}\n", up.password())).unwrap();
+    let scoped = format!(
+        "default = true\nhosts = [\"warm.test\"]\n\
+         [[registry.scoped_credentials]]\nname = \"build\"\nrepositories = [\"team/**\"]\n\
+         credentials = {{ username = \"{}\", password_file = \"{}\" }}\n",
+        up.user(),
+        password.display()
+    );
+    let rest = registry("hub", &up, &scoped)
+        + "[[warm]]\nimage = \"warm.test/team/app:v1\"\naccount = \"build\"\n";
+    let gw = Gateway::start(&rest);
+    let done = wait_jobs_over(&gw, 1);
+    assert_eq!(done[0]["state"], "done", "{done:?}");
+    let audit = gw.audit_lines();
+    let warm: Vec<_> = audit.iter().filter(|l| l["action"] == "warm").collect();
+    assert!(!warm.is_empty());
+    for line in &warm {
+        assert_eq!(
+            line["credential"], "registry.hub.scoped_credentials.build",
+            "{line}"
+        );
+    }
+    // A client the rule selects reads that view: its tag and blobs are hits.
+    let manifests = up.count_requests("GET", "/manifests/");
+    let got = skopeo_copy_to_oci(
+        &format!("{}/team/app:v1", gw.addr()),
+        ClientTls::Plain,
+        None,
+        false,
+    )
+    .expect("pull");
+    assert_eq!(got.manifest_digest, image.manifest_digest());
+    assert_eq!(up.count_requests("GET", "/manifests/"), manifests);
+    for (d, _) in image.blobs() {
+        assert_eq!(up.count_requests("GET", &format!("/blobs/{d}")), 1, "{d}");
+    }
+    let client_lines: Vec<_> = gw
+        .audit_lines()
+        .into_iter()
+        .filter(|l| l["action"] == "pull" && l["repository"] == "team/app")
+        .collect();
+    assert!(!client_lines.is_empty());
+    for line in &client_lines {
+        assert_eq!(line["credential"], "registry.hub.scoped_credentials.build");
+        assert_eq!(line["cache"], "hit", "{line}");
+    }
+}
