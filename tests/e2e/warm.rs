@@ -5,10 +5,10 @@
 use std::process::Command;
 use std::time::Duration;
 
-use crate::harness::{get, registry, request_with_body, Gateway};
+use crate::harness::{get, registry, registry_at, request_with_body, Gateway};
 use crate::support::{
-    http_client, skopeo_copy_to_oci, wait_until, ClientTls, Containerd, PullOpts, TestImage,
-    Upstream, UpstreamOptions,
+    http_client, skopeo_copy_to_oci, wait_until, ClientTls, Containerd, Fault, PullOpts, Relay,
+    TestImage, Upstream, UpstreamOptions,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_pullgate");
@@ -619,4 +619,60 @@ fn a_warm_entry_fills_the_view_of_the_account_it_names() {
         assert_eq!(line["credential"], "registry.hub.scoped_credentials.build");
         assert_eq!(line["cache"], "hit", "{line}");
     }
+}
+
+/// A gauge or counter of the admin listener's `/metrics`.
+fn metric(gw: &Gateway, name: &str) -> f64 {
+    let text = String::from_utf8(get(&gw.admin_url("/metrics")).body).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn a_client_pulling_during_a_warm_up_joins_its_fill() {
+    let up = Upstream::start(UpstreamOptions::default());
+    let relay = Relay::start(up.port());
+    let image = TestImage::with_layer_size("warm-join", 2 * 1024 * 1024);
+    up.push(&image, "team/join:v1");
+    let gw = Gateway::start(&registry_at(
+        "hub",
+        &up,
+        &relay.url(),
+        "default = true\nhosts = [\"warm.test\"]",
+    ));
+    // A slow upstream (about 2 s for the layer), so the client comes while the fill runs.
+    relay.set(Fault::Slow { pause_ms: 50 });
+    let a = request_with_body(
+        http_client(None),
+        "POST",
+        &gw.admin_url("/warm"),
+        &[("Content-Type", "application/json")],
+        b"{\"images\": [\"warm.test/team/join:v1\"]}".to_vec(),
+    );
+    assert_eq!(a.status, 202);
+    let layer = image.layer_digests()[0].clone();
+    // The warm job is reading the layer's fill (more than the config's bytes arrived).
+    wait_until(Duration::from_secs(30), "the warm job's layer fill", || {
+        metric(&gw, "pullgate_cache_fills_in_flight") >= 1.0
+            && jobs(&gw)[0]["bytes_done"].as_u64().unwrap_or(0) > 64 * 1024
+    })
+    .unwrap();
+    let got = skopeo_copy_to_oci(
+        &format!("{}/team/join:v1", gw.addr()),
+        ClientTls::Plain,
+        None,
+        false,
+    )
+    .expect("the client pulls during the warm-up");
+    assert!(got.has_blob(&layer));
+    let done = wait_jobs_over(&gw, 1);
+    assert_eq!(done[0]["state"], "done", "{done:?}");
+    assert_eq!(
+        up.count_requests("GET", &format!("/blobs/{layer}")),
+        1,
+        "one fetch"
+    );
+    assert!(metric(&gw, "pullgate_cache_fill_waiters_total") >= 1.0);
 }
