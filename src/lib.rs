@@ -13,8 +13,10 @@
 //! config model; `policy` only on `oci`, the config model and `secret`; `store` only on `oci`;
 //! `metrics` only reads the store's counters, and any module may record into the `Metrics`
 //! handle it is given; `audit` only on the config model; `upstream` on `oci`, `config`,
-//! `secret` and `metrics`; `client_config` only on the config model; only `gateway` and
-//! `listen` (and this file) touch Pingora.
+//! `secret` and `metrics`; `client_config` only on the config model; `warm` (warm jobs, which pull
+//! through pullgate's own listener) on `oci`, `route`, the config model, `store`, `metrics`
+//! and `policy`'s constant-time compare;
+//! only `gateway` and `listen` (and this file) touch Pingora.
 
 pub mod audit;
 pub mod client_config;
@@ -32,6 +34,7 @@ pub mod sign;
 pub mod store;
 pub mod upstream;
 pub mod verify;
+pub mod warm;
 
 use std::sync::Arc;
 

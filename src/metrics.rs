@@ -49,6 +49,15 @@ pub struct Metrics {
     fills_committed: IntCounter,
     fill_failures: IntCounterVec,
     evictions: IntCounter,
+    pinned_entries: IntGauge,
+    pinned_bytes: IntGauge,
+    /// Warm jobs finished, by source (`config`, `api`) and outcome (`ok`, `failed`).
+    pub warm_jobs: IntCounterVec,
+    /// Warm jobs running now.
+    pub warm_running: IntGauge,
+    pub warm_manifests: IntCounter,
+    pub warm_blobs: IntCounter,
+    pub warm_bytes: IntCounter,
 }
 
 impl Metrics {
@@ -208,6 +217,32 @@ impl Metrics {
                 "pullgate_cache_evictions_total",
                 "Blobs evicted to keep the cache under cache.max_size.",
             ),
+            pinned_entries: gauge(
+                "pullgate_cache_pinned_entries",
+                "Blobs pinned against eviction ([[warm]] pin = true).",
+            ),
+            pinned_bytes: gauge(
+                "pullgate_cache_pinned_bytes",
+                "Bytes of pinned blobs (bounded by cache.pinned_max_size).",
+            ),
+            warm_jobs: counter_vec(
+                "pullgate_warm_jobs_total",
+                "Warm jobs finished, by source (config, api) and outcome (ok, failed).",
+                &["source", "outcome"],
+            ),
+            warm_running: gauge("pullgate_warm_jobs_running", "Warm jobs running now."),
+            warm_manifests: counter(
+                "pullgate_warm_manifests_total",
+                "Manifests fetched by warm jobs (through pullgate's own listener).",
+            ),
+            warm_blobs: counter(
+                "pullgate_warm_blobs_total",
+                "Blobs fetched whole by warm jobs.",
+            ),
+            warm_bytes: counter(
+                "pullgate_warm_bytes_total",
+                "Blob bytes warm jobs read through pullgate's own listener.",
+            ),
             registry,
         };
         metrics.cache_max_bytes.set(clamp(max_bytes));
@@ -318,6 +353,8 @@ impl Metrics {
         catch_up(&self.fill_waiters, s.fills_joined);
         catch_up(&self.fills_committed, s.fills_committed);
         catch_up(&self.evictions, s.evictions);
+        self.pinned_entries.set(clamp(s.pinned_entries));
+        self.pinned_bytes.set(clamp(s.pinned_bytes));
         for (reason, n) in [
             ("refused", s.fills_refused),
             ("broken", s.fills_broken),

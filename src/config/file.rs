@@ -25,6 +25,23 @@ pub(super) struct FileConfig {
     pub identity: Vec<IdentityFile>,
     #[serde(default)]
     pub registry: Vec<RegistryFile>,
+    #[serde(default)]
+    pub warm: Vec<WarmFile>,
+}
+
+/// `[[warm]]`: an image to fetch into the cache before anyone pulls it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct WarmFile {
+    pub image: Option<String>,
+    #[serde(default)]
+    pub platforms: Vec<String>,
+    #[serde(default)]
+    pub referrers: bool,
+    pub refresh: Option<String>,
+    #[serde(default)]
+    pub pin: bool,
+    pub account: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -73,6 +90,9 @@ pub(super) struct CacheFile {
     pub negative_ttl: Option<String>,
     pub max_manifest_size: Option<RawSize>,
     pub fill_stall_timeout: Option<String>,
+    pub pinned_max_size: Option<RawSize>,
+    pub warm_concurrency: Option<i64>,
+    pub warm_bandwidth: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

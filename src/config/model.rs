@@ -22,6 +22,9 @@ pub struct Config {
     pub zones: Vec<Zone>,
     pub identities: Vec<Identity>,
     pub registries: Vec<Arc<Registry>>,
+    /// `[[warm]]` entries in file order. Their images are resolved against the registries by
+    /// `warm::plan` (routing lives outside `config/`), which `pullgate check` runs too.
+    pub warm: Vec<WarmEntry>,
     /// Findings that do not stop pullgate from starting (inline passwords, keys whose behaviour
     /// is not built yet). `pullgate check` prints them; `serve` logs them once at start.
     pub warnings: Vec<Warning>,
@@ -102,6 +105,33 @@ pub struct Cache {
     /// A blob fill that gets no byte from the upstream for this long gives up on the
     /// connection and resumes with `Range`. Default 60 s.
     pub fill_stall_timeout: Duration,
+    /// The budget of pinned blobs (`[[warm]] pin = true`), outside `max_size`. Default 0:
+    /// nothing can be pinned until it is set.
+    pub pinned_max_size: u64,
+    /// Warm-job fetches (manifests and blobs) running at once, over all jobs. Default 2.
+    pub warm_concurrency: usize,
+    /// Bytes per second all warm jobs together may read; `None`: no cap.
+    pub warm_bandwidth: Option<u64>,
+}
+
+/// One `[[warm]]` entry, checked for its own values (not yet routed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WarmEntry {
+    /// `warm[i]`, for messages.
+    pub key: String,
+    /// As a client names it through pullgate: `host/repo:tag`, `host/repo@digest`.
+    pub image: String,
+    /// `os/arch[/variant]` strings; empty: every platform of an index.
+    pub platforms: Vec<String>,
+    /// Also fetch the referrers (signatures, SBOMs, attestations) of what is warmed.
+    pub referrers: bool,
+    /// Re-resolve the tag this often; `None`: once per start or reload.
+    pub refresh: Option<Duration>,
+    /// Never evict what this entry fetched while it is listed.
+    pub pin: bool,
+    /// The registry's `scoped_credentials` name whose view to fill; `None`: its own
+    /// credentials.
+    pub account: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -75,6 +75,8 @@ pub struct Gateway {
     redirect_key: Option<crate::sign::RedirectKey>,
     /// Signature verdicts; carried over a reload that changes no signature policy.
     verdicts: Arc<signature::Verdicts>,
+    /// Marks this process's own warm requests (one per process, carried across reloads).
+    warm_key: crate::warm::WarmKey,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -90,6 +92,7 @@ struct Stores {
     store: BlobStore,
     manifests: Arc<ManifestStore>,
     links: Arc<Links>,
+    warm_key: crate::warm::WarmKey,
 }
 
 /// Everything an upstream client is built from besides its metrics: the registry's name,
@@ -173,10 +176,12 @@ impl Gateway {
         let manifests = ManifestStore::open(&config.cache.dir, config.cache.negative_ttl)
             .map_err(cache_error)?;
         let links = Arc::new(Links::open(&config.cache.dir).map_err(cache_error)?);
+        store.set_pinned_max_size(config.cache.pinned_max_size);
         let stores = Stores {
             store,
             manifests: Arc::new(manifests),
             links,
+            warm_key: crate::warm::WarmKey::generate(),
         };
         Gateway::build(config, metrics, stores, None)
     }
@@ -189,6 +194,7 @@ impl Gateway {
             store: self.store.clone(),
             manifests: Arc::clone(&self.manifests),
             links: Arc::clone(&self.links),
+            warm_key: self.warm_key.clone(),
         };
         Gateway::build(config, Arc::clone(&self.metrics), stores, Some(self))
     }
@@ -199,6 +205,7 @@ impl Gateway {
         let cache = &self.config.cache;
         self.store.set_max_size(cache.max_size);
         self.store.set_stall_timeout(cache.fill_stall_timeout);
+        self.store.set_pinned_max_size(cache.pinned_max_size);
         self.manifests.set_negative_ttl(cache.negative_ttl);
         self.metrics.set_cache_max_bytes(cache.max_size);
     }
@@ -290,6 +297,7 @@ impl Gateway {
             audit,
             redirect_key,
             verdicts,
+            warm_key: stores.warm_key,
         })
     }
 
@@ -301,6 +309,11 @@ impl Gateway {
     /// The blob store handle (for the admin listener's metrics).
     pub fn store(&self) -> BlobStore {
         self.store.clone()
+    }
+
+    /// The secret of this process's warm requests, for its warm engine.
+    pub fn warm_key(&self) -> crate::warm::WarmKey {
+        self.warm_key.clone()
     }
 
     /// Whether `ip` is in this config's `server.trusted_proxies` (the PROXY protocol hook).
@@ -426,7 +439,13 @@ impl ProxyHttp for Edge {
         if let Some(auth) = &plan.authorization {
             upstream_request.insert_header(http::header::AUTHORIZATION, auth.expose())?;
         }
-        for hop in ["x-forwarded-for", "forwarded", "cookie"] {
+        for hop in [
+            "x-forwarded-for",
+            "forwarded",
+            "cookie",
+            crate::warm::KEY_HEADER,
+            crate::warm::ACCOUNT_HEADER,
+        ] {
             upstream_request.remove_header(hop);
         }
         Ok(())

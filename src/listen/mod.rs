@@ -24,6 +24,7 @@ pub mod proxy_protocol;
 pub mod reload;
 pub mod tls;
 pub mod upgrade;
+mod warm;
 
 /// Seconds in-flight requests get after SIGTERM before the runtime is shut down. Pingora sleeps
 /// this long unconditionally (its default is 300), so keep it short and below orchestrators'
@@ -107,11 +108,25 @@ pub fn build_server(launch: Launch) -> Result<Server, String> {
             handing_over,
         },
     ));
+    let warmer = crate::warm::Warmer::new(
+        gateway.load().warm_key(),
+        gateway.load().store(),
+        metrics.clone(),
+    );
+    // Applied once the warm service's runtime runs (`Warmer::attach`).
+    warmer.reconcile(config.clone());
+    server.add_service(pingora::services::background::background_service(
+        "warm",
+        warm::WarmService {
+            warmer: warmer.clone(),
+        },
+    ));
     let reloader = Arc::new(reload::Reloader::new(
         source,
         gateway.clone(),
         metrics.clone(),
         checked.sha256,
+        warmer.clone(),
     ));
     if let Some(addr) = config.server.admin_listen {
         let every_listener = config
@@ -127,6 +142,7 @@ pub fn build_server(launch: Launch) -> Result<Server, String> {
             gateway_listeners: every_listener,
             reloader: reloader.clone(),
             handing_over: handing_over_rx,
+            warmer,
         };
         let admin = admin::Admin::bind(addr, upgrade, parts)?;
         server.add_service(pingora::services::background::background_service(

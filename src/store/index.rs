@@ -211,6 +211,11 @@ impl Index {
         (pins.blobs.len() as u64, pins.bytes)
     }
 
+    /// The hex names of every pinned blob.
+    pub(crate) fn pinned_names(&self) -> Vec<String> {
+        self.pins().blobs.keys().cloned().collect()
+    }
+
     fn cache(&self) -> RwLockReadGuard<'_, Cache<String, u64>> {
         // Nothing panics while holding this lock; recover rather than panic if it did.
         self.cache.read().unwrap_or_else(|e| e.into_inner())

@@ -358,6 +358,26 @@ impl BlobStore {
         self.shared.index.pin(digest.hex())
     }
 
+    /// Waits for a running fill of `digest` to end (committed and indexed, or failed). A
+    /// reader has every byte once the blob is verified, a moment before the commit: a pin
+    /// right after a read waits here first.
+    pub async fn settled(&self, digest: &Digest) {
+        let fill = self.shared.inflight().get(digest.hex()).cloned();
+        if let Some(fill) = fill {
+            let _ = fill.wait_done().await;
+        }
+    }
+
+    /// Every pinned blob (sha256 only: the index holds no other).
+    pub fn pinned_digests(&self) -> Vec<Digest> {
+        self.shared
+            .index
+            .pinned_names()
+            .into_iter()
+            .filter_map(|hex| Digest::parse(&format!("sha256:{hex}")).ok())
+            .collect()
+    }
+
     /// Lets a pinned blob be evicted again (it is not deleted).
     pub fn unpin(&self, digest: &Digest) {
         self.shared.index.unpin(digest.hex());

@@ -39,3 +39,4 @@ mod soak;
 mod tls;
 mod upgrade;
 mod uploads;
+mod warm;

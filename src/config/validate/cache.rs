@@ -14,6 +14,7 @@ const DEFAULT_STALE_IF_ERROR: Duration = Duration::from_secs(24 * 60 * 60);
 const DEFAULT_FILL_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(15);
 const DEFAULT_MAX_MANIFEST: u64 = 4 * MIB;
+const DEFAULT_WARM_CONCURRENCY: usize = 2;
 const MIN_MAX_MANIFEST: u64 = KIB;
 const MAX_MAX_MANIFEST: u64 = 64 * MIB;
 
@@ -60,6 +61,23 @@ pub(super) fn check_cache(ctx: &mut Ctx<'_>, file: &CacheFile) -> Cache {
             ),
         );
     }
+    let pinned_max_size =
+        check_size(ctx, "cache.pinned_max_size", file.pinned_max_size.as_ref()).unwrap_or(0);
+    let warm_concurrency = match file.warm_concurrency {
+        None => DEFAULT_WARM_CONCURRENCY,
+        Some(n @ 1..=64) => n as usize,
+        Some(n) => {
+            ctx.err(
+                "cache.warm_concurrency",
+                format!("must be between 1 and 64, got {n}"),
+            );
+            DEFAULT_WARM_CONCURRENCY
+        }
+    };
+    let warm_bandwidth = file
+        .warm_bandwidth
+        .as_deref()
+        .and_then(|raw| ctx.ok("cache.warm_bandwidth", parse_bandwidth(raw)));
     Cache {
         dir,
         max_size,
@@ -68,7 +86,21 @@ pub(super) fn check_cache(ctx: &mut Ctx<'_>, file: &CacheFile) -> Cache {
         negative_ttl,
         max_manifest_size,
         fill_stall_timeout,
+        pinned_max_size,
+        warm_concurrency,
+        warm_bandwidth,
     }
+}
+
+/// `"50MiB/s"` (or `"50MiB"`, per second implied) as bytes per second; at least 64 KiB/s, so a
+/// typo cannot make warm jobs crawl for days.
+fn parse_bandwidth(raw: &str) -> Result<u64, String> {
+    let size = raw.trim().strip_suffix("/s").unwrap_or(raw.trim());
+    let bytes = parse_size(size).map_err(|e| format!("{e} (a rate like \"50MiB/s\")"))?;
+    if bytes < 64 * KIB {
+        return Err(format!("must be at least 64KiB/s, got {bytes} bytes/s"));
+    }
+    Ok(bytes)
 }
 
 fn check_size(ctx: &mut Ctx<'_>, key: &str, raw: Option<&RawSize>) -> Option<u64> {
