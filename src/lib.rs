@@ -20,6 +20,7 @@ pub mod client_config;
 pub mod config;
 pub mod crypt;
 pub mod gateway;
+pub mod keys;
 pub mod listen;
 pub mod metrics;
 pub mod oci;

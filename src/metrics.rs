@@ -48,6 +48,12 @@ pub struct Metrics {
     fills_committed: IntCounter,
     fill_failures: IntCounterVec,
     evictions: IntCounter,
+    integrity_failures: IntCounter,
+    resealed_evictions: IntCounter,
+    /// Key operations (`keys/`), by operation and outcome.
+    key_operations: IntCounterVec,
+    /// Calls to the key provider (KMS), by provider.
+    kms_calls: IntCounterVec,
 }
 
 impl Metrics {
@@ -201,6 +207,24 @@ impl Metrics {
                 "pullgate_cache_evictions_total",
                 "Blobs evicted to keep the cache under cache.max_size.",
             ),
+            integrity_failures: counter(
+                "pullgate_cache_integrity_failures_total",
+                "Sealed cache files (blobs, manifests) that failed their integrity check and were quarantined.",
+            ),
+            resealed_evictions: counter(
+                "pullgate_cache_encryption_evictions_total",
+                "Cached blobs deleted because encryption was turned on or off or their key was revoked.",
+            ),
+            key_operations: counter_vec(
+                "pullgate_key_operations_total",
+                "Operations on the cache encryption keys (unwrap, wrap, rewrap, rotate, check, revoked, unavailable, restored), by outcome.",
+                &["operation", "outcome"],
+            ),
+            kms_calls: counter_vec(
+                "pullgate_kms_calls_total",
+                "Calls to the key provider holding the cache's KEK.",
+                &["provider"],
+            ),
             registry,
         };
         metrics.cache_max_bytes.set(clamp(max_bytes));
@@ -254,6 +278,16 @@ impl Metrics {
             .observe(seconds);
     }
 
+    pub fn key_operation(&self, operation: &str, outcome: &str) {
+        self.key_operations
+            .with_label_values(&[operation, outcome])
+            .inc();
+    }
+
+    pub fn kms_call(&self, provider: &str) {
+        self.kms_calls.with_label_values(&[provider]).inc();
+    }
+
     pub fn token_fetch(&self, registry: &str, ok: bool) {
         self.token_fetches
             .with_label_values(&[registry, if ok { "ok" } else { "error" }])
@@ -282,6 +316,10 @@ impl Metrics {
             &self.fills_committed,
             &self.fill_failures,
             &self.evictions,
+            &self.integrity_failures,
+            &self.resealed_evictions,
+            &self.key_operations,
+            &self.kms_calls,
         ];
         let mut names: Vec<String> = collectors
             .iter()
@@ -310,6 +348,8 @@ impl Metrics {
         catch_up(&self.fill_waiters, s.fills_joined);
         catch_up(&self.fills_committed, s.fills_committed);
         catch_up(&self.evictions, s.evictions);
+        catch_up(&self.integrity_failures, s.integrity_failures);
+        catch_up(&self.resealed_evictions, s.resealed_evictions);
         for (reason, n) in [
             ("refused", s.fills_refused),
             ("broken", s.fills_broken),
