@@ -16,6 +16,7 @@ mod keyring;
 mod provider;
 #[cfg(test)]
 mod tests;
+mod transit;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -40,12 +41,23 @@ pub fn keys_dir(cache_dir: &Path) -> PathBuf {
 pub fn provider_for(config: &Encryption) -> Result<Arc<dyn Provider>, String> {
     Ok(match &config.provider {
         KeyProvider::File { key_file } => Arc::new(FileProvider::new(key_file.clone())),
+        KeyProvider::Transit {
+            address,
+            key,
+            token_file,
+            ca,
+        } => Arc::new(transit::TransitProvider::new(
+            address.clone(),
+            key.clone(),
+            token_file.clone(),
+            ca.as_deref(),
+        )?),
         // Validated, documented, not built yet: refused at start with a clear message.
         other => {
             return Err(format!(
-                "cache.encryption.provider: {:?} is not implemented yet; use \"file\"",
-                other.name()
-            ))
+            "cache.encryption.provider: {:?} is not implemented yet; use \"file\" or \"transit\"",
+            other.name()
+        ))
         }
     })
 }
@@ -120,13 +132,15 @@ pub struct KeyService {
     timings: Mutex<Timings>,
     state: RwLock<State>,
     sink: Mutex<Option<Sink>>,
+    /// Events from before a sink was set (the first round at start), written once it is.
+    pending: Mutex<Vec<KeyEvent>>,
     /// Called after a revocation (keys forgotten): the gateway sweeps the stores.
     on_revoked: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
     kms_calls: AtomicU64,
     metrics: Mutex<Option<Arc<crate::metrics::Metrics>>>,
     stop: AtomicBool,
     /// Wakes the check loop early (`keys rotate`, stop).
-    wake: tokio::sync::Notify,
+    wake: Arc<tokio::sync::Notify>,
     rotate_now: AtomicBool,
     config: Encryption,
 }
@@ -194,16 +208,20 @@ impl KeyService {
                 },
             }),
             sink: Mutex::new(None),
+            pending: Mutex::new(Vec::new()),
             on_revoked: Mutex::new(None),
             kms_calls: AtomicU64::new(0),
             metrics: Mutex::new(None),
             stop: AtomicBool::new(false),
-            wake: tokio::sync::Notify::new(),
+            wake: Arc::new(tokio::sync::Notify::new()),
             rotate_now: AtomicBool::new(false),
             config: config.clone(),
         });
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let run = Arc::clone(&service);
+        // The thread holds the service weakly: when the last snapshot using it is dropped (a
+        // reload to another provider, the end of `serve`), the loop ends.
+        let run = Arc::downgrade(&service);
+        let wake = Arc::clone(&service.wake);
         std::thread::Builder::new()
             .name("pullgate-keys".into())
             .spawn(move || {
@@ -214,9 +232,22 @@ impl KeyService {
                     return;
                 };
                 rt.block_on(async move {
-                    run.load().await;
+                    if let Some(service) = run.upgrade() {
+                        service.load().await;
+                    }
                     let _ = ready_tx.send(());
-                    run.check_loop().await;
+                    loop {
+                        let Some(wait) = run.upgrade().map(|s| s.check_interval()) else {
+                            return;
+                        };
+                        let _ = tokio::time::timeout(wait, wake.notified()).await;
+                        match run.upgrade() {
+                            Some(service) if !service.stop.load(Ordering::Relaxed) => {
+                                service.check().await
+                            }
+                            _ => return,
+                        }
+                    }
                 });
             })
             .map_err(|e| format!("cannot start the key thread: {e}"))?;
@@ -242,7 +273,11 @@ impl KeyService {
 
     /// Where audit lines go (the audit log of the snapshot in use).
     pub fn set_sink(&self, sink: Sink) {
-        *self.sink.lock().unwrap_or_else(|e| e.into_inner()) = Some(sink);
+        let mut slot = self.sink.lock().unwrap_or_else(|e| e.into_inner());
+        for event in std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner())) {
+            sink(&event);
+        }
+        *slot = Some(sink);
     }
 
     /// Where provider calls are counted (`pullgate_kms_calls_total`).
@@ -318,8 +353,13 @@ impl KeyService {
                 tracing::warn!(operation = event.operation, outcome = event.outcome, generation = ?event.generation, message = ?event.message, "key operation failed")
             }
         }
-        if let Some(sink) = self.sink.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            sink(&event);
+        match self.sink.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            Some(sink) => sink(&event),
+            None => self
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(event),
         }
     }
 
@@ -402,21 +442,15 @@ impl KeyService {
         self.check().await;
     }
 
-    async fn check_loop(&self) {
-        while !self.stop.load(Ordering::Relaxed) {
-            let wait = self.timings.lock().unwrap_or_else(|e| e.into_inner()).check;
-            let _ = tokio::time::timeout(wait, self.wake.notified()).await;
-            if self.stop.load(Ordering::Relaxed) {
-                break;
-            }
-            self.check().await;
-        }
+    fn check_interval(&self) -> Duration {
+        self.timings.lock().unwrap_or_else(|e| e.into_inner()).check
     }
 
     /// One check: the KEK's version; a generation key unwrapped again (proves the KEK still
     /// decrypts); a new generation when due or when the KEK version changed, older ones
     /// re-wrapped under the new version. Denied => revoke; unreachable => grace, then revoke.
     pub async fn check(&self) {
+        self.merge_from_disk().await;
         let version = match self.call(self.provider.status()).await {
             Ok(v) => v,
             Err(e) => return self.setback(e),
@@ -467,6 +501,46 @@ impl KeyService {
                 .is_none_or(|g| now_secs().saturating_sub(g.created) >= rotate.as_secs());
         if !current_ok || due || self.rotate_now.swap(false, Ordering::Relaxed) {
             self.new_generation().await;
+        }
+    }
+
+    /// Generations another pullgate on this cache (during a binary upgrade) wrote to the
+    /// keyring: taken in and unwrapped, so the files it seals open here too.
+    async fn merge_from_disk(&self) {
+        let Ok(disk) = Keyring::load(&self.dir) else {
+            return;
+        };
+        if disk.provider != self.provider.identity() {
+            return;
+        }
+        let new: Vec<Generation> = {
+            let state = self.read();
+            disk.generations
+                .iter()
+                .filter(|g| state.ring.generation(g.id).is_none() && !state.lost.contains(&g.id))
+                .cloned()
+                .collect()
+        };
+        for g in new {
+            let unwrapped = self.call(self.provider.unwrap(&g.wrapped)).await;
+            self.audit(
+                self.event(
+                    "unwrap",
+                    unwrapped
+                        .as_ref()
+                        .map(|_| Some(g.wrapped.kek_version.clone())),
+                    Some(g.id),
+                ),
+            );
+            let mut state = self.write();
+            if let Ok(key) = unwrapped {
+                state.keys.insert(g.id, Arc::new(key));
+            }
+            if disk.current == Some(g.id) && state.ring.current.is_none_or(|c| c < g.id) {
+                state.ring.current = Some(g.id);
+            }
+            state.ring.provider = disk.provider.clone();
+            state.ring.generations.push(g);
         }
     }
 

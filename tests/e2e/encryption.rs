@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use crate::harness::{get, registry, request, Gateway};
 use crate::support::{
-    skopeo_copy_to_oci, wait_until, ClientTls, TestImage, Upstream, UpstreamOptions,
+    skopeo_copy_to_oci, wait_until, ClientTls, Containerd, OpenBao, PullOpts, TestImage, Upstream,
+    UpstreamOptions,
 };
 
 /// A Secret-volume-like key dir on tmpfs (`/dev/shm` where there is one).
@@ -340,4 +341,181 @@ fn encryption_turned_on_and_off_by_reload_reseals_the_same_cache() {
     assert!(blob_files(&gw)
         .iter()
         .all(|f| !std::fs::read(f).unwrap().starts_with(b"\x89PGSEAL\n")));
+}
+
+// ---------------------------------------------------------------------------------------------
+// transit: a real OpenBao
+
+fn transit_keys(bao: &OpenBao, token_file: &Path, grace: &str) -> String {
+    format!(
+        "\n[cache.encryption]\nprovider = \"transit\"\naddress = \"{}\"\nkey = \"pullgate\"\ntoken_file = \"{}\"\ncheck_interval = \"200ms\"\nunavailable_grace = \"{grace}\"\n",
+        bao.address(),
+        token_file.display()
+    )
+}
+
+fn ctr_pull(gw: &Gateway, image: &TestImage, name: &str) {
+    // A new containerd each time: one daemon's content store would not fetch again.
+    let ctr = Containerd::start();
+    let digest = ctr
+        .pull_with(
+            &format!("{}/{name}", gw.addr()),
+            &PullOpts {
+                plain_http: true,
+                ..Default::default()
+            },
+        )
+        .expect("ctr pulls through pullgate");
+    assert_eq!(digest, image.manifest_digest());
+}
+
+fn sealed_files(dir: &Path) -> Vec<PathBuf> {
+    files_under(&dir.join("blobs"))
+}
+
+#[test]
+fn transit_rotation_and_an_outage_while_skopeo_and_ctr_pull() {
+    let up = Upstream::start(UpstreamOptions::default());
+    let image = TestImage::with_layer_size("enc-transit", 200_000);
+    up.push(&image, "team/transit:v1");
+    let mut bao = OpenBao::start("pullgate");
+    let secrets = tempfile::tempdir().unwrap();
+    let token_file = bao.token_file(secrets.path());
+    let gw = Gateway::start_configured(
+        &registry("test", &up, "default = true"),
+        None,
+        &transit_keys(&bao, &token_file, "8s"),
+    );
+    ctr_pull(&gw, &image, "team/transit:v1");
+    let status = keys_status(&gw);
+    assert_eq!(status["provider"], "transit");
+    assert_eq!(status["kek_version"], "1");
+    let found = plaintext_found(&gw.cache_dir(), &known_plaintext(&image));
+    assert!(found.is_empty(), "plaintext of the test image in {found:?}");
+    let ring = std::fs::read_to_string(gw.cache_dir().join("keys/keyring.json")).unwrap();
+    assert!(
+        ring.contains("vault:v1:"),
+        "generation keys wrapped by Transit"
+    );
+
+    // The Transit key rotates: pullgate re-wraps its generations (transit/rewrap) and makes a
+    // new one under version 2; the cache keeps serving.
+    bao.cmd(&["write", "-f", "transit/keys/pullgate/rotate"]);
+    wait_until(Duration::from_secs(10), "KEK version 2", || {
+        keys_status(&gw)["kek_version"] == "2"
+    })
+    .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "every generation re-wrapped",
+        || {
+            keys_status(&gw)["generations"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|g| g["kek_version"] == "2")
+        },
+    )
+    .unwrap();
+    pull(&gw, &image, "team/transit:v1");
+
+    // An outage: the server is stopped. Keys in memory keep working for the grace...
+    let cached = sealed_files(&gw.cache_dir());
+    assert_eq!(cached.len(), image.blobs().len());
+    bao.stop();
+    wait_until(Duration::from_secs(10), "the outage noticed", || {
+        keys_status(&gw)["health"] == "unavailable"
+    })
+    .unwrap();
+    pull(&gw, &image, "team/transit:v1");
+    assert_eq!(
+        sealed_files(&gw.cache_dir()),
+        cached,
+        "served from the sealed cache"
+    );
+    // ...then count as revoked: the keys are forgotten, the files deleted, pulls pass through.
+    wait_until(Duration::from_secs(30), "the grace ran out", || {
+        keys_status(&gw)["health"] == "denied"
+    })
+    .unwrap();
+    wait_until(Duration::from_secs(10), "sealed files deleted", || {
+        sealed_files(&gw.cache_dir()).is_empty()
+    })
+    .unwrap();
+    ctr_pull(&gw, &image, "team/transit:v1");
+    assert!(
+        sealed_files(&gw.cache_dir()).is_empty(),
+        "nothing cached without a key"
+    );
+}
+
+#[test]
+fn transit_revocation_by_min_decryption_version_and_by_key_deletion() {
+    let up = Upstream::start(UpstreamOptions::default());
+    let image = TestImage::with_layer_size("enc-revoke", 120_000);
+    up.push(&image, "team/revoke:v1");
+    let bao = OpenBao::start("pullgate");
+    let secrets = tempfile::tempdir().unwrap();
+    let token_file = bao.token_file(secrets.path());
+    let cache = tempfile::tempdir().unwrap();
+    let registries = registry("test", &up, "default = true");
+    let keys = transit_keys(&bao, &token_file, "1h");
+    let mut gw = Gateway::start_configured(&registries, Some(cache.path()), &keys);
+    pull(&gw, &image, "team/revoke:v1");
+    let old: Vec<PathBuf> = sealed_files(cache.path());
+    assert_eq!(old.len(), image.blobs().len());
+    gw.stop();
+
+    // While pullgate is down, version 1 is made undecryptable (min_decryption_version = 2):
+    // on restart its generation is refused, its files are deleted, a new one is made.
+    bao.cmd(&["write", "-f", "transit/keys/pullgate/rotate"]);
+    bao.cmd(&[
+        "write",
+        "transit/keys/pullgate/config",
+        "min_decryption_version=2",
+    ]);
+    let gw = Gateway::start_configured(&registries, Some(cache.path()), &keys);
+    wait_until(
+        Duration::from_secs(10),
+        "files of version 1 deleted",
+        || sealed_files(cache.path()).is_empty(),
+    )
+    .unwrap();
+    let status = keys_status(&gw);
+    assert_eq!(status["kek_version"], "2");
+    let ops: Vec<(String, String)> = gw
+        .audit_lines()
+        .into_iter()
+        .filter(|l| l["action"] == "key")
+        .map(|l| {
+            (
+                l["operation"].as_str().unwrap_or_default().to_owned(),
+                l["outcome"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    assert!(
+        ops.contains(&("unwrap".into(), "denied".into())),
+        "the refused unwrap is audited: {ops:?}"
+    );
+    pull(&gw, &image, "team/revoke:v1");
+    assert_eq!(sealed_files(cache.path()).len(), image.blobs().len());
+
+    // The key is deleted: denied within the check interval, files deleted, pulls pass through.
+    bao.cmd(&[
+        "write",
+        "transit/keys/pullgate/config",
+        "deletion_allowed=true",
+    ]);
+    bao.cmd(&["delete", "transit/keys/pullgate"]);
+    wait_until(Duration::from_secs(10), "the deletion noticed", || {
+        keys_status(&gw)["health"] == "denied"
+    })
+    .unwrap();
+    wait_until(Duration::from_secs(10), "sealed files deleted", || {
+        sealed_files(cache.path()).is_empty()
+    })
+    .unwrap();
+    pull(&gw, &image, "team/revoke:v1");
+    assert!(sealed_files(cache.path()).is_empty());
 }
