@@ -519,3 +519,58 @@ fn transit_revocation_by_min_decryption_version_and_by_key_deletion() {
     pull(&gw, &image, "team/revoke:v1");
     assert!(sealed_files(cache.path()).is_empty());
 }
+
+// ---------------------------------------------------------------------------------------------
+// exec: the documented protocol with a test helper
+
+#[test]
+fn an_exec_helper_holds_the_kek_through_rotation_and_revocation() {
+    let up = Upstream::start(UpstreamOptions::default());
+    let image = TestImage::with_layer_size("enc-exec", 90_000);
+    up.push(&image, "team/exec:v1");
+    let control = tempfile::tempdir().unwrap();
+    let helper = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/kms_helper.py");
+    let keys = format!(
+        "\n[cache.encryption]\nprovider = \"exec\"\ncommand = [\"python3\", \"{}\", \"{}\"]\ncheck_interval = \"200ms\"\n",
+        helper.display(),
+        control.path().display()
+    );
+    let gw = Gateway::start_configured(&registry("test", &up, "default = true"), None, &keys);
+    pull(&gw, &image, "team/exec:v1");
+    assert_eq!(keys_status(&gw)["provider"], "exec");
+    assert_eq!(keys_status(&gw)["kek_version"], "1");
+    let found = plaintext_found(&gw.cache_dir(), &known_plaintext(&image));
+    assert!(found.is_empty(), "plaintext of the test image in {found:?}");
+
+    // A new KEK version: the helper cannot rewrap, so pullgate wraps the keys it holds again.
+    std::fs::write(control.path().join("version"), "2").unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "every generation under version 2",
+        || {
+            let status = keys_status(&gw);
+            status["kek_version"] == "2"
+                && status["generations"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|g| g["kek_version"] == "2")
+        },
+    )
+    .unwrap();
+    pull(&gw, &image, "team/exec:v1");
+    assert_eq!(blob_files(&gw).len(), image.blobs().len());
+
+    // {"error":"denied"}: revoked.
+    std::fs::write(control.path().join("state"), "denied").unwrap();
+    wait_until(Duration::from_secs(10), "revocation", || {
+        keys_status(&gw)["health"] == "denied"
+    })
+    .unwrap();
+    wait_until(Duration::from_secs(10), "files deleted", || {
+        blob_files(&gw).is_empty()
+    })
+    .unwrap();
+    pull(&gw, &image, "team/exec:v1");
+    assert!(blob_files(&gw).is_empty());
+}
