@@ -90,6 +90,11 @@ impl Audit {
     }
 
     pub fn record(&self, record: &AuditRecord<'_>) {
+        self.record_value(record);
+    }
+
+    /// Any other audited event (key operations) as one JSON line of its own shape.
+    pub fn record_value<T: Serialize>(&self, record: &T) {
         let Ok(mut line) = serde_json::to_vec(record) else {
             return;
         };

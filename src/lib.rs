@@ -23,6 +23,7 @@ pub mod client_config;
 pub mod config;
 pub mod crypt;
 pub mod gateway;
+pub mod keys;
 pub mod lines;
 pub mod listen;
 pub mod metrics;

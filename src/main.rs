@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -87,6 +88,18 @@ enum Command {
     },
     /// Print the embedded default config.
     DefaultConfig,
+    /// The cache encryption keys of a running pullgate, through its admin listener
+    /// (`server.admin_listen` of the config): `status` prints them, `rotate` makes a new
+    /// generation key at once.
+    Keys {
+        action: KeysAction,
+        /// Config file (TOML) of the running pullgate: where its admin listener is.
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// The admin listener's address, instead of reading the config.
+        #[arg(long)]
+        admin: Option<std::net::SocketAddr>,
+    },
     /// Make a development CA and certificates for TLS listeners and mTLS clients (not for
     /// production); reuses the CA already in --out.
     DevCerts {
@@ -174,6 +187,11 @@ fn main() -> ExitCode {
             });
             warm(&admin, request, wait)
         }
+        Command::Keys {
+            action,
+            config,
+            admin,
+        } => keys(action, config, admin),
         Command::DefaultConfig => {
             print!("{}", config::DEFAULT_TOML);
             ExitCode::SUCCESS
@@ -435,6 +453,70 @@ fn load_checked(path: &Option<PathBuf>) -> Result<Launch, ExitCode> {
         }
         ExitCode::from(EXIT_CONFIG)
     })
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum KeysAction {
+    Status,
+    Rotate,
+}
+
+/// `pullgate keys status|rotate`: one HTTP/1.1 request to the admin listener.
+fn keys(
+    action: KeysAction,
+    path: Option<PathBuf>,
+    admin: Option<std::net::SocketAddr>,
+) -> ExitCode {
+    use std::io::{Read, Write};
+    let addr = match admin {
+        Some(a) => a,
+        None => {
+            let config = match load_checked(&path) {
+                Ok(launch) => launch.checked.config,
+                Err(code) => return code,
+            };
+            match config.server.admin_listen {
+                Some(a) => a,
+                None => {
+                    eprintln!(
+                        "server.admin_listen is not set: pullgate keys needs the admin listener"
+                    );
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            }
+        }
+    };
+    let (method, target) = match action {
+        KeysAction::Status => ("GET", "/-/keys"),
+        KeysAction::Rotate => ("POST", "/-/keys/rotate"),
+    };
+    let answer = (|| -> std::io::Result<String> {
+        let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        write!(
+            stream,
+            "{method} {target} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut out = String::new();
+        stream.read_to_string(&mut out)?;
+        Ok(out)
+    })();
+    let answer = match answer {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("cannot reach the admin listener at {addr}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let ok = head.split(' ').nth(1).is_some_and(|s| s.starts_with('2'));
+    if ok {
+        print!("{body}");
+        ExitCode::SUCCESS
+    } else {
+        eprint!("{body}");
+        ExitCode::FAILURE
+    }
 }
 
 fn check(path: Option<PathBuf>, strict: bool) -> ExitCode {

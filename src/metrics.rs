@@ -58,6 +58,12 @@ pub struct Metrics {
     pub warm_manifests: IntCounter,
     pub warm_blobs: IntCounter,
     pub warm_bytes: IntCounter,
+    integrity_failures: IntCounter,
+    resealed_evictions: IntCounter,
+    /// Key operations (`keys/`), by operation and outcome.
+    key_operations: IntCounterVec,
+    /// Calls to the key provider (KMS), by provider.
+    kms_calls: IntCounterVec,
 }
 
 impl Metrics {
@@ -243,6 +249,24 @@ impl Metrics {
                 "pullgate_warm_bytes_total",
                 "Blob bytes warm jobs read through pullgate's own listener.",
             ),
+            integrity_failures: counter(
+                "pullgate_cache_integrity_failures_total",
+                "Sealed cache files (blobs, manifests) that failed their integrity check and were quarantined.",
+            ),
+            resealed_evictions: counter(
+                "pullgate_cache_encryption_evictions_total",
+                "Cached blobs deleted because encryption was turned on or off or their key was revoked.",
+            ),
+            key_operations: counter_vec(
+                "pullgate_key_operations_total",
+                "Operations on the cache encryption keys (unwrap, wrap, rewrap, rotate, check, revoked, unavailable, restored), by outcome.",
+                &["operation", "outcome"],
+            ),
+            kms_calls: counter_vec(
+                "pullgate_kms_calls_total",
+                "Calls to the key provider holding the cache's KEK.",
+                &["provider"],
+            ),
             registry,
         };
         metrics.cache_max_bytes.set(clamp(max_bytes));
@@ -296,6 +320,16 @@ impl Metrics {
             .observe(seconds);
     }
 
+    pub fn key_operation(&self, operation: &str, outcome: &str) {
+        self.key_operations
+            .with_label_values(&[operation, outcome])
+            .inc();
+    }
+
+    pub fn kms_call(&self, provider: &str) {
+        self.kms_calls.with_label_values(&[provider]).inc();
+    }
+
     pub fn token_fetch(&self, registry: &str, ok: bool) {
         self.token_fetches
             .with_label_values(&[registry, if ok { "ok" } else { "error" }])
@@ -325,6 +359,10 @@ impl Metrics {
             &self.fills_committed,
             &self.fill_failures,
             &self.evictions,
+            &self.integrity_failures,
+            &self.resealed_evictions,
+            &self.key_operations,
+            &self.kms_calls,
         ];
         let mut names: Vec<String> = collectors
             .iter()
@@ -355,6 +393,8 @@ impl Metrics {
         catch_up(&self.evictions, s.evictions);
         self.pinned_entries.set(clamp(s.pinned_entries));
         self.pinned_bytes.set(clamp(s.pinned_bytes));
+        catch_up(&self.integrity_failures, s.integrity_failures);
+        catch_up(&self.resealed_evictions, s.resealed_evictions);
         for (reason, n) in [
             ("refused", s.fills_refused),
             ("broken", s.fills_broken),

@@ -93,6 +93,24 @@ pub(super) struct CacheFile {
     pub pinned_max_size: Option<RawSize>,
     pub warm_concurrency: Option<i64>,
     pub warm_bandwidth: Option<String>,
+    pub encryption: Option<EncryptionFile>,
+}
+
+/// `[cache.encryption]`: every provider's keys in one table; validation checks which belong.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct EncryptionFile {
+    pub provider: Option<String>,
+    pub key_file: Option<String>,
+    pub address: Option<String>,
+    pub key: Option<String>,
+    pub token_file: Option<String>,
+    pub ca: Option<String>,
+    pub command: Option<Vec<String>>,
+    pub rotate: Option<String>,
+    pub on_revoked: Option<String>,
+    pub unavailable_grace: Option<String>,
+    pub check_interval: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

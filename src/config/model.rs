@@ -112,6 +112,8 @@ pub struct Cache {
     pub warm_concurrency: usize,
     /// Bytes per second all warm jobs together may read; `None`: no cap.
     pub warm_bandwidth: Option<u64>,
+    /// `[cache.encryption]`: blobs and manifests sealed at rest; `None` = plaintext.
+    pub encryption: Option<Encryption>,
 }
 
 /// One `[[warm]]` entry, checked for its own values (not yet routed).
@@ -132,6 +134,54 @@ pub struct WarmEntry {
     /// The registry's `scoped_credentials` name whose view to fill; `None`: its own
     /// credentials.
     pub account: Option<String>,
+}
+
+/// `[cache.encryption]`: the operator's key (KEK) and how pullgate uses it (`keys/`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encryption {
+    pub provider: KeyProvider,
+    /// A new generation key this often (and whenever the KEK's version changes).
+    pub rotate: Duration,
+    pub on_revoked: OnRevoked,
+    /// How long keys already unwrapped keep working while the provider cannot be reached.
+    pub unavailable_grace: Duration,
+    /// How often the provider is asked whether the key still works (at most 60 s).
+    pub check_interval: Duration,
+}
+
+/// Where the KEK lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyProvider {
+    /// 32 random bytes (raw or base64) in a file; re-read when it changes.
+    File { key_file: PathBuf },
+    /// An OpenBao / Vault Transit key.
+    Transit {
+        address: url::Url,
+        key: String,
+        token_file: PathBuf,
+        ca: Option<PathBuf>,
+    },
+    /// A helper program speaking JSON lines on stdin/stdout (README, "The exec protocol").
+    Exec { command: Vec<String> },
+}
+
+impl KeyProvider {
+    pub fn name(&self) -> &'static str {
+        match self {
+            KeyProvider::File { .. } => "file",
+            KeyProvider::Transit { .. } => "transit",
+            KeyProvider::Exec { .. } => "exec",
+        }
+    }
+}
+
+/// What clients get once the key is revoked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnRevoked {
+    /// Blobs and manifests stream from the upstream, nothing is cached.
+    Passthrough,
+    /// 503 with an OCI error.
+    Deny,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -149,6 +149,14 @@ pub async fn serve(
                 ctx.push = Some(plan);
                 return Ok(());
             }
+            if gw.keys_deny() && matches!(endpoint, Endpoint::Manifest(_) | Endpoint::Blob(_)) {
+                return Err(OciError::new(
+                    ErrorCode::Unavailable,
+                    "the cache encryption key was revoked",
+                )
+                .with_status(503)
+                .into());
+            }
             match endpoint {
                 Endpoint::Manifest(reference) => {
                     manifest::serve(gw, session, ctx, &job, &reference).await

@@ -1,6 +1,7 @@
 //! The admin listener (`server.admin_listen`): `/metrics`, `/healthz`, `/readyz`, the config in
-//! use at `/-/config`, `POST /-/reload`, and warm jobs (`POST /warm`, `GET /warm`,
-//! `GET /warm/<id>`).
+//! use at `/-/config`, `POST /-/reload`, warm jobs (`POST /warm`, `GET /warm`,
+//! `GET /warm/<id>`), and the cache encryption keys at `/-/keys` (status) and
+//! `POST /-/keys/rotate` (what `pullgate keys` calls).
 //!
 //! It runs as a Pingora background service with its own small HTTP/1.1 server rather than as a
 //! Pingora listening service, because listening services stop accepting the moment shutdown
@@ -211,8 +212,37 @@ async fn answer(state: Arc<State>, req: Request<hyper::body::Incoming>) -> Respo
     if path == "/warm" || path.starts_with("/warm/") {
         return warm(&state.warmer, req, &path).await;
     }
+    if req.uri().path() == "/-/keys/rotate" {
+        if *req.method() != http::Method::POST {
+            return text(405, "POST only\n".into(), "text/plain");
+        }
+        return match state.reloader.current().keys() {
+            Some(keys) => {
+                keys.rotate();
+                text(
+                    202,
+                    "{\"rotate\":\"at the next check\"}\n".into(),
+                    "application/json",
+                )
+            }
+            None => text(409, "cache encryption is off\n".into(), "text/plain"),
+        };
+    }
     if !matches!(*req.method(), http::Method::GET | http::Method::HEAD) {
         return text(405, "GET only\n".into(), "text/plain");
+    }
+    if req.uri().path() == "/-/keys" {
+        return match state.reloader.current().keys() {
+            Some(keys) => text(
+                200,
+                format!(
+                    "{}\n",
+                    serde_json::to_string(&keys.status()).unwrap_or_default()
+                ),
+                "application/json",
+            ),
+            None => text(409, "cache encryption is off\n".into(), "text/plain"),
+        };
     }
     match req.uri().path() {
         "/metrics" => text(

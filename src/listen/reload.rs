@@ -231,6 +231,11 @@ impl Reloader {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The snapshot serving now.
+    pub fn current(&self) -> Arc<Gateway> {
+        self.current.load_full()
+    }
+
     pub fn in_use(&self) -> InUse {
         let state = self.state();
         InUse {

@@ -19,6 +19,7 @@ mod credentials;
 mod data_endpoints;
 mod deletes;
 mod digests;
+mod encryption;
 mod errors;
 mod faults;
 mod input;
