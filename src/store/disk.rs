@@ -403,6 +403,25 @@ pub struct Blob {
 }
 
 impl Blob {
+    /// The whole plaintext, read (and, when sealed, opened) in one go: for small blobs only.
+    pub(crate) fn read_all(&self) -> io::Result<Vec<u8>> {
+        let len = usize::try_from(self.len).map_err(io::Error::other)?;
+        match &self.sealed {
+            Some(sealed) => {
+                let extent = Extent {
+                    written: self.len,
+                    complete: true,
+                };
+                open_sealed(&self.file, sealed, 0, self.len, extent)
+            }
+            None => {
+                let mut plain = vec![0; len];
+                self.file.read_exact_at(&mut plain, 0)?;
+                Ok(plain)
+            }
+        }
+    }
+
     /// Streams `[start, end)` (end exclusive). A range reaching past `len` ends in an error from
     /// `next_chunk`, never in a short body that looks complete: check ranges (416) before.
     pub fn reader(&self, start: u64, end: u64) -> BlobReader {

@@ -7,7 +7,8 @@
 //! [`BlobSource`].
 //! Must never: serve or commit bytes that are not the digest's (invariant 3), start a second
 //! fetch of a digest that is being fetched (invariant 4), build a path from anything but a
-//! verified [`Digest`] (invariant 2), or hold a blob in memory (invariant 7).
+//! verified [`Digest`] (invariant 2), or hold a blob in memory beyond the bounded tier of
+//! small blobs (invariant 7: memory does not grow with blob size).
 //!
 //! Sharp edge for callers: a reader's `Err` after bytes were sent means "abort the response
 //! mid-body". Ending the body instead hands the client a short blob that looks complete.
@@ -285,6 +286,37 @@ impl BlobStore {
     /// not fit (damaged, foreign header, unknown generation, sealed while encryption is off or
     /// plaintext while it is on) is dropped and deleted here, so the next fill replaces it.
     pub fn lookup(&self, digest: &Digest) -> Option<Blob> {
+        let blob = self.open_committed(digest)?;
+        if blob.len <= index::SMALL_BLOB {
+            // Read once, checked against its digest, then served from memory ([`BlobStore::small`]).
+            match blob.read_all() {
+                Ok(plain) if digest.verify(&plain) => {
+                    self.shared
+                        .index
+                        .keep_small(digest.hex(), Bytes::from(plain));
+                }
+                Ok(_) => {
+                    let why = seal::Unfit::Integrity("the bytes do not match the digest".into());
+                    self.shared.drop_file(digest.hex(), &why);
+                    return None;
+                }
+                // A sealed chunk that failed was quarantined by its reader; anything else is
+                // the disk's problem, and the streamed read below will report it.
+                Err(_) => {}
+            }
+        }
+        Some(blob)
+    }
+
+    /// A small committed blob (at most 64 KiB) from memory, marking it recently used: no file
+    /// is touched. `None` when it is not in memory; [`BlobStore::lookup`] puts it there. The
+    /// memory tier is bounded (32 MiB) and emptied whenever a key is revoked or encryption
+    /// changes.
+    pub fn small(&self, digest: &Digest) -> Option<Bytes> {
+        self.shared.index.small(digest.hex())
+    }
+
+    fn open_committed(&self, digest: &Digest) -> Option<Blob> {
         let shared = &self.shared;
         let hex = digest.hex();
         let size = shared.index.get(hex)?;
@@ -357,6 +389,8 @@ impl BlobStore {
     /// Deletes, in the background, every committed blob that does not fit the current keys
     /// (see [`BlobStore::set_keys`]). Returns at once.
     pub fn sweep(&self) {
+        // At once, before the files: nothing a revoked key opened is served from memory.
+        self.shared.index.forget_small();
         let store = self.clone();
         let run = move || {
             let swept = store.sweep_now();
@@ -371,6 +405,7 @@ impl BlobStore {
     /// [`BlobStore::sweep`], blocking: returns how many files were deleted.
     pub fn sweep_now(&self) -> u64 {
         let shared = &self.shared;
+        shared.index.forget_small();
         let Ok(found) = shared.layout.scan() else {
             return 0;
         };

@@ -648,6 +648,50 @@ async fn open_cleans_tmp_and_reindexes_blobs() {
 }
 
 #[tokio::test]
+async fn small_blobs_are_served_from_memory_until_they_leave_the_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(dir.path(), 100 * 1024);
+    let data = blob_bytes(10_000, 30);
+    let digest = digest_of(&data);
+    let fill = store.fill_or_join(&digest, Arc::new(FakeSource::new(&data)));
+    fill.wait_done().await.unwrap();
+    assert!(store.small(&digest).is_none(), "kept once read");
+    assert!(store.lookup(&digest).is_some());
+    assert!(store.small(&digest).unwrap() == data);
+    // Served without touching the file.
+    let path = blob_path(dir.path(), &digest);
+    let raw = std::fs::read(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    assert!(store.small(&digest).unwrap() == data);
+    // Evicted from the index: gone from memory too.
+    for i in 0..4 {
+        let other = blob_bytes(30 * 1024, 40 + i);
+        let fill = store.fill_or_join(&digest_of(&other), Arc::new(FakeSource::new(&other)));
+        fill.wait_done().await.unwrap();
+        store.run_pending_tasks();
+    }
+    assert!(store.small(&digest).is_none());
+
+    // A damaged small file is found on its first read, before anything is kept or served.
+    let fill = store.fill_or_join(&digest, Arc::new(FakeSource::new(&data)));
+    fill.wait_done().await.unwrap();
+    let mut flipped = raw;
+    flipped[77] ^= 1;
+    std::fs::write(&path, &flipped).unwrap();
+    assert!(store.lookup(&digest).is_none());
+    assert!(store.small(&digest).is_none());
+    assert!(!path.exists(), "quarantined");
+    assert_eq!(store.stats().integrity_failures, 1);
+
+    // Larger blobs are never kept in memory.
+    let big = blob_bytes(64 * 1024 + 1, 31);
+    let fill = store.fill_or_join(&digest_of(&big), Arc::new(FakeSource::new(&big)));
+    fill.wait_done().await.unwrap();
+    assert!(store.lookup(&digest_of(&big)).is_some());
+    assert!(store.small(&digest_of(&big)).is_none());
+}
+
+#[tokio::test]
 async fn filling_beyond_max_size_evicts_oldest() {
     let dir = tempfile::tempdir().unwrap();
     let max_size = 100 * 1024;
@@ -1105,6 +1149,9 @@ async fn a_revoked_key_aborts_open_readers_deletes_files_and_caches_nothing() {
     let store = sealed_store(dir.path(), &keys);
     let data = blob_bytes(3 * MAX_CHUNK, 8);
     let digest = fill_sealed(&store, &data).await;
+    let small = fill_sealed(&store, &blob_bytes(5_000, 9)).await;
+    assert!(store.lookup(&small).is_some());
+    assert!(store.small(&small).is_some());
     let blob = store.lookup(&digest).unwrap();
     let mut reader = blob.reader(0, blob.len);
     assert!(reader.next_chunk().await.unwrap().is_some());
@@ -1115,6 +1162,10 @@ async fn a_revoked_key_aborts_open_readers_deletes_files_and_caches_nothing() {
     );
     store.sweep_now();
     assert!(!blob_path(dir.path(), &digest).exists());
+    assert!(
+        store.small(&small).is_none(),
+        "nothing a revoked key opened stays in memory"
+    );
     let fill = store.fill_or_join(&digest, Arc::new(FakeSource::new(&data)));
     assert!(matches!(
         fill.wait_started().await,
