@@ -137,6 +137,9 @@ pub struct KeyService {
     /// Wakes the check loop early (`keys rotate`, stop).
     wake: Arc<tokio::sync::Notify>,
     rotate_now: AtomicBool,
+    /// One check at a time: the loop's and one asked for (`keys rotate`, tests) never
+    /// interleave, so a check that returns has seen a rotation requested before it.
+    checking: tokio::sync::Mutex<()>,
     config: Encryption,
 }
 
@@ -210,6 +213,7 @@ impl KeyService {
             stop: AtomicBool::new(false),
             wake: Arc::new(tokio::sync::Notify::new()),
             rotate_now: AtomicBool::new(false),
+            checking: tokio::sync::Mutex::new(()),
             config: config.clone(),
         });
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -445,6 +449,11 @@ impl KeyService {
     /// decrypts); a new generation when due or when the KEK version changed, older ones
     /// re-wrapped under the new version. Denied => revoke; unreachable => grace, then revoke.
     pub async fn check(&self) {
+        let _one_at_a_time = self.checking.lock().await;
+        self.check_once().await;
+    }
+
+    async fn check_once(&self) {
         self.merge_from_disk().await;
         let version = match self.call(self.provider.status()).await {
             Ok(v) => v,
