@@ -325,6 +325,8 @@ async fn warm(
             };
             match warmer.submit(&request) {
                 Ok(job) => json(202, serde_json::json!({"id": job.id, "job": job})),
+                // The engine starts with the process: a moment at start, worth a retry.
+                Err(problems) if problems.iter().any(|(k, _)| k == "warm") => error(503, problems),
                 Err(problems) => error(400, problems),
             }
         }

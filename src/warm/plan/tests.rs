@@ -119,7 +119,10 @@ fn own_values_are_checked_by_config() {
         .to_string();
     assert!(e.contains("warm[0].refresh"), "{e}");
     assert!(e.contains("warm[1].image"), "{e}");
-    let no_budget = REGISTRIES.replace("pinned_max_size = \"1GiB\"", "warm_bandwidth = \"1KiB/s\"");
+    let no_budget = REGISTRIES.replace(
+        "pinned_max_size = \"1GiB\"",
+        "warm_bandwidth = \"1KiB/s\"\nwarm_concurrency = 0",
+    );
     let e = crate::config::load_str(
         &format!("{no_budget}\n[[warm]]\nimage = \"private.icr.io/a:1\"\npin = true\n"),
         std::path::Path::new("/"),
@@ -128,6 +131,7 @@ fn own_values_are_checked_by_config() {
     .to_string();
     assert!(e.contains("cache.pinned_max_size"), "{e}");
     assert!(e.contains("cache.warm_bandwidth"), "{e}");
+    assert!(e.contains("cache.warm_concurrency"), "{e}");
 }
 
 #[test]
