@@ -60,6 +60,8 @@ pub struct Env {
 pub struct Server {
     pub kind: Kind,
     pub port: u16,
+    /// pullgate's admin listener (W7 starts warm jobs there); `None` for the others.
+    pub admin_port: Option<u16>,
     proc: Proc,
 }
 
@@ -71,6 +73,7 @@ impl Server {
         let mut last = String::new();
         for _ in 0..5 {
             let port = free_port();
+            let admin = free_port();
             let dir = tempfile::Builder::new()
                 .prefix(&format!("{}-", kind.id()))
                 .tempdir_in(run)
@@ -78,8 +81,8 @@ impl Server {
                 .keep();
             let log = dir.join("server.log");
             let cmd = match kind {
-                Kind::Pullgate => pullgate_cmd(env, port, state, &dir, false)?,
-                Kind::PullgateSigned => pullgate_cmd(env, port, state, &dir, true)?,
+                Kind::Pullgate => pullgate_cmd(env, port, admin, state, &dir, false)?,
+                Kind::PullgateSigned => pullgate_cmd(env, port, admin, state, &dir, true)?,
                 Kind::Distribution => distribution_cmd(env, port, state, &dir)?,
                 Kind::NginxCache => nginx_cmd(&nginx_cache_conf(env, port, state, &dir), &dir)?,
                 Kind::NginxStatic => nginx_cmd(&nginx_static_conf(env, port, &dir), &dir)?,
@@ -90,7 +93,15 @@ impl Server {
                 matches!(kind, Kind::NginxCache | Kind::NginxStatic),
             )?;
             match wait_ready(&mut proc, port) {
-                Ok(()) => return Ok(Server { kind, port, proc }),
+                Ok(()) => {
+                    let admin_port = (kind == Kind::Pullgate).then_some(admin);
+                    return Ok(Server {
+                        kind,
+                        port,
+                        admin_port,
+                        proc,
+                    });
+                }
                 Err(e) => {
                     proc.stop();
                     let text = crate::support::read_lossy(&log);
@@ -155,6 +166,7 @@ fn wait_ready(proc: &mut Proc, port: u16) -> Result<(), String> {
 fn pullgate_cmd(
     env: &Env,
     port: u16,
+    admin: u16,
     state: &Path,
     dir: &Path,
     signed: bool,
@@ -164,7 +176,7 @@ fn pullgate_cmd(
     let config = format!(
         r#"[server]
 listen = ["127.0.0.1:{port}"]
-admin_listen = ""
+admin_listen = "127.0.0.1:{admin}"
 
 [cache]
 dir = "{cache}"

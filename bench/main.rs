@@ -636,6 +636,124 @@ fn proxy_round(bed: &Bed, kind: Kind, rep: usize, results: &mut Results) {
     });
     step(results, "W1/W3", r);
     let _ = std::fs::remove_dir_all(&state);
+
+    // W7 (pullgate only): the clients' p99 on a warm blob, without and then with a warm job
+    // filling the cold 500 MiB image (a new process on an empty cache).
+    if kind == Kind::Pullgate {
+        settle();
+        let w7_state = bed.run.join(format!("state-w7-{rep}"));
+        let r = with_server(bed, kind, &w7_state, &format!("w7-{rep}"), |srv| {
+            w7(bed, srv, results)
+        });
+        step(results, "W7", r);
+        let _ = std::fs::remove_dir_all(&w7_state);
+    }
+}
+
+/// W7: `wrk` on the small blob (64 connections), idle, then while `POST /warm` fills
+/// `bench/big` through the same process; the share of the second run the job was running.
+fn w7(bed: &Bed, srv: &Server, results: &mut Results) -> Result<(), String> {
+    let id = srv.kind.id();
+    let get = fetch(&srv.target(), "GET", &bed.small.path, &[], BodyMode::Hash)?;
+    if get.status != 200 || get.digest.as_deref() != Some(bed.small.digest.as_str()) {
+        return Err(format!("GET small blob: status {}", get.status));
+    }
+    let admin = srv.admin_port.ok_or("pullgate has no admin listener")?;
+    let d = Duration::from_secs(bed.opts.load_secs);
+    let url = format!("http://127.0.0.1:{}{}", srv.port, bed.small.path);
+    let idle = load::wrk(&url, &[], 64, d)?;
+    let body = serde_json::json!({"images": [format!("127.0.0.1:{}/bench/big:v1", srv.port)]});
+    let posted = Instant::now();
+    let (status, started) = admin_request(admin, "POST", "/warm", &body.to_string())?;
+    if status != 202 {
+        return Err(format!("POST /warm answered {status}: {started}"));
+    }
+    let job = started["id"].as_str().unwrap_or_default().to_string();
+    // The load starts once the fill runs (the job's first blob bytes arrived).
+    let flowing = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, v) = admin_request(admin, "GET", &format!("/warm/{job}"), "")?;
+        if v["bytes_done"].as_u64().unwrap_or(0) > 0 || v["state"] != "running" {
+            break;
+        }
+        if Instant::now() > flowing {
+            return Err("the warm job fetched nothing for 60 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let load_started = Instant::now();
+    let during = load::wrk(&url, &[], 64, d)?;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let done = loop {
+        let (_, v) = admin_request(admin, "GET", &format!("/warm/{job}"), "")?;
+        if v["state"] != "running" {
+            break v;
+        }
+        if Instant::now() > deadline {
+            return Err("the warm job did not end within 300 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    if done["state"] != "done" {
+        return Err(format!("warm job: {done}"));
+    }
+    let job_secs = done["elapsed_ms"].as_f64().unwrap_or(0.0) / 1000.0;
+    // The job ended `job_secs` after it was posted; the share of the load run before that.
+    let ran_during = job_secs - (load_started - posted).as_secs_f64();
+    let overlap = (ran_during / d.as_secs_f64()).clamp(0.0, 1.0);
+    let ratio = during.p99_ms / idle.p99_ms.max(0.001);
+    println!(
+        "  {id}: W7 GET small blob p99 {:.2} ms idle, {:.2} ms during a warm job ({ratio:.2}×; the 500 MiB job took {job_secs:.1} s and ran for {:.0} % of the load run); {:.0} / {:.0} req/s",
+        idle.p99_ms,
+        during.p99_ms,
+        overlap * 100.0,
+        idle.rps,
+        during.rps
+    );
+    if idle.errors + during.errors > (idle.requests + during.requests) / 100 {
+        results.fail(format!(
+            "{id} W7: {} errors in {} requests",
+            idle.errors + during.errors,
+            idle.requests + during.requests
+        ));
+    }
+    results.add("w7_p99_idle", id, idle.p99_ms);
+    results.add("w7_p99_warm", id, during.p99_ms);
+    results.add("w7_p99_ratio", id, ratio);
+    results.add("w7_overlap", id, overlap);
+    Ok(())
+}
+
+/// One request to pullgate's admin listener; the status and the JSON body.
+fn admin_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Result<(u16, serde_json::Value), String> {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port))
+        .map_err(|e| format!("admin listener: {e}"))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    write!(
+        tcp,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    tcp.read_to_end(&mut raw).map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Ok((
+        status,
+        serde_json::from_str(rest.trim()).unwrap_or_default(),
+    ))
 }
 
 fn manifest_path() -> String {

@@ -120,6 +120,34 @@ pub const METRICS: &[Metric] = &[
         better: Better::Lower,
     },
     Metric {
+        id: "w7_p99_idle",
+        workload: "W7",
+        title: "GET small blob p99, no warm job (pullgate)",
+        unit: "ms",
+        better: Better::Lower,
+    },
+    Metric {
+        id: "w7_p99_warm",
+        workload: "W7",
+        title: "GET small blob p99 while a warm job fills 500 MiB",
+        unit: "ms",
+        better: Better::Lower,
+    },
+    Metric {
+        id: "w7_p99_ratio",
+        workload: "W7",
+        title: "p99 with a warm job ÷ without",
+        unit: "×",
+        better: Better::Lower,
+    },
+    Metric {
+        id: "w7_overlap",
+        workload: "W7",
+        title: "share of the load run the warm job was running",
+        unit: "×",
+        better: Better::Higher,
+    },
+    Metric {
         id: "x_16x500_gbps",
         workload: "W2+",
         title: "warm blob, 16 clients, 500 MiB (aggregate)",
@@ -308,6 +336,14 @@ impl Results {
                     format!("{} vs {} req/s ({}×)", fmt(s), fmt(p), fmt(s / p)),
                 );
             }
+        }
+        let w7 = med("w7_p99_ratio", "pullgate");
+        if w7.is_some() {
+            check(
+                "W7 clients' p99 moves ≤ 10 % while a warm job runs (issue 18)".into(),
+                w7.map(|r| r <= 1.10),
+                w7.map(fmt).unwrap_or_default(),
+            );
         }
         for m in ["w6_rss_w2", "w6_rss_w4", "x_rss_16x500"] {
             if let Some(s) = self.get(m, "pullgate") {

@@ -6,20 +6,20 @@
 //! zone, identity, credential), an address, or a grammar-checked OCI name; the credential is
 //! named, never shown.
 //!
-//! Lines are written by a thread of their own (tracing-appender's non-blocking writer), so a
-//! request never waits on the disk or a slow journal. The queue is bounded and never drops:
-//! when it is full the request waits, so an audit line is never lost under load. Lines still
-//! queued are written when the sink is dropped (a reload's old sink, or the end of `serve`);
-//! a crash or SIGKILL loses the lines of the last moments still in the queue.
+//! Lines are written in batches by a thread of their own (`lines.rs`), so a request never
+//! waits on the disk or a slow journal while the bounded buffer has room; when it is full the
+//! request waits, so an audit line is never lost under load. Lines still waiting are written
+//! when the sink is dropped (a reload's old sink, or the end of `serve`); a crash or SIGKILL
+//! loses the lines of the last 20 ms.
 
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::time::SystemTime;
 
 use serde::Serialize;
-use tracing_appender::non_blocking::{NonBlocking, NonBlockingBuilder, WorkerGuard};
 
 use crate::config::AuditSink;
+use crate::lines::{self, FlushOnDrop, LineWriter};
 
 /// One audited request.
 #[derive(Debug, Serialize)]
@@ -55,14 +55,11 @@ impl AuditRecord<'_> {
     }
 }
 
-/// Lines the writer thread may have queued before a request waits for it.
-const QUEUED_LINES: usize = 64 * 1024;
-
 /// Where audit lines go.
 pub struct Audit {
-    out: NonBlocking,
-    /// Writes what is queued and stops the thread when the sink is dropped.
-    _flush_on_drop: WorkerGuard,
+    out: LineWriter,
+    /// Writes what is waiting and stops the thread when the sink is dropped.
+    _flush_on_drop: FlushOnDrop,
 }
 
 impl Audit {
@@ -79,28 +76,30 @@ impl Audit {
                     })?,
             ),
         };
-        Ok(Audit::to_writer(out))
+        Audit::to_writer(out)
     }
 
     /// An audit log writing to `out` from its own thread.
-    pub fn to_writer(out: Box<dyn Write + Send>) -> Audit {
-        let (out, guard) = NonBlockingBuilder::default()
-            .lossy(false)
-            .buffered_lines_limit(QUEUED_LINES)
-            .thread_name("pullgate-audit")
-            .finish(out);
-        Audit {
+    pub fn to_writer(out: Box<dyn Write + Send>) -> Result<Audit, String> {
+        let (out, flush_on_drop) = lines::spawn("pullgate-audit", out)
+            .map_err(|e| format!("server.audit_log: cannot start its writer thread: {e}"))?;
+        Ok(Audit {
             out,
-            _flush_on_drop: guard,
-        }
+            _flush_on_drop: flush_on_drop,
+        })
     }
 
     pub fn record(&self, record: &AuditRecord<'_>) {
+        self.record_value(record);
+    }
+
+    /// Any other audited event (key operations) as one JSON line of its own shape.
+    pub fn record_value<T: Serialize>(&self, record: &T) {
         let Ok(mut line) = serde_json::to_vec(record) else {
             return;
         };
         line.push(b'\n');
-        // One message per line: the writer thread writes it with one `write_all`.
+        // One call per line: lines are never split or interleaved.
         if let Err(e) = self.out.clone().write_all(&line) {
             tracing::warn!(error = %e, "cannot write the audit log");
         }
@@ -128,7 +127,7 @@ mod tests {
     #[test]
     fn one_json_line_per_record() {
         let buf = Shared::default();
-        let audit = Audit::to_writer(Box::new(buf.clone()));
+        let audit = Audit::to_writer(Box::new(buf.clone())).unwrap();
         for decision in ["allow", "deny"] {
             audit.record(&AuditRecord {
                 time: AuditRecord::now(),

@@ -6,21 +6,25 @@
 //! at start and again on every reload (`listen::reload`), each time into a new immutable
 //! `gateway::Gateway` snapshot. ARCHITECTURE.md walks through all of it.
 //!
-//! Dependency rule: `oci`, `secret`, `sign` (signed data-endpoint URLs) and `crypt` (the
-//! sealed file format of the encrypted cache) depend on nothing else in the crate; `verify`
-//! (image signatures) only on `oci`; `config` only on `secret`, `sign` and `verify` (to check
-//! key files at load); `route` only on `oci` and the
+//! Dependency rule: `oci`, `secret`, `sign` (signed data-endpoint URLs), `crypt` (the
+//! sealed file format of the encrypted cache) and `lines` (batched log writing) depend on
+//! nothing else in the crate; `verify` (image signatures) only on `oci`; `config` only on
+//! `secret`, `sign` and `verify` (to check key files at load); `route` only on `oci` and the
 //! config model; `policy` only on `oci`, the config model and `secret`; `store` only on `oci`;
 //! `metrics` only reads the store's counters, and any module may record into the `Metrics`
 //! handle it is given; `audit` only on the config model; `upstream` on `oci`, `config`,
-//! `secret` and `metrics`; `client_config` only on the config model; only `gateway` and
-//! `listen` (and this file) touch Pingora.
+//! `secret` and `metrics`; `client_config` only on the config model; `warm` (warm jobs, which pull
+//! through pullgate's own listener) on `oci`, `route`, the config model, `store`, `metrics`
+//! and `policy`'s constant-time compare;
+//! only `gateway` and `listen` (and this file) touch Pingora.
 
 pub mod audit;
 pub mod client_config;
 pub mod config;
 pub mod crypt;
 pub mod gateway;
+pub mod keys;
+pub mod lines;
 pub mod listen;
 pub mod metrics;
 pub mod oci;
@@ -31,6 +35,7 @@ pub mod sign;
 pub mod store;
 pub mod upstream;
 pub mod verify;
+pub mod warm;
 
 use std::sync::Arc;
 
@@ -42,24 +47,26 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// Keeps the log writer thread alive; dropping it writes the lines still queued.
-pub struct LogGuard(#[allow(dead_code)] tracing_appender::non_blocking::WorkerGuard);
+/// Keeps the log writer thread alive; dropping it writes the lines still waiting.
+pub struct LogGuard(#[allow(dead_code)] Option<lines::FlushOnDrop>);
 
 /// Set up tracing for the configured format. `RUST_LOG` overrides the default level (`info`).
 /// Safe to call more than once (later calls do nothing). Lines go to stderr from a thread of
-/// their own, so a request never waits on the terminal or the journal. The queue is bounded
-/// and never drops a line: when it is full (the journal cannot keep up) requests wait, as they
-/// did when they wrote themselves. Keep the guard until the process ends: dropping it writes
-/// what is queued. A crash or SIGKILL loses the lines of the last moments still queued.
+/// their own in batches (`lines.rs`: at most 20 ms late, never dropped; past the bound
+/// requests wait for the disk or the journal, as they did when they wrote themselves). Keep
+/// the guard until the process ends: dropping it writes what is waiting. A crash or SIGKILL
+/// loses the lines of the last 20 ms.
 pub fn init_logging(format: config::LogFormat) -> LogGuard {
+    use tracing_subscriber::fmt::writer::BoxMakeWriter;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Colours only for a person at a terminal; a log file or journald gets plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .thread_name("pullgate-log")
-        .finish(std::io::stderr());
+    let (writer, guard) = match lines::spawn("pullgate-log", std::io::stderr()) {
+        Ok((writer, guard)) => (BoxMakeWriter::new(move || writer.clone()), Some(guard)),
+        // No thread to spare: every line is written by the request that logs it.
+        Err(_) => (BoxMakeWriter::new(std::io::stderr), None),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)

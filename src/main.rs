@@ -1,10 +1,12 @@
-//! The `pullgate` command: `serve`, `check`, `client-config`, `dev-certs`, `default-config`.
+//! The `pullgate` command: `serve`, `check`, `warm`, `client-config`, `dev-certs`,
+//! `default-config`.
 //!
 //! Exit codes follow sysexits: 64 for bad usage, 78 for a bad config, 1 for a failure to run.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -62,8 +64,42 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Warm images into a running pullgate's cache (POST /warm on its admin listener).
+    Warm {
+        /// Images as clients name them through pullgate: host/repo:tag or host/repo@digest.
+        #[arg(required = true)]
+        images: Vec<String>,
+        /// os/arch[/variant] to take from an index; repeatable. Default: every platform.
+        #[arg(long = "platform")]
+        platforms: Vec<String>,
+        /// Also fetch the images' referrers (signatures, SBOMs, attestations).
+        #[arg(long)]
+        referrers: bool,
+        /// Wait until the job is over, showing its progress; exit 1 when it failed.
+        #[arg(long)]
+        wait: bool,
+        /// The admin listener, host:port. Default: server.admin_listen of -c, else
+        /// 127.0.0.1:9090.
+        #[arg(long)]
+        admin: Option<String>,
+        /// Config file whose server.admin_listen to use.
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
     /// Print the embedded default config.
     DefaultConfig,
+    /// The cache encryption keys of a running pullgate, through its admin listener
+    /// (`server.admin_listen` of the config): `status` prints them, `rotate` makes a new
+    /// generation key at once.
+    Keys {
+        action: KeysAction,
+        /// Config file (TOML) of the running pullgate: where its admin listener is.
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// The admin listener's address, instead of reading the config.
+        #[arg(long)]
+        admin: Option<std::net::SocketAddr>,
+    },
     /// Make a development CA and certificates for TLS listeners and mTLS clients (not for
     /// production); reuses the CA already in --out.
     DevCerts {
@@ -125,6 +161,37 @@ fn main() -> ExitCode {
             ca,
             out,
         } => client_config(client, config, endpoint, ca, out),
+        Command::Warm {
+            images,
+            platforms,
+            referrers,
+            wait,
+            admin,
+            config,
+        } => {
+            let admin = match admin {
+                Some(a) => a,
+                None => match load(&config) {
+                    Ok(c) => match c.server.admin_listen {
+                        Some(a) => a.to_string(),
+                        None => {
+                            eprintln!("pullgate warm: the config has no admin listener (server.admin_listen)");
+                            return ExitCode::from(EXIT_USAGE);
+                        }
+                    },
+                    Err(code) => return code,
+                },
+            };
+            let request = serde_json::json!({
+                "images": images, "platforms": platforms, "referrers": referrers,
+            });
+            warm(&admin, request, wait)
+        }
+        Command::Keys {
+            action,
+            config,
+            admin,
+        } => keys(action, config, admin),
         Command::DefaultConfig => {
             print!("{}", config::DEFAULT_TOML);
             ExitCode::SUCCESS
@@ -233,6 +300,130 @@ fn dev_certs(out: PathBuf, hosts: Vec<String>, name: String, clients: Vec<String
     }
 }
 
+/// `pullgate warm`: start a job on the admin listener at `admin`, then (with `wait`) follow
+/// it: a progress line redrawn in place on a terminal, a line per change otherwise.
+fn warm(admin: &str, request: serde_json::Value, wait: bool) -> ExitCode {
+    use std::io::{IsTerminal, Write};
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("pullgate warm: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let base = if admin.contains("://") {
+        admin.trim_end_matches('/').to_owned()
+    } else {
+        format!("http://{admin}")
+    };
+    let client = reqwest::Client::builder().no_proxy().build();
+    let Ok(client) = client else {
+        eprintln!("pullgate warm: cannot make an HTTP client");
+        return ExitCode::FAILURE;
+    };
+    let get_json = |resp: reqwest::Response| async move {
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.unwrap_or_default();
+        let body = serde_json::from_slice::<serde_json::Value>(&bytes).unwrap_or_default();
+        (status, body)
+    };
+    let started = runtime.block_on(async {
+        let resp = client
+            .post(format!("{base}/warm"))
+            .header("content-type", "application/json")
+            .body(request.to_string())
+            .send()
+            .await?;
+        Ok::<_, reqwest::Error>(get_json(resp).await)
+    });
+    let (status, body) = match started {
+        Ok(answer) => answer,
+        Err(e) => {
+            eprintln!("pullgate warm: cannot reach the admin listener at {base}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if status != 202 {
+        for e in body["errors"].as_array().into_iter().flatten() {
+            eprintln!(
+                "pullgate warm: {}: {}",
+                e["key"].as_str().unwrap_or("-"),
+                e["message"].as_str().unwrap_or("")
+            );
+        }
+        return ExitCode::from(if status == 400 { EXIT_USAGE } else { 1 });
+    }
+    let id = body["id"].as_str().unwrap_or_default().to_owned();
+    println!("warm job {id} started");
+    if !wait {
+        return ExitCode::SUCCESS;
+    }
+    let tty = std::io::stderr().is_terminal();
+    let mut last = String::new();
+    loop {
+        let polled = runtime.block_on(async {
+            let resp = client.get(format!("{base}/warm/{id}")).send().await?;
+            Ok::<_, reqwest::Error>(get_json(resp).await)
+        });
+        let job = match polled {
+            Ok((200, job)) => job,
+            Ok((status, _)) => {
+                eprintln!("pullgate warm: job {id}: the admin listener answered {status}");
+                return ExitCode::FAILURE;
+            }
+            Err(e) => {
+                eprintln!("pullgate warm: job {id}: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let n = |k: &str| job[k].as_u64().unwrap_or(0);
+        let line = format!(
+            "manifests {}/{}  blobs {}/{}  {}/{} MiB",
+            n("manifests_done"),
+            n("manifests_total"),
+            n("blobs_done"),
+            n("blobs_total"),
+            n("bytes_done") >> 20,
+            n("bytes_total") >> 20,
+        );
+        if line != last {
+            if tty {
+                eprint!("\r\x1b[2K{line}");
+                let _ = std::io::stderr().flush();
+            } else {
+                println!("{line}");
+            }
+            last = line;
+        }
+        let state = job["state"].as_str().unwrap_or("running");
+        if state != "running" {
+            if tty {
+                eprintln!();
+            }
+            for r in job["resolved"].as_array().into_iter().flatten() {
+                println!(
+                    "{} -> {}",
+                    r["image"].as_str().unwrap_or(""),
+                    r["digest"].as_str().unwrap_or("")
+                );
+            }
+            for e in job["errors"].as_array().into_iter().flatten() {
+                eprintln!("error: {}", e.as_str().unwrap_or(""));
+            }
+            println!("warm job {id} {state}");
+            return if state == "done" {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            };
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
 fn load(path: &Option<PathBuf>) -> Result<Config, ExitCode> {
     match path {
         None => Ok(config::embedded_default()),
@@ -262,6 +453,70 @@ fn load_checked(path: &Option<PathBuf>) -> Result<Launch, ExitCode> {
         }
         ExitCode::from(EXIT_CONFIG)
     })
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum KeysAction {
+    Status,
+    Rotate,
+}
+
+/// `pullgate keys status|rotate`: one HTTP/1.1 request to the admin listener.
+fn keys(
+    action: KeysAction,
+    path: Option<PathBuf>,
+    admin: Option<std::net::SocketAddr>,
+) -> ExitCode {
+    use std::io::{Read, Write};
+    let addr = match admin {
+        Some(a) => a,
+        None => {
+            let config = match load_checked(&path) {
+                Ok(launch) => launch.checked.config,
+                Err(code) => return code,
+            };
+            match config.server.admin_listen {
+                Some(a) => a,
+                None => {
+                    eprintln!(
+                        "server.admin_listen is not set: pullgate keys needs the admin listener"
+                    );
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            }
+        }
+    };
+    let (method, target) = match action {
+        KeysAction::Status => ("GET", "/-/keys"),
+        KeysAction::Rotate => ("POST", "/-/keys/rotate"),
+    };
+    let answer = (|| -> std::io::Result<String> {
+        let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        write!(
+            stream,
+            "{method} {target} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut out = String::new();
+        stream.read_to_string(&mut out)?;
+        Ok(out)
+    })();
+    let answer = match answer {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("cannot reach the admin listener at {addr}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let ok = head.split(' ').nth(1).is_some_and(|s| s.starts_with('2'));
+    if ok {
+        print!("{body}");
+        ExitCode::SUCCESS
+    } else {
+        eprint!("{body}");
+        ExitCode::FAILURE
+    }
 }
 
 fn check(path: Option<PathBuf>, strict: bool) -> ExitCode {

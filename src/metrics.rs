@@ -49,6 +49,21 @@ pub struct Metrics {
     fills_committed: IntCounter,
     fill_failures: IntCounterVec,
     evictions: IntCounter,
+    pinned_entries: IntGauge,
+    pinned_bytes: IntGauge,
+    /// Warm jobs finished, by source (`config`, `api`) and outcome (`ok`, `failed`).
+    pub warm_jobs: IntCounterVec,
+    /// Warm jobs running now.
+    pub warm_running: IntGauge,
+    pub warm_manifests: IntCounter,
+    pub warm_blobs: IntCounter,
+    pub warm_bytes: IntCounter,
+    integrity_failures: IntCounter,
+    resealed_evictions: IntCounter,
+    /// Key operations (`keys/`), by operation and outcome.
+    key_operations: IntCounterVec,
+    /// Calls to the key provider (KMS), by provider.
+    kms_calls: IntCounterVec,
 }
 
 impl Metrics {
@@ -208,6 +223,50 @@ impl Metrics {
                 "pullgate_cache_evictions_total",
                 "Blobs evicted to keep the cache under cache.max_size.",
             ),
+            pinned_entries: gauge(
+                "pullgate_cache_pinned_entries",
+                "Blobs pinned against eviction ([[warm]] pin = true).",
+            ),
+            pinned_bytes: gauge(
+                "pullgate_cache_pinned_bytes",
+                "Bytes of pinned blobs (bounded by cache.pinned_max_size).",
+            ),
+            warm_jobs: counter_vec(
+                "pullgate_warm_jobs_total",
+                "Warm jobs finished, by source (config, api) and outcome (ok, failed).",
+                &["source", "outcome"],
+            ),
+            warm_running: gauge("pullgate_warm_jobs_running", "Warm jobs running now."),
+            warm_manifests: counter(
+                "pullgate_warm_manifests_total",
+                "Manifests fetched by warm jobs (through pullgate's own listener).",
+            ),
+            warm_blobs: counter(
+                "pullgate_warm_blobs_total",
+                "Blobs fetched whole by warm jobs.",
+            ),
+            warm_bytes: counter(
+                "pullgate_warm_bytes_total",
+                "Blob bytes warm jobs read through pullgate's own listener.",
+            ),
+            integrity_failures: counter(
+                "pullgate_cache_integrity_failures_total",
+                "Sealed cache files (blobs, manifests) that failed their integrity check and were quarantined.",
+            ),
+            resealed_evictions: counter(
+                "pullgate_cache_encryption_evictions_total",
+                "Cached blobs deleted because encryption was turned on or off or their key was revoked.",
+            ),
+            key_operations: counter_vec(
+                "pullgate_key_operations_total",
+                "Operations on the cache encryption keys (unwrap, wrap, rewrap, rotate, check, revoked, unavailable, restored), by outcome.",
+                &["operation", "outcome"],
+            ),
+            kms_calls: counter_vec(
+                "pullgate_kms_calls_total",
+                "Calls to the key provider holding the cache's KEK.",
+                &["provider"],
+            ),
             registry,
         };
         metrics.cache_max_bytes.set(clamp(max_bytes));
@@ -261,6 +320,16 @@ impl Metrics {
             .observe(seconds);
     }
 
+    pub fn key_operation(&self, operation: &str, outcome: &str) {
+        self.key_operations
+            .with_label_values(&[operation, outcome])
+            .inc();
+    }
+
+    pub fn kms_call(&self, provider: &str) {
+        self.kms_calls.with_label_values(&[provider]).inc();
+    }
+
     pub fn token_fetch(&self, registry: &str, ok: bool) {
         self.token_fetches
             .with_label_values(&[registry, if ok { "ok" } else { "error" }])
@@ -290,6 +359,10 @@ impl Metrics {
             &self.fills_committed,
             &self.fill_failures,
             &self.evictions,
+            &self.integrity_failures,
+            &self.resealed_evictions,
+            &self.key_operations,
+            &self.kms_calls,
         ];
         let mut names: Vec<String> = collectors
             .iter()
@@ -318,6 +391,10 @@ impl Metrics {
         catch_up(&self.fill_waiters, s.fills_joined);
         catch_up(&self.fills_committed, s.fills_committed);
         catch_up(&self.evictions, s.evictions);
+        self.pinned_entries.set(clamp(s.pinned_entries));
+        self.pinned_bytes.set(clamp(s.pinned_bytes));
+        catch_up(&self.integrity_failures, s.integrity_failures);
+        catch_up(&self.resealed_evictions, s.resealed_evictions);
         for (reason, n) in [
             ("refused", s.fills_refused),
             ("broken", s.fills_broken),

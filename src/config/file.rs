@@ -25,6 +25,23 @@ pub(super) struct FileConfig {
     pub identity: Vec<IdentityFile>,
     #[serde(default)]
     pub registry: Vec<RegistryFile>,
+    #[serde(default)]
+    pub warm: Vec<WarmFile>,
+}
+
+/// `[[warm]]`: an image to fetch into the cache before anyone pulls it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct WarmFile {
+    pub image: Option<String>,
+    #[serde(default)]
+    pub platforms: Vec<String>,
+    #[serde(default)]
+    pub referrers: bool,
+    pub refresh: Option<String>,
+    #[serde(default)]
+    pub pin: bool,
+    pub account: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -73,6 +90,27 @@ pub(super) struct CacheFile {
     pub negative_ttl: Option<String>,
     pub max_manifest_size: Option<RawSize>,
     pub fill_stall_timeout: Option<String>,
+    pub pinned_max_size: Option<RawSize>,
+    pub warm_concurrency: Option<i64>,
+    pub warm_bandwidth: Option<String>,
+    pub encryption: Option<EncryptionFile>,
+}
+
+/// `[cache.encryption]`: every provider's keys in one table; validation checks which belong.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct EncryptionFile {
+    pub provider: Option<String>,
+    pub key_file: Option<String>,
+    pub address: Option<String>,
+    pub key: Option<String>,
+    pub token_file: Option<String>,
+    pub ca: Option<String>,
+    pub command: Option<Vec<String>>,
+    pub rotate: Option<String>,
+    pub on_revoked: Option<String>,
+    pub unavailable_grace: Option<String>,
+    pub check_interval: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

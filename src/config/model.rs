@@ -22,6 +22,9 @@ pub struct Config {
     pub zones: Vec<Zone>,
     pub identities: Vec<Identity>,
     pub registries: Vec<Arc<Registry>>,
+    /// `[[warm]]` entries in file order. Their images are resolved against the registries by
+    /// `warm::plan` (routing lives outside `config/`), which `pullgate check` runs too.
+    pub warm: Vec<WarmEntry>,
     /// Findings that do not stop pullgate from starting (inline passwords, keys whose behaviour
     /// is not built yet). `pullgate check` prints them; `serve` logs them once at start.
     pub warnings: Vec<Warning>,
@@ -102,6 +105,83 @@ pub struct Cache {
     /// A blob fill that gets no byte from the upstream for this long gives up on the
     /// connection and resumes with `Range`. Default 60 s.
     pub fill_stall_timeout: Duration,
+    /// The budget of pinned blobs (`[[warm]] pin = true`), outside `max_size`. Default 0:
+    /// nothing can be pinned until it is set.
+    pub pinned_max_size: u64,
+    /// Warm-job fetches (manifests and blobs) running at once, over all jobs. Default 2.
+    pub warm_concurrency: usize,
+    /// Bytes per second all warm jobs together may read; `None`: no cap.
+    pub warm_bandwidth: Option<u64>,
+    /// `[cache.encryption]`: blobs and manifests sealed at rest; `None` = plaintext.
+    pub encryption: Option<Encryption>,
+}
+
+/// One `[[warm]]` entry, checked for its own values (not yet routed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WarmEntry {
+    /// `warm[i]`, for messages.
+    pub key: String,
+    /// As a client names it through pullgate: `host/repo:tag`, `host/repo@digest`.
+    pub image: String,
+    /// `os/arch[/variant]` strings; empty: every platform of an index.
+    pub platforms: Vec<String>,
+    /// Also fetch the referrers (signatures, SBOMs, attestations) of what is warmed.
+    pub referrers: bool,
+    /// Re-resolve the tag this often; `None`: once per start or reload.
+    pub refresh: Option<Duration>,
+    /// Never evict what this entry fetched while it is listed.
+    pub pin: bool,
+    /// The registry's `scoped_credentials` name whose view to fill; `None`: its own
+    /// credentials.
+    pub account: Option<String>,
+}
+
+/// `[cache.encryption]`: the operator's key (KEK) and how pullgate uses it (`keys/`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encryption {
+    pub provider: KeyProvider,
+    /// A new generation key this often (and whenever the KEK's version changes).
+    pub rotate: Duration,
+    pub on_revoked: OnRevoked,
+    /// How long keys already unwrapped keep working while the provider cannot be reached.
+    pub unavailable_grace: Duration,
+    /// How often the provider is asked whether the key still works (at most 60 s).
+    pub check_interval: Duration,
+}
+
+/// Where the KEK lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyProvider {
+    /// 32 random bytes (raw or base64) in a file; re-read when it changes.
+    File { key_file: PathBuf },
+    /// An OpenBao / Vault Transit key.
+    Transit {
+        address: url::Url,
+        key: String,
+        token_file: PathBuf,
+        ca: Option<PathBuf>,
+    },
+    /// A helper program speaking JSON lines on stdin/stdout (README, "The exec protocol").
+    Exec { command: Vec<String> },
+}
+
+impl KeyProvider {
+    pub fn name(&self) -> &'static str {
+        match self {
+            KeyProvider::File { .. } => "file",
+            KeyProvider::Transit { .. } => "transit",
+            KeyProvider::Exec { .. } => "exec",
+        }
+    }
+}
+
+/// What clients get once the key is revoked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnRevoked {
+    /// Blobs and manifests stream from the upstream, nothing is cached.
+    Passthrough,
+    /// 503 with an OCI error.
+    Deny,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -120,7 +120,24 @@ pub fn check(
     ctx.zone = facts.zones.best().map(str::to_owned);
     ctx.identity = authn.identity().map(str::to_owned);
     ctx.action = action.label();
-    match policy::decide(&facts) {
+    if ctx.warm.is_some() && matches!(action, Action::Pull) {
+        ctx.action = "warm";
+    }
+    let decision = match &ctx.warm {
+        // This process's warm engine acts for the operator's own config: the rules about who
+        // connects from where do not concern it; the repository rules do.
+        Some(_) if matches!(action, Action::Pull) => match repository {
+            Some(repository) => policy::repository_rules(registry, repository),
+            None => Decision::Allow,
+        },
+        _ => policy::decide(&facts),
+    };
+    if let (Some(warm), Decision::Allow) = (ctx.warm.clone(), &decision) {
+        if matches!(action, Action::Pull) {
+            return warm_allowed(gw, ctx, registry, warm.account);
+        }
+    }
+    match decision {
         Decision::Allow => {
             ctx.decision = "allow";
             ctx.could_log_in =
@@ -149,4 +166,47 @@ pub fn check(
             Err(OciError::new(reason.error_code(), reason.message()).with_status(reason.status()))
         }
     }
+}
+
+/// A warm request of this process's engine, allowed by the repository rules: audited as
+/// `warm`, with the account its entry named rather than one chosen by the caller's facts.
+fn warm_allowed(
+    gw: &Gateway,
+    ctx: &mut RequestCtx,
+    registry: &Registry,
+    account: Option<String>,
+) -> Result<Option<String>, OciError> {
+    ctx.action = "warm";
+    ctx.identity = None;
+    ctx.zone = None;
+    if let Some(name) = &account {
+        if !registry.scoped_credentials.iter().any(|s| &s.name == name) {
+            ctx.decision = "deny";
+            ctx.reason = Some("unknown_account");
+            gw.metrics
+                .denials
+                .with_label_values(&[registry.name.as_str(), "unknown_account"])
+                .inc();
+            return Err(OciError::new(
+                ErrorCode::Denied,
+                format!(
+                    "warm: registry {} has no scoped_credentials named {}",
+                    registry.name,
+                    crate::oci::echo(name)
+                ),
+            ));
+        }
+    }
+    ctx.decision = "allow";
+    ctx.credential = match &account {
+        Some(name) => Some(format!(
+            "registry.{}.scoped_credentials.{name}",
+            registry.name
+        )),
+        None => registry
+            .credentials
+            .as_ref()
+            .map(|_| format!("registry.{}.credentials", registry.name)),
+    };
+    Ok(account)
 }

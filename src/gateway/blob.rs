@@ -45,6 +45,18 @@ pub async fn serve(
     ctx: &mut RequestCtx,
     job: &BlobJob<'_>,
 ) -> Result<bool, Failure> {
+    if let Some(bytes) = job.store.small(job.digest) {
+        let confirmed = confirm(job).await?;
+        ctx.cache = "hit";
+        ctx.mark_stale(confirmed.stale);
+        let len = bytes.len() as u64;
+        let Some((resp, start, end)) = head_for(ctx, job, len)? else {
+            return unsatisfiable(session, ctx, len).await;
+        };
+        // `head_for` keeps the range inside `len`.
+        let body = Body::Memory(Some(bytes.slice(start as usize..end as usize)));
+        return stream(session, ctx, resp, body).await;
+    }
     if let Some(blob) = job.store.lookup(job.digest) {
         let confirmed = confirm(job).await?;
         ctx.cache = "hit";

@@ -55,8 +55,17 @@ pub struct RequestCtx {
     pub proxy_error: Option<crate::oci::OciError>,
     /// Set for a push: the request goes to the upstream through Pingora's proxy path.
     pub push: Option<super::push::PushPlan>,
+    /// Set for this process's own warm requests (the secret header checked by `serve`).
+    pub warm: Option<WarmCaller>,
     /// Why the request failed, for the access line (never a secret: built from our own errors).
     pub error: Option<String>,
+}
+
+/// A warm request of this process's engine: the scoped credentials it fills for (`None`: the
+/// registry's own).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WarmCaller {
+    pub account: Option<String>,
 }
 
 impl RequestCtx {
@@ -87,6 +96,7 @@ impl RequestCtx {
             could_log_in: false,
             proxy_error: None,
             push: None,
+            warm: None,
             error: None,
         }
     }

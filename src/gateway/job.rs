@@ -49,6 +49,9 @@ pub struct Job<'a> {
     /// The client's query without `ns`, `?`-less; empty when none.
     pub query: String,
     pub max_manifest: u64,
+    /// Ask the upstream about a tag even when its cached answer is fresh: a warm job
+    /// re-resolves tags (`refresh`), clients keep the `tag_ttl` rule.
+    pub revalidate_tags: bool,
 }
 
 impl Job<'_> {

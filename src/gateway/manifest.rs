@@ -251,7 +251,10 @@ impl ManifestJob<'_> {
         let routed = self.job.routed;
         let now = SystemTime::now();
         let ttl = routed.registry.tag_ttl(&self.gw.config.cache);
-        if let Some(entry) = cached.clone().filter(|e| e.age(now) < ttl) {
+        if let Some(entry) = cached
+            .clone()
+            .filter(|e| !self.job.revalidate_tags && e.age(now) < ttl)
+        {
             ctx.cache = "hit";
             self.send_tag(session, ctx, tag, entry).await?;
             return Ok(true);

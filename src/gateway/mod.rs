@@ -33,7 +33,8 @@ use pingora::prelude::*;
 use pingora::proxy::{ProxyHttp, Session};
 
 use crate::audit::{Audit, AuditRecord};
-use crate::config::Config;
+use crate::config::{Config, OnRevoked};
+use crate::keys::{Health, KeyService};
 use crate::metrics::{Metrics, RequestRecord};
 use crate::policy::Policy;
 use crate::route::RouteTable;
@@ -70,11 +71,16 @@ pub struct Gateway {
     links: Arc<Links>,
     metrics: Arc<Metrics>,
     policy: Policy,
-    audit: Audit,
+    audit: Arc<Audit>,
+    /// The key hierarchy while `[cache.encryption]` is set. Carried over a reload that keeps
+    /// the provider; a new one otherwise (the stores switch in `apply_cache_limits`).
+    keys: Option<Arc<KeyService>>,
     /// Signs and checks data-endpoint URLs; loaded when any registry has `data_hosts`.
     redirect_key: Option<crate::sign::RedirectKey>,
     /// Signature verdicts; carried over a reload that changes no signature policy.
     verdicts: Arc<signature::Verdicts>,
+    /// Marks this process's own warm requests (one per process, carried across reloads).
+    warm_key: crate::warm::WarmKey,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -89,7 +95,9 @@ impl std::fmt::Debug for Gateway {
 struct Stores {
     store: BlobStore,
     manifests: Arc<ManifestStore>,
+    keys: Option<Arc<KeyService>>,
     links: Arc<Links>,
+    warm_key: crate::warm::WarmKey,
 }
 
 /// Everything an upstream client is built from besides its metrics: the registry's name,
@@ -148,6 +156,32 @@ impl UpstreamKey {
     }
 }
 
+/// A key operation as an audit line.
+#[derive(serde::Serialize)]
+struct KeyAuditLine<'a> {
+    time: String,
+    action: &'static str,
+    #[serde(flatten)]
+    event: &'a crate::keys::KeyEvent,
+}
+
+/// The key service for `config`: `previous` when its provider config is the same (timings
+/// may differ), a new one otherwise, none without `[cache.encryption]`.
+fn start_keys(
+    config: &Config,
+    previous: Option<&Arc<KeyService>>,
+) -> Result<Option<Arc<KeyService>>, String> {
+    let Some(enc) = &config.cache.encryption else {
+        return Ok(None);
+    };
+    if let Some(previous) = previous.filter(|p| p.config().provider == enc.provider) {
+        return Ok(Some(Arc::clone(previous)));
+    }
+    KeyService::start(enc, &config.cache.dir)
+        .map(Some)
+        .map_err(|e| format!("cache.encryption: {e}"))
+}
+
 impl Gateway {
     /// The first snapshot: opens the cache under `cache.dir` (blocking: call before serving).
     pub fn open(config: Arc<Config>, metrics: Arc<Metrics>) -> Result<Self, String> {
@@ -170,15 +204,22 @@ impl Gateway {
         let cache_error = |e: std::io::Error| {
             format!("cache.dir: cannot use {}: {e}", config.cache.dir.display())
         };
-        let manifests = ManifestStore::open(&config.cache.dir, config.cache.negative_ttl)
+        let mut manifests = ManifestStore::open(&config.cache.dir, config.cache.negative_ttl)
             .map_err(cache_error)?;
+        manifests.share_integrity_counter(store.integrity_counter());
         let links = Arc::new(Links::open(&config.cache.dir).map_err(cache_error)?);
+        store.set_pinned_max_size(config.cache.pinned_max_size);
+        let keys = start_keys(&config, None)?;
         let stores = Stores {
             store,
             manifests: Arc::new(manifests),
+            keys,
             links,
+            warm_key: crate::warm::WarmKey::generate(),
         };
-        Gateway::build(config, metrics, stores, None)
+        let gateway = Gateway::build(config, metrics, stores, None)?;
+        gateway.apply_keys();
+        Ok(gateway)
     }
 
     /// The snapshot for a reloaded `config`: the same stores and metrics; upstream clients whose
@@ -188,7 +229,9 @@ impl Gateway {
         let stores = Stores {
             store: self.store.clone(),
             manifests: Arc::clone(&self.manifests),
+            keys: start_keys(&config, self.keys.as_ref())?,
             links: Arc::clone(&self.links),
+            warm_key: self.warm_key.clone(),
         };
         Gateway::build(config, Arc::clone(&self.metrics), stores, Some(self))
     }
@@ -199,8 +242,61 @@ impl Gateway {
         let cache = &self.config.cache;
         self.store.set_max_size(cache.max_size);
         self.store.set_stall_timeout(cache.fill_stall_timeout);
+        self.store.set_pinned_max_size(cache.pinned_max_size);
         self.manifests.set_negative_ttl(cache.negative_ttl);
         self.metrics.set_cache_max_bytes(cache.max_size);
+        self.apply_keys();
+    }
+
+    /// Points the stores at this snapshot's key service (or none: plaintext), its audit
+    /// lines at this snapshot's audit log, and its revocations at the stores.
+    fn apply_keys(&self) {
+        let Some(keys) = &self.keys else {
+            self.store.set_keys(None);
+            self.manifests.set_keys(None);
+            return;
+        };
+        if let Some(enc) = &self.config.cache.encryption {
+            keys.set_timings(enc);
+        }
+        let audit = Arc::clone(&self.audit);
+        let metrics = Arc::clone(&self.metrics);
+        keys.set_sink(Box::new(move |event| {
+            metrics.key_operation(event.operation, event.outcome);
+            audit.record_value(&KeyAuditLine {
+                time: AuditRecord::now(),
+                action: "key",
+                event,
+            });
+        }));
+        keys.set_metrics(Arc::clone(&self.metrics));
+        let (store, manifests) = (self.store.clone(), Arc::clone(&self.manifests));
+        keys.set_on_revoked(Box::new(move || {
+            manifests.forget_memory();
+            store.sweep();
+        }));
+        let as_keys: Arc<dyn crate::store::Keys> = Arc::clone(keys) as _;
+        self.store.set_keys(Some(Arc::clone(&as_keys)));
+        self.manifests.set_keys(Some(as_keys));
+    }
+
+    /// `on_revoked = "deny"` and the key is revoked: cached content is answered with 503.
+    pub(crate) fn keys_deny(&self) -> bool {
+        let deny = self
+            .config
+            .cache
+            .encryption
+            .as_ref()
+            .is_some_and(|e| e.on_revoked == OnRevoked::Deny);
+        deny && self
+            .keys
+            .as_ref()
+            .is_some_and(|k| k.health() == Health::Denied)
+    }
+
+    /// The key service, for `pullgate keys` through the admin listener.
+    pub fn keys(&self) -> Option<Arc<KeyService>> {
+        self.keys.clone()
     }
 
     fn build(
@@ -272,7 +368,7 @@ impl Gateway {
                 upstream_cas.insert(registry.name.clone(), ca);
             }
         }
-        let audit = Audit::open(&config.server.audit_log)?;
+        let audit = Arc::new(Audit::open(&config.server.audit_log)?);
         let policy = Policy::new(&config);
         let redirect_key = redirect_key(&config)?;
         let verdicts = signature::Verdicts::carry(previous.map(|p| &p.verdicts), &config);
@@ -288,8 +384,10 @@ impl Gateway {
             metrics,
             policy,
             audit,
+            keys: stores.keys,
             redirect_key,
             verdicts,
+            warm_key: stores.warm_key,
         })
     }
 
@@ -301,6 +399,11 @@ impl Gateway {
     /// The blob store handle (for the admin listener's metrics).
     pub fn store(&self) -> BlobStore {
         self.store.clone()
+    }
+
+    /// The secret of this process's warm requests, for its warm engine.
+    pub fn warm_key(&self) -> crate::warm::WarmKey {
+        self.warm_key.clone()
     }
 
     /// Whether `ip` is in this config's `server.trusted_proxies` (the PROXY protocol hook).
@@ -426,7 +529,13 @@ impl ProxyHttp for Edge {
         if let Some(auth) = &plan.authorization {
             upstream_request.insert_header(http::header::AUTHORIZATION, auth.expose())?;
         }
-        for hop in ["x-forwarded-for", "forwarded", "cookie"] {
+        for hop in [
+            "x-forwarded-for",
+            "forwarded",
+            "cookie",
+            crate::warm::KEY_HEADER,
+            crate::warm::ACCOUNT_HEADER,
+        ] {
             upstream_request.remove_header(hop);
         }
         Ok(())

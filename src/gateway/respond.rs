@@ -110,6 +110,8 @@ pub enum Body {
     Fill(FillReader),
     /// The upstream's own answer, passed through.
     Upstream(reqwest::Response),
+    /// A small blob the store keeps in memory (taken on the first read).
+    Memory(Option<Bytes>),
 }
 
 impl Body {
@@ -118,6 +120,7 @@ impl Body {
             Body::Disk(r) => r.next_chunk().await.map_err(|e| e.to_string()),
             Body::Fill(r) => r.next_chunk().await.map_err(|e| e.to_string()),
             Body::Upstream(r) => r.chunk().await.map_err(|e| e.without_url().to_string()),
+            Body::Memory(bytes) => Ok(bytes.take().filter(|b| !b.is_empty())),
         }
     }
 }

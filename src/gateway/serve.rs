@@ -43,7 +43,8 @@ pub async fn serve(
         .iter()
         .map(|(k, v)| k.as_str().len() + v.len())
         .sum::<usize>()
-        + req.uri.to_string().len();
+        + req.uri.path_and_query().map_or(0, |p| p.as_str().len())
+        + req.uri.authority().map_or(0, |a| a.as_str().len());
     if head_bytes > MAX_REQUEST_HEAD {
         return Err(OciError::new(
             ErrorCode::Unsupported,
@@ -52,6 +53,8 @@ pub async fn serve(
         .with_status(431)
         .into());
     }
+    ctx.warm = warm_caller(gw, session);
+    let req = session.req_header();
     let method = req.method.clone();
     let path = req.uri.path().to_string();
     let query = req.uri.query().map(str::to_string);
@@ -132,6 +135,7 @@ pub async fn serve(
                 headers,
                 query,
                 max_manifest: gw.config.cache.max_manifest_size,
+                revalidate_tags: ctx.warm.is_some(),
             };
             if job.method == Method::DELETE {
                 // Deletes (and upload cancels) go through the upstream client, whose token
@@ -145,6 +149,14 @@ pub async fn serve(
                 ctx.push = Some(plan);
                 return Ok(());
             }
+            if gw.keys_deny() && matches!(endpoint, Endpoint::Manifest(_) | Endpoint::Blob(_)) {
+                return Err(OciError::new(
+                    ErrorCode::Unavailable,
+                    "the cache encryption key was revoked",
+                )
+                .with_status(503)
+                .into());
+            }
             match endpoint {
                 Endpoint::Manifest(reference) => {
                     manifest::serve(gw, session, ctx, &job, &reference).await
@@ -152,7 +164,9 @@ pub async fn serve(
                 Endpoint::Blob(digest)
                     if job.method == Method::GET
                         && routed.by != RoutedBy::DataHost
-                        && routed.registry.redirect == RedirectMode::DataEndpoint =>
+                        && routed.registry.redirect == RedirectMode::DataEndpoint
+                        // A warm job fills the cache itself rather than follow a redirect.
+                        && ctx.warm.is_none() =>
                 {
                     data::redirect(
                         gw,
@@ -193,6 +207,27 @@ pub async fn serve(
             }
         }
     }
+}
+
+/// This process's own warm engine asking (`warm`): the secret header matches, compared in
+/// constant time, on a loopback connection. The headers are dropped from the request either
+/// way, so nothing later (the push path included) can pass them on.
+fn warm_caller(gw: &Gateway, session: &mut Session) -> Option<super::ctx::WarmCaller> {
+    let req = session.req_header_mut();
+    let key = req.headers.get(crate::warm::KEY_HEADER).cloned();
+    let account = req
+        .headers
+        .get(crate::warm::ACCOUNT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    req.remove_header(crate::warm::KEY_HEADER);
+    req.remove_header(crate::warm::ACCOUNT_HEADER);
+    let key = key?;
+    let loopback = session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .is_some_and(|a| a.ip().is_loopback());
+    (loopback && gw.warm_key.verify(key.as_bytes())).then_some(super::ctx::WarmCaller { account })
 }
 
 /// The upstream name of a mount source (`?mount=<digest>&from=<name>`), when the client's

@@ -1,5 +1,7 @@
 //! The admin listener (`server.admin_listen`): `/metrics`, `/healthz`, `/readyz`, the config in
-//! use at `/-/config` and `POST /-/reload`.
+//! use at `/-/config`, `POST /-/reload`, warm jobs (`POST /warm`, `GET /warm`,
+//! `GET /warm/<id>`), and the cache encryption keys at `/-/keys` (status) and
+//! `POST /-/keys/rotate` (what `pullgate keys` calls).
 //!
 //! It runs as a Pingora background service with its own small HTTP/1.1 server rather than as a
 //! Pingora listening service, because listening services stop accepting the moment shutdown
@@ -45,6 +47,7 @@ pub struct Parts {
     pub reloader: Arc<Reloader>,
     /// Becomes true when this process hands over to a new one: the port is let go.
     pub handing_over: watch::Receiver<bool>,
+    pub warmer: crate::warm::Warmer,
 }
 
 /// How long an upgrading process waits for the old one to let go of the admin port.
@@ -110,6 +113,7 @@ impl BackgroundService for Admin {
             store: parts.store.clone(),
             ready: Arc::clone(&self.ready),
             reloader: Arc::clone(&parts.reloader),
+            warmer: parts.warmer.clone(),
         });
         tokio::spawn(accept_loop(listener, state, parts.handing_over.clone()));
         let listeners = parts.gateway_listeners.clone();
@@ -131,6 +135,7 @@ struct State {
     store: BlobStore,
     ready: Arc<AtomicBool>,
     reloader: Arc<Reloader>,
+    warmer: crate::warm::Warmer,
 }
 
 async fn wait_listening(addrs: &[SocketAddr]) {
@@ -170,7 +175,10 @@ async fn accept_loop(
     }
 }
 
-async fn answer<B>(state: Arc<State>, req: Request<B>) -> Response<Full<Bytes>> {
+/// The largest `POST /warm` body read.
+const MAX_WARM_REQUEST: usize = 64 * 1024;
+
+async fn answer(state: Arc<State>, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
     let text = |status: u16, body: String, content_type: &'static str| {
         Response::builder()
             .status(status)
@@ -200,8 +208,41 @@ async fn answer<B>(state: Arc<State>, req: Request<B>) -> Response<Full<Bytes>> 
             Err(e) => text(500, format!("reload failed: {e}\n"), "text/plain"),
         };
     }
+    let path = req.uri().path().to_owned();
+    if path == "/warm" || path.starts_with("/warm/") {
+        return warm(&state.warmer, req, &path).await;
+    }
+    if req.uri().path() == "/-/keys/rotate" {
+        if *req.method() != http::Method::POST {
+            return text(405, "POST only\n".into(), "text/plain");
+        }
+        return match state.reloader.current().keys() {
+            Some(keys) => {
+                keys.rotate();
+                text(
+                    202,
+                    "{\"rotate\":\"at the next check\"}\n".into(),
+                    "application/json",
+                )
+            }
+            None => text(409, "cache encryption is off\n".into(), "text/plain"),
+        };
+    }
     if !matches!(*req.method(), http::Method::GET | http::Method::HEAD) {
         return text(405, "GET only\n".into(), "text/plain");
+    }
+    if req.uri().path() == "/-/keys" {
+        return match state.reloader.current().keys() {
+            Some(keys) => text(
+                200,
+                format!(
+                    "{}\n",
+                    serde_json::to_string(&keys.status()).unwrap_or_default()
+                ),
+                "application/json",
+            ),
+            None => text(409, "cache encryption is off\n".into(), "text/plain"),
+        };
     }
     match req.uri().path() {
         "/metrics" => text(
@@ -224,8 +265,90 @@ async fn answer<B>(state: Arc<State>, req: Request<B>) -> Response<Full<Bytes>> 
         "/readyz" => text(503, "not ready\n".into(), "text/plain"),
         _ => text(
             404,
-            "not found: try /metrics, /healthz, /readyz, /-/config or POST /-/reload\n".into(),
+            "not found: try /metrics, /healthz, /readyz, /-/config, POST /-/reload or /warm\n"
+                .into(),
             "text/plain",
+        ),
+    }
+}
+
+/// `POST /warm` (start a job: `{"images": [...], "platforms": [...], "referrers": false}`),
+/// `GET /warm` (every job kept), `GET /warm/<id>` (one job's progress). Errors are JSON
+/// `{"errors": [{"key", "message"}]}`; a bad request starts nothing.
+async fn warm(
+    warmer: &crate::warm::Warmer,
+    req: Request<hyper::body::Incoming>,
+    path: &str,
+) -> Response<Full<Bytes>> {
+    use http_body_util::BodyExt;
+    let json = |status: u16, body: serde_json::Value| {
+        Response::builder()
+            .status(status)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(format!("{body}\n"))))
+            .unwrap_or_default()
+    };
+    let error = |status: u16, problems: Vec<(String, String)>| {
+        let errors: Vec<serde_json::Value> = problems
+            .into_iter()
+            .map(|(key, message)| serde_json::json!({"key": key, "message": message}))
+            .collect();
+        json(status, serde_json::json!({ "errors": errors }))
+    };
+    let one = |key: &str, message: &str| vec![(key.to_owned(), message.to_owned())];
+    let method = req.method().clone();
+    match (path.strip_prefix("/warm/"), method) {
+        (None, http::Method::POST) => {
+            let body = match http_body_util::Limited::new(req.into_body(), MAX_WARM_REQUEST)
+                .collect()
+                .await
+            {
+                Ok(b) => b.to_bytes(),
+                Err(e) => {
+                    return error(
+                        400,
+                        one("body", &format!("cannot read it (at most 64 KiB): {e}")),
+                    )
+                }
+            };
+            let request: crate::warm::engine::WarmRequest = match serde_json::from_slice(&body) {
+                Ok(r) => r,
+                Err(e) => {
+                    return error(
+                        400,
+                        one(
+                            "body",
+                            &format!("not a warm request ({e}): send {{\"images\": [\"host/repo:tag\"], \"platforms\": [\"linux/amd64\"]}}"),
+                        ),
+                    )
+                }
+            };
+            match warmer.submit(&request) {
+                Ok(job) => json(202, serde_json::json!({"id": job.id, "job": job})),
+                // The engine starts with the process: a moment at start, worth a retry.
+                Err(problems) if problems.iter().any(|(k, _)| k == "warm") => error(503, problems),
+                Err(problems) => error(400, problems),
+            }
+        }
+        (None, http::Method::GET | http::Method::HEAD) => {
+            json(200, serde_json::json!({ "jobs": warmer.jobs() }))
+        }
+        (Some(id), http::Method::GET | http::Method::HEAD) => match warmer.job(id) {
+            Some(job) => json(200, serde_json::to_value(job).unwrap_or_default()),
+            None => error(
+                404,
+                one(
+                    "id",
+                    &format!(
+                        "no warm job {:?} (GET /warm lists them)",
+                        id.chars().take(64).collect::<String>()
+                    ),
+                ),
+            ),
+        },
+        _ => error(
+            405,
+            one("method", "POST /warm, GET /warm or GET /warm/<id>"),
         ),
     }
 }

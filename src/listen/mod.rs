@@ -24,6 +24,7 @@ pub mod proxy_protocol;
 pub mod reload;
 pub mod tls;
 pub mod upgrade;
+mod warm;
 
 /// Seconds in-flight requests get after SIGTERM before the runtime is shut down. Pingora sleeps
 /// this long unconditionally (its default is 300), so keep it short and below orchestrators'
@@ -55,6 +56,11 @@ impl Launch {
 /// (always: it owns SIGHUP), and the admin listener. Certificate problems are errors naming
 /// their key (`server.tls[i].certs[j]`).
 pub fn build_server(launch: Launch) -> Result<Server, String> {
+    build(launch).map(|(server, _)| server)
+}
+
+/// [`build_server`], and the handle to the snapshot in use.
+fn build(launch: Launch) -> Result<(Server, Arc<ArcSwap<Gateway>>), String> {
     let Launch {
         checked,
         source,
@@ -107,11 +113,29 @@ pub fn build_server(launch: Launch) -> Result<Server, String> {
             handing_over,
         },
     ));
+    let warmer = crate::warm::Warmer::new(
+        gateway.load().warm_key(),
+        gateway.load().store(),
+        metrics.clone(),
+    );
+    // Applied once the warm service's runtime runs (`Warmer::attach`).
+    warmer.reconcile(config.clone());
+    server.add_service(pingora::services::background::background_service(
+        "warm",
+        warm::WarmService {
+            warmer: warmer.clone(),
+        },
+    ));
+    server.add_service(pingora::services::background::background_service(
+        "keys",
+        StopKeys(gateway.clone()),
+    ));
     let reloader = Arc::new(reload::Reloader::new(
         source,
         gateway.clone(),
         metrics.clone(),
         checked.sha256,
+        warmer.clone(),
     ));
     if let Some(addr) = config.server.admin_listen {
         let every_listener = config
@@ -127,6 +151,7 @@ pub fn build_server(launch: Launch) -> Result<Server, String> {
             gateway_listeners: every_listener,
             reloader: reloader.clone(),
             handing_over: handing_over_rx,
+            warmer,
         };
         let admin = admin::Admin::bind(addr, upgrade, parts)?;
         server.add_service(pingora::services::background::background_service(
@@ -134,7 +159,8 @@ pub fn build_server(launch: Launch) -> Result<Server, String> {
         ));
     }
     let hook = proxy_protocol::ProxyProtocol::for_config(&config, metrics.clone(), gateway.clone());
-    let mut service = pingora::proxy::http_proxy_service(&server.configuration, Edge::new(gateway));
+    let mut service =
+        pingora::proxy::http_proxy_service(&server.configuration, Edge::new(gateway.clone()));
     for addr in &config.server.listen {
         service.add_tcp(&addr.to_string());
     }
@@ -163,11 +189,12 @@ pub fn build_server(launch: Launch) -> Result<Server, String> {
             }),
         },
     ));
-    Ok(server)
+    Ok((server, gateway))
 }
 
 /// A gateway running on a background thread of this process.
 pub struct RunningGateway {
+    gateway: Arc<ArcSwap<Gateway>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
     pub listen: Vec<SocketAddr>,
@@ -192,7 +219,7 @@ impl RunningGateway {
         let launch = Launch::load(ConfigSource::File(path.to_owned()))
             .map_err(|errors| errors.join("\n"))?;
         let config = launch.checked.config.clone();
-        RunningGateway::run(build_server(launch)?, &config)
+        RunningGateway::run(build(launch)?, &config)
     }
 
     /// Start `config` in this process and wait (polling, at most 10 s) until every listener
@@ -207,10 +234,13 @@ impl RunningGateway {
             source: ConfigSource::Value,
             upgrade: false,
         };
-        RunningGateway::run(build_server(launch)?, &config)
+        RunningGateway::run(build(launch)?, &config)
     }
 
-    fn run(server: Server, config: &Config) -> Result<RunningGateway, String> {
+    fn run(
+        (server, gateway): (Server, Arc<ArcSwap<Gateway>>),
+        config: &Config,
+    ) -> Result<RunningGateway, String> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let watch = StopChannel(tokio::sync::Mutex::new(Some(rx)));
         let thread = std::thread::spawn(move || {
@@ -219,6 +249,7 @@ impl RunningGateway {
             })
         });
         let running = RunningGateway {
+            gateway,
             stop: Some(tx),
             thread: Some(thread),
             listen: config
@@ -253,6 +284,24 @@ impl RunningGateway {
         }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+        // Pingora may keep the services (and so the snapshot) alive past its run.
+        if let Some(keys) = self.gateway.load().keys() {
+            keys.stop();
+        }
+    }
+}
+
+/// Stops the key service's checks when shutdown starts (or this process hands the cache to
+/// a new one), so only one process at a time rotates and re-wraps the keyring.
+struct StopKeys(Arc<ArcSwap<Gateway>>);
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for StopKeys {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        let _ = shutdown.changed().await;
+        if let Some(keys) = self.0.load().keys() {
+            keys.stop();
         }
     }
 }

@@ -84,9 +84,11 @@ pub fn load_checked(source: &ConfigSource) -> Result<Checked, Vec<String>> {
         ])
         }
     };
-    let tls_errors = tls::check_files(&config.server.tls);
-    if !tls_errors.is_empty() {
-        return Err(tls_errors);
+    let mut errors = tls::check_files(&config.server.tls);
+    // `[[warm]]` images, routed as clients route them (which `config/` cannot do itself).
+    errors.extend(crate::warm::check_config(&config));
+    if !errors.is_empty() {
+        return Err(errors);
     }
     Ok(Checked {
         config,
@@ -191,6 +193,8 @@ pub struct Reloader {
     metrics: Arc<Metrics>,
     /// Held for the whole of a reload: one at a time, in order.
     state: Mutex<State>,
+    /// Brought to every applied config (`[[warm]]` entries, limits).
+    warmer: crate::warm::Warmer,
 }
 
 struct State {
@@ -206,6 +210,7 @@ impl Reloader {
         current: Arc<ArcSwap<Gateway>>,
         metrics: Arc<Metrics>,
         sha256: String,
+        warmer: crate::warm::Warmer,
     ) -> Reloader {
         let stamp = source.path().and_then(FileStamp::of);
         metrics.config_in_use(1, &sha256);
@@ -218,11 +223,17 @@ impl Reloader {
                 sha256,
                 stamp,
             }),
+            warmer,
         }
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The snapshot serving now.
+    pub fn current(&self) -> Arc<Gateway> {
+        self.current.load_full()
     }
 
     pub fn in_use(&self) -> InUse {
@@ -316,6 +327,7 @@ impl Reloader {
         };
         self.current.store(Arc::clone(&next));
         next.apply_cache_limits();
+        self.warmer.reconcile(Arc::clone(next.config()));
         crate::log_warnings(next.config());
         state.generation += 1;
         state.sha256 = checked.sha256;

@@ -32,7 +32,7 @@ use crate::config::{Config, Identity, Registry, ScopedCredentials, Zone};
 use crate::oci::Repository;
 
 pub use identity::{AuthFailure, AuthMethod, Authenticator, Authn, Credentials, IdentityKinds};
-pub use rules::{decide, Reason, ReasonCode};
+pub use rules::{decide, repository_rules, Reason, ReasonCode};
 pub use source::TrustedProxies;
 pub use zone::{ZoneMatch, ZoneTable};
 

@@ -323,6 +323,15 @@ fn missing_role(identity: &str, action: Action, registry: &str) -> Reason {
 }
 
 /// Rule 5: `deny_repositories`, then `repositories`.
+/// Rule 5 alone: `deny_repositories`, then `repositories`. For callers the other rules do not
+/// concern (the gateway's own warm jobs).
+pub fn repository_rules(reg: &Registry, repository: &Repository) -> Decision {
+    match repositories(reg, repository) {
+        Ok(()) => Decision::Allow,
+        Err(reason) => Decision::Deny(reason),
+    }
+}
+
 fn repositories(reg: &Registry, repository: &Repository) -> Result<(), Reason> {
     let name = &reg.name;
     let repo = repository.as_str();

@@ -18,6 +18,9 @@ use std::time::SystemTime;
 
 use bytes::{Bytes, BytesMut};
 
+use super::seal::{self, Keys};
+use crate::crypt::FileKey;
+
 /// Largest chunk a reader hands out (invariant 7: memory per reader is bounded by this).
 pub const MAX_CHUNK: usize = 1 << 20;
 /// Reads at least this large go to the blocking pool; smaller ones are done inline.
@@ -218,22 +221,56 @@ fn is_lower_hex(s: &str) -> bool {
 ///
 /// One reusable buffer of at most [`MAX_CHUNK`] (invariant 7). Positional reads (`read_at`)
 /// need no shared cursor, so any number of readers share one fd, and a temp file keeps being
-/// readable after it is renamed into `blobs/` (same inode).
+/// readable after it is renamed into `blobs/` (same inode). For a sealed file positions are
+/// plaintext offsets: each read fetches the sealed chunks it touches in one `pread` and opens
+/// them (only those: a Range decrypts nothing outside it).
 #[derive(Debug)]
 pub(crate) struct ChunkReader {
     file: Arc<File>,
     pos: u64,
     end: u64,
     buf: BytesMut,
+    sealed: Option<Arc<SealedFile>>,
+}
+
+/// How to open a sealed file, and what to do when a chunk does not authenticate.
+pub(crate) struct SealedFile {
+    pub(crate) key: FileKey,
+    /// Asked before every read: a revoked generation aborts open streams at the next chunk.
+    pub(crate) keys: Option<Arc<dyn Keys>>,
+    /// Called once when a chunk fails (quarantine and count); `None` for a fill's temp file.
+    pub(crate) on_failure: Option<Box<dyn Fn() + Send + Sync>>,
+}
+
+impl std::fmt::Debug for SealedFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealedFile")
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What of a (growing) file is on disk: its plaintext bytes, and whether they are all of it
+/// (then its last chunk was sealed as the last).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Extent {
+    pub(crate) written: u64,
+    pub(crate) complete: bool,
 }
 
 impl ChunkReader {
-    pub(crate) fn new(file: Arc<File>, start: u64, end: u64) -> ChunkReader {
+    pub(crate) fn new(
+        file: Arc<File>,
+        start: u64,
+        end: u64,
+        sealed: Option<Arc<SealedFile>>,
+    ) -> ChunkReader {
         ChunkReader {
             file,
             pos: start,
             end: end.max(start),
             buf: BytesMut::new(),
+            sealed,
         }
     }
 
@@ -250,13 +287,29 @@ impl ChunkReader {
     }
 
     /// Reads the next chunk of `[pos, min(available, end))`, at most [`MAX_CHUNK`] bytes.
-    /// The caller guarantees those bytes were written. A read that comes back empty is an
-    /// `UnexpectedEof` error, never a silent end (invariant 3).
-    pub(crate) async fn read(&mut self, available: u64) -> io::Result<Bytes> {
+    /// The caller guarantees those bytes were written (`extent` says how far the file goes).
+    /// A read that comes back empty is an `UnexpectedEof` error, never a silent end
+    /// (invariant 3); a sealed chunk that does not authenticate is an `InvalidData` error.
+    pub(crate) async fn read(&mut self, available: u64, extent: Extent) -> io::Result<Bytes> {
         let want = available.min(self.end).saturating_sub(self.pos);
         let len = usize::try_from(want).unwrap_or(MAX_CHUNK).min(MAX_CHUNK);
         if len == 0 {
             return Ok(Bytes::new());
+        }
+        if let Some(sealed) = &self.sealed {
+            let sealed = Arc::clone(sealed);
+            let (from, to) = (self.pos, self.pos + len as u64);
+            let file = Arc::clone(&self.file);
+            let open = move || open_sealed(&file, &sealed, from, to, extent);
+            let plain = if len >= BLOCKING_READ_MIN {
+                tokio::task::spawn_blocking(open)
+                    .await
+                    .map_err(io::Error::other)??
+            } else {
+                open()?
+            };
+            self.pos = to;
+            return Ok(Bytes::from(plain));
         }
         // Reclaims the previous chunk's allocation when the consumer has dropped it.
         self.buf.reserve(len);
@@ -284,27 +337,96 @@ impl ChunkReader {
     }
 }
 
+/// Plaintext `[from, to)` of a sealed file: one read of the chunks it touches, each opened.
+fn open_sealed(
+    file: &File,
+    sealed: &SealedFile,
+    from: u64,
+    to: u64,
+    extent: Extent,
+) -> io::Result<Vec<u8>> {
+    if let Some(keys) = &sealed.keys {
+        if keys.opening_key(sealed.key.header().generation).is_err() {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "the encryption key of this file is no longer available",
+            ));
+        }
+    }
+    let (offset, first, len) = seal::span(from, to, extent.written);
+    let mut raw = vec![0u8; len];
+    let mut out = Vec::with_capacity((to - from) as usize);
+    let result = match file.read_exact_at(&mut raw, offset) {
+        Ok(()) => seal::open_span(
+            &sealed.key,
+            &mut raw,
+            first,
+            extent.written,
+            extent.complete,
+            from..to,
+            &mut out,
+        )
+        .map_err(|e| e.to_string()),
+        // A sealed file shorter than its chunks: truncated behind our back.
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(e.to_string()),
+        Err(e) => return Err(e),
+    };
+    match result {
+        Ok(()) => Ok(out),
+        Err(why) => {
+            if let Some(on_failure) = &sealed.on_failure {
+                on_failure();
+            }
+            Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("sealed file failed its integrity check: {why}"),
+            ))
+        }
+    }
+}
+
 /// Fills `buf` from `offset`; an early end of file is an error.
 fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     file.read_exact_at(buf, offset)?;
     Ok(buf.len())
 }
 
-/// A committed, verified blob: an open file and its length.
+/// A committed, verified blob: an open file and its (plaintext) length.
 ///
 /// The file stays readable even if the blob is evicted meanwhile (unlink removes only the name).
 #[derive(Debug, Clone)]
 pub struct Blob {
     pub file: Arc<File>,
     pub len: u64,
+    /// How to open it when it is sealed.
+    pub(crate) sealed: Option<Arc<SealedFile>>,
 }
 
 impl Blob {
+    /// The whole plaintext, read (and, when sealed, opened) in one go: for small blobs only.
+    pub(crate) fn read_all(&self) -> io::Result<Vec<u8>> {
+        let len = usize::try_from(self.len).map_err(io::Error::other)?;
+        match &self.sealed {
+            Some(sealed) => {
+                let extent = Extent {
+                    written: self.len,
+                    complete: true,
+                };
+                open_sealed(&self.file, sealed, 0, self.len, extent)
+            }
+            None => {
+                let mut plain = vec![0; len];
+                self.file.read_exact_at(&mut plain, 0)?;
+                Ok(plain)
+            }
+        }
+    }
+
     /// Streams `[start, end)` (end exclusive). A range reaching past `len` ends in an error from
     /// `next_chunk`, never in a short body that looks complete: check ranges (416) before.
     pub fn reader(&self, start: u64, end: u64) -> BlobReader {
         BlobReader {
-            inner: ChunkReader::new(Arc::clone(&self.file), start, end),
+            inner: ChunkReader::new(Arc::clone(&self.file), start, end, self.sealed.clone()),
             len: self.len,
         }
     }
@@ -329,6 +451,10 @@ impl BlobReader {
                 "range extends past the end of the blob",
             ));
         }
-        self.inner.read(self.len).await.map(Some)
+        let extent = Extent {
+            written: self.len,
+            complete: true,
+        };
+        self.inner.read(self.len, extent).await.map(Some)
     }
 }

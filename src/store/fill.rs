@@ -23,8 +23,9 @@ use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
-use super::disk::{Blob, ChunkReader};
+use super::disk::{Blob, ChunkReader, Extent, SealedFile};
 use super::{BlobSource, Shared, SourceBody, SourceError};
+use crate::crypt::{FileKey, Sealer};
 use crate::oci::{Digest, DigestHasher, ErrorCode, OciError};
 
 /// Room left free on the cache's file system beyond a blob being filled.
@@ -142,6 +143,8 @@ pub struct Fill {
     /// The temp file (or, for an already committed blob, the blob file). `None` only for a fill
     /// that failed before it had a file.
     file: Option<Arc<File>>,
+    /// How to open the file when it is sealed.
+    sealed: Option<Arc<SealedFile>>,
     rx: watch::Receiver<Progress>,
 }
 
@@ -154,7 +157,7 @@ impl Fill {
             state: FillState::Failed(failure),
             verified: false,
         };
-        Fill::finished(digest, None, progress)
+        Fill::finished(digest, None, None, progress)
     }
 
     /// A blob already committed, presented as a finished fill.
@@ -165,15 +168,21 @@ impl Fill {
             state: FillState::Done,
             verified: true,
         };
-        Fill::finished(digest, Some(blob.file), progress)
+        Fill::finished(digest, Some(blob.file), blob.sealed, progress)
     }
 
-    fn finished(digest: &Digest, file: Option<Arc<File>>, progress: Progress) -> Arc<Fill> {
+    fn finished(
+        digest: &Digest,
+        file: Option<Arc<File>>,
+        sealed: Option<Arc<SealedFile>>,
+        progress: Progress,
+    ) -> Arc<Fill> {
         let (_tx, rx) = watch::channel(progress);
         Arc::new(Fill {
             id: 0,
             digest: digest.clone(),
             file,
+            sealed,
             rx,
         })
     }
@@ -232,7 +241,7 @@ impl Fill {
             chunks: self
                 .file
                 .as_ref()
-                .map(|f| ChunkReader::new(Arc::clone(f), start, end)),
+                .map(|f| ChunkReader::new(Arc::clone(f), start, end, self.sealed.clone())),
             closed: false,
         }
     }
@@ -278,7 +287,13 @@ impl FillReader {
                 written.min(end.saturating_sub(1))
             };
             if !chunks.is_done() && readable > chunks.pos() {
-                return match chunks.read(readable).await {
+                // Sealed chunks reach the disk whole: `written` is a chunk boundary until the
+                // last one, which was sealed as the last once `written` is the whole blob.
+                let extent = Extent {
+                    written,
+                    complete: verified || total == Some(written),
+                };
+                return match chunks.read(readable, extent).await {
                     Ok(bytes) => Ok(Some(bytes)),
                     Err(e) => Err(FillFailure::Storage(format!("reading fill: {e}"))),
                 };
@@ -357,6 +372,8 @@ pub(crate) struct FillTask {
     received: u64,
     total_len: Option<u64>,
     resumes: usize,
+    /// The file's key when the cache is encrypted: the stage seals what it writes.
+    seal: Option<FileKey>,
 }
 
 /// Builds the shared handle and the task of a new fill. The caller registers the handle in the
@@ -368,6 +385,7 @@ pub(crate) fn new_fill(
     source: Arc<dyn BlobSource>,
     file: File,
     temp: PathBuf,
+    seal: Option<FileKey>,
 ) -> (Arc<Fill>, FillTask) {
     let file = Arc::new(file);
     let (tx, rx) = watch::channel(Progress {
@@ -380,6 +398,13 @@ pub(crate) fn new_fill(
         id,
         digest: digest.clone(),
         file: Some(Arc::clone(&file)),
+        sealed: seal.clone().map(|key| {
+            Arc::new(SealedFile {
+                key,
+                keys: shared.keys(),
+                on_failure: None,
+            })
+        }),
         rx,
     });
     let tx = Arc::new(tx);
@@ -395,6 +420,7 @@ pub(crate) fn new_fill(
         received: 0,
         total_len: None,
         resumes: 0,
+        seal,
     };
     (fill, task)
 }
@@ -431,6 +457,7 @@ impl FillTask {
             Arc::clone(&self.file),
             self.digest.hasher(),
             Arc::clone(&self.tx),
+            self.seal.clone().map(Sealer::new),
         ));
         let result = match self.fetch().await {
             Ok(()) => match self.verify().await {
@@ -626,7 +653,14 @@ impl FillTask {
             .await
             .map_err(|e| FillFailure::Storage(format!("commit task: {e}")))?
             .map_err(|e| FillFailure::Storage(format!("committing blob: {e}")))?;
-        self.shared.index.commit(self.digest.hex().to_owned(), len);
+        // The index weighs what the disk holds: a sealed file is longer than its blob.
+        let on_disk = match self.seal {
+            Some(_) => crate::crypt::Geometry::new(len).file_len(),
+            None => len,
+        };
+        self.shared
+            .index
+            .commit(self.digest.hex().to_owned(), on_disk);
         Ok(len)
     }
 }
@@ -662,26 +696,29 @@ impl Pipeline {
         file: Arc<File>,
         mut hasher: DigestHasher,
         progress: Arc<watch::Sender<Progress>>,
+        sealer: Option<Sealer>,
     ) -> Pipeline {
         let (to_stage, mut pieces) = mpsc::unbounded_channel::<Piece>();
         let stage = tokio::task::spawn_blocking(move || {
-            let mut offset = 0u64;
+            let mut out = Output::new(&file, sealer)?;
             while let Some(piece) = pieces.blocking_recv() {
                 let mut next = Some(piece);
                 // Publish once per burst (up to WRITE_BATCH), not per network read.
                 let mut burst = 0;
                 while let Some(piece) = next.take() {
-                    file.write_all_at(&piece.bytes, offset)?;
-                    offset += piece.bytes.len() as u64;
+                    out.write(&piece.bytes)?;
                     burst += piece.bytes.len();
                     hasher.update(&piece.bytes);
                     if burst < WRITE_BATCH {
                         next = pieces.try_recv().ok();
                     }
                 }
-                progress.send_modify(|p| p.written = offset);
+                let published = out.flush()?;
+                progress.send_modify(|p| p.written = published);
             }
-            Ok((offset, hasher))
+            let total = out.finish()?;
+            progress.send_modify(|p| p.written = total);
+            Ok((total, hasher))
         });
         Pipeline {
             budget: Arc::new(Semaphore::new(IN_FLIGHT_BYTES)),
@@ -718,5 +755,72 @@ impl Pipeline {
 impl From<FillFailure> for io::Error {
     fn from(f: FillFailure) -> io::Error {
         io::Error::other(f)
+    }
+}
+
+/// Where the stage's bytes go: straight into the temp file, or through a [`Sealer`] whose
+/// sealed chunks are gathered and written in large writes (one per burst).
+struct Output<'a> {
+    file: &'a File,
+    /// Plaintext bytes taken.
+    taken: u64,
+    sealer: Option<Sealer>,
+    /// Sealed chunks not yet written, and the file offset of the first.
+    pending: Vec<u8>,
+    pending_at: u64,
+}
+
+impl<'a> Output<'a> {
+    fn new(file: &'a File, sealer: Option<Sealer>) -> io::Result<Output<'a>> {
+        if let Some(sealer) = &sealer {
+            file.write_all_at(sealer.header_bytes(), 0)?;
+        }
+        Ok(Output {
+            file,
+            taken: 0,
+            sealer,
+            pending: Vec::new(),
+            pending_at: 0,
+        })
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let Some(sealer) = self.sealer.as_mut() else {
+            self.file.write_all_at(bytes, self.taken)?;
+            self.taken += bytes.len() as u64;
+            return Ok(());
+        };
+        self.taken += bytes.len() as u64;
+        let (pending, at) = (&mut self.pending, &mut self.pending_at);
+        sealer.push(bytes, |offset, sealed| {
+            if pending.is_empty() {
+                *at = offset;
+            }
+            pending.extend_from_slice(sealed);
+            Ok::<(), io::Error>(())
+        })
+    }
+
+    /// Writes what is gathered; returns the plaintext bytes readers may read now (for a sealed
+    /// file: those of whole sealed chunks).
+    fn flush(&mut self) -> io::Result<u64> {
+        if !self.pending.is_empty() {
+            self.file.write_all_at(&self.pending, self.pending_at)?;
+            self.pending.clear();
+        }
+        Ok(match &self.sealer {
+            Some(sealer) => sealer.sealed_plaintext(),
+            None => self.taken,
+        })
+    }
+
+    /// Seals the last chunk and writes it: returns the plaintext length.
+    fn finish(mut self) -> io::Result<u64> {
+        self.flush()?;
+        if let Some(sealer) = self.sealer.take() {
+            let file = self.file;
+            sealer.finish(|offset, sealed| file.write_all_at(sealed, offset))?;
+        }
+        Ok(self.taken)
     }
 }

@@ -10,6 +10,10 @@
 //! with its own budget (`pinned_max`), so no eviction can reach them; the list is kept in
 //! `<cache dir>/pins` so a restart's start-up eviction spares them too.
 //!
+//! Small blobs (at most [`SMALL_BLOB`] bytes) that were read once are also kept in memory, in
+//! a second cache bounded by [`SMALL_BUDGET`] bytes: a hit on one then touches no file. An entry
+//! leaves it whenever the blob leaves the index, for any cause.
+//!
 //! Policy: moka's plain LRU (`EvictionPolicy::lru()`), "least recently used first". TinyLFU's
 //! admission filter was not chosen on purpose: it can reject a blob that was just fetched (a
 //! newcomer has no frequency yet), which would delete a file clients are still being served from
@@ -21,6 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::time::SystemTime;
 
+use bytes::Bytes;
 use moka::notification::RemovalCause;
 use moka::policy::EvictionPolicy;
 use moka::sync::Cache;
@@ -29,6 +34,11 @@ use super::disk::Layout;
 
 /// Weights are in KiB so a `u32` weight covers blobs up to 4 TiB.
 const WEIGHT_UNIT: u64 = 1024;
+
+/// Blobs up to this size are kept in memory once read (configs, small layers, signatures).
+pub(crate) const SMALL_BLOB: u64 = 64 * 1024;
+/// The memory all small blobs together may take (memory does not grow with blob size or count).
+pub(crate) const SMALL_BUDGET: u64 = 32 * 1024 * 1024;
 
 /// Counters shared between the index and its eviction listener.
 #[derive(Debug, Default)]
@@ -48,6 +58,8 @@ pub(crate) struct Index {
     counters: Arc<Counters>,
     layout: Layout,
     pins: Mutex<Pins>,
+    /// `hex -> bytes` of small indexed blobs; never holds one the index does not.
+    small: Cache<String, Bytes>,
 }
 
 /// Blobs that are never evicted: `hex -> size`, their bytes, their budget, and the file that
@@ -88,10 +100,15 @@ impl Index {
     /// An empty index whose evictions delete files under `layout`.
     pub(crate) fn new(layout: Layout, max_size: u64) -> Index {
         let counters = Arc::new(Counters::default());
-        let cache = build_cache(&layout, &counters, max_size);
+        let small = Cache::builder()
+            .max_capacity(SMALL_BUDGET)
+            .weigher(|_hex: &String, bytes: &Bytes| u32::try_from(bytes.len()).unwrap_or(u32::MAX))
+            .build();
+        let cache = build_cache(&layout, &counters, &small, max_size);
         Index {
             cache: RwLock::new(cache),
             counters,
+            small,
             layout,
             pins: Mutex::new(Pins {
                 blobs: HashMap::new(),
@@ -211,6 +228,11 @@ impl Index {
         (pins.blobs.len() as u64, pins.bytes)
     }
 
+    /// The hex names of every pinned blob.
+    pub(crate) fn pinned_names(&self) -> Vec<String> {
+        self.pins().blobs.keys().cloned().collect()
+    }
+
     fn cache(&self) -> RwLockReadGuard<'_, Cache<String, u64>> {
         // Nothing panics while holding this lock; recover rather than panic if it did.
         self.cache.read().unwrap_or_else(|e| e.into_inner())
@@ -231,7 +253,7 @@ impl Index {
             })
             .collect();
         entries.sort();
-        let resized = build_cache(&self.layout, &self.counters, max_size);
+        let resized = build_cache(&self.layout, &self.counters, &self.small, max_size);
         for (_, hex, size) in entries {
             // Moved, not new: the counters already include them (evictions subtract).
             resized.insert(hex, size);
@@ -273,8 +295,33 @@ impl Index {
         self.pins().blobs.get(hex).copied()
     }
 
+    /// The bytes of a small blob kept in memory, marking it recently used; `None` when it is
+    /// not in memory or no longer indexed.
+    pub(crate) fn small(&self, hex: &str) -> Option<Bytes> {
+        let bytes = self.small.get(hex)?;
+        self.get(hex)?;
+        Some(bytes)
+    }
+
+    /// Keeps the verified bytes of an indexed small blob in memory.
+    pub(crate) fn keep_small(&self, hex: &str, bytes: Bytes) {
+        if bytes.len() as u64 <= SMALL_BLOB {
+            self.small.insert(hex.to_owned(), bytes);
+            // Evicted meanwhile: the listener may have run before the insert.
+            if self.get(hex).is_none() {
+                self.small.invalidate(hex);
+            }
+        }
+    }
+
+    /// Empties the memory tier (a key was revoked, or encryption changed).
+    pub(crate) fn forget_small(&self) {
+        self.small.invalidate_all();
+    }
+
     /// Forgets an entry without deleting its file (e.g. the file vanished behind our back).
     pub(crate) fn invalidate(&self, hex: &str) {
+        self.small.invalidate(hex);
         self.cache().invalidate(hex);
         let mut pins = self.pins();
         if let Some(size) = pins.blobs.remove(hex) {
@@ -324,14 +371,22 @@ fn write_pins(pins: &Pins) {
 }
 
 /// A moka LRU bounded to `max_size` whose size evictions delete their files under `layout`.
-fn build_cache(layout: &Layout, counters: &Arc<Counters>, max_size: u64) -> Cache<String, u64> {
+fn build_cache(
+    layout: &Layout,
+    counters: &Arc<Counters>,
+    small: &Cache<String, Bytes>,
+    max_size: u64,
+) -> Cache<String, u64> {
     let layout = layout.clone();
     let counters = Arc::clone(counters);
+    let small = small.clone();
     Cache::builder()
         .eviction_policy(EvictionPolicy::lru())
         .max_capacity(max_size / WEIGHT_UNIT)
         .weigher(|_hex: &String, size: &u64| weight(*size))
         .eviction_listener(move |hex: Arc<String>, size: u64, cause| {
+            // Whatever the cause (evicted, invalidated, replaced, pinned): not served from memory.
+            small.invalidate(hex.as_str());
             on_removal(&layout, &counters, &hex, size, cause);
         })
         .build()

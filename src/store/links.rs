@@ -72,10 +72,12 @@ impl Links {
     ) {
         let secs = unix_secs(at);
         let key = key(registry, repository, digest);
-        let known = self
-            .memo
-            .get(&key)
-            .or_else(|| self.read(registry, repository, digest));
+        let known = self.memo.get(&key).or_else(|| {
+            // Memoized even when it is not moved forward, so a hit reads the disk once.
+            let on_disk = self.read(registry, repository, digest)?;
+            self.memo.insert(key.clone(), on_disk);
+            Some(on_disk)
+        });
         if known.is_some_and(|k| k >= secs) {
             return;
         }
@@ -178,6 +180,12 @@ mod tests {
 
         let reopened = Links::open(dir.path()).unwrap();
         assert_eq!(reopened.confirmed_at("hub", &repo, &digest), Some(t1));
+        // An older confirmation after a reopen read the disk once and memoized it.
+        let again = Links::open(dir.path()).unwrap();
+        again.confirm("hub", &repo, &digest, t0);
+        fs::remove_dir_all(dir.path().join("links")).unwrap();
+        assert_eq!(again.confirmed_at("hub", &repo, &digest), Some(t1));
+        fs::create_dir_all(dir.path().join("links")).unwrap();
         reopened.forget("hub", &repo, &digest);
         assert_eq!(reopened.confirmed_at("hub", &repo, &digest), None);
         assert_eq!(

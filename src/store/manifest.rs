@@ -25,6 +25,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use super::links::unix_secs;
+use super::seal::{self, Keys};
+use crate::crypt::Kind;
 use crate::oci::{Digest, Repository, Tag};
 
 mod referrers;
@@ -156,6 +158,10 @@ pub struct ManifestStore {
     deleted: moka::sync::Cache<String, SystemTime>,
     stored: AtomicU64,
     negative_hits: AtomicU64,
+    /// The key hierarchy while encryption is on (see `BlobStore::set_keys`).
+    keys: std::sync::RwLock<Option<Arc<dyn Keys>>>,
+    /// Shared with the blob store.
+    integrity_failures: Arc<AtomicU64>,
 }
 
 /// Age past which a manifest temp file is a crash's leftover.
@@ -197,6 +203,8 @@ impl ManifestStore {
                 .build(),
             stored: AtomicU64::new(0),
             negative_hits: AtomicU64::new(0),
+            keys: std::sync::RwLock::new(None),
+            integrity_failures: Arc::new(AtomicU64::new(0)),
         };
         for dir in [
             &store.manifests,
@@ -220,6 +228,31 @@ impl ManifestStore {
         Ok(store)
     }
 
+    /// Counts integrity failures in `counter` (the blob store's, so one metric covers both).
+    pub fn share_integrity_counter(&mut self, counter: Arc<AtomicU64>) {
+        self.integrity_failures = counter;
+    }
+
+    /// Encryption at rest on or off for manifest files written and read from now on; the
+    /// memory tier is emptied (it may hold manifests of a revoked key).
+    pub fn set_keys(&self, keys: Option<Arc<dyn Keys>>) {
+        let mut slot = self.keys.write().unwrap_or_else(|e| e.into_inner());
+        if !super::same_keys(slot.as_ref(), keys.as_ref()) {
+            *slot = keys;
+            drop(slot);
+            self.forget_memory();
+        }
+    }
+
+    /// Empties the memory tier of manifests (a key was revoked: nothing it opened is served).
+    pub fn forget_memory(&self) {
+        self.hot.invalidate_all();
+    }
+
+    fn keys(&self) -> Option<Arc<dyn Keys>> {
+        self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// A cached manifest, verified against its digest. A file that fails verification is
     /// deleted and reported absent.
     pub fn get(&self, digest: &Digest) -> Option<Arc<CachedManifest>> {
@@ -227,17 +260,7 @@ impl ManifestStore {
             return Some(m);
         }
         let path = self.manifest_path(digest)?;
-        let raw = fs::read(&path).ok()?;
-        let parsed = raw.iter().position(|&b| b == b'\n').and_then(|nl| {
-            let media_type = std::str::from_utf8(&raw[..nl]).ok()?.to_owned();
-            let body = Bytes::copy_from_slice(&raw[nl + 1..]);
-            digest.verify(&body).then_some((media_type, body))
-        });
-        let Some((media_type, body)) = parsed else {
-            tracing::warn!(digest = %digest, "cached manifest fails verification; deleting it");
-            let _ = fs::remove_file(&path);
-            return None;
-        };
+        let (media_type, body) = self.read_disk(digest, &path)?;
         let m = Arc::new(CachedManifest {
             digest: digest.clone(),
             media_type,
@@ -247,21 +270,90 @@ impl ManifestStore {
         Some(m)
     }
 
+    /// The manifest file at `path`, opened (when sealed) and verified; a file that does not
+    /// fit is deleted.
+    fn read_disk(&self, digest: &Digest, path: &Path) -> Option<(String, Bytes)> {
+        let file = fs::File::open(path).ok()?;
+        let len = file.metadata().ok()?.len();
+        let keys = self.keys();
+        let raw = match seal::open_file(&file, len, digest, Kind::Manifest, keys.as_deref()) {
+            Ok(seal::Opened::Plain) => fs::read(path).ok()?,
+            Ok(seal::Opened::Sealed(key, _)) => {
+                let opened = fs::read(path)
+                    .ok()
+                    .and_then(|sealed| crate::crypt::open_all(&key, &sealed).ok());
+                match opened {
+                    Some(raw) => raw,
+                    None => {
+                        self.unfit(
+                            digest,
+                            path,
+                            seal::Unfit::Integrity("a chunk failed".into()),
+                        );
+                        return None;
+                    }
+                }
+            }
+            Err(unfit) => {
+                self.unfit(digest, path, unfit);
+                return None;
+            }
+        };
+        let parsed = raw.iter().position(|&b| b == b'\n').and_then(|nl| {
+            let media_type = std::str::from_utf8(&raw[..nl]).ok()?.to_owned();
+            let body = Bytes::copy_from_slice(&raw[nl + 1..]);
+            digest.verify(&body).then_some((media_type, body))
+        });
+        if parsed.is_none() {
+            tracing::warn!(digest = %digest, "cached manifest fails verification; deleting it");
+            let _ = fs::remove_file(path);
+        }
+        parsed
+    }
+
+    fn unfit(&self, digest: &Digest, path: &Path, why: seal::Unfit) {
+        match why {
+            seal::Unfit::NotNow => return,
+            seal::Unfit::Integrity(reason) => {
+                self.integrity_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(digest = %digest, %reason, "cached manifest failed its integrity check; deleted");
+            }
+            seal::Unfit::Stale(reason) => {
+                tracing::info!(digest = %digest, %reason, "cached manifest evicted");
+            }
+        }
+        let _ = fs::remove_file(path);
+    }
+
     /// Stores a manifest after checking its bytes against its digest. Storage problems are
     /// logged, not returned: the manifest was already verified and is served regardless.
+    /// With encryption on but no key at hand, nothing is written (nor kept in memory).
     pub fn put(&self, manifest: CachedManifest) -> Arc<CachedManifest> {
         let manifest = Arc::new(manifest);
         if !manifest.digest.verify(&manifest.body) || manifest.media_type.contains('\n') {
             tracing::error!(digest = %manifest.digest, "refusing to cache a manifest that fails verification");
             return manifest;
         }
+        let keys = self.keys();
+        let seal = match &keys {
+            None => None,
+            Some(keys) => match seal::new_file_key(keys.as_ref(), Kind::Manifest, &manifest.digest)
+            {
+                Ok(key) => Some(key),
+                Err(_) => return manifest,
+            },
+        };
         if let Some(path) = self.manifest_path(&manifest.digest) {
-            if !path.exists() {
+            // A file of the other mode (or damaged) is deleted by the read and written anew.
+            if !path.exists() || self.read_disk(&manifest.digest, &path).is_none() {
                 let mut bytes =
                     Vec::with_capacity(manifest.media_type.len() + 1 + manifest.body.len());
                 bytes.extend_from_slice(manifest.media_type.as_bytes());
                 bytes.push(b'\n');
                 bytes.extend_from_slice(&manifest.body);
+                if let Some(key) = &seal {
+                    bytes = crate::crypt::seal_all(key, &bytes);
+                }
                 match self.write_atomically(&path, &bytes) {
                     Ok(()) => {
                         self.stored.fetch_add(1, Ordering::Relaxed);

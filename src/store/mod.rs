@@ -7,7 +7,8 @@
 //! [`BlobSource`].
 //! Must never: serve or commit bytes that are not the digest's (invariant 3), start a second
 //! fetch of a digest that is being fetched (invariant 4), build a path from anything but a
-//! verified [`Digest`] (invariant 2), or hold a blob in memory (invariant 7).
+//! verified [`Digest`] (invariant 2), or hold a blob in memory beyond the bounded tier of
+//! small blobs (invariant 7: memory does not grow with blob size).
 //!
 //! Sharp edge for callers: a reader's `Err` after bytes were sent means "abort the response
 //! mid-body". Ending the body instead hands the client a short blob that looks complete.
@@ -18,6 +19,7 @@ mod handover;
 mod index;
 mod links;
 mod manifest;
+mod seal;
 #[cfg(test)]
 mod tests;
 
@@ -42,6 +44,7 @@ pub use manifest::{
 use disk::Layout;
 use index::Index;
 pub use index::PinError;
+pub use seal::{header_digest, KeyMissing, Keys};
 
 /// The list of pinned blobs under the cache directory.
 const PINS_FILE: &str = "pins";
@@ -110,6 +113,11 @@ pub struct StoreStats {
     pub fills_broken: u64,
     pub fills_invalid: u64,
     pub fills_storage: u64,
+    /// Sealed files (blobs and manifests) that failed their integrity check and were
+    /// quarantined.
+    pub integrity_failures: u64,
+    /// Files deleted because encryption was turned on or off, or their key was revoked.
+    pub resealed_evictions: u64,
 }
 
 #[derive(Debug, Default)]
@@ -160,9 +168,40 @@ pub(crate) struct Shared {
     /// `policy.stall_timeout`, changeable while serving ([`BlobStore::set_stall_timeout`]).
     pub(crate) stall_timeout_ms: AtomicU64,
     pub(crate) counters: FillCounters,
+    /// The key hierarchy while encryption is on; `None` stores plaintext (as before).
+    keys: std::sync::RwLock<Option<Arc<dyn Keys>>>,
+    /// Shared with the manifest store ([`BlobStore::integrity_counter`]).
+    integrity_failures: Arc<AtomicU64>,
+    stale_evictions: Counter,
 }
 
 impl Shared {
+    pub(crate) fn keys(&self) -> Option<Arc<dyn Keys>> {
+        self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// A stored file that must not be served: out of the index, off the disk (so no upgrade
+    /// hand-over takes it for a committed blob), counted when it was damaged.
+    fn drop_file(&self, hex: &str, why: &seal::Unfit) {
+        self.index.invalidate(hex);
+        let path = self.layout.blob_path(hex);
+        match why {
+            seal::Unfit::Integrity(reason) => {
+                self.integrity_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(blob = hex, %reason, "cached blob failed its integrity check; quarantined, it will be fetched again");
+            }
+            seal::Unfit::Stale(reason) => {
+                self.stale_evictions.inc();
+                tracing::info!(blob = hex, %reason, "cached blob evicted");
+            }
+            seal::Unfit::NotNow => return,
+        }
+        if let Err(e) = std::fs::remove_file(&path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %path.display(), error = %e, "cannot delete a quarantined blob");
+            }
+        }
+    }
     fn inflight(&self) -> MutexGuard<'_, HashMap<String, Arc<Fill>>> {
         // No code panics while holding this lock; recover the map rather than panic if it did.
         self.inflight.lock().unwrap_or_else(|e| e.into_inner())
@@ -230,6 +269,9 @@ impl BlobStore {
             ),
             policy,
             counters: FillCounters::default(),
+            keys: std::sync::RwLock::new(None),
+            integrity_failures: Arc::new(AtomicU64::new(0)),
+            stale_evictions: Counter::default(),
         };
         tracing::info!(dir = %dir.display(), entries = stats.entries, bytes = stats.bytes,
             temp_files_removed, elapsed = ?stats.elapsed, "blob store opened");
@@ -240,19 +282,156 @@ impl BlobStore {
     }
 
     /// A committed blob: an open file and its size, marking it recently used. `None` if absent.
-    /// Does one `open` + `fstat`.
+    /// Does one `open` + `fstat` (+ one header read when encryption is on). A file that does
+    /// not fit (damaged, foreign header, unknown generation, sealed while encryption is off or
+    /// plaintext while it is on) is dropped and deleted here, so the next fill replaces it.
     pub fn lookup(&self, digest: &Digest) -> Option<Blob> {
+        let blob = self.open_committed(digest)?;
+        if blob.len <= index::SMALL_BLOB {
+            // Read once, checked against its digest, then served from memory ([`BlobStore::small`]).
+            match blob.read_all() {
+                Ok(plain) if digest.verify(&plain) => {
+                    self.shared
+                        .index
+                        .keep_small(digest.hex(), Bytes::from(plain));
+                }
+                Ok(_) => {
+                    let why = seal::Unfit::Integrity("the bytes do not match the digest".into());
+                    self.shared.drop_file(digest.hex(), &why);
+                    return None;
+                }
+                // A sealed chunk that failed was quarantined by its reader; anything else is
+                // the disk's problem, and the streamed read below will report it.
+                Err(_) => {}
+            }
+        }
+        Some(blob)
+    }
+
+    /// A small committed blob (at most 64 KiB) from memory, marking it recently used: no file
+    /// is touched. `None` when it is not in memory; [`BlobStore::lookup`] puts it there. The
+    /// memory tier is bounded (32 MiB) and emptied whenever a key is revoked or encryption
+    /// changes.
+    pub fn small(&self, digest: &Digest) -> Option<Bytes> {
+        self.shared.index.small(digest.hex())
+    }
+
+    fn open_committed(&self, digest: &Digest) -> Option<Blob> {
+        let shared = &self.shared;
         let hex = digest.hex();
-        let size = self.shared.index.get(hex)?;
-        match open_blob(&self.shared.layout.blob_path(hex), size) {
-            Ok(blob) => Some(blob),
-            Err(e) => {
-                // Gone or changed behind our back: forget it; the next fill replaces it.
+        let size = shared.index.get(hex)?;
+        let blob = match open_blob(&shared.layout.blob_path(hex), size) {
+            Ok(blob) => blob,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // Gone behind our back: forget it; the next fill replaces it.
                 tracing::warn!(digest = %digest, error = %e, "indexed blob unreadable; dropping from index");
-                self.shared.index.invalidate(hex);
+                shared.index.invalidate(hex);
+                return None;
+            }
+            Err(e) => {
+                // Changed behind our back (truncated, grown): it must not stay at its path,
+                // or the next fill would take it for one another process committed.
+                shared.drop_file(hex, &seal::Unfit::Integrity(e.to_string()));
+                return None;
+            }
+        };
+        let keys = shared.keys();
+        match seal::open_file(
+            &blob.file,
+            blob.len,
+            digest,
+            crate::crypt::Kind::Blob,
+            keys.as_deref(),
+        ) {
+            Ok(seal::Opened::Plain) => Some(blob),
+            Ok(seal::Opened::Sealed(key, geometry)) => {
+                let weak = Arc::downgrade(&self.shared);
+                let owned = hex.to_owned();
+                let on_failure = move || {
+                    if let Some(shared) = weak.upgrade() {
+                        shared.drop_file(&owned, &seal::Unfit::Integrity("a chunk failed".into()));
+                    }
+                };
+                Some(Blob {
+                    file: blob.file,
+                    len: geometry.plaintext_len,
+                    sealed: Some(Arc::new(disk::SealedFile {
+                        key: *key,
+                        keys,
+                        on_failure: Some(Box::new(on_failure)),
+                    })),
+                })
+            }
+            Err(unfit) => {
+                shared.drop_file(hex, &unfit);
                 None
             }
         }
+    }
+
+    /// Encryption at rest on (`Some`) or off (`None`), for files written and read from now on.
+    /// A change starts a background sweep that deletes what no longer fits (plaintext files
+    /// once it is on, sealed ones once it is off, files of unknown generations): they are
+    /// fetched again, sealed or not, on their next pull. Lookups never serve such a file in
+    /// the meantime.
+    pub fn set_keys(&self, keys: Option<Arc<dyn Keys>>) {
+        let changed = {
+            let mut slot = self.shared.keys.write().unwrap_or_else(|e| e.into_inner());
+            let changed = !same_keys(slot.as_ref(), keys.as_ref());
+            *slot = keys;
+            changed
+        };
+        if changed {
+            self.sweep();
+        }
+    }
+
+    /// Deletes, in the background, every committed blob that does not fit the current keys
+    /// (see [`BlobStore::set_keys`]). Returns at once.
+    pub fn sweep(&self) {
+        // At once, before the files: nothing a revoked key opened is served from memory.
+        self.shared.index.forget_small();
+        let store = self.clone();
+        let run = move || {
+            let swept = store.sweep_now();
+            tracing::info!(swept, "cache swept for encryption at rest");
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(run)),
+            Err(_) => run(),
+        }
+    }
+
+    /// [`BlobStore::sweep`], blocking: returns how many files were deleted.
+    pub fn sweep_now(&self) -> u64 {
+        let shared = &self.shared;
+        shared.index.forget_small();
+        let Ok(found) = shared.layout.scan() else {
+            return 0;
+        };
+        let keys = shared.keys();
+        let mut swept = 0;
+        for (hex, len, _) in found {
+            let Some(digest) = digest_of_hex(&hex) else {
+                continue;
+            };
+            let Ok(file) = std::fs::File::open(shared.layout.blob_path(&hex)) else {
+                continue;
+            };
+            let kind = crate::crypt::Kind::Blob;
+            if let Err(unfit) = seal::open_file(&file, len, &digest, kind, keys.as_deref()) {
+                if unfit != seal::Unfit::NotNow {
+                    shared.drop_file(&hex, &unfit);
+                    swept += 1;
+                }
+            }
+        }
+        swept
+    }
+
+    /// The integrity failure counter, to share with the manifest store.
+    pub fn integrity_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.shared.integrity_failures)
     }
 
     /// Single flight (invariant 4): joins the running fill of `digest`, or returns the committed
@@ -302,6 +481,21 @@ impl BlobStore {
         if let Some(blob) = self.lookup(digest) {
             return Fill::committed(digest, blob);
         }
+        let seal = match shared.keys() {
+            None => None,
+            Some(keys) => {
+                match seal::new_file_key(keys.as_ref(), crate::crypt::Kind::Blob, digest) {
+                    Ok(key) => Some(key),
+                    Err(missing) => {
+                        // Nothing is cached without a key: the gateway serves it uncached.
+                        return Fill::failed(
+                            digest,
+                            FillFailure::Storage(format!("no encryption key ({missing:?})")),
+                        );
+                    }
+                }
+            }
+        };
         let (file, temp) = match shared.layout.create_temp(hex) {
             Ok(created) => created,
             Err(e) => {
@@ -310,7 +504,7 @@ impl BlobStore {
             }
         };
         let id = shared.next_fill_id.fetch_add(1, Ordering::Relaxed);
-        let (fill, task) = fill::new_fill(shared, id, digest, source, file, temp);
+        let (fill, task) = fill::new_fill(shared, id, digest, source, file, temp, seal);
         map.insert(hex.to_owned(), Arc::clone(&fill));
         drop(map);
         shared.counters.started.inc();
@@ -336,6 +530,8 @@ impl BlobStore {
             fills_broken: shared.counters.broken.get(),
             fills_invalid: shared.counters.invalid.get(),
             fills_storage: shared.counters.storage.get(),
+            integrity_failures: shared.integrity_failures.load(Ordering::Relaxed),
+            resealed_evictions: shared.stale_evictions.get(),
         }
     }
 
@@ -356,6 +552,26 @@ impl BlobStore {
     /// restarts (`<cache dir>/pins`).
     pub fn pin(&self, digest: &Digest) -> Result<(), PinError> {
         self.shared.index.pin(digest.hex())
+    }
+
+    /// Waits for a running fill of `digest` to end (committed and indexed, or failed). A
+    /// reader has every byte once the blob is verified, a moment before the commit: a pin
+    /// right after a read waits here first.
+    pub async fn settled(&self, digest: &Digest) {
+        let fill = self.shared.inflight().get(digest.hex()).cloned();
+        if let Some(fill) = fill {
+            let _ = fill.wait_done().await;
+        }
+    }
+
+    /// Every pinned blob (sha256 only: the index holds no other).
+    pub fn pinned_digests(&self) -> Vec<Digest> {
+        self.shared
+            .index
+            .pinned_names()
+            .into_iter()
+            .filter_map(|hex| Digest::parse(&format!("sha256:{hex}")).ok())
+            .collect()
     }
 
     /// Lets a pinned blob be evicted again (it is not deleted).
@@ -391,5 +607,21 @@ fn open_blob(path: &Path, size: u64) -> std::io::Result<Blob> {
     Ok(Blob {
         file: Arc::new(file),
         len,
+        sealed: None,
     })
+}
+
+/// Whether two key handles are the same service (or both off).
+pub(crate) fn same_keys(a: Option<&Arc<dyn Keys>>, b: Option<&Arc<dyn Keys>>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => std::ptr::addr_eq(Arc::as_ptr(a), Arc::as_ptr(b)),
+        _ => false,
+    }
+}
+
+/// The digest a blob file name (checked by the scan) stands for.
+fn digest_of_hex(hex: &str) -> Option<Digest> {
+    let algorithm = if hex.len() == 128 { "sha512" } else { "sha256" };
+    format!("{algorithm}:{hex}").parse().ok()
 }

@@ -648,6 +648,50 @@ async fn open_cleans_tmp_and_reindexes_blobs() {
 }
 
 #[tokio::test]
+async fn small_blobs_are_served_from_memory_until_they_leave_the_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(dir.path(), 100 * 1024);
+    let data = blob_bytes(10_000, 30);
+    let digest = digest_of(&data);
+    let fill = store.fill_or_join(&digest, Arc::new(FakeSource::new(&data)));
+    fill.wait_done().await.unwrap();
+    assert!(store.small(&digest).is_none(), "kept once read");
+    assert!(store.lookup(&digest).is_some());
+    assert!(store.small(&digest).unwrap() == data);
+    // Served without touching the file.
+    let path = blob_path(dir.path(), &digest);
+    let raw = std::fs::read(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    assert!(store.small(&digest).unwrap() == data);
+    // Evicted from the index: gone from memory too.
+    for i in 0..4 {
+        let other = blob_bytes(30 * 1024, 40 + i);
+        let fill = store.fill_or_join(&digest_of(&other), Arc::new(FakeSource::new(&other)));
+        fill.wait_done().await.unwrap();
+        store.run_pending_tasks();
+    }
+    assert!(store.small(&digest).is_none());
+
+    // A damaged small file is found on its first read, before anything is kept or served.
+    let fill = store.fill_or_join(&digest, Arc::new(FakeSource::new(&data)));
+    fill.wait_done().await.unwrap();
+    let mut flipped = raw;
+    flipped[77] ^= 1;
+    std::fs::write(&path, &flipped).unwrap();
+    assert!(store.lookup(&digest).is_none());
+    assert!(store.small(&digest).is_none());
+    assert!(!path.exists(), "quarantined");
+    assert_eq!(store.stats().integrity_failures, 1);
+
+    // Larger blobs are never kept in memory.
+    let big = blob_bytes(64 * 1024 + 1, 31);
+    let fill = store.fill_or_join(&digest_of(&big), Arc::new(FakeSource::new(&big)));
+    fill.wait_done().await.unwrap();
+    assert!(store.lookup(&digest_of(&big)).is_some());
+    assert!(store.small(&digest_of(&big)).is_none());
+}
+
+#[tokio::test]
 async fn filling_beyond_max_size_evicts_oldest() {
     let dir = tempfile::tempdir().unwrap();
     let max_size = 100 * 1024;
@@ -839,3 +883,310 @@ fn open_time_100k_blobs() {
 }
 
 use sha2::Digest as _;
+
+// ---------------------------------------------------------------------------------------------
+// Encryption at rest
+
+/// Generation keys held in memory; `revoked` plays a revoked KEK.
+struct TestKeys {
+    current: u32,
+    keys: HashMap<u32, Arc<crate::crypt::SecretKey>>,
+    revoked: std::sync::atomic::AtomicBool,
+}
+
+impl TestKeys {
+    fn new(generations: &[u32]) -> Arc<TestKeys> {
+        Arc::new(TestKeys {
+            current: *generations.last().unwrap(),
+            keys: generations
+                .iter()
+                .map(|g| (*g, Arc::new(crate::crypt::SecretKey::random().unwrap())))
+                .collect(),
+            revoked: Default::default(),
+        })
+    }
+}
+
+impl Keys for TestKeys {
+    fn sealing_key(&self) -> Result<(u32, Arc<crate::crypt::SecretKey>), KeyMissing> {
+        if self.revoked.load(Ordering::Relaxed) {
+            return Err(KeyMissing::Revoked);
+        }
+        Ok((self.current, Arc::clone(&self.keys[&self.current])))
+    }
+
+    fn opening_key(&self, id: u32) -> Result<Arc<crate::crypt::SecretKey>, KeyMissing> {
+        if self.revoked.load(Ordering::Relaxed) {
+            return Err(KeyMissing::Revoked);
+        }
+        self.keys.get(&id).cloned().ok_or(KeyMissing::Unknown)
+    }
+}
+
+fn sealed_store(dir: &Path, keys: &Arc<TestKeys>) -> BlobStore {
+    let store = new_store(dir, 1 << 30);
+    store.set_keys(Some(Arc::clone(keys) as Arc<dyn Keys>));
+    store
+}
+
+fn blob_path(dir: &Path, digest: &Digest) -> std::path::PathBuf {
+    let hex = digest.hex();
+    let algo = digest.algorithm().as_str();
+    dir.join("blobs").join(algo).join(&hex[..2]).join(hex)
+}
+
+/// Whether any file under `dir` holds `needle`.
+fn plaintext_anywhere(dir: &Path, needle: &[u8]) -> bool {
+    files_under(dir).iter().any(|f| {
+        std::fs::read(f).is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
+    })
+}
+
+async fn fill_sealed(store: &BlobStore, data: &Bytes) -> Digest {
+    let digest = digest_of(data);
+    let fill = store.fill_or_join(&digest, Arc::new(FakeSource::new(data)));
+    let got = drain(fill.reader(0, data.len() as u64)).await.unwrap();
+    assert!(got == *data, "a follower of the fill gets the plaintext");
+    fill.wait_done().await.unwrap();
+    digest
+}
+
+#[tokio::test]
+async fn sealed_fills_store_no_plaintext_and_read_back_whole_and_by_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = TestKeys::new(&[7]);
+    let store = sealed_store(dir.path(), &keys);
+    for len in [0, 1, crate::crypt::CHUNK_SIZE, 3 * MAX_CHUNK + 777] {
+        let data = blob_bytes(len, len as u32 + 3);
+        let digest = fill_sealed(&store, &data).await;
+        let raw = std::fs::read(blob_path(dir.path(), &digest)).unwrap();
+        assert!(crate::crypt::is_sealed(&raw));
+        assert_eq!(
+            raw.len() as u64,
+            crate::crypt::Geometry::new(len as u64).file_len()
+        );
+        let blob = store.lookup(&digest).expect("committed");
+        assert_eq!(blob.len, len as u64);
+        assert!(drain_blob(blob.reader(0, blob.len)).await.unwrap() == data);
+        if len > 200_000 {
+            for (a, b) in [
+                (1, 2),
+                (65_535, 65_537),
+                (100_000, 1_500_000),
+                (0, len as u64),
+            ] {
+                let got = drain_blob(blob.reader(a, b)).await.unwrap();
+                assert!(got == data[a as usize..b as usize], "range {a}..{b}");
+            }
+            // A finished fill of the committed blob reads sealed too.
+            let fill = store.fill_or_join(&digest, Arc::new(FakeSource::new(&data)));
+            assert!(drain(fill.reader(10, 70_000)).await.unwrap() == data[10..70_000]);
+        }
+    }
+    let probe = blob_bytes(3 * MAX_CHUNK + 777, 3 * MAX_CHUNK as u32 + 780);
+    assert!(!plaintext_anywhere(dir.path(), &probe[500_000..500_064]));
+    // The index weighs the sealed files.
+    let on_disk: u64 = files_under(&dir.path().join("blobs"))
+        .iter()
+        .map(|f| std::fs::metadata(f).unwrap().len())
+        .sum();
+    assert_eq!(store.stats().bytes, on_disk);
+}
+
+#[tokio::test]
+async fn range_followers_of_a_sealed_fill_get_their_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = TestKeys::new(&[1]);
+    let store = sealed_store(dir.path(), &keys);
+    let data = blob_bytes(2 * MAX_CHUNK + 5, 9);
+    let digest = digest_of(&data);
+    let source = Arc::new(FakeSource::new(&data).gated_at(MAX_CHUNK as u64 + 3));
+    let fill = store.fill_or_join(&digest, source.clone());
+    fill.wait_started().await.unwrap();
+    let early = drain(fill.reader(100, 200_000));
+    let whole = drain(fill.reader(0, data.len() as u64));
+    let opener = async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        source.gate.add_permits(1);
+    };
+    let (early, whole, ()) = tokio::join!(early, whole, opener);
+    assert!(early.unwrap() == data[100..200_000]);
+    assert!(whole.unwrap() == data);
+}
+
+/// Writes `change` into the committed file, then reads the blob: the read fails (never a
+/// wrong byte), the file is gone and counted, and the next fill fetches it again.
+async fn damaged(change: impl FnOnce(&mut Vec<u8>), reopen_fails: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = TestKeys::new(&[1]);
+    let store = sealed_store(dir.path(), &keys);
+    let data = blob_bytes(MAX_CHUNK + 70_000, 11);
+    let digest = fill_sealed(&store, &data).await;
+    let path = blob_path(dir.path(), &digest);
+    let mut raw = std::fs::read(&path).unwrap();
+    change(&mut raw);
+    std::fs::write(&path, &raw).unwrap();
+    let before = store.stats().integrity_failures;
+    match store.lookup(&digest) {
+        None => assert!(reopen_fails, "the header check refused the file"),
+        Some(blob) => {
+            let len = blob.len;
+            let result = drain_blob(blob.reader(0, len)).await;
+            match result {
+                Ok(got) => panic!("damaged file served {} bytes as complete", got.len()),
+                Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::InvalidData),
+            }
+        }
+    }
+    assert_eq!(store.stats().integrity_failures, before + 1);
+    assert!(!path.exists(), "quarantined file removed");
+    assert!(store.lookup(&digest).is_none());
+    let source = Arc::new(FakeSource::new(&data));
+    let fill = store.fill_or_join(&digest, source.clone());
+    assert!(drain(fill.reader(0, data.len() as u64)).await.unwrap() == data);
+    fill.wait_done().await.unwrap();
+    assert_eq!(
+        source.opens(),
+        vec![0],
+        "refilled from the source, not the damaged file"
+    );
+    let blob = store.lookup(&digest).unwrap();
+    assert!(drain_blob(blob.reader(0, blob.len)).await.unwrap() == data);
+}
+
+#[tokio::test]
+async fn a_flipped_bit_is_quarantined_and_refilled() {
+    damaged(|raw| raw[crate::crypt::HEADER_LEN + 70_000] ^= 0x20, false).await;
+}
+
+#[tokio::test]
+async fn swapped_chunks_are_quarantined_and_refilled() {
+    use crate::crypt::{Geometry, SEALED_CHUNK};
+    damaged(
+        |raw| {
+            let (a, b) = (
+                Geometry::file_offset(0) as usize,
+                Geometry::file_offset(1) as usize,
+            );
+            let first: Vec<u8> = raw[a..a + SEALED_CHUNK].to_vec();
+            let second: Vec<u8> = raw[b..b + SEALED_CHUNK].to_vec();
+            raw[a..a + SEALED_CHUNK].copy_from_slice(&second);
+            raw[b..b + SEALED_CHUNK].copy_from_slice(&first);
+        },
+        false,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_truncated_file_is_quarantined_and_refilled() {
+    // Cut at a chunk boundary: the file still has a valid geometry, but not the indexed size.
+    damaged(
+        |raw| raw.truncate(crate::crypt::Geometry::file_offset(16) as usize),
+        true,
+    )
+    .await;
+    // Cut while the store was down: the restart indexes the short file, whose new last chunk
+    // was not sealed as the last.
+    let dir = tempfile::tempdir().unwrap();
+    let keys = TestKeys::new(&[1]);
+    let data = blob_bytes(MAX_CHUNK + 70_000, 12);
+    let digest = fill_sealed(&sealed_store(dir.path(), &keys), &data).await;
+    let path = blob_path(dir.path(), &digest);
+    let raw = std::fs::read(&path).unwrap();
+    std::fs::write(
+        &path,
+        &raw[..crate::crypt::Geometry::file_offset(16) as usize],
+    )
+    .unwrap();
+    let store = sealed_store(dir.path(), &keys);
+    let blob = store.lookup(&digest).expect("a geometry that fits");
+    assert_eq!(blob.len, MAX_CHUNK as u64);
+    let err = drain_blob(blob.reader(0, blob.len)).await.unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+    assert_eq!(store.stats().integrity_failures, 1);
+    assert!(!path.exists());
+}
+
+#[tokio::test]
+async fn a_foreign_header_or_generation_is_refused_before_a_byte_is_served() {
+    // Another digest in the header.
+    damaged(|raw| raw[crate::crypt::HEADER_LEN - 1] ^= 1, true).await;
+    // A generation the keyring never had.
+    damaged(|raw| raw[15] = 99, true).await;
+}
+
+#[tokio::test]
+async fn turning_encryption_on_and_off_evicts_what_does_not_fit_and_refills() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(dir.path(), 1 << 30);
+    let data = blob_bytes(200_000, 5);
+    let digest = fill_sealed(&store, &data).await;
+    assert!(!crate::crypt::is_sealed(
+        &std::fs::read(blob_path(dir.path(), &digest)).unwrap()
+    ));
+    let keys = TestKeys::new(&[1]);
+    store.set_keys(Some(Arc::clone(&keys) as Arc<dyn Keys>));
+    store.sweep_now();
+    // Plaintext is never served once encryption is on.
+    assert!(store.lookup(&digest).is_none());
+    assert!(!blob_path(dir.path(), &digest).exists());
+    fill_sealed(&store, &data).await;
+    assert!(crate::crypt::is_sealed(
+        &std::fs::read(blob_path(dir.path(), &digest)).unwrap()
+    ));
+    store.set_keys(None);
+    store.sweep_now();
+    assert!(store.lookup(&digest).is_none());
+    assert!(!blob_path(dir.path(), &digest).exists());
+    assert_eq!(store.stats().integrity_failures, 0);
+}
+
+#[tokio::test]
+async fn a_revoked_key_aborts_open_readers_deletes_files_and_caches_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = TestKeys::new(&[1]);
+    let store = sealed_store(dir.path(), &keys);
+    let data = blob_bytes(3 * MAX_CHUNK, 8);
+    let digest = fill_sealed(&store, &data).await;
+    let small = fill_sealed(&store, &blob_bytes(5_000, 9)).await;
+    assert!(store.lookup(&small).is_some());
+    assert!(store.small(&small).is_some());
+    let blob = store.lookup(&digest).unwrap();
+    let mut reader = blob.reader(0, blob.len);
+    assert!(reader.next_chunk().await.unwrap().is_some());
+    keys.revoked.store(true, Ordering::Relaxed);
+    assert!(
+        reader.next_chunk().await.is_err(),
+        "the open stream aborts at its next chunk"
+    );
+    store.sweep_now();
+    assert!(!blob_path(dir.path(), &digest).exists());
+    assert!(
+        store.small(&small).is_none(),
+        "nothing a revoked key opened stays in memory"
+    );
+    let fill = store.fill_or_join(&digest, Arc::new(FakeSource::new(&data)));
+    assert!(matches!(
+        fill.wait_started().await,
+        Err(FillFailure::Storage(_))
+    ));
+    assert_eq!(store.stats().integrity_failures, 0);
+}
+
+#[tokio::test]
+async fn sha512_blobs_are_sealed_with_a_header_naming_their_digest() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = TestKeys::new(&[1]);
+    let store = sealed_store(dir.path(), &keys);
+    let data = blob_bytes(100_000, 4);
+    let digest = Digest::compute(Algorithm::Sha512, &data);
+    let fill = store.fill_or_join(&digest, Arc::new(FakeSource::new(&data)));
+    assert!(drain(fill.reader(0, data.len() as u64)).await.unwrap() == data);
+    fill.wait_done().await.unwrap();
+    let raw = std::fs::read(blob_path(dir.path(), &digest)).unwrap();
+    let header = crate::crypt::Header::parse(&raw).unwrap();
+    assert_eq!(header.digest, header_digest(&digest));
+    let blob = store.lookup(&digest).unwrap();
+    assert!(drain_blob(blob.reader(0, blob.len)).await.unwrap() == data);
+}

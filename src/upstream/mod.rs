@@ -8,7 +8,7 @@
 
 mod credentials;
 mod guard;
-mod tls;
+pub mod tls;
 mod token;
 
 use std::sync::{Arc, RwLock};

@@ -14,7 +14,7 @@ const SIGNATURE: &str = "application/vnd.example.signature.v1";
 const SBOM: &str = "application/vnd.example.sbom.v1";
 
 /// Uploads a blob through pullgate (POST, then one PUT).
-fn push_blob(gw: &Gateway, repo: &str, body: &[u8]) -> String {
+pub(crate) fn push_blob(gw: &Gateway, repo: &str, body: &[u8]) -> String {
     let digest = sha256(body);
     let started = send(
         "POST",
@@ -35,7 +35,7 @@ fn push_blob(gw: &Gateway, repo: &str, body: &[u8]) -> String {
     digest
 }
 
-fn put_manifest(
+pub(crate) fn put_manifest(
     gw: &Gateway,
     repo: &str,
     reference: &str,
@@ -51,7 +51,7 @@ fn put_manifest(
 }
 
 /// Pushes an artifact of `artifact_type` whose subject is `subject`; returns its descriptor.
-fn push_artifact(
+pub(crate) fn push_artifact(
     gw: &Gateway,
     repo: &str,
     artifact_type: &str,

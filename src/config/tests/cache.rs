@@ -2,6 +2,7 @@
 //! duration syntax is in `values.rs`.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use super::*;
 
@@ -26,4 +27,128 @@ fn manifest_size_bounds() {
         "between",
     );
     ok(&format!("[cache]\nmax_manifest_size = \"64MiB\"\n{HUB}"));
+}
+
+#[test]
+fn encryption_with_the_file_provider_and_its_defaults() {
+    let dir = dir_with(&["cache.kek"]);
+    let kek = dir.path().join("cache.kek");
+    let text = format!(
+        "[cache.encryption]\nprovider = \"file\"\nkey_file = \"{}\"\n{HUB}",
+        kek.display()
+    );
+    let enc = ok(&text).cache.encryption.expect("encryption on");
+    assert_eq!(enc.provider, KeyProvider::File { key_file: kek });
+    assert_eq!(enc.rotate, Duration::from_secs(24 * 3600));
+    assert_eq!(enc.unavailable_grace, Duration::from_secs(3600));
+    assert_eq!(enc.on_revoked, OnRevoked::Passthrough);
+    assert!(enc.check_interval <= Duration::from_secs(60));
+    assert!(ok(HUB).cache.encryption.is_none());
+}
+
+#[test]
+fn encryption_errors_name_their_key() {
+    assert_err(
+        &format!("[cache.encryption]\nkey_file = \"/k\"\n{HUB}"),
+        "cache.encryption.provider",
+        "is required",
+    );
+    assert_err(
+        &format!("[cache.encryption]\nprovider = \"kms\"\n{HUB}"),
+        "cache.encryption.provider",
+        "\"file\", \"transit\" or \"exec\"",
+    );
+    assert_err(
+        &format!("[cache.encryption]\nprovider = \"file\"\n{HUB}"),
+        "cache.encryption.key_file",
+        "is required",
+    );
+    assert_err(
+        &format!("[cache.encryption]\nprovider = \"file\"\nkey_file = \"/nonexistent/k\"\n{HUB}"),
+        "cache.encryption.key_file",
+        "does not exist",
+    );
+    assert_err(
+        &format!(
+            "[cache.encryption]\nprovider = \"exec\"\ncommand = [\"h\"]\nkey_file = \"/k\"\n{HUB}"
+        ),
+        "cache.encryption.key_file",
+        "does not apply",
+    );
+    assert_err(
+        &format!("[cache.encryption]\nprovider = \"exec\"\ncommand = []\n{HUB}"),
+        "cache.encryption.command",
+        "is required",
+    );
+    assert_err(
+        &format!("[cache.encryption]\nprovider = \"transit\"\naddress = \"bao:8200\"\nkey = \"k\"\ntoken_file = \"/t\"\n{HUB}"),
+        "cache.encryption.address",
+        "http(s) URL",
+    );
+    assert_err(
+        &format!("[cache.encryption]\nprovider = \"exec\"\ncommand = [\"h\"]\non_revoked = \"drop\"\n{HUB}"),
+        "cache.encryption.on_revoked",
+        "\"passthrough\" or \"deny\"",
+    );
+    assert_err(
+        &format!("[cache.encryption]\nprovider = \"exec\"\ncommand = [\"h\"]\ncheck_interval = \"5m\"\n{HUB}"),
+        "cache.encryption.check_interval",
+        "between 100ms and 60s",
+    );
+    assert_err(
+        &format!(
+            "[cache.encryption]\nprovider = \"exec\"\ncommand = [\"h\"]\nrotate = \"soon\"\n{HUB}"
+        ),
+        "cache.encryption.rotate",
+        "",
+    );
+}
+
+#[test]
+fn encryption_with_transit_and_exec() {
+    let dir = dir_with(&["token", "ca.pem"]);
+    let text = format!(
+        "[cache.encryption]\nprovider = \"transit\"\naddress = \"https://bao.internal:8200\"\nkey = \"pullgate\"\ntoken_file = \"{}\"\nca = \"{}\"\non_revoked = \"deny\"\nunavailable_grace = \"10m\"\n{HUB}",
+        dir.path().join("token").display(),
+        dir.path().join("ca.pem").display()
+    );
+    let enc = ok(&text).cache.encryption.unwrap();
+    assert!(matches!(enc.provider, KeyProvider::Transit { ref key, .. } if key == "pullgate"));
+    assert_eq!(enc.on_revoked, OnRevoked::Deny);
+    assert_eq!(enc.unavailable_grace, Duration::from_secs(600));
+    let enc = ok(&format!(
+        "[cache.encryption]\nprovider = \"exec\"\ncommand = [\"/bin/helper\", \"--key\", \"k\"]\n{HUB}"
+    ))
+    .cache
+    .encryption
+    .unwrap();
+    assert_eq!(enc.provider.name(), "exec");
+}
+
+#[test]
+fn check_warns_about_a_world_readable_key_and_an_exposed_admin_listener() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = dir_with(&["cache.kek"]);
+    let kek = dir.path().join("cache.kek");
+    std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let text = format!(
+        "[server]\nadmin_listen = \"0.0.0.0:9090\"\n[cache.encryption]\nprovider = \"file\"\nkey_file = \"{}\"\n{HUB}",
+        kek.display()
+    );
+    let config = ok(&text);
+    let has = |rule: &str, key: &str| {
+        config
+            .warnings
+            .iter()
+            .any(|w| w.key == key && w.message.contains(rule))
+    };
+    assert!(has("[key-world-readable]", "cache.encryption.key_file"));
+    assert!(has("[keys-admin-exposed]", "server.admin_listen"));
+    std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let config = ok(&text.replace("0.0.0.0:9090", "127.0.0.1:9090"));
+    assert!(
+        !config.warnings.iter().any(|w| w.message.contains("key")),
+        "{:?}",
+        config.warnings
+    );
 }

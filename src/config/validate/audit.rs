@@ -71,6 +71,9 @@ pub(super) fn audit_rules(config: &Config) -> Vec<Warning> {
             }
         }
     }
+    if let Some(enc) = &config.cache.encryption {
+        encryption_rules(enc, server.admin_listen, &mut warn);
+    }
     for zone in &config.zones {
         if zone.nets.iter().any(|n| n.prefix_len() == 0) {
             warn(
@@ -132,6 +135,58 @@ fn signature_policy_unreachable(reg: &Registry, policy: &SignaturePolicy) -> Opt
         ));
     }
     None
+}
+
+/// `[cache.encryption]`: secrets other users can read, key control reachable from the network,
+/// a grace longer than the revocation it delays.
+fn encryption_rules(
+    enc: &Encryption,
+    admin: Option<SocketAddr>,
+    warn: &mut impl FnMut(String, &str, String),
+) {
+    use std::os::unix::fs::PermissionsExt;
+    let secrets: Vec<(&str, &std::path::Path)> = match &enc.provider {
+        KeyProvider::File { key_file } => vec![("key_file", key_file.as_path())],
+        KeyProvider::Transit { token_file, .. } => vec![("token_file", token_file.as_path())],
+        KeyProvider::Exec { .. } => Vec::new(),
+    };
+    for (key, path) in secrets {
+        // Follows symlinks (a Secret volume's file is one): the mode of what is read counts.
+        if let Ok(meta) = std::fs::metadata(path) {
+            let mode = meta.permissions().mode();
+            if mode & 0o004 != 0 {
+                warn(
+                    format!("cache.encryption.{key}"),
+                    "key-world-readable",
+                    format!(
+                        "{} is readable by every user (mode {:o}): anyone on the host can \
+                         decrypt the cache; chmod 600 (or defaultMode 0400 on a Secret volume)",
+                        path.display(),
+                        mode & 0o777
+                    ),
+                );
+            }
+        }
+    }
+    if let Some(admin) = admin.filter(|a| !a.ip().is_loopback()) {
+        warn(
+            "server.admin_listen".into(),
+            "keys-admin-exposed",
+            format!(
+                "the cache is encrypted and the admin listener {admin} is not on loopback: \
+                 anyone reaching it can rotate keys (POST /-/keys/rotate) and read key status"
+            ),
+        );
+    }
+    if enc.unavailable_grace > std::time::Duration::from_secs(24 * 3600) {
+        warn(
+            "cache.encryption.unavailable_grace".into(),
+            "long-grace",
+            "keys keep working for more than a day after the key service stops answering, \
+             which also delays a revocation the service could not report"
+                .into(),
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

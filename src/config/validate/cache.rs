@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::values::{parse_size, GIB, KIB, MIB};
 use super::{check_duration, Ctx};
-use crate::config::file::{CacheFile, RawSize};
+use crate::config::file::{CacheFile, EncryptionFile, RawSize};
 use crate::config::model::*;
 
 const DEFAULT_MAX_SIZE: u64 = 20 * GIB;
@@ -14,6 +14,7 @@ const DEFAULT_STALE_IF_ERROR: Duration = Duration::from_secs(24 * 60 * 60);
 const DEFAULT_FILL_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(15);
 const DEFAULT_MAX_MANIFEST: u64 = 4 * MIB;
+const DEFAULT_WARM_CONCURRENCY: usize = 2;
 const MIN_MAX_MANIFEST: u64 = KIB;
 const MAX_MAX_MANIFEST: u64 = 64 * MIB;
 
@@ -60,6 +61,27 @@ pub(super) fn check_cache(ctx: &mut Ctx<'_>, file: &CacheFile) -> Cache {
             ),
         );
     }
+    let pinned_max_size =
+        check_size(ctx, "cache.pinned_max_size", file.pinned_max_size.as_ref()).unwrap_or(0);
+    let warm_concurrency = match file.warm_concurrency {
+        None => DEFAULT_WARM_CONCURRENCY,
+        Some(n @ 1..=64) => n as usize,
+        Some(n) => {
+            ctx.err(
+                "cache.warm_concurrency",
+                format!("must be between 1 and 64, got {n}"),
+            );
+            DEFAULT_WARM_CONCURRENCY
+        }
+    };
+    let warm_bandwidth = file
+        .warm_bandwidth
+        .as_deref()
+        .and_then(|raw| ctx.ok("cache.warm_bandwidth", parse_bandwidth(raw)));
+    let encryption = file
+        .encryption
+        .as_ref()
+        .and_then(|e| check_encryption(ctx, e));
     Cache {
         dir,
         max_size,
@@ -68,7 +90,177 @@ pub(super) fn check_cache(ctx: &mut Ctx<'_>, file: &CacheFile) -> Cache {
         negative_ttl,
         max_manifest_size,
         fill_stall_timeout,
+        pinned_max_size,
+        warm_concurrency,
+        warm_bandwidth,
+        encryption,
     }
+}
+
+/// `"50MiB/s"` (or `"50MiB"`, per second implied) as bytes per second; at least 64 KiB/s, so a
+/// typo cannot make warm jobs crawl for days.
+fn parse_bandwidth(raw: &str) -> Result<u64, String> {
+    let size = raw.trim().strip_suffix("/s").unwrap_or(raw.trim());
+    let bytes = parse_size(size).map_err(|e| format!("{e} (a rate like \"50MiB/s\")"))?;
+    if bytes < 64 * KIB {
+        return Err(format!("must be at least 64KiB/s, got {bytes} bytes/s"));
+    }
+    Ok(bytes)
+}
+
+const DEFAULT_ROTATE: Duration = Duration::from_secs(24 * 60 * 60);
+const DEFAULT_GRACE: Duration = Duration::from_secs(60 * 60);
+const DEFAULT_CHECK: Duration = Duration::from_secs(30);
+/// Revocation must be noticed within a minute.
+const MAX_CHECK: Duration = Duration::from_secs(60);
+
+/// `[cache.encryption]`: one provider and only its keys, durations in range.
+fn check_encryption(ctx: &mut Ctx<'_>, file: &EncryptionFile) -> Option<Encryption> {
+    const P: &str = "cache.encryption";
+    let key = |k: &str| format!("{P}.{k}");
+    let provider_name = match file.provider.as_deref() {
+        Some(p) => p,
+        None => {
+            ctx.err(
+                key("provider"),
+                "is required: \"file\", \"transit\" or \"exec\"",
+            );
+            return None;
+        }
+    };
+    let given = [
+        ("key_file", file.key_file.is_some()),
+        ("address", file.address.is_some()),
+        ("key", file.key.is_some()),
+        ("token_file", file.token_file.is_some()),
+        ("ca", file.ca.is_some()),
+        ("command", file.command.is_some()),
+    ];
+    let allowed: &[&str] = match provider_name {
+        "file" => &["key_file"],
+        "transit" => &["address", "key", "token_file", "ca"],
+        "exec" => &["command"],
+        other => {
+            ctx.err(
+                key("provider"),
+                format!("must be \"file\", \"transit\" or \"exec\", got {other:?}"),
+            );
+            return None;
+        }
+    };
+    for (name, set) in given {
+        if set && !allowed.contains(&name) {
+            ctx.err(
+                key(name),
+                format!("does not apply to provider = {provider_name:?}"),
+            );
+        }
+    }
+    let required = |ctx: &mut Ctx<'_>, name: &str, value: &Option<String>| -> Option<String> {
+        match value.as_deref() {
+            None | Some("") => {
+                ctx.err(
+                    key(name),
+                    format!("is required with provider = {provider_name:?}"),
+                );
+                None
+            }
+            Some(v) => Some(v.to_owned()),
+        }
+    };
+    let provider = match provider_name {
+        "file" => {
+            let raw = required(ctx, "key_file", &file.key_file)?;
+            let path = ctx.existing_file(&key("key_file"), &raw)?;
+            KeyProvider::File { key_file: path }
+        }
+        "transit" => {
+            let address = required(ctx, "address", &file.address);
+            let name = required(ctx, "key", &file.key);
+            let token = required(ctx, "token_file", &file.token_file);
+            let address = address.and_then(|a| match url::Url::parse(&a) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Some(u),
+                _ => {
+                    ctx.err(key("address"), format!("must be an http(s) URL, got {a:?}"));
+                    None
+                }
+            });
+            let name = name.and_then(|n| {
+                let ok = n
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+                if ok {
+                    Some(n)
+                } else {
+                    ctx.err(key("key"), format!("must be a Transit key name, got {n:?}"));
+                    None
+                }
+            });
+            let token_file = token.and_then(|t| ctx.existing_file(&key("token_file"), &t));
+            let ca = match file.ca.as_deref() {
+                Some(raw) => Some(ctx.existing_file(&key("ca"), raw)?),
+                None => None,
+            };
+            KeyProvider::Transit {
+                address: address?,
+                key: name?,
+                token_file: token_file?,
+                ca,
+            }
+        }
+        _ => {
+            let command = file.command.clone().unwrap_or_default();
+            if command.first().is_none_or(|c| c.is_empty()) {
+                ctx.err(
+                    key("command"),
+                    "is required with provider = \"exec\": the helper and its arguments",
+                );
+                return None;
+            }
+            KeyProvider::Exec { command }
+        }
+    };
+    let rotate =
+        check_duration(ctx, &key("rotate"), file.rotate.as_deref()).unwrap_or(DEFAULT_ROTATE);
+    if rotate < Duration::from_secs(1) {
+        ctx.err(key("rotate"), "must be at least 1s");
+    }
+    let on_revoked = match file.on_revoked.as_deref() {
+        None | Some("passthrough") => OnRevoked::Passthrough,
+        Some("deny") => OnRevoked::Deny,
+        Some(other) => {
+            ctx.err(
+                key("on_revoked"),
+                format!("must be \"passthrough\" or \"deny\", got {other:?}"),
+            );
+            OnRevoked::Passthrough
+        }
+    };
+    let unavailable_grace = check_duration(
+        ctx,
+        &key("unavailable_grace"),
+        file.unavailable_grace.as_deref(),
+    )
+    .unwrap_or(DEFAULT_GRACE);
+    let check_interval =
+        check_duration(ctx, &key("check_interval"), file.check_interval.as_deref())
+            .unwrap_or(DEFAULT_CHECK);
+    if check_interval < Duration::from_millis(100) || check_interval > MAX_CHECK {
+        ctx.err(
+            key("check_interval"),
+            format!(
+                "must be between 100ms and 60s, got {}",
+                humantime::format_duration(check_interval)
+            ),
+        );
+    }
+    Some(Encryption {
+        provider,
+        rotate,
+        on_revoked,
+        unavailable_grace,
+        check_interval,
+    })
 }
 
 fn check_size(ctx: &mut Ctx<'_>, key: &str, raw: Option<&RawSize>) -> Option<u64> {

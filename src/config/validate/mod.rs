@@ -17,6 +17,7 @@ mod policy;
 mod registry;
 mod server;
 pub(super) mod values;
+mod warm;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -88,6 +89,7 @@ pub(super) fn validate(file: FileConfig, inputs: &Inputs<'_>) -> Result<Config, 
     let zones = policy::check_zones(&mut ctx, &file.zones);
     let identities = policy::check_identities(&mut ctx, &file.identity);
     let registries = registry::check_registries(&mut ctx, &file.registry, &zones, &identities);
+    let warm = warm::check_warm(&mut ctx, &file.warm, &cache);
     if !ctx.errors.is_empty() {
         return Err(ConfigErrors(ctx.errors));
     }
@@ -97,6 +99,7 @@ pub(super) fn validate(file: FileConfig, inputs: &Inputs<'_>) -> Result<Config, 
         zones,
         identities,
         registries: registries.into_iter().map(Arc::new).collect(),
+        warm,
         warnings: ctx.warnings,
     };
     let findings = audit::audit_rules(&config);
