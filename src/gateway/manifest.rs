@@ -383,7 +383,14 @@ impl ManifestJob<'_> {
             &entry.digest,
             entry.validated_at,
         );
-        if let Some(cached) = self.gw.manifests.get(&entry.digest) {
+        // A HEAD needs no body: the entry has its headers, so only memory is looked at (a tag
+        // poller's HEAD opens no file).
+        let cached = if self.job.method == Method::HEAD {
+            self.gw.manifests.get_in_memory(&entry.digest)
+        } else {
+            self.gw.manifests.get(&entry.digest)
+        };
+        if let Some(cached) = cached {
             self.confirm()
                 .references(&entry.digest, &cached.body, entry.validated_at);
             return self.send(session, ctx, &cached).await;

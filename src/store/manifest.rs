@@ -253,6 +253,11 @@ impl ManifestStore {
         self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// [`ManifestStore::get`] from the memory tier only: no file is touched.
+    pub fn get_in_memory(&self, digest: &Digest) -> Option<Arc<CachedManifest>> {
+        self.hot.get(digest)
+    }
+
     /// A cached manifest, verified against its digest. A file that fails verification is
     /// deleted and reported absent.
     pub fn get(&self, digest: &Digest) -> Option<Arc<CachedManifest>> {
