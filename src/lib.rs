@@ -20,6 +20,7 @@
 
 pub mod audit;
 pub mod client_config;
+pub mod cluster;
 pub mod config;
 pub mod crypt;
 pub mod gateway;
