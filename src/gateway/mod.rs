@@ -15,6 +15,7 @@ mod data;
 mod delete;
 mod job;
 mod manifest;
+mod peer;
 mod push;
 mod range;
 mod referrers;
@@ -77,6 +78,9 @@ pub struct Gateway {
     keys: Option<Arc<KeyService>>,
     /// Signs and checks data-endpoint URLs; loaded when any registry has `data_hosts`.
     redirect_key: Option<crate::sign::RedirectKey>,
+    /// `[cluster]`: membership, owner choice and the peer client (`peer.rs`); rebuilt on a
+    /// reload, so a reload also forgets which peers were in back-off.
+    cluster: Option<Arc<peer::Cluster>>,
     /// Signature verdicts; carried over a reload that changes no signature policy.
     verdicts: Arc<signature::Verdicts>,
     /// Marks this process's own warm requests (one per process, carried across reloads).
@@ -371,6 +375,10 @@ impl Gateway {
         let audit = Arc::new(Audit::open(&config.server.audit_log)?);
         let policy = Policy::new(&config);
         let redirect_key = redirect_key(&config)?;
+        let cluster = match &config.cluster {
+            Some(c) => Some(Arc::new(peer::Cluster::from_config(c)?)),
+            None => None,
+        };
         let verdicts = signature::Verdicts::carry(previous.map(|p| &p.verdicts), &config);
         Ok(Gateway {
             config,
@@ -386,6 +394,7 @@ impl Gateway {
             audit,
             keys: stores.keys,
             redirect_key,
+            cluster,
             verdicts,
             warm_key: stores.warm_key,
         })
@@ -630,6 +639,7 @@ impl ProxyHttp for Edge {
                 bytes: ctx.bytes_sent,
                 cache: ctx.cache,
                 credential: ctx.credential.as_deref(),
+                filled_by: ctx.filled_by.as_deref(),
             });
         }
         gw.metrics.request(&RequestRecord {
