@@ -174,6 +174,25 @@ fn three_replicas_fetch_a_blob_once_and_survive_the_owner() {
         .sum();
     assert!(sent >= 2, "both non-owners forwarded: {sent}");
     assert_eq!(metric(admins[o], "pullgate_cluster_forwards_sent_total"), 0);
+    // The audit line of a client on a non-owner names the owner as the replica that filled.
+    let non_owner = (o + 1) % 3;
+    let audit = dir.path().join(format!("audit{non_owner}.log"));
+    let filled_by = |line: &str| -> Option<String> {
+        let v: serde_json::Value = serde_json::from_str(line).ok()?;
+        (v["reference"] == digest.as_str()).then(|| v["filled_by"].as_str().map(str::to_owned))?
+    };
+    wait_until(Duration::from_secs(5), "10 audit lines", || {
+        let text = std::fs::read_to_string(&audit).unwrap_or_default();
+        text.lines().filter_map(filled_by).count() == 10
+    })
+    .expect("audit lines");
+    let text = std::fs::read_to_string(&audit).expect("audit");
+    assert!(
+        text.lines()
+            .filter_map(filled_by)
+            .all(|f| f == owner.to_string()),
+        "{text}"
+    );
 
     // Forged and unsigned peer requests: refused with an OCI error, nothing fetched.
     let other = (o + 1) % 3;
