@@ -275,6 +275,14 @@ pub async fn serve(
             "this replica has no such registry or account: the members' configs differ",
         ));
     };
+    if gw.keys_deny() {
+        return Err(OciError::new(
+            ErrorCode::Unavailable,
+            "the cache encryption key was revoked",
+        )
+        .with_status(503)
+        .into());
+    }
     ctx.decision = "allow";
     ctx.credential = Some(match &grant.account {
         Some(name) => format!("registry.{registry}.scoped_credentials.{name}"),
