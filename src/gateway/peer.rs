@@ -313,3 +313,28 @@ pub async fn serve(
     .with_status(503)
     .into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_grant_carries_the_account_of_the_partition() {
+        let repo = Repository::parse("team/app").expect("name");
+        let digest = Digest::parse(
+            "sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae",
+        )
+        .expect("digest");
+        let own = grant("hub", "hub", &repo, &digest);
+        assert_eq!(own.account, None);
+        let scoped = grant("hub", &partition("hub", Some("build")), &repo, &digest);
+        assert_eq!(scoped.account.as_deref(), Some("build"));
+        assert_eq!(
+            (scoped.registry.as_str(), scoped.repository.as_str()),
+            ("hub", "team/app")
+        );
+        assert_eq!(scoped.digest, digest.to_string());
+        // A registry whose name starts like another's is not mistaken for a scoped partition.
+        assert_eq!(grant("hub", "hubx", &repo, &digest).account, None);
+    }
+}

@@ -17,7 +17,7 @@ fn a_cluster_and_its_errors() {
     let good = "peers = [\"127.0.0.11:5000\", \"127.0.0.12:5000\"]\nadvertise = \
                 \"127.0.0.12:5000\"\nkey_file = \"cluster.key\"";
     let config = with(good).expect("ok");
-    let cluster = config.cluster.expect("cluster");
+    let cluster = config.cluster.clone().expect("cluster");
     let addr = |s: &str| s.parse::<SocketAddr>().expect("addr");
     assert_eq!(
         cluster.peers,
@@ -26,6 +26,20 @@ fn a_cluster_and_its_errors() {
     assert_eq!(cluster.advertise, addr("127.0.0.12:5000"));
     assert_eq!(cluster.key_file, dir.path().join("cluster.key"));
     assert!(load_str(HUB, dir.path()).expect("ok").cluster.is_none());
+    // Not a listener of this config: a warning (a port mapping may make it right).
+    assert!(config
+        .warnings
+        .iter()
+        .any(|w| w.key == "cluster.advertise" && w.message.contains("not one of server.listen")));
+    let listening = load_str(
+        &format!("[server]\nlisten = [\"0.0.0.0:5000\"]\n{HUB}[cluster]\n{good}\n"),
+        dir.path(),
+    )
+    .expect("ok");
+    assert!(listening
+        .warnings
+        .iter()
+        .all(|w| w.key != "cluster.advertise"));
 
     let cases = [
         (

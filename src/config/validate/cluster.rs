@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use super::values::parse_socket_addr;
 use super::Ctx;
 use crate::config::file::ClusterFile;
-use crate::config::model::Cluster;
+use crate::config::model::{Cluster, Server};
 
 pub(super) fn check_cluster(ctx: &mut Ctx<'_>, file: &ClusterFile) -> Option<Cluster> {
     if file.peers_dns.is_some() {
@@ -72,4 +72,24 @@ pub(super) fn check_cluster(ctx: &mut Ctx<'_>, file: &ClusterFile) -> Option<Clu
         advertise: advertise?,
         key_file: key_file?,
     })
+}
+
+/// Peers forward over plain HTTP to `advertise`: warn when no plain listener could be it (a
+/// port mapped by a container runtime or a NAT can still make it right, so not an error).
+pub(super) fn check_advertised_listener(ctx: &mut Ctx<'_>, cluster: &Cluster, server: &Server) {
+    let me = cluster.advertise;
+    let listened = server
+        .listen
+        .iter()
+        .any(|l| l.port() == me.port() && (l.ip() == me.ip() || l.ip().is_unspecified()));
+    if !listened {
+        ctx.warn(
+            "cluster.advertise",
+            format!(
+                "{me} is not one of server.listen: peers send their requests there over plain \
+                 HTTP, so unless a port mapping leads it to a plain listener every forward \
+                 will fail over to the upstream"
+            ),
+        );
+    }
 }

@@ -95,6 +95,9 @@ pub(super) fn validate(file: FileConfig, inputs: &Inputs<'_>) -> Result<Config, 
         .cluster
         .as_ref()
         .and_then(|c| cluster::check_cluster(&mut ctx, c));
+    if let Some(c) = &cluster {
+        cluster::check_advertised_listener(&mut ctx, c, &server);
+    }
     if !ctx.errors.is_empty() {
         return Err(ConfigErrors(ctx.errors));
     }
