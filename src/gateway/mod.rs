@@ -774,4 +774,41 @@ mod tests {
         assert!(!same(&zoned, &rotated, "a"));
         assert!(same(&zoned, &rotated, "b"));
     }
+
+    #[test]
+    fn a_reload_turns_the_cluster_on_changes_its_members_and_turns_it_off() {
+        crate::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("cluster.key"), "k".repeat(40)).unwrap();
+        let cluster = |peers: &str| {
+            format!(
+                "[cluster]\npeers = [{peers}]\nadvertise = \"127.0.0.1:5000\"\nkey_file = \"cluster.key\"\n"
+            )
+        };
+        let metrics = Arc::new(Metrics::new(1 << 30));
+        let alone = Gateway::open(config(dir.path(), "one", ""), metrics).unwrap();
+        assert!(alone.cluster.is_none());
+        let two = alone
+            .next(config(
+                dir.path(),
+                "one",
+                &cluster("\"127.0.0.1:5000\", \"127.0.0.2:5000\""),
+            ))
+            .unwrap();
+        let members = |gw: &Gateway| gw.cluster.as_ref().map(|c| c.membership.members().len());
+        assert_eq!(members(&two), Some(2));
+        let three = two
+            .next(config(
+                dir.path(),
+                "one",
+                &cluster("\"127.0.0.1:5000\", \"127.0.0.2:5000\", \"127.0.0.3:5000\""),
+            ))
+            .unwrap();
+        assert_eq!(members(&three), Some(3));
+        assert!(three
+            .next(config(dir.path(), "one", ""))
+            .unwrap()
+            .cluster
+            .is_none());
+    }
 }
