@@ -1,6 +1,7 @@
 //! Cluster forwarding (issue 16, first step): three pullgate processes on 127.0.0.11-13 that
 //! share a cluster key fetch a blob once for all of them; a forged peer request is refused; with
-//! the owner killed the others still serve, from the upstream.
+//! the owner killed (between fills or in the middle of one) the others still serve, from the
+//! upstream.
 
 use std::net::{SocketAddr, TcpListener};
 use std::process::Command;
@@ -9,10 +10,10 @@ use std::time::Duration;
 use futures_util::StreamExt;
 
 use crate::api::push_blob_upstream;
-use crate::harness::{get, registry};
+use crate::harness::{get, registry, registry_at};
 use crate::support::{
-    block_on, can_connect, digest_of, http_client, sha256_hex, wait_until, ChildGuard, Upstream,
-    UpstreamOptions,
+    block_on, can_connect, digest_of, http_client, sha256_hex, wait_until, ChildGuard, Fault,
+    Relay, Upstream, UpstreamOptions,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_pullgate");
@@ -75,6 +76,39 @@ fn start(
     }
 }
 
+/// Three replicas on 127.0.0.11-13 with `registry`, sharing a cluster key; returns once all
+/// three accept connections.
+fn start_cluster(
+    dir: &std::path::Path,
+    registry: &str,
+) -> (Vec<SocketAddr>, Vec<SocketAddr>, Vec<Replica>) {
+    std::fs::write(dir.join("cluster.key"), format!("{}\n", "k".repeat(48))).expect("key");
+    let addrs: Vec<SocketAddr> = (11..=13).map(|n| free_port_on([127, 0, 0, n])).collect();
+    let admins: Vec<SocketAddr> = (11..=13).map(|n| free_port_on([127, 0, 0, n])).collect();
+    let peers = addrs
+        .iter()
+        .map(|a| format!("\"{a}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let replicas: Vec<Replica> = (0..3)
+        .map(|i| {
+            let shared = format!(
+                "{registry}\n[cluster]\npeers = [{peers}]\nadvertise = \"{}\"\nkey_file = \"{}\"\n",
+                addrs[i],
+                dir.join("cluster.key").display()
+            );
+            start(dir, i, addrs[i], admins[i], &shared)
+        })
+        .collect();
+    for r in &replicas {
+        wait_until(Duration::from_secs(20), "replica listening", || {
+            can_connect(r.addr)
+        })
+        .expect("replica starts");
+    }
+    (addrs, admins, replicas)
+}
+
 fn metric(admin: SocketAddr, name: &str) -> u64 {
     let text = get(&format!("http://{admin}/metrics")).body;
     String::from_utf8_lossy(&text)
@@ -96,31 +130,8 @@ fn three_replicas_fetch_a_blob_once_and_survive_the_owner() {
         format!("{}\n", "k".repeat(48)),
     )
     .expect("key");
-    let addrs: Vec<SocketAddr> = (11..=13).map(|n| free_port_on([127, 0, 0, n])).collect();
-    let admins: Vec<SocketAddr> = (11..=13).map(|n| free_port_on([127, 0, 0, n])).collect();
-    let peers = addrs
-        .iter()
-        .map(|a| format!("\"{a}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let hub = registry("hub", &up, "default = true");
-    let mut replicas: Vec<Replica> = (0..3)
-        .map(|i| {
-            let shared = format!(
-                "{hub}\n[cluster]\npeers = [{peers}]\nadvertise = \"{}\"\nkey_file = \"{}\"\n",
-                addrs[i],
-                dir.path().join("cluster.key").display()
-            );
-            start(dir.path(), i, addrs[i], admins[i], &shared)
-        })
-        .collect();
-    for r in &replicas {
-        wait_until(Duration::from_secs(20), "replica listening", || {
-            can_connect(r.addr)
-        })
-        .expect("replica starts");
-    }
-
+    let (addrs, admins, mut replicas) =
+        start_cluster(dir.path(), &registry("hub", &up, "default = true"));
     // 30 clients, round robin over the replicas, all at once.
     let urls: Vec<String> = (0..30)
         .map(|i| format!("http://{}/v2/team/big/blobs/{digest}", addrs[i % 3]))
@@ -244,6 +255,63 @@ fn three_replicas_fetch_a_blob_once_and_survive_the_owner() {
     ));
     assert_eq!(again.status, 200);
     assert_eq!(digest_of(&again.body), digest);
+    for r in &mut replicas {
+        r.child.kill();
+    }
+}
+
+#[test]
+fn an_owner_killed_mid_fill_leaves_a_complete_blob_or_an_aborted_body() {
+    let up = Upstream::start(UpstreamOptions::default());
+    let body = noise(16 * MIB, 77);
+    let digest = digest_of(&body);
+    push_blob_upstream(&up, "team/big", &digest, &body);
+    // A slow upstream (about 1.3 s for the blob) so the kill lands inside the owner's fill.
+    let relay = Relay::start(up.port());
+    relay.set(Fault::Slow { pause_ms: 5 });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hub = registry_at("hub", &up, &relay.url(), "default = true");
+    let (addrs, admins, mut replicas) = start_cluster(dir.path(), &hub);
+    let owner = pullgate::cluster::owner_among(addrs.iter().copied(), &digest).expect("owner");
+    let o = addrs
+        .iter()
+        .position(|a| *a == owner)
+        .expect("owner is a replica");
+    let asked = (o + 1) % 3;
+    let url = format!("http://{}/v2/team/big/blobs/{digest}", addrs[asked]);
+    let client = std::thread::spawn(move || get(&url));
+    let owner_tmp = dir.path().join(format!("cache{o}/tmp"));
+    wait_until(Duration::from_secs(20), "the owner's fill to start", || {
+        std::fs::read_dir(&owner_tmp).is_ok_and(|mut d| d.next().is_some())
+    })
+    .expect("owner fill started");
+    replicas[o].child.kill();
+    let answer = client.join().expect("client thread");
+    // Never a short body that looks complete: either the whole verified blob or an error.
+    if answer.status == 200 && answer.body.len() == body.len() {
+        assert_eq!(digest_of(&answer.body), digest);
+    } else {
+        assert!(answer.body.len() < body.len(), "status {}", answer.status);
+    }
+    // A second pull on the survivor gets the whole blob; at most one extra upstream fetch.
+    let again = get(&format!(
+        "http://{}/v2/team/big/blobs/{digest}",
+        addrs[asked]
+    ));
+    assert_eq!(again.status, 200);
+    assert_eq!(digest_of(&again.body), digest);
+    assert_eq!(
+        metric(admins[asked], "pullgate_cluster_forwards_failed_over_total"),
+        1
+    );
+    let blob_path = format!("/blobs/{digest}");
+    let gets = up
+        .requests()
+        .iter()
+        .filter(|r| r.method == "GET" && r.uri.contains(&blob_path) && r.status != 401)
+        .count();
+    // The owner's (cut by the kill) and the survivor's fallback; 401s are the token flow.
+    assert!(gets <= 2, "{gets} upstream GETs: {:?}", up.requests());
     for r in &mut replicas {
         r.child.kill();
     }
