@@ -47,6 +47,10 @@ pub struct AuditRecord<'a> {
     pub cache: &'a str,
     /// The name of the upstream credential used (`registry.<name>.credentials`), never its value.
     pub credential: Option<&'a str>,
+    /// For a blob fill: the cluster member that fetched it from the upstream (`advertise`;
+    /// `self` outside a cluster). Absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub filled_by: Option<&'a str>,
 }
 
 impl AuditRecord<'_> {
@@ -145,6 +149,7 @@ mod tests {
                 status: 200,
                 bytes: 10,
                 cache: "hit",
+                filled_by: None,
                 credential: Some("registry.hub.credentials"),
             });
         }

@@ -8,9 +8,9 @@
 //!
 //! Dependency rule: `oci`, `secret`, `sign` (signed data-endpoint URLs), `crypt` (the
 //! sealed file format of the encrypted cache) and `lines` (batched log writing) depend on
-//! nothing else in the crate; `verify` (image signatures) only on `oci`; `config` only on
-//! `secret`, `sign` and `verify` (to check key files at load); `route` only on `oci` and the
-//! config model; `policy` only on `oci`, the config model and `secret`; `store` only on `oci`;
+//! nothing else in the crate; nor does `cluster` (the owner of each digest); `verify` (image
+//! signatures) only on `oci`; `config` only on `secret`, `sign` and `verify` (to check key
+//! files at load); `route` only on `oci` and the config model; `policy` only on `oci`, the config model and `secret`; `store` only on `oci`;
 //! `metrics` only reads the store's counters, and any module may record into the `Metrics`
 //! handle it is given; `audit` only on the config model; `upstream` on `oci`, `config`,
 //! `secret` and `metrics`; `client_config` only on the config model; `warm` (warm jobs, which pull
@@ -20,6 +20,7 @@
 
 pub mod audit;
 pub mod client_config;
+pub mod cluster;
 pub mod config;
 pub mod crypt;
 pub mod gateway;

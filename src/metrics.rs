@@ -64,6 +64,12 @@ pub struct Metrics {
     key_operations: IntCounterVec,
     /// Calls to the key provider (KMS), by provider.
     kms_calls: IntCounterVec,
+    /// Cluster: blob fills this replica asked another member for.
+    pub forwards_sent: IntCounter,
+    /// Cluster: peer requests this replica answered as the owner.
+    pub forwards_served: IntCounter,
+    /// Cluster: forwards that fell back to the upstream (the owner failed or refused).
+    pub forwards_failed_over: IntCounter,
 }
 
 impl Metrics {
@@ -257,6 +263,18 @@ impl Metrics {
                 "pullgate_cache_encryption_evictions_total",
                 "Cached blobs deleted because encryption was turned on or off or their key was revoked.",
             ),
+            forwards_sent: counter(
+                "pullgate_cluster_forwards_sent_total",
+                "Blob fills that asked the digest's owner in the cluster instead of the upstream.",
+            ),
+            forwards_served: counter(
+                "pullgate_cluster_forwards_served_total",
+                "Peer blob requests answered as the digest's owner.",
+            ),
+            forwards_failed_over: counter(
+                "pullgate_cluster_forwards_failed_over_total",
+                "Forwards that fell back to the upstream because the owner failed or refused.",
+            ),
             key_operations: counter_vec(
                 "pullgate_key_operations_total",
                 "Operations on the cache encryption keys (unwrap, wrap, rewrap, rotate, check, revoked, unavailable, restored), by outcome.",
@@ -363,6 +381,9 @@ impl Metrics {
             &self.resealed_evictions,
             &self.key_operations,
             &self.kms_calls,
+            &self.forwards_sent,
+            &self.forwards_served,
+            &self.forwards_failed_over,
         ];
         let mut names: Vec<String> = collectors
             .iter()

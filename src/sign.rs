@@ -39,6 +39,10 @@ pub const PARAM_SIGNATURE: &str = "signature";
 /// Domain separation: a MAC made for something else with the same key never verifies here.
 const CONTEXT: &[u8] = b"pullgate blob url v1";
 
+/// The context of a cluster peer request (`cluster.key_file`): a data-endpoint URL and a peer
+/// request never stand for each other, even under one key.
+const PEER_CONTEXT: &[u8] = b"pullgate peer blob v1";
+
 type HmacSha256 = Hmac<Sha256>;
 
 /// The secret behind every signature. Never printed: `Debug` is redacted and there is no
@@ -205,18 +209,41 @@ impl RedirectKey {
 
     /// The `signature` parameter for `grant`: base64url (no padding) of the HMAC-SHA256.
     pub fn sign(&self, grant: &Grant) -> String {
-        URL_SAFE_NO_PAD.encode(self.mac(grant).finalize().into_bytes())
+        URL_SAFE_NO_PAD.encode(self.mac(CONTEXT, grant).finalize().into_bytes())
     }
 
     /// The query (without `?`) that carries `grant` and its signature.
     pub fn signed_query(&self, grant: &Grant) -> String {
+        self.query_in(CONTEXT, grant)
+    }
+
+    /// The query of a peer request (`cluster`): like [`signed_query`](Self::signed_query) under
+    /// the peer context, so only [`verify_peer`](Self::verify_peer) accepts it.
+    pub fn peer_query(&self, grant: &Grant) -> String {
+        self.query_in(PEER_CONTEXT, grant)
+    }
+
+    /// [`verify`](Self::verify) for a peer request.
+    pub fn verify_peer(
+        &self,
+        presented: &Presented,
+        registry: &str,
+        repository: &str,
+        digest: &str,
+        now: SystemTime,
+    ) -> Result<Grant, SignatureError> {
+        self.verify_in(PEER_CONTEXT, presented, registry, repository, digest, now)
+    }
+
+    fn query_in(&self, context: &[u8], grant: &Grant) -> String {
+        let signature = URL_SAFE_NO_PAD.encode(self.mac(context, grant).finalize().into_bytes());
         let mut query = url::form_urlencoded::Serializer::new(String::new());
         if let Some(account) = &grant.account {
             query.append_pair(PARAM_ACCOUNT, account);
         }
         query
             .append_pair(PARAM_EXPIRES, &grant.expires.to_string())
-            .append_pair(PARAM_SIGNATURE, &self.sign(grant))
+            .append_pair(PARAM_SIGNATURE, &signature)
             .finish()
     }
 
@@ -226,6 +253,18 @@ impl RedirectKey {
     /// so `Expired` is only ever said of a genuine URL.
     pub fn verify(
         &self,
+        presented: &Presented,
+        registry: &str,
+        repository: &str,
+        digest: &str,
+        now: SystemTime,
+    ) -> Result<Grant, SignatureError> {
+        self.verify_in(CONTEXT, presented, registry, repository, digest, now)
+    }
+
+    fn verify_in(
+        &self,
+        context: &[u8],
         presented: &Presented,
         registry: &str,
         repository: &str,
@@ -244,7 +283,7 @@ impl RedirectKey {
             expires,
         };
         // Constant-time comparison (hmac's `verify_slice`).
-        self.mac(&grant)
+        self.mac(context, &grant)
             .verify_slice(&mac)
             .map_err(|_| SignatureError::Invalid)?;
         let now = unix_seconds(now);
@@ -259,12 +298,12 @@ impl RedirectKey {
 
     /// The MAC over an unambiguous encoding of the grant: every field is length-prefixed, so
     /// no two different grants encode alike.
-    fn mac(&self, grant: &Grant) -> HmacSha256 {
+    fn mac(&self, context: &[u8], grant: &Grant) -> HmacSha256 {
         // HMAC takes keys of any length; `new_from_slice` cannot fail for it.
         let mut mac = HmacSha256::new_from_slice(&self.0).expect("HMAC accepts any key length");
         let account = grant.account.as_deref();
         let fields: [&[u8]; 6] = [
-            CONTEXT,
+            context,
             grant.registry.as_bytes(),
             if account.is_some() { b"scoped" } else { b"own" },
             account.unwrap_or("").as_bytes(),

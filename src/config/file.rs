@@ -27,6 +27,18 @@ pub(super) struct FileConfig {
     pub registry: Vec<RegistryFile>,
     #[serde(default)]
     pub warm: Vec<WarmFile>,
+    pub cluster: Option<ClusterFile>,
+}
+
+/// `[cluster]`: the replicas that share the fetching of blobs.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ClusterFile {
+    #[serde(default)]
+    pub peers: Vec<String>,
+    pub peers_dns: Option<String>,
+    pub advertise: Option<String>,
+    pub key_file: Option<String>,
 }
 
 /// `[[warm]]`: an image to fetch into the cache before anyone pulls it.

@@ -25,9 +25,22 @@ pub struct Config {
     /// `[[warm]]` entries in file order. Their images are resolved against the registries by
     /// `warm::plan` (routing lives outside `config/`), which `pullgate check` runs too.
     pub warm: Vec<WarmEntry>,
+    /// `[cluster]`: replicas that fetch each blob once for all of them; `None`: alone.
+    pub cluster: Option<Cluster>,
     /// Findings that do not stop pullgate from starting (inline passwords, keys whose behaviour
     /// is not built yet). `pullgate check` prints them; `serve` logs them once at start.
     pub warnings: Vec<Warning>,
+}
+
+/// `[cluster]`, validated: `advertise` is one of `peers`, `key_file` holds a usable key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster {
+    /// Every member, this replica included (`peers`).
+    pub peers: Vec<SocketAddr>,
+    /// How peers reach this replica: one of `peers`.
+    pub advertise: SocketAddr,
+    /// The key that authenticates peer-to-peer requests.
+    pub key_file: PathBuf,
 }
 
 /// A non-fatal finding about the config, tied to the key it is about.

@@ -5,6 +5,7 @@
 //! repository only once the upstream confirmed that repository has it (the fill's own repository
 //! is confirmed by the fill; others by their manifests or a HEAD).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -16,6 +17,7 @@ use pingora::proxy::Session;
 
 use super::confirm::{Confirm, Confirmed, Kind};
 use super::job::{error_from_upstream, upstream_error, Failure};
+use super::peer::PeerBlob;
 use super::range::{self, RangeAnswer};
 use super::respond::{self, Body};
 use super::RequestCtx;
@@ -36,6 +38,16 @@ pub struct BlobJob<'a> {
     pub digest: &'a Digest,
     pub method: Method,
     pub range: Option<String>,
+    /// Set on a cluster member that does not own the digest: a fill asks the owner
+    /// (`peer.rs`). `None` on the owner, outside a cluster, and for a peer's request.
+    pub forward: Option<Forward<'a>>,
+}
+
+/// Where a non-owner's fill goes first.
+pub struct Forward<'a> {
+    pub cluster: &'a Arc<super::peer::Cluster>,
+    pub metrics: &'a Arc<crate::metrics::Metrics>,
+    pub owner: std::net::SocketAddr,
 }
 
 /// Serve from the store. `Ok(false)`: not handled here (a HEAD for a blob not on disk, or a
@@ -70,14 +82,38 @@ pub async fn serve(
     if job.method == Method::HEAD {
         return Ok(false);
     }
-    let source = Arc::new(UpstreamBlob {
+    let upstream = UpstreamBlob {
         client: job.client.clone(),
         links: job.links.clone(),
         partition: job.partition.to_owned(),
         repository: job.repository.clone(),
         digest: job.digest.clone(),
-    });
-    let fill = job.store.fill_or_join(job.digest, source);
+    };
+    let me = ctx
+        .gateway
+        .cluster
+        .as_ref()
+        .map_or_else(|| "self".to_owned(), |c| c.membership.me().to_string());
+    let (fill, peer) = match &job.forward {
+        Some(forward) => {
+            let peer = Arc::new(PeerBlob {
+                cluster: forward.cluster.clone(),
+                metrics: forward.metrics.clone(),
+                owner: forward.owner,
+                grant: super::peer::grant(job.registry, job.partition, job.repository, job.digest),
+                upstream,
+                fell_back: AtomicBool::new(false),
+            });
+            let fill = job.store.fill_or_join(job.digest, peer.clone());
+            ctx.filled_by = Some(forward.owner.to_string());
+            (fill, Some(peer))
+        }
+        None => {
+            ctx.filled_by = Some(me.clone());
+            (job.store.fill_or_join(job.digest, Arc::new(upstream)), None)
+        }
+    };
+
     let total = match fill.wait_started().await {
         Ok(total) => total,
         Err(FillFailure::Storage(why)) => {
@@ -95,7 +131,11 @@ pub async fn serve(
         return unsatisfiable(session, ctx, total).await;
     };
     let body = Body::Fill(fill.reader(start, end));
-    stream(session, ctx, resp, body).await
+    let streamed = stream(session, ctx, resp, body).await;
+    if peer.is_some_and(|p| p.fell_back.load(Ordering::Relaxed)) {
+        ctx.filled_by = Some(me);
+    }
+    streamed
 }
 
 /// Invariant 5 for this blob and repository.
@@ -161,7 +201,7 @@ async fn unsatisfiable(
 }
 
 /// The upstream as a fill's byte source: GET, resumed with `Range: bytes=<offset>-`.
-struct UpstreamBlob {
+pub(super) struct UpstreamBlob {
     client: Arc<UpstreamClient>,
     links: Arc<Links>,
     partition: String,
@@ -238,7 +278,7 @@ fn retry_after_secs(headers: &HeaderMap) -> Option<Duration> {
 }
 
 /// The total length from `Content-Range: bytes a-b/total`.
-fn content_range_total(headers: &HeaderMap) -> Option<u64> {
+pub(super) fn content_range_total(headers: &HeaderMap) -> Option<u64> {
     headers
         .get(header::CONTENT_RANGE)?
         .to_str()

@@ -59,6 +59,8 @@ pub struct RequestCtx {
     pub warm: Option<WarmCaller>,
     /// Why the request failed, for the access line (never a secret: built from our own errors).
     pub error: Option<String>,
+    /// For a blob fill: which replica fetched it from the upstream (audit `filled_by`).
+    pub filled_by: Option<String>,
 }
 
 /// A warm request of this process's engine: the scoped credentials it fills for (`None`: the
@@ -98,6 +100,7 @@ impl RequestCtx {
             push: None,
             warm: None,
             error: None,
+            filled_by: None,
         }
     }
 

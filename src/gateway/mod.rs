@@ -15,6 +15,7 @@ mod data;
 mod delete;
 mod job;
 mod manifest;
+mod peer;
 mod push;
 mod range;
 mod referrers;
@@ -77,6 +78,9 @@ pub struct Gateway {
     keys: Option<Arc<KeyService>>,
     /// Signs and checks data-endpoint URLs; loaded when any registry has `data_hosts`.
     redirect_key: Option<crate::sign::RedirectKey>,
+    /// `[cluster]`: membership, owner choice and the peer client (`peer.rs`); rebuilt on a
+    /// reload, so a reload also forgets which peers were in back-off.
+    cluster: Option<Arc<peer::Cluster>>,
     /// Signature verdicts; carried over a reload that changes no signature policy.
     verdicts: Arc<signature::Verdicts>,
     /// Marks this process's own warm requests (one per process, carried across reloads).
@@ -371,6 +375,10 @@ impl Gateway {
         let audit = Arc::new(Audit::open(&config.server.audit_log)?);
         let policy = Policy::new(&config);
         let redirect_key = redirect_key(&config)?;
+        let cluster = match &config.cluster {
+            Some(c) => Some(Arc::new(peer::Cluster::from_config(c)?)),
+            None => None,
+        };
         let verdicts = signature::Verdicts::carry(previous.map(|p| &p.verdicts), &config);
         Ok(Gateway {
             config,
@@ -386,6 +394,7 @@ impl Gateway {
             audit,
             keys: stores.keys,
             redirect_key,
+            cluster,
             verdicts,
             warm_key: stores.warm_key,
         })
@@ -630,6 +639,7 @@ impl ProxyHttp for Edge {
                 bytes: ctx.bytes_sent,
                 cache: ctx.cache,
                 credential: ctx.credential.as_deref(),
+                filled_by: ctx.filled_by.as_deref(),
             });
         }
         gw.metrics.request(&RequestRecord {
@@ -763,5 +773,42 @@ mod tests {
         let rotated = zoned.next(config(dir.path(), "two", "")).unwrap();
         assert!(!same(&zoned, &rotated, "a"));
         assert!(same(&zoned, &rotated, "b"));
+    }
+
+    #[test]
+    fn a_reload_turns_the_cluster_on_changes_its_members_and_turns_it_off() {
+        crate::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("cluster.key"), "k".repeat(40)).unwrap();
+        let cluster = |peers: &str| {
+            format!(
+                "[cluster]\npeers = [{peers}]\nadvertise = \"127.0.0.1:5000\"\nkey_file = \"cluster.key\"\n"
+            )
+        };
+        let metrics = Arc::new(Metrics::new(1 << 30));
+        let alone = Gateway::open(config(dir.path(), "one", ""), metrics).unwrap();
+        assert!(alone.cluster.is_none());
+        let two = alone
+            .next(config(
+                dir.path(),
+                "one",
+                &cluster("\"127.0.0.1:5000\", \"127.0.0.2:5000\""),
+            ))
+            .unwrap();
+        let members = |gw: &Gateway| gw.cluster.as_ref().map(|c| c.membership.members().len());
+        assert_eq!(members(&two), Some(2));
+        let three = two
+            .next(config(
+                dir.path(),
+                "one",
+                &cluster("\"127.0.0.1:5000\", \"127.0.0.2:5000\", \"127.0.0.3:5000\""),
+            ))
+            .unwrap();
+        assert_eq!(members(&three), Some(3));
+        assert!(three
+            .next(config(dir.path(), "one", ""))
+            .unwrap()
+            .cluster
+            .is_none());
     }
 }

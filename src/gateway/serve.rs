@@ -16,6 +16,7 @@ use super::data;
 use super::delete;
 use super::job::{error_from_upstream, manifest_read_error, partition, rewrite_link, Failure, Job};
 use super::manifest;
+use super::peer;
 use super::push;
 use super::referrers;
 use super::respond;
@@ -61,6 +62,10 @@ pub async fn serve(
     let host = request_host(req).map(str::to_string);
     let ns = query.as_deref().and_then(|q| query_value(q, "ns"));
 
+    if path == peer::PATH {
+        // Another cluster member asking this one, the digest's owner (`peer.rs`).
+        return peer::serve(gw, session, ctx).await;
+    }
     match oci::parse_path(&path)? {
         ApiRequest::Base => {
             ctx.kind = "base";
@@ -191,6 +196,13 @@ pub async fn serve(
                         digest: &digest,
                         method: job.method.clone(),
                         range,
+                        forward: gw.cluster.as_ref().and_then(|cluster| {
+                            cluster.owner_of(&digest).map(|owner| blob::Forward {
+                                cluster,
+                                metrics: &gw.metrics,
+                                owner,
+                            })
+                        }),
                     };
                     if blob::serve(session, ctx, &cached).await? {
                         return Ok(());

@@ -260,3 +260,32 @@ fn processes_racing_on_one_cache_dir_agree() {
             .is_ok());
     }
 }
+
+#[test]
+fn peer_requests_and_blob_urls_never_stand_for_each_other() {
+    let k = key(7);
+    let g = grant(Some("build"));
+    let peer = Presented::from_query(&k.peer_query(&g)).expect("parameters");
+    assert_eq!(
+        k.verify_peer(&peer, "icr", "team/app", DIGEST, at(1_000_000)),
+        Ok(g.clone())
+    );
+    assert_eq!(
+        k.verify(&peer, "icr", "team/app", DIGEST, at(1_000_000)),
+        Err(SignatureError::Invalid)
+    );
+    let url = presented(&k, &g);
+    assert_eq!(
+        k.verify_peer(&url, "icr", "team/app", DIGEST, at(1_000_000)),
+        Err(SignatureError::Invalid)
+    );
+    let other = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+    assert_eq!(
+        k.verify_peer(&peer, "icr", "team/app", other, at(1_000_000)),
+        Err(SignatureError::Invalid)
+    );
+    assert!(matches!(
+        k.verify_peer(&peer, "icr", "team/app", DIGEST, at(1_000_301)),
+        Err(SignatureError::Expired { .. })
+    ));
+}

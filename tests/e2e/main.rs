@@ -13,6 +13,7 @@ mod cache;
 mod challenges;
 mod cli;
 mod clients;
+mod cluster;
 mod containerd;
 mod crash;
 mod credentials;

@@ -6,6 +6,7 @@
 
 mod audit;
 mod cache;
+mod cluster;
 mod loading;
 mod policy;
 mod registry;

@@ -12,6 +12,7 @@
 
 mod audit;
 mod cache;
+mod cluster;
 mod credentials;
 mod policy;
 mod registry;
@@ -90,6 +91,13 @@ pub(super) fn validate(file: FileConfig, inputs: &Inputs<'_>) -> Result<Config, 
     let identities = policy::check_identities(&mut ctx, &file.identity);
     let registries = registry::check_registries(&mut ctx, &file.registry, &zones, &identities);
     let warm = warm::check_warm(&mut ctx, &file.warm, &cache);
+    let cluster = file
+        .cluster
+        .as_ref()
+        .and_then(|c| cluster::check_cluster(&mut ctx, c));
+    if let Some(c) = &cluster {
+        cluster::check_advertised_listener(&mut ctx, c, &server);
+    }
     if !ctx.errors.is_empty() {
         return Err(ConfigErrors(ctx.errors));
     }
@@ -100,6 +108,7 @@ pub(super) fn validate(file: FileConfig, inputs: &Inputs<'_>) -> Result<Config, 
         identities,
         registries: registries.into_iter().map(Arc::new).collect(),
         warm,
+        cluster,
         warnings: ctx.warnings,
     };
     let findings = audit::audit_rules(&config);

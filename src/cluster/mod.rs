@@ -1,0 +1,125 @@
+//! Cluster membership and the owner of each blob digest (issue 16, first step: forwarding
+//! without a shared object store).
+//!
+//! Owns: the member list of `[cluster]`, which member owns a digest, and which peers are in
+//! back-off after a failed forward. Pure Rust: no HTTP, no Pingora, no clock of its own (callers
+//! pass `Instant`s), so every rule here is unit-tested without a server.
+//!
+//! Must never: name this replica's own address as a peer to forward to (callers get
+//! [`Owner::Me`]), or give two replicas with the same member list and the same view of
+//! health different owners for one digest.
+//!
+//! Why rendezvous (highest random weight) hashing: each member scores every digest with a hash
+//! of (member, digest) and the highest score owns it. A member that leaves (or is in back-off)
+//! moves only the digests it owned, each to its runner-up; every other digest keeps its owner,
+//! so caches stay warm. `hash % N` would move almost everything on any change, and a ring
+//! (Ketama) needs virtual nodes to spread evenly where rendezvous spreads evenly by itself and
+//! is a dozen lines for the handful of members a cluster has.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest as _, Sha256};
+
+/// How long a peer that failed a forward is skipped.
+pub const DEFAULT_BACKOFF: Duration = Duration::from_secs(10);
+
+/// Who fetches a digest from the upstream for the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owner {
+    /// This replica: fill from the upstream.
+    Me,
+    /// Another member: fill from it.
+    Peer(SocketAddr),
+}
+
+/// The members and their health as this replica sees them.
+#[derive(Debug)]
+pub struct Membership {
+    me: SocketAddr,
+    /// Every member, this replica included, sorted and without duplicates.
+    members: Vec<SocketAddr>,
+    backoff: Duration,
+    /// Peer -> until when it is skipped.
+    down: Mutex<HashMap<SocketAddr, Instant>>,
+}
+
+impl Membership {
+    /// `me` is counted as a member even when `peers` leaves it out.
+    pub fn new(me: SocketAddr, peers: &[SocketAddr], backoff: Duration) -> Membership {
+        let mut members: Vec<SocketAddr> = peers.to_vec();
+        members.push(me);
+        members.sort();
+        members.dedup();
+        Membership {
+            me,
+            members,
+            backoff,
+            down: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// This replica's address (`cluster.advertise`).
+    pub fn me(&self) -> SocketAddr {
+        self.me
+    }
+
+    pub fn members(&self) -> &[SocketAddr] {
+        &self.members
+    }
+
+    /// The owner of `digest` among the members not in back-off at `now`.
+    pub fn owner(&self, digest: &str, now: Instant) -> Owner {
+        let down = self.down.lock().unwrap_or_else(|e| e.into_inner());
+        let live = self
+            .members
+            .iter()
+            .copied()
+            .filter(|m| *m == self.me || down.get(m).is_none_or(|until| *until <= now));
+        match owner_among(live, digest) {
+            Some(m) if m != self.me => Owner::Peer(m),
+            _ => Owner::Me,
+        }
+    }
+
+    /// `peer` failed a forward at `now`: skip it for the back-off.
+    pub fn failed(&self, peer: SocketAddr, now: Instant) {
+        if peer == self.me {
+            return;
+        }
+        let mut down = self.down.lock().unwrap_or_else(|e| e.into_inner());
+        down.insert(peer, now + self.backoff);
+    }
+}
+
+/// The member with the highest score for `digest`; ties (never seen with SHA-256) go to the
+/// lower address, so the choice does not depend on the order of the list.
+pub fn owner_among(
+    members: impl IntoIterator<Item = SocketAddr>,
+    digest: &str,
+) -> Option<SocketAddr> {
+    members
+        .into_iter()
+        .map(|m| (score(m, digest), std::cmp::Reverse(m)))
+        .max()
+        .map(|(_, std::cmp::Reverse(m))| m)
+}
+
+/// The weight of `member` for `digest`: the first 8 bytes of SHA-256 over both, so every
+/// replica (any build, any platform) computes the same number.
+fn score(member: SocketAddr, digest: &str) -> u64 {
+    let mut h = Sha256::new();
+    let member = member.to_string();
+    h.update((member.len() as u64).to_be_bytes());
+    h.update(member.as_bytes());
+    h.update(digest.as_bytes());
+    let out = h.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&out[..8]);
+    u64::from_be_bytes(first)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,99 @@
+use super::*;
+
+fn addr(last: u8) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, last], 5000))
+}
+
+fn digests(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| format!("sha256:{:064x}", i as u128 * 0x9e37_79b9_7f4a_7c15))
+        .collect()
+}
+
+#[test]
+fn every_member_agrees_whatever_the_order_of_its_list() {
+    let peers = [addr(11), addr(12), addr(13)];
+    let a = Membership::new(addr(11), &peers, DEFAULT_BACKOFF);
+    let b = Membership::new(addr(12), &[addr(13), addr(11), addr(12)], DEFAULT_BACKOFF);
+    let c = Membership::new(addr(13), &[addr(12), addr(11)], DEFAULT_BACKOFF);
+    let now = Instant::now();
+    for d in digests(300) {
+        let chosen = owner_among(peers, &d).expect("members");
+        for m in [&a, &b, &c] {
+            let expect = if chosen == m.me() {
+                Owner::Me
+            } else {
+                Owner::Peer(chosen)
+            };
+            assert_eq!(m.owner(&d, now), expect, "{d}");
+        }
+    }
+}
+
+#[test]
+fn ownership_is_stable_and_spread() {
+    let peers = [addr(11), addr(12), addr(13)];
+    let mut share: HashMap<SocketAddr, usize> = HashMap::new();
+    for d in digests(3000) {
+        let first = owner_among(peers, &d);
+        assert_eq!(first, owner_among(peers, &d));
+        *share.entry(first.expect("members")).or_default() += 1;
+    }
+    for m in peers {
+        // 1000 expected each; a skewed hash would leave one far off.
+        let n = share[&m];
+        assert!((800..1200).contains(&n), "{m}: {n}");
+    }
+}
+
+#[test]
+fn a_member_leaving_moves_only_its_own_digests() {
+    let all = [addr(11), addr(12), addr(13), addr(14)];
+    let without = [addr(11), addr(12), addr(14)];
+    let mut moved = 0;
+    for d in digests(2000) {
+        let before = owner_among(all, &d).expect("members");
+        let after = owner_among(without, &d).expect("members");
+        if before == addr(13) {
+            moved += 1;
+            assert_ne!(after, addr(13));
+        } else {
+            assert_eq!(before, after, "{d} moved though its owner stayed");
+        }
+    }
+    assert!(moved > 0);
+}
+
+#[test]
+fn a_failed_peer_is_skipped_for_the_backoff_only() {
+    let peers = [addr(11), addr(12), addr(13)];
+    let me = Membership::new(addr(11), &peers, Duration::from_secs(10));
+    let now = Instant::now();
+    let d = digests(500)
+        .into_iter()
+        .find(|d| owner_among(peers, d) == Some(addr(12)))
+        .expect("a digest owned by .12");
+    assert_eq!(me.owner(&d, now), Owner::Peer(addr(12)));
+    me.failed(addr(12), now);
+    let next = owner_among([addr(11), addr(13)], &d).expect("members");
+    let expect = if next == addr(11) {
+        Owner::Me
+    } else {
+        Owner::Peer(next)
+    };
+    assert_eq!(me.owner(&d, now + Duration::from_secs(9)), expect);
+    assert_eq!(
+        me.owner(&d, now + Duration::from_secs(10)),
+        Owner::Peer(addr(12))
+    );
+}
+
+#[test]
+fn never_its_own_peer() {
+    let me = Membership::new(addr(11), &[addr(11)], DEFAULT_BACKOFF);
+    me.failed(addr(11), Instant::now());
+    for d in digests(50) {
+        assert_eq!(me.owner(&d, Instant::now()), Owner::Me);
+    }
+    assert_eq!(me.members(), &[addr(11)]);
+}

@@ -1,0 +1,340 @@
+//! Cluster forwarding (issue 16, first step): a blob fill on a replica that does not own the
+//! digest gets its bytes from the owner, which fills once from the upstream for the cluster.
+//!
+//! Policy is decided on the replica the client reached, before anything here runs. The peer
+//! request then carries that decision (registry, repository, digest, the upstream account,
+//! an expiry) under an HMAC with the cluster key (`sign.rs`, peer context), so the peer path is
+//! no way around policy: the owner refuses any request whose MAC does not match exactly what it
+//! asks for, and serves a valid one through its own blob path, where it is one more follower of
+//! the owner's single-flight fill.
+//!
+//! Owns: the peer path [`PATH`] (both sides), the [`PeerBlob`] source and its fallback to the
+//! upstream. Must never: forward to this replica itself (`cluster::Membership` answers `Me`),
+//! forward a request that came from a peer (the owner always fills from the upstream, so there
+//! are no loops), or fail a pull because a peer failed (it falls back to the upstream, counted).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use http::{header, Method, StatusCode};
+use pingora::proxy::Session;
+
+use super::blob::{self, content_range_total, BlobJob, UpstreamBlob};
+use super::job::{partition, Failure};
+use super::{Gateway, RequestCtx};
+use crate::cluster::{Membership, Owner, DEFAULT_BACKOFF};
+use crate::metrics::Metrics;
+use crate::oci::{Digest, ErrorCode, OciError, Repository};
+use crate::sign::{self, Grant, Presented, RedirectKey};
+use crate::store::{BlobSource, SourceBody, SourceError};
+
+/// The path of peer blob requests on a member's plain listener. Outside `/v2/`, so no client
+/// request is ever taken for one.
+pub const PATH: &str = "/_pullgate/peer/blob";
+
+const PARAM_REGISTRY: &str = "registry";
+const PARAM_REPOSITORY: &str = "repository";
+const PARAM_DIGEST: &str = "digest";
+
+/// How long a peer request stays valid: long enough for clock skew between replicas and a
+/// retry, short enough that a captured one is soon useless.
+const PEER_TTL: Duration = Duration::from_secs(60);
+
+/// `[cluster]` at run time: membership, the key, the HTTP client to the peers.
+pub struct Cluster {
+    pub membership: Membership,
+    key: RedirectKey,
+    http: reqwest::Client,
+}
+
+impl Cluster {
+    pub fn from_config(config: &crate::config::Cluster) -> Result<Cluster, String> {
+        let key =
+            RedirectKey::load(&config.key_file).map_err(|e| format!("cluster.key_file: {e}"))?;
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(Duration::from_secs(2))
+            .read_timeout(Duration::from_secs(60))
+            .http1_only()
+            .build()
+            .map_err(|e| format!("cluster: cannot build the peer HTTP client: {e}"))?;
+        Ok(Cluster {
+            membership: Membership::new(config.advertise, &config.peers, DEFAULT_BACKOFF),
+            key,
+            http,
+        })
+    }
+
+    /// The member to fill `digest` from, when it is not this replica.
+    pub fn owner_of(&self, digest: &Digest) -> Option<SocketAddr> {
+        match self.membership.owner(&digest.to_string(), Instant::now()) {
+            Owner::Me => None,
+            Owner::Peer(peer) => Some(peer),
+        }
+    }
+
+    fn url(&self, owner: SocketAddr, grant: &Grant) -> String {
+        let mut query = url::form_urlencoded::Serializer::new(String::new());
+        query
+            .append_pair(PARAM_REGISTRY, &grant.registry)
+            .append_pair(PARAM_REPOSITORY, &grant.repository)
+            .append_pair(PARAM_DIGEST, &grant.digest);
+        format!(
+            "http://{owner}{PATH}?{}&{}",
+            query.finish(),
+            self.key.peer_query(grant)
+        )
+    }
+}
+
+/// A fill's source on a non-owner: the owner over the peer path, resumed with `Range`; the
+/// upstream once the owner failed (then for the rest of this fill, so at most one extra
+/// upstream fetch).
+pub struct PeerBlob {
+    pub cluster: Arc<Cluster>,
+    pub metrics: Arc<Metrics>,
+    pub owner: SocketAddr,
+    pub grant: Grant,
+    pub upstream: UpstreamBlob,
+    pub fell_back: AtomicBool,
+}
+
+impl PeerBlob {
+    async fn ask_owner(&self, offset: u64) -> Result<SourceBody, (bool, String)> {
+        let mut request = self
+            .cluster
+            .http
+            .get(self.cluster.url(self.owner, &self.grant));
+        if offset > 0 {
+            request = request.header(header::RANGE, format!("bytes={offset}-"));
+        }
+        let answer = request
+            .send()
+            .await
+            .map_err(|e| (true, e.without_url().to_string()))?;
+        let status = answer.status();
+        if !status.is_success() {
+            // 5xx: the owner is unwell, skip it a while. 4xx: it refused this request (another
+            // key, a config without this registry); the upstream gives the real answer.
+            return Err((status.is_server_error(), format!("owner answered {status}")));
+        }
+        let (total_len, partial) = match status {
+            StatusCode::PARTIAL_CONTENT => (content_range_total(answer.headers()), true),
+            _ => (answer.content_length(), false),
+        };
+        if offset > 0 && !partial {
+            return Err((false, "owner ignored Range".into()));
+        }
+        Ok(SourceBody {
+            total_len,
+            chunks: answer
+                .bytes_stream()
+                .map(|r| r.map_err(|e| e.without_url().to_string()))
+                .boxed(),
+        })
+    }
+}
+
+#[async_trait]
+impl BlobSource for PeerBlob {
+    async fn open(&self, offset: u64) -> Result<SourceBody, SourceError> {
+        if !self.fell_back.load(Ordering::Relaxed) {
+            self.metrics.forwards_sent.inc();
+            match self.ask_owner(offset).await {
+                Ok(body) => return Ok(body),
+                Err((unwell, why)) => {
+                    tracing::warn!(owner = %self.owner, digest = %self.grant.digest, reason = %why,
+                        "cluster owner failed; filling from the upstream");
+                    if unwell {
+                        self.cluster.membership.failed(self.owner, Instant::now());
+                    }
+                    self.metrics.forwards_failed_over.inc();
+                    self.fell_back.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+        self.upstream.open(offset).await
+    }
+}
+
+/// The grant a non-owner sends for a fill of `digest` in `repository` with `partition`'s
+/// account.
+pub fn grant(registry: &str, partition: &str, repository: &Repository, digest: &Digest) -> Grant {
+    let account = partition
+        .strip_prefix(registry)
+        .and_then(|rest| rest.strip_prefix('/'))
+        .map(str::to_owned);
+    Grant {
+        registry: registry.to_owned(),
+        account,
+        repository: repository.as_str().to_owned(),
+        digest: digest.to_string(),
+        expires: sign::expiry(SystemTime::now(), PEER_TTL),
+    }
+}
+
+/// The owner's side: a peer request, checked, then served like a client's blob GET, always
+/// filled from the upstream (never forwarded again).
+pub async fn serve(
+    gw: &Gateway,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+) -> Result<(), Failure> {
+    ctx.kind = "peer";
+    ctx.client = Some(super::access::client_address(gw, session));
+    let req = session.req_header();
+    if req.method != Method::GET {
+        return Err(OciError::new(
+            ErrorCode::Unsupported,
+            "the peer path answers GET of one blob only",
+        )
+        .with_status(405)
+        .into());
+    }
+    let query = req.uri.query().unwrap_or("").to_owned();
+    let range = req
+        .headers
+        .get(header::RANGE)
+        .and_then(|r| r.to_str().ok())
+        .map(str::to_string);
+    let deny = |ctx: &mut RequestCtx, label: &'static str, message: &str| {
+        ctx.decision = "deny";
+        ctx.reason = Some(label);
+        gw.metrics
+            .denials
+            .with_label_values(&[ctx.registry.as_deref().unwrap_or("-"), label])
+            .inc();
+        Failure::from(OciError::new(ErrorCode::Denied, message.to_owned()))
+    };
+    let Some(cluster) = &gw.cluster else {
+        return Err(deny(
+            ctx,
+            "peer_not_cluster",
+            "this replica is not in a cluster",
+        ));
+    };
+    let value = |key: &str| {
+        url::form_urlencoded::parse(query.as_bytes())
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.into_owned())
+    };
+    let (Some(registry), Some(repository), Some(digest)) = (
+        value(PARAM_REGISTRY),
+        value(PARAM_REPOSITORY),
+        value(PARAM_DIGEST),
+    ) else {
+        return Err(deny(
+            ctx,
+            "peer_invalid",
+            "a peer request names a registry, a repository and a digest",
+        ));
+    };
+    ctx.registry = Some(registry.clone());
+    ctx.repository = Some(repository.clone());
+    ctx.reference = Some(digest.clone());
+    let grant = Presented::from_query(&query).and_then(|presented| {
+        cluster.key.verify_peer(
+            &presented,
+            &registry,
+            &repository,
+            &digest,
+            SystemTime::now(),
+        )
+    });
+    let grant = match grant {
+        Ok(grant) => grant,
+        Err(why) => {
+            let message = match why {
+                sign::SignatureError::Missing => "a peer request must be signed with the cluster key",
+                sign::SignatureError::Invalid => {
+                    "this peer request's signature does not match it (altered, or another cluster key)"
+                }
+                sign::SignatureError::Expired { .. } => "this peer request expired",
+            };
+            return Err(deny(ctx, why.label(), message));
+        }
+    };
+    let (Ok(digest), Ok(repository)) = (Digest::parse(&digest), Repository::parse(&repository))
+    else {
+        return Err(deny(
+            ctx,
+            "peer_invalid",
+            "a peer request's name or digest is malformed",
+        ));
+    };
+    let partition = partition(&registry, grant.account.as_deref());
+    let Some(client) = gw.upstream(&partition).cloned() else {
+        return Err(deny(
+            ctx,
+            "peer_unknown_account",
+            "this replica has no such registry or account: the members' configs differ",
+        ));
+    };
+    if gw.keys_deny() {
+        return Err(OciError::new(
+            ErrorCode::Unavailable,
+            "the cache encryption key was revoked",
+        )
+        .with_status(503)
+        .into());
+    }
+    ctx.decision = "allow";
+    ctx.credential = Some(match &grant.account {
+        Some(name) => format!("registry.{registry}.scoped_credentials.{name}"),
+        None => format!("registry.{registry}.credentials"),
+    });
+    gw.metrics.forwards_served.inc();
+    let job = BlobJob {
+        store: &gw.store,
+        links: &gw.links,
+        client: &client,
+        registry: &registry,
+        partition: &partition,
+        repository: &repository,
+        stale_if_error: gw.config.cache.stale_if_error,
+        digest: &digest,
+        method: Method::GET,
+        range,
+        forward: None,
+    };
+    if blob::serve(session, ctx, &job).await? {
+        return Ok(());
+    }
+    // The owner's disk cannot take it: the asking replica fills from the upstream itself.
+    Err(OciError::new(
+        ErrorCode::Unavailable,
+        "the owner cannot cache this blob now",
+    )
+    .with_status(503)
+    .into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_grant_carries_the_account_of_the_partition() {
+        let repo = Repository::parse("team/app").expect("name");
+        let digest = Digest::parse(
+            "sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae",
+        )
+        .expect("digest");
+        let own = grant("hub", "hub", &repo, &digest);
+        assert_eq!(own.account, None);
+        let scoped = grant("hub", &partition("hub", Some("build")), &repo, &digest);
+        assert_eq!(scoped.account.as_deref(), Some("build"));
+        assert_eq!(
+            (scoped.registry.as_str(), scoped.repository.as_str()),
+            ("hub", "team/app")
+        );
+        assert_eq!(scoped.digest, digest.to_string());
+        // A registry whose name starts like another's is not mistaken for a scoped partition.
+        assert_eq!(grant("hub", "hubx", &repo, &digest).account, None);
+    }
+}
