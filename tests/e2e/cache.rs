@@ -188,9 +188,13 @@ fn blob_files(cache: &std::path::Path) -> (usize, u64) {
     let mut bytes = 0;
     let shards = std::fs::read_dir(cache.join("blobs/sha256")).expect("blob dir");
     for shard in shards.flatten() {
-        for blob in std::fs::read_dir(shard.path()).expect("shard").flatten() {
+        let Ok(blobs) = std::fs::read_dir(shard.path()) else {
+            continue;
+        };
+        // A file evicted between the listing and its metadata is gone: not counted.
+        for meta in blobs.flatten().filter_map(|blob| blob.metadata().ok()) {
             files += 1;
-            bytes += blob.metadata().expect("metadata").len();
+            bytes += meta.len();
         }
     }
     (files, bytes)
