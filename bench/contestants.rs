@@ -18,6 +18,8 @@ use crate::support::{free_port, isolate_env, tail};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Pullgate,
+    /// pullgate with `[cache.encryption]` (the `file` provider): the same bed, sealed cache.
+    PullgateEncrypted,
     Distribution,
     NginxCache,
     NginxStatic,
@@ -28,6 +30,7 @@ impl Kind {
     pub fn id(self) -> &'static str {
         match self {
             Kind::Pullgate => "pullgate",
+            Kind::PullgateEncrypted => "pullgate-enc",
             Kind::Distribution => "distribution",
             Kind::NginxCache => "nginx-cache",
             Kind::NginxStatic => "nginx-static",
@@ -55,6 +58,8 @@ pub struct Env {
 pub struct Server {
     pub kind: Kind,
     pub port: u16,
+    /// The admin listener (`/metrics`), for the encrypted pullgate.
+    pub admin_port: Option<u16>,
     proc: Proc,
 }
 
@@ -72,8 +77,10 @@ impl Server {
                 .map_err(|e| e.to_string())?
                 .keep();
             let log = dir.join("server.log");
+            let admin_port = (kind == Kind::PullgateEncrypted).then(free_port);
             let cmd = match kind {
-                Kind::Pullgate => pullgate_cmd(env, port, state, &dir)?,
+                Kind::Pullgate => pullgate_cmd(env, port, state, &dir, None)?,
+                Kind::PullgateEncrypted => pullgate_cmd(env, port, state, &dir, admin_port)?,
                 Kind::Distribution => distribution_cmd(env, port, state, &dir)?,
                 Kind::NginxCache => nginx_cmd(&nginx_cache_conf(env, port, state, &dir), &dir)?,
                 Kind::NginxStatic => nginx_cmd(&nginx_static_conf(env, port, &dir), &dir)?,
@@ -84,7 +91,14 @@ impl Server {
                 matches!(kind, Kind::NginxCache | Kind::NginxStatic),
             )?;
             match wait_ready(&mut proc, port) {
-                Ok(()) => return Ok(Server { kind, port, proc }),
+                Ok(()) => {
+                    return Ok(Server {
+                        kind,
+                        port,
+                        admin_port,
+                        proc,
+                    })
+                }
                 Err(e) => {
                     proc.stop();
                     let text = crate::support::read_lossy(&log);
@@ -146,17 +160,46 @@ fn wait_ready(proc: &mut Proc, port: u16) -> Result<(), String> {
     }
 }
 
-fn pullgate_cmd(env: &Env, port: u16, state: &Path, dir: &Path) -> Result<Command, String> {
+/// pullgate's config; with `admin` (the encrypted contestant) the cache is sealed under a
+/// `file` KEK kept next to the state (the same KEK for every process on that state) and the
+/// admin listener is on for `/metrics`.
+fn pullgate_cmd(
+    env: &Env,
+    port: u16,
+    state: &Path,
+    dir: &Path,
+    admin: Option<u16>,
+) -> Result<Command, String> {
     let password = dir.join("password");
     std::fs::write(&password, format!("{}\n", env.password)).map_err(|e| e.to_string())?;
+    let (admin_listen, encryption) = match admin {
+        None => (String::new(), String::new()),
+        Some(admin) => {
+            use std::os::unix::fs::PermissionsExt;
+            let kek = state.join("cache.kek");
+            if !kek.exists() {
+                std::fs::write(&kek, [0x5au8; 32]).map_err(|e| e.to_string())?;
+                std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o600))
+                    .map_err(|e| e.to_string())?;
+            }
+            (
+                format!("127.0.0.1:{admin}"),
+                format!(
+                    "\n[cache.encryption]\nprovider = \"file\"\nkey_file = \"{}\"\n",
+                    kek.display()
+                ),
+            )
+        }
+    };
     let config = format!(
         r#"[server]
 listen = ["127.0.0.1:{port}"]
-admin_listen = ""
+admin_listen = "{admin_listen}"
 
 [cache]
 dir = "{cache}"
 max_size = "20GiB"
+{encryption}
 
 [[registry]]
 name = "upstream"
