@@ -9,8 +9,9 @@
 //! Dependency rule: `oci`, `secret`, `sign` (signed data-endpoint URLs) and `crypt` (the
 //! sealed file format of the encrypted cache) depend on nothing else in the crate; `config`
 //! only on `secret` and `sign` (to check a key file at load); `route` only on `oci` and the
-//! config model; `policy` only on `oci`, the config model and `secret`; `store` only on `oci`;
-//! `metrics` only reads the store's counters, and any module may record into the `Metrics`
+//! config model; `policy` only on `oci`, the config model and `secret`; `store` only on `oci`
+//! and `crypt`; `keys` (the encrypted cache's key hierarchy) on `crypt`, the config model,
+//! `store` (its `Keys` seam), `metrics` and `upstream::tls`; `metrics` only reads the store's counters, and any module may record into the `Metrics`
 //! handle it is given; `audit` only on the config model; `upstream` on `oci`, `config`,
 //! `secret` and `metrics`; `client_config` only on the config model; only `gateway` and
 //! `listen` (and this file) touch Pingora.
