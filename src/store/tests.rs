@@ -1139,3 +1139,24 @@ async fn sha512_blobs_are_sealed_with_a_header_naming_their_digest() {
     let blob = store.lookup(&digest).unwrap();
     assert!(drain_blob(blob.reader(0, blob.len)).await.unwrap() == data);
 }
+
+#[tokio::test]
+async fn a_sealed_blob_another_process_committed_is_opened_checked_and_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = TestKeys::new(&[1]);
+    let store = sealed_store(dir.path(), &keys);
+    // The other process (same keyring) commits after this store indexed the directory.
+    let data = blob_bytes(200_000, 72);
+    let other = sealed_store(dir.path(), &keys);
+    let digest = fill_sealed(&other, &data).await;
+    let source = Arc::new(FakeSource::new(&data));
+    let fill = store.fill_or_join(&digest, source.clone());
+    assert!(drain(fill.reader(0, data.len() as u64)).await.unwrap() == data);
+    fill.wait_done().await.unwrap();
+    assert!(source.opens().is_empty(), "not fetched again");
+    let blob = store.lookup(&digest).unwrap();
+    assert!(drain_blob(blob.reader(0, blob.len)).await.unwrap() == data);
+    assert!(crate::crypt::is_sealed(
+        &std::fs::read(blob_path(dir.path(), &digest)).unwrap()
+    ));
+}
