@@ -961,8 +961,8 @@ async fn range_followers_of_a_sealed_fill_get_their_bytes() {
     fill.wait_started().await.unwrap();
     let early = drain(fill.reader(100, 200_000));
     let whole = drain(fill.reader(0, data.len() as u64));
+    // join! polls the readers first: both wait at the gate before it opens.
     let opener = async {
-        tokio::time::sleep(Duration::from_millis(50)).await;
         source.gate.add_permits(1);
     };
     let (early, whole, ()) = tokio::join!(early, whole, opener);
