@@ -20,6 +20,8 @@ pub enum Kind {
     Pullgate,
     /// pullgate with a signature policy over the benchmark repositories (W3 only).
     PullgateSigned,
+    /// pullgate with `[cache.encryption]` (the `file` provider): the same bed, sealed cache.
+    PullgateEncrypted,
     Distribution,
     NginxCache,
     NginxStatic,
@@ -31,6 +33,7 @@ impl Kind {
         match self {
             Kind::Pullgate => "pullgate",
             Kind::PullgateSigned => "pullgate-signed",
+            Kind::PullgateEncrypted => "pullgate-enc",
             Kind::Distribution => "distribution",
             Kind::NginxCache => "nginx-cache",
             Kind::NginxStatic => "nginx-static",
@@ -60,7 +63,7 @@ pub struct Env {
 pub struct Server {
     pub kind: Kind,
     pub port: u16,
-    /// pullgate's admin listener (W7 starts warm jobs there); `None` for the others.
+    /// pullgate's admin listener (`/metrics`; W7 starts warm jobs there); `None` for the others.
     pub admin_port: Option<u16>,
     proc: Proc,
 }
@@ -81,8 +84,9 @@ impl Server {
                 .keep();
             let log = dir.join("server.log");
             let cmd = match kind {
-                Kind::Pullgate => pullgate_cmd(env, port, admin, state, &dir, false)?,
-                Kind::PullgateSigned => pullgate_cmd(env, port, admin, state, &dir, true)?,
+                Kind::Pullgate => pullgate_cmd(env, port, admin, state, &dir, false, false)?,
+                Kind::PullgateSigned => pullgate_cmd(env, port, admin, state, &dir, true, false)?,
+                Kind::PullgateEncrypted => pullgate_cmd(env, port, admin, state, &dir, false, true)?,
                 Kind::Distribution => distribution_cmd(env, port, state, &dir)?,
                 Kind::NginxCache => nginx_cmd(&nginx_cache_conf(env, port, state, &dir), &dir)?,
                 Kind::NginxStatic => nginx_cmd(&nginx_static_conf(env, port, &dir), &dir)?,
@@ -94,7 +98,8 @@ impl Server {
             )?;
             match wait_ready(&mut proc, port) {
                 Ok(()) => {
-                    let admin_port = (kind == Kind::Pullgate).then_some(admin);
+                    let admin_port = matches!(kind, Kind::Pullgate | Kind::PullgateEncrypted)
+                        .then_some(admin);
                     return Ok(Server {
                         kind,
                         port,
@@ -163,6 +168,9 @@ fn wait_ready(proc: &mut Proc, port: u16) -> Result<(), String> {
     }
 }
 
+/// pullgate's config: the admin listener on `admin`; with `signed` a signature policy over the
+/// benchmark repositories; with `encrypted` the cache sealed under a `file` KEK kept next to the
+/// state (the same KEK for every process on that state).
 fn pullgate_cmd(
     env: &Env,
     port: u16,
@@ -170,9 +178,25 @@ fn pullgate_cmd(
     state: &Path,
     dir: &Path,
     signed: bool,
+    encrypted: bool,
 ) -> Result<Command, String> {
     let password = dir.join("password");
     std::fs::write(&password, format!("{}\n", env.password)).map_err(|e| e.to_string())?;
+    let encryption = if encrypted {
+        use std::os::unix::fs::PermissionsExt;
+        let kek = state.join("cache.kek");
+        if !kek.exists() {
+            std::fs::write(&kek, [0x5au8; 32]).map_err(|e| e.to_string())?;
+            std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| e.to_string())?;
+        }
+        format!(
+            "\n[cache.encryption]\nprovider = \"file\"\nkey_file = \"{}\"\n",
+            kek.display()
+        )
+    } else {
+        String::new()
+    };
     let config = format!(
         r#"[server]
 listen = ["127.0.0.1:{port}"]
@@ -181,6 +205,7 @@ admin_listen = "127.0.0.1:{admin}"
 [cache]
 dir = "{cache}"
 max_size = "20GiB"
+{encryption}
 
 [[registry]]
 name = "upstream"

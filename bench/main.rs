@@ -236,6 +236,7 @@ fn main() {
         let mut order = vec![
             Round::Proxy(Kind::Pullgate),
             Round::Proxy(Kind::PullgateSigned),
+            Round::Proxy(Kind::PullgateEncrypted),
             Round::Proxy(Kind::Distribution),
             Round::Proxy(Kind::NginxCache),
         ];
@@ -604,6 +605,22 @@ fn proxy_round(bed: &Bed, kind: Kind, rep: usize, results: &mut Results) {
         }
         let rss = srv.peak_rss() as f64 / MIB as f64;
         results.add("w6_rss_w2", id, rss);
+        if let Some(admin) = srv.admin_port {
+            // Key provider calls per 1,000 warm pulls of the small blob (want: 0).
+            let before = kms_calls(admin)?;
+            for _ in 0..1000 {
+                fetch(
+                    &srv.target(),
+                    "GET",
+                    &bed.small.path,
+                    &[],
+                    BodyMode::Discard,
+                )?;
+            }
+            let per_1000 = kms_calls(admin)? - before;
+            results.add("kms_per_1000", id, per_1000);
+            println!("  {id}: {per_1000} KMS calls per 1,000 pulls");
+        }
         println!(
             "  {id}: W2 16 × 50 MiB warm {} GB/s, peak RSS {rss:.1} MiB",
             line.join(" ")
@@ -754,6 +771,23 @@ fn admin_request(
         status,
         serde_json::from_str(rest.trim()).unwrap_or_default(),
     ))
+}
+
+/// `pullgate_kms_calls_total` from the admin listener.
+fn kms_calls(admin: u16) -> Result<f64, String> {
+    let got = fetch(
+        &Target::plain(admin),
+        "GET",
+        "/metrics",
+        &[],
+        BodyMode::Keep,
+    )?;
+    let text = String::from_utf8_lossy(&got.body);
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("pullgate_kms_calls_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
 }
 
 fn manifest_path() -> String {

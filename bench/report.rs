@@ -161,12 +161,20 @@ pub const METRICS: &[Metric] = &[
         unit: "MiB",
         better: Better::Lower,
     },
+    Metric {
+        id: "kms_per_1000",
+        workload: "CMK",
+        title: "key provider calls per 1,000 warm pulls (encrypted cache)",
+        unit: "calls",
+        better: Better::Lower,
+    },
 ];
 
 /// Columns, in order: (id, heading).
 pub const CONTESTANTS: &[(&str, &str)] = &[
     ("pullgate", "pullgate"),
     ("pullgate-signed", "pullgate, signature policy on (W3)"),
+    ("pullgate-enc", "pullgate, cache encrypted"),
     ("distribution", "distribution 2.8 proxy"),
     ("nginx-cache", "nginx proxy_cache"),
     ("nginx-static", "limit: nginx static file"),
@@ -343,6 +351,40 @@ impl Results {
                 "W7 clients' p99 moves ≤ 10 % while a warm job runs (issue 18)".into(),
                 w7.map(|r| r <= 1.10),
                 w7.map(fmt).unwrap_or_default(),
+            );
+        }
+        // Issue 15: the encrypted cache against the plaintext one, same run.
+        for (m, want, cmp) in [
+            ("w1_gbps", 0.8, "≥"),
+            ("w2_gbps", 0.8, "≥"),
+            ("w4_secs", 1.1, "≤"),
+        ] {
+            if let (Some(e), Some(p)) = (med(m, "pullgate-enc"), med(m, "pullgate")) {
+                let ratio = e / p;
+                let ok = if cmp == "≥" {
+                    ratio >= want
+                } else {
+                    ratio <= want
+                };
+                check(
+                    format!("{m} encrypted ÷ plaintext {cmp} {want}"),
+                    Some(ok),
+                    fmt(ratio),
+                );
+            }
+        }
+        if let Some(s) = self.get("w6_rss_w2", "pullgate-enc") {
+            check(
+                "encrypted W2 peak RSS < 64 MiB (max of runs)".into(),
+                Some(s.max < 64.0),
+                fmt(s.max),
+            );
+        }
+        if let Some(k) = med("kms_per_1000", "pullgate-enc") {
+            check(
+                "key provider calls per 1,000 warm pulls = 0".into(),
+                Some(k == 0.0),
+                fmt(k),
             );
         }
         for m in ["w6_rss_w2", "w6_rss_w4", "x_rss_16x500"] {

@@ -10,8 +10,10 @@
 //! sealed file format of the encrypted cache) and `lines` (batched log writing) depend on
 //! nothing else in the crate; nor does `cluster` (the owner of each digest); `verify` (image
 //! signatures) only on `oci`; `config` only on `secret`, `sign` and `verify` (to check key
-//! files at load); `route` only on `oci` and the config model; `policy` only on `oci`, the config model and `secret`; `store` only on `oci`;
-//! `metrics` only reads the store's counters, and any module may record into the `Metrics`
+//! files at load); `route` only on `oci` and the config model; `policy` only on `oci`, the
+//! config model and `secret`; `store` only on `oci` and `crypt`; `keys` (the encrypted cache's
+//! key hierarchy) on `crypt`, the config model, `store` (its `Keys` seam), `metrics` and
+//! `upstream::tls`; `metrics` only reads the store's counters, and any module may record into the `Metrics`
 //! handle it is given; `audit` only on the config model; `upstream` on `oci`, `config`,
 //! `secret` and `metrics`; `client_config` only on the config model; `warm` (warm jobs, which pull
 //! through pullgate's own listener) on `oci`, `route`, the config model, `store`, `metrics`

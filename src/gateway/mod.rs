@@ -257,7 +257,10 @@ impl Gateway {
     fn apply_keys(&self) {
         let Some(keys) = &self.keys else {
             self.store.set_keys(None);
-            self.manifests.set_keys(None);
+            if self.manifests.set_keys(None) {
+                let manifests = Arc::clone(&self.manifests);
+                std::thread::spawn(move || manifests.sweep_now());
+            }
             return;
         };
         if let Some(enc) = &self.config.cache.encryption {
@@ -278,10 +281,15 @@ impl Gateway {
         keys.set_on_revoked(Box::new(move || {
             manifests.forget_memory();
             store.sweep();
+            let manifests = Arc::clone(&manifests);
+            std::thread::spawn(move || manifests.sweep_now());
         }));
         let as_keys: Arc<dyn crate::store::Keys> = Arc::clone(keys) as _;
         self.store.set_keys(Some(Arc::clone(&as_keys)));
-        self.manifests.set_keys(Some(as_keys));
+        if self.manifests.set_keys(Some(as_keys)) {
+            let manifests = Arc::clone(&self.manifests);
+            std::thread::spawn(move || manifests.sweep_now());
+        }
     }
 
     /// `on_revoked = "deny"` and the key is revoked: cached content is answered with 503.

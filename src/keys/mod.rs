@@ -93,6 +93,8 @@ pub struct Status {
     pub kek_version: Option<String>,
     pub generations: Vec<GenerationStatus>,
     pub kms_calls: u64,
+    /// Check rounds so far (each makes two provider calls: status and one unwrap).
+    pub checks: u64,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -132,6 +134,7 @@ pub struct KeyService {
     /// Called after a revocation (keys forgotten): the gateway sweeps the stores.
     on_revoked: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
     kms_calls: AtomicU64,
+    checks: AtomicU64,
     metrics: Mutex<Option<Arc<crate::metrics::Metrics>>>,
     stop: AtomicBool,
     /// Wakes the check loop early (`keys rotate`, stop).
@@ -209,6 +212,7 @@ impl KeyService {
             pending: Mutex::new(Vec::new()),
             on_revoked: Mutex::new(None),
             kms_calls: AtomicU64::new(0),
+            checks: AtomicU64::new(0),
             metrics: Mutex::new(None),
             stop: AtomicBool::new(false),
             wake: Arc::new(tokio::sync::Notify::new()),
@@ -332,6 +336,7 @@ impl KeyService {
                 })
                 .collect(),
             kms_calls: self.kms_calls(),
+            checks: self.checks.load(Ordering::Relaxed),
         }
     }
 
@@ -454,6 +459,7 @@ impl KeyService {
     }
 
     async fn check_once(&self) {
+        self.checks.fetch_add(1, Ordering::Relaxed);
         self.merge_from_disk().await;
         let version = match self.call(self.provider.status()).await {
             Ok(v) => v,

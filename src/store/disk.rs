@@ -297,19 +297,33 @@ impl ChunkReader {
             return Ok(Bytes::new());
         }
         if let Some(sealed) = &self.sealed {
+            // One buffer, reused like the plaintext path's: the sealed chunks are read into it,
+            // opened in place and the plaintext moved to its front (no second allocation).
             let sealed = Arc::clone(sealed);
             let (from, to) = (self.pos, self.pos + len as u64);
+            let (_, _, raw_len) = seal::span(from, to, extent.written);
+            self.buf.reserve(raw_len);
+            self.buf.resize(raw_len, 0);
+            let mut buf = std::mem::take(&mut self.buf);
             let file = Arc::clone(&self.file);
-            let open = move || open_sealed(&file, &sealed, from, to, extent);
-            let plain = if len >= BLOCKING_READ_MIN {
-                tokio::task::spawn_blocking(open)
-                    .await
-                    .map_err(io::Error::other)??
-            } else {
-                open()?
+            let open = move |mut buf: BytesMut| {
+                let n = open_sealed(&file, &sealed, &mut buf, from, to, extent);
+                (buf, n)
             };
+            let (returned, n) = if len >= BLOCKING_READ_MIN {
+                tokio::task::spawn_blocking(move || open(buf))
+                    .await
+                    .map_err(io::Error::other)?
+            } else {
+                open(buf)
+            };
+            buf = returned;
+            let n = n?;
+            buf.truncate(n);
+            let chunk = buf.split().freeze();
+            self.buf = buf;
             self.pos = to;
-            return Ok(Bytes::from(plain));
+            return Ok(chunk);
         }
         // Reclaims the previous chunk's allocation when the consumer has dropped it.
         self.buf.reserve(len);
@@ -337,14 +351,16 @@ impl ChunkReader {
     }
 }
 
-/// Plaintext `[from, to)` of a sealed file: one read of the chunks it touches, each opened.
+/// Plaintext `[from, to)` of a sealed file into the front of `buf` (sized for the sealed chunks
+/// it touches): one read, each chunk opened in place. Returns the plaintext length.
 fn open_sealed(
     file: &File,
     sealed: &SealedFile,
+    buf: &mut [u8],
     from: u64,
     to: u64,
     extent: Extent,
-) -> io::Result<Vec<u8>> {
+) -> io::Result<usize> {
     if let Some(keys) = &sealed.keys {
         if keys.opening_key(sealed.key.header().generation).is_err() {
             return Err(io::Error::new(
@@ -353,18 +369,15 @@ fn open_sealed(
             ));
         }
     }
-    let (offset, first, len) = seal::span(from, to, extent.written);
-    let mut raw = vec![0u8; len];
-    let mut out = Vec::with_capacity((to - from) as usize);
-    let result = match file.read_exact_at(&mut raw, offset) {
-        Ok(()) => seal::open_span(
+    let (offset, first, _) = seal::span(from, to, extent.written);
+    let result = match file.read_exact_at(buf, offset) {
+        Ok(()) => seal::open_span_in_place(
             &sealed.key,
-            &mut raw,
+            buf,
             first,
             extent.written,
             extent.complete,
             from..to,
-            &mut out,
         )
         .map_err(|e| e.to_string()),
         // A sealed file shorter than its chunks: truncated behind our back.
@@ -372,7 +385,7 @@ fn open_sealed(
         Err(e) => return Err(e),
     };
     match result {
-        Ok(()) => Ok(out),
+        Ok(n) => Ok(n),
         Err(why) => {
             if let Some(on_failure) = &sealed.on_failure {
                 on_failure();
@@ -412,7 +425,11 @@ impl Blob {
                     written: self.len,
                     complete: true,
                 };
-                open_sealed(&self.file, sealed, 0, self.len, extent)
+                let (_, _, sealed_len) = seal::span(0, self.len, self.len);
+                let mut buf = vec![0; sealed_len];
+                let n = open_sealed(&self.file, sealed, &mut buf, 0, self.len, extent)?;
+                buf.truncate(n);
+                Ok(buf)
             }
             None => {
                 let mut plain = vec![0; len];

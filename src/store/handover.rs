@@ -4,13 +4,17 @@
 //! few seconds. A blob the old process is filling, or committed after the scan, would otherwise
 //! be fetched from the upstream a second time. [`AfterOtherProcess`] is the source of such a
 //! fill: it waits for the other process's temp file to go away, then serves the committed file
-//! if it hashes to the digest, and only otherwise asks the real source (the upstream).
+//! if it hashes to the digest, and only otherwise asks the real source (the upstream). A sealed
+//! file (the encrypted cache) is opened with the keys first and its plaintext checked and
+//! served; the fill seals it again under a file key of its own.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 
+use super::disk::{ChunkReader, Extent, SealedFile};
+use super::seal::{self, Keys};
 use super::{BlobSource, SourceBody, SourceError};
 use crate::oci::{Digest, DigestHasher};
 
@@ -27,6 +31,8 @@ pub(crate) struct AfterOtherProcess {
     /// Longest wait for the other fill: the stall timeout (it would have given up by then).
     wait: Duration,
     upstream: std::sync::Arc<dyn BlobSource>,
+    /// The keys in use when the fill started (`None`: encryption off).
+    keys: Option<std::sync::Arc<dyn Keys>>,
 }
 
 impl AfterOtherProcess {
@@ -44,6 +50,7 @@ impl AfterOtherProcess {
             foreign_temp: Some(foreign_temp),
             wait,
             upstream,
+            keys: None,
         }
     }
 
@@ -59,7 +66,71 @@ impl AfterOtherProcess {
             foreign_temp: None,
             wait: Duration::ZERO,
             upstream,
+            keys: None,
         }
+    }
+
+    /// With encryption on, a committed sealed file is opened with `keys`.
+    pub(crate) fn with_keys(mut self, keys: Option<std::sync::Arc<dyn Keys>>) -> Self {
+        self.keys = keys;
+        self
+    }
+
+    /// The committed file, sealed: its key and plaintext length, when its header fits.
+    fn open_sealed(&self) -> Option<(std::sync::Arc<std::fs::File>, SealedFile, u64)> {
+        let keys = self.keys.as_ref()?;
+        let file = std::fs::File::open(&self.committed).ok()?;
+        let len = file.metadata().ok()?.len();
+        match seal::open_file(
+            &file,
+            len,
+            &self.digest,
+            crate::crypt::Kind::Blob,
+            Some(keys.as_ref()),
+        ) {
+            Ok(seal::Opened::Sealed(key, geometry)) => Some((
+                std::sync::Arc::new(file),
+                SealedFile {
+                    key: *key,
+                    keys: None,
+                    on_failure: None,
+                },
+                geometry.plaintext_len,
+            )),
+            _ => None,
+        }
+    }
+
+    /// Plaintext chunks of the sealed committed file from `offset`; `verify` hashes them all
+    /// first (`None` when they do not hash to the digest).
+    async fn sealed_body(&self, offset: u64) -> Option<SourceBody> {
+        let (file, sealed, len) = self.open_sealed()?;
+        let sealed = std::sync::Arc::new(sealed);
+        let extent = Extent {
+            written: len,
+            complete: true,
+        };
+        let mut check = ChunkReader::new(file.clone(), 0, len, Some(sealed.clone()));
+        let mut hasher = DigestHasher::new(self.digest.algorithm());
+        while !check.is_done() {
+            hasher.update(&check.read(len, extent).await.ok()?);
+        }
+        if hasher.finish() != self.digest {
+            return None;
+        }
+        let reader = ChunkReader::new(file, offset, len, Some(sealed));
+        let chunks = futures_util::stream::unfold(Some(reader), move |reader| async move {
+            let mut reader = reader.filter(|r| !r.is_done())?;
+            match reader.read(len, extent).await {
+                Ok(chunk) => Some((Ok(chunk), Some(reader))),
+                Err(e) => Some((Err(e.to_string()), None)),
+            }
+        })
+        .boxed();
+        Some(SourceBody {
+            total_len: Some(len),
+            chunks,
+        })
     }
 
     async fn wait_for_other_fill(&self) {
@@ -102,6 +173,13 @@ impl AfterOtherProcess {
 impl BlobSource for AfterOtherProcess {
     async fn open(&self, offset: u64) -> Result<SourceBody, SourceError> {
         self.wait_for_other_fill().await;
+        if self.keys.is_some() {
+            if let Some(body) = self.sealed_body(offset).await {
+                tracing::info!(digest = %self.digest, "sealed blob committed by another pullgate process on this cache: used, not fetched again");
+                return Ok(body);
+            }
+            return self.upstream.open(offset).await;
+        }
         let Some(len) = self.verified_len().await else {
             return self.upstream.open(offset).await;
         };

@@ -233,20 +233,53 @@ impl ManifestStore {
         self.integrity_failures = counter;
     }
 
-    /// Encryption at rest on or off for manifest files written and read from now on; the
-    /// memory tier is emptied (it may hold manifests of a revoked key).
-    pub fn set_keys(&self, keys: Option<Arc<dyn Keys>>) {
+    /// Encryption at rest on or off for manifest files written and read from now on; on a
+    /// change the memory tier is emptied (it may hold manifests of a revoked key) and `true`
+    /// returned: the caller then runs [`ManifestStore::sweep_now`] off the request path.
+    pub fn set_keys(&self, keys: Option<Arc<dyn Keys>>) -> bool {
         let mut slot = self.keys.write().unwrap_or_else(|e| e.into_inner());
-        if !super::same_keys(slot.as_ref(), keys.as_ref()) {
-            *slot = keys;
-            drop(slot);
-            self.forget_memory();
+        if super::same_keys(slot.as_ref(), keys.as_ref()) {
+            return false;
         }
+        *slot = keys;
+        drop(slot);
+        self.forget_memory();
+        true
     }
 
     /// Empties the memory tier of manifests (a key was revoked: nothing it opened is served).
     pub fn forget_memory(&self) {
         self.hot.invalidate_all();
+    }
+
+    /// Deletes every manifest file that does not open under the current keys (plaintext while
+    /// encryption is on, sealed while it is off, of a revoked key, damaged). Blocking: run it
+    /// off the request path. Returns how many were deleted.
+    pub fn sweep_now(&self) -> u64 {
+        let mut swept = 0;
+        for algorithm in ["sha256", "sha512"] {
+            let Ok(shards) = fs::read_dir(self.manifests.join(algorithm)) else {
+                continue;
+            };
+            for shard in shards.flatten() {
+                let Ok(files) = fs::read_dir(shard.path()) else {
+                    continue;
+                };
+                for file in files.flatten() {
+                    let name = file.file_name();
+                    let Some(digest) = name
+                        .to_str()
+                        .and_then(|hex| format!("{algorithm}:{hex}").parse::<Digest>().ok())
+                    else {
+                        continue;
+                    };
+                    if self.read_disk(&digest, &file.path()).is_none() && !file.path().exists() {
+                        swept += 1;
+                    }
+                }
+            }
+        }
+        swept
     }
 
     fn keys(&self) -> Option<Arc<dyn Keys>> {
@@ -593,6 +626,64 @@ mod tests {
             media_type: crate::oci::media::OCI_MANIFEST_V1.to_owned(),
             body: Bytes::from_static(body),
         }
+    }
+
+    /// Generation key 1, or none once revoked.
+    struct OneKey(crate::crypt::SecretKey, std::sync::atomic::AtomicBool);
+
+    impl Keys for OneKey {
+        fn sealing_key(&self) -> Result<(u32, Arc<crate::crypt::SecretKey>), seal::KeyMissing> {
+            self.opening_key(1).map(|k| (1, k))
+        }
+        fn opening_key(&self, id: u32) -> Result<Arc<crate::crypt::SecretKey>, seal::KeyMissing> {
+            match (id, self.1.load(Ordering::Relaxed)) {
+                (_, true) => Err(seal::KeyMissing::Revoked),
+                (1, false) => Ok(Arc::new(self.0.clone())),
+                _ => Err(seal::KeyMissing::Unknown),
+            }
+        }
+    }
+
+    #[test]
+    fn manifests_are_sealed_checked_and_swept_with_the_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = Arc::new(OneKey(
+            crate::crypt::SecretKey::random().unwrap(),
+            Default::default(),
+        ));
+        let store = ManifestStore::open(dir.path(), Duration::ZERO).unwrap();
+        let plain = manifest(b"{\"schemaVersion\":2,\"plain\":true}");
+        store.put(plain.clone());
+        store.set_keys(Some(Arc::clone(&keys) as Arc<dyn Keys>));
+        // The plaintext file is not served once encryption is on, and the sweep removes it.
+        assert!(store.get(&plain.digest).is_none());
+        let m = manifest(b"{\"schemaVersion\":2,\"layers\":[]}");
+        store.put(m.clone());
+        let path = store.manifest_path(&m.digest).unwrap();
+        let raw = fs::read(&path).unwrap();
+        assert!(crate::crypt::is_sealed(&raw));
+        assert!(!raw.windows(13).any(|w| w == b"schemaVersion"));
+        // From disk (a new store has an empty memory tier): opened and verified.
+        let reopened = ManifestStore::open(dir.path(), Duration::ZERO).unwrap();
+        reopened.set_keys(Some(Arc::clone(&keys) as Arc<dyn Keys>));
+        assert_eq!(reopened.get(&m.digest).unwrap().body, m.body);
+        // A flipped bit: deleted, never served.
+        let mut bad = raw.clone();
+        bad[crate::crypt::HEADER_LEN + 3] ^= 1;
+        fs::write(&path, &bad).unwrap();
+        let fresh = ManifestStore::open(dir.path(), Duration::ZERO).unwrap();
+        fresh.set_keys(Some(Arc::clone(&keys) as Arc<dyn Keys>));
+        assert!(fresh.get(&m.digest).is_none());
+        assert!(!path.exists());
+        assert_eq!(fresh.integrity_failures.load(Ordering::Relaxed), 1);
+        // Revoked: the sweep deletes what the key sealed.
+        fresh.put(m.clone());
+        assert!(path.exists());
+        keys.1.store(true, Ordering::Relaxed);
+        fresh.forget_memory();
+        assert_eq!(fresh.sweep_now(), 1);
+        assert!(!path.exists());
+        assert!(fresh.get(&m.digest).is_none());
     }
 
     #[test]

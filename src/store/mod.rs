@@ -455,20 +455,24 @@ impl BlobStore {
         // committed after this one indexed the directory: the fill re-verifies it from disk.
         // Looked at outside the map's lock (it reads `tmp/`); the map is checked again below.
         let source = match shared.layout.foreign_fill(hex) {
-            Some(temp) => Arc::new(handover::AfterOtherProcess::new(
-                digest.clone(),
-                shared.layout.blob_path(hex),
-                temp,
-                shared.policy.stall_timeout,
-                source,
-            )) as Arc<dyn BlobSource>,
-            None if shared.layout.blob_path(hex).exists() => {
-                Arc::new(handover::AfterOtherProcess::committed(
+            Some(temp) => Arc::new(
+                handover::AfterOtherProcess::new(
+                    digest.clone(),
+                    shared.layout.blob_path(hex),
+                    temp,
+                    shared.policy.stall_timeout,
+                    source,
+                )
+                .with_keys(shared.keys()),
+            ) as Arc<dyn BlobSource>,
+            None if shared.layout.blob_path(hex).exists() => Arc::new(
+                handover::AfterOtherProcess::committed(
                     digest.clone(),
                     shared.layout.blob_path(hex),
                     source,
-                ))
-            }
+                )
+                .with_keys(shared.keys()),
+            ),
             None => source,
         };
         let mut map = shared.inflight();

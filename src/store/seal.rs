@@ -139,37 +139,40 @@ fn read_prefix(file: &File, buf: &mut [u8]) -> usize {
     n
 }
 
-/// Opens the sealed chunks `first..` of `sealed` (bytes read from the file starting at chunk
-/// `first`) in place and returns the plaintext of `range` (plaintext offsets) appended to
-/// `out`. `written` is the plaintext bytes on disk, `complete` whether they are all of them.
-pub(crate) fn open_span(
+/// Opens the sealed chunks `first..` in `buf` (bytes read from the file starting at chunk
+/// `first`) in place and moves the plaintext of `range` (plaintext offsets) to the front of
+/// `buf`; returns its length. `written` is the plaintext bytes on disk, `complete` whether they
+/// are all of them.
+pub(crate) fn open_span_in_place(
     key: &FileKey,
-    sealed: &mut [u8],
+    buf: &mut [u8],
     first: u64,
     written: u64,
     complete: bool,
     range: std::ops::Range<u64>,
-    out: &mut Vec<u8>,
-) -> Result<(), crypt::FormatError> {
+) -> Result<usize, crypt::FormatError> {
     let (from, to) = (range.start, range.end);
     let mut at = 0usize;
+    let mut out = 0usize;
     let mut index = first;
     while Geometry::plaintext_start(index) < to {
         let start = Geometry::plaintext_start(index);
         let len = (written - start).min(crypt::CHUNK_SIZE as u64) as usize;
         let last = complete && start + len as u64 == written;
         let end = at + len + crypt::TAG_LEN;
-        let chunk = sealed
+        let chunk = buf
             .get_mut(at..end)
             .ok_or(crypt::FormatError::Authentication(index))?;
-        let plain = key.open_chunk(index, last, chunk)?;
+        let plain_len = key.open_chunk(index, last, chunk)?.len();
         let lo = from.saturating_sub(start) as usize;
-        let hi = ((to - start) as usize).min(plain.len());
-        out.extend_from_slice(&plain[lo..hi]);
+        let hi = ((to - start) as usize).min(plain_len);
+        // The plaintext only ever moves towards the front: `out <= at + lo`.
+        buf.copy_within(at + lo..at + hi, out);
+        out += hi - lo;
         at = end;
         index += 1;
     }
-    Ok(())
+    Ok(out)
 }
 
 /// File bytes to read for plaintext `[from, to)` with `written` plaintext bytes on disk: the

@@ -1005,8 +1005,8 @@ async fn range_followers_of_a_sealed_fill_get_their_bytes() {
     fill.wait_started().await.unwrap();
     let early = drain(fill.reader(100, 200_000));
     let whole = drain(fill.reader(0, data.len() as u64));
+    // join! polls the readers first: both wait at the gate before it opens.
     let opener = async {
-        tokio::time::sleep(Duration::from_millis(50)).await;
         source.gate.add_permits(1);
     };
     let (early, whole, ()) = tokio::join!(early, whole, opener);
@@ -1189,4 +1189,25 @@ async fn sha512_blobs_are_sealed_with_a_header_naming_their_digest() {
     assert_eq!(header.digest, header_digest(&digest));
     let blob = store.lookup(&digest).unwrap();
     assert!(drain_blob(blob.reader(0, blob.len)).await.unwrap() == data);
+}
+
+#[tokio::test]
+async fn a_sealed_blob_another_process_committed_is_opened_checked_and_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = TestKeys::new(&[1]);
+    let store = sealed_store(dir.path(), &keys);
+    // The other process (same keyring) commits after this store indexed the directory.
+    let data = blob_bytes(200_000, 72);
+    let other = sealed_store(dir.path(), &keys);
+    let digest = fill_sealed(&other, &data).await;
+    let source = Arc::new(FakeSource::new(&data));
+    let fill = store.fill_or_join(&digest, source.clone());
+    assert!(drain(fill.reader(0, data.len() as u64)).await.unwrap() == data);
+    fill.wait_done().await.unwrap();
+    assert!(source.opens().is_empty(), "not fetched again");
+    let blob = store.lookup(&digest).unwrap();
+    assert!(drain_blob(blob.reader(0, blob.len)).await.unwrap() == data);
+    assert!(crate::crypt::is_sealed(
+        &std::fs::read(blob_path(dir.path(), &digest)).unwrap()
+    ));
 }

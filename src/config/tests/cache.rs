@@ -152,3 +152,25 @@ fn check_warns_about_a_world_readable_key_and_an_exposed_admin_listener() {
         config.warnings
     );
 }
+
+#[test]
+fn check_warns_about_an_exec_helper_that_cannot_run() {
+    let config = ok(&format!(
+        "[cache.encryption]\nprovider = \"exec\"\ncommand = [\"/nonexistent/kms-helper\"]\n{HUB}"
+    ));
+    assert!(
+        config
+            .warnings
+            .iter()
+            .any(|w| w.key == "cache.encryption.command"
+                && w.message.contains("[kms-helper-missing]"))
+    );
+    // A name looked up on PATH is left alone.
+    let config = ok(&format!(
+        "[cache.encryption]\nprovider = \"exec\"\ncommand = [\"python3\", \"h.py\"]\n{HUB}"
+    ));
+    assert!(!config
+        .warnings
+        .iter()
+        .any(|w| w.message.contains("kms-helper")));
+}

@@ -168,6 +168,21 @@ fn encryption_rules(
             }
         }
     }
+    if let KeyProvider::Exec { command } = &enc.provider {
+        let program = std::path::Path::new(&command[0]);
+        let runnable = std::fs::metadata(program)
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+        if program.is_absolute() && !runnable {
+            warn(
+                "cache.encryption.command".into(),
+                "kms-helper-missing",
+                format!(
+                    "{} is not an executable file: nothing will be cached until it is",
+                    program.display()
+                ),
+            );
+        }
+    }
     if let Some(admin) = admin.filter(|a| !a.ip().is_loopback()) {
         warn(
             "server.admin_listen".into(),
