@@ -86,7 +86,9 @@ impl Server {
             let cmd = match kind {
                 Kind::Pullgate => pullgate_cmd(env, port, admin, state, &dir, false, false)?,
                 Kind::PullgateSigned => pullgate_cmd(env, port, admin, state, &dir, true, false)?,
-                Kind::PullgateEncrypted => pullgate_cmd(env, port, admin, state, &dir, false, true)?,
+                Kind::PullgateEncrypted => {
+                    pullgate_cmd(env, port, admin, state, &dir, false, true)?
+                }
                 Kind::Distribution => distribution_cmd(env, port, state, &dir)?,
                 Kind::NginxCache => nginx_cmd(&nginx_cache_conf(env, port, state, &dir), &dir)?,
                 Kind::NginxStatic => nginx_cmd(&nginx_static_conf(env, port, &dir), &dir)?,
@@ -98,8 +100,8 @@ impl Server {
             )?;
             match wait_ready(&mut proc, port) {
                 Ok(()) => {
-                    let admin_port = matches!(kind, Kind::Pullgate | Kind::PullgateEncrypted)
-                        .then_some(admin);
+                    let admin_port =
+                        matches!(kind, Kind::Pullgate | Kind::PullgateEncrypted).then_some(admin);
                     return Ok(Server {
                         kind,
                         port,
