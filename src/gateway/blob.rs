@@ -22,6 +22,7 @@ use super::RequestCtx;
 use crate::oci::{Digest, Repository};
 use crate::store::{BlobSource, BlobStore, FillFailure, Links, SourceBody, SourceError};
 use crate::upstream::{UpstreamClient, UpstreamError, UpstreamRequest};
+use crate::warm::pace::{paced, Bucket};
 
 /// Everything a cached blob request needs.
 pub struct BlobJob<'a> {
@@ -36,6 +37,9 @@ pub struct BlobJob<'a> {
     pub digest: &'a Digest,
     pub method: Method,
     pub range: Option<String>,
+    /// Set for a warm request under `cache.warm_bandwidth`: a fill it starts reads the upstream
+    /// at that cap (a client joining that fill gets the same pace).
+    pub pace: Option<Arc<Bucket>>,
 }
 
 /// Serve from the store. `Ok(false)`: not handled here (a HEAD for a blob not on disk, or a
@@ -76,6 +80,7 @@ pub async fn serve(
         partition: job.partition.to_owned(),
         repository: job.repository.clone(),
         digest: job.digest.clone(),
+        pace: job.pace.clone(),
     });
     let fill = job.store.fill_or_join(job.digest, source);
     let total = match fill.wait_started().await {
@@ -160,13 +165,15 @@ async fn unsatisfiable(
     Ok(true)
 }
 
-/// The upstream as a fill's byte source: GET, resumed with `Range: bytes=<offset>-`.
+/// The upstream as a fill's byte source: GET, resumed with `Range: bytes=<offset>-`; read at
+/// `pace` when a warm request started the fill.
 struct UpstreamBlob {
     client: Arc<UpstreamClient>,
     links: Arc<Links>,
     partition: String,
     repository: Repository,
     digest: Digest,
+    pace: Option<Arc<Bucket>>,
 }
 
 #[async_trait]
@@ -215,9 +222,13 @@ impl BlobSource for UpstreamBlob {
             // The upstream ignored Range: skip what the fill already has.
             (_, offset) => (answer.content_length(), offset),
         };
+        let chunks = skip_bytes(answer, skip);
         Ok(SourceBody {
             total_len,
-            chunks: skip_bytes(answer, skip),
+            chunks: match &self.pace {
+                Some(bucket) => paced(chunks, Arc::clone(bucket)),
+                None => chunks,
+            },
         })
     }
 }

@@ -191,6 +191,7 @@ pub async fn serve(
                         digest: &digest,
                         method: job.method.clone(),
                         range,
+                        pace: ctx.warm.as_ref().and_then(|_| gw.warm_pace.bucket()),
                     };
                     if blob::serve(session, ctx, &cached).await? {
                         return Ok(());
