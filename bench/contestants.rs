@@ -67,8 +67,15 @@ pub struct Server {
 
 impl Server {
     /// Starts `kind` with its cache in `state` (created if missing) and its config and logs in
-    /// a new folder under `run`; returns once it answers HTTP.
-    pub fn start(kind: Kind, env: &Env, state: &Path, run: &Path) -> Result<Server, String> {
+    /// a new folder under `run`, and `cache_extra` (TOML lines) in pullgate's `[cache]`;
+    /// returns once it answers HTTP.
+    pub fn start(
+        kind: Kind,
+        env: &Env,
+        state: &Path,
+        run: &Path,
+        cache_extra: &str,
+    ) -> Result<Server, String> {
         std::fs::create_dir_all(state).map_err(|e| e.to_string())?;
         let mut last = String::new();
         for _ in 0..5 {
@@ -81,8 +88,10 @@ impl Server {
                 .keep();
             let log = dir.join("server.log");
             let cmd = match kind {
-                Kind::Pullgate => pullgate_cmd(env, port, admin, state, &dir, false)?,
-                Kind::PullgateSigned => pullgate_cmd(env, port, admin, state, &dir, true)?,
+                Kind::Pullgate => pullgate_cmd(env, port, admin, state, &dir, false, cache_extra)?,
+                Kind::PullgateSigned => {
+                    pullgate_cmd(env, port, admin, state, &dir, true, cache_extra)?
+                }
                 Kind::Distribution => distribution_cmd(env, port, state, &dir)?,
                 Kind::NginxCache => nginx_cmd(&nginx_cache_conf(env, port, state, &dir), &dir)?,
                 Kind::NginxStatic => nginx_cmd(&nginx_static_conf(env, port, &dir), &dir)?,
@@ -170,6 +179,7 @@ fn pullgate_cmd(
     state: &Path,
     dir: &Path,
     signed: bool,
+    cache_extra: &str,
 ) -> Result<Command, String> {
     let password = dir.join("password");
     std::fs::write(&password, format!("{}\n", env.password)).map_err(|e| e.to_string())?;
@@ -181,7 +191,7 @@ admin_listen = "127.0.0.1:{admin}"
 [cache]
 dir = "{cache}"
 max_size = "20GiB"
-
+{cache_extra}
 [[registry]]
 name = "upstream"
 upstream = "{url}"
