@@ -70,8 +70,15 @@ pub struct Server {
 
 impl Server {
     /// Starts `kind` with its cache in `state` (created if missing) and its config and logs in
-    /// a new folder under `run`; returns once it answers HTTP.
-    pub fn start(kind: Kind, env: &Env, state: &Path, run: &Path) -> Result<Server, String> {
+    /// a new folder under `run`, and `cache_extra` (TOML lines) in pullgate's `[cache]`;
+    /// returns once it answers HTTP.
+    pub fn start(
+        kind: Kind,
+        env: &Env,
+        state: &Path,
+        run: &Path,
+        cache_extra: &str,
+    ) -> Result<Server, String> {
         std::fs::create_dir_all(state).map_err(|e| e.to_string())?;
         let mut last = String::new();
         for _ in 0..5 {
@@ -84,10 +91,8 @@ impl Server {
                 .keep();
             let log = dir.join("server.log");
             let cmd = match kind {
-                Kind::Pullgate => pullgate_cmd(env, port, admin, state, &dir, false, false)?,
-                Kind::PullgateSigned => pullgate_cmd(env, port, admin, state, &dir, true, false)?,
-                Kind::PullgateEncrypted => {
-                    pullgate_cmd(env, port, admin, state, &dir, false, true)?
+                Kind::Pullgate | Kind::PullgateSigned | Kind::PullgateEncrypted => {
+                    pullgate_cmd(env, port, admin, state, &dir, kind, cache_extra)?
                 }
                 Kind::Distribution => distribution_cmd(env, port, state, &dir)?,
                 Kind::NginxCache => nginx_cmd(&nginx_cache_conf(env, port, state, &dir), &dir)?,
@@ -170,21 +175,22 @@ fn wait_ready(proc: &mut Proc, port: u16) -> Result<(), String> {
     }
 }
 
-/// pullgate's config: the admin listener on `admin`; with `signed` a signature policy over the
-/// benchmark repositories; with `encrypted` the cache sealed under a `file` KEK kept next to the
-/// state (the same KEK for every process on that state).
+/// pullgate's config for `kind`: the admin listener on `admin` and `cache_extra` in `[cache]`;
+/// `pullgate-signed` adds a signature policy over the benchmark repositories, `pullgate-enc`
+/// seals the cache under a `file` KEK kept next to the state (the same KEK for every process on
+/// that state).
 fn pullgate_cmd(
     env: &Env,
     port: u16,
     admin: u16,
     state: &Path,
     dir: &Path,
-    signed: bool,
-    encrypted: bool,
+    kind: Kind,
+    cache_extra: &str,
 ) -> Result<Command, String> {
     let password = dir.join("password");
     std::fs::write(&password, format!("{}\n", env.password)).map_err(|e| e.to_string())?;
-    let encryption = if encrypted {
+    let encryption = if kind == Kind::PullgateEncrypted {
         use std::os::unix::fs::PermissionsExt;
         let kek = state.join("cache.kek");
         if !kek.exists() {
@@ -207,8 +213,8 @@ admin_listen = "127.0.0.1:{admin}"
 [cache]
 dir = "{cache}"
 max_size = "20GiB"
+{cache_extra}
 {encryption}
-
 [[registry]]
 name = "upstream"
 upstream = "{url}"
@@ -222,7 +228,7 @@ credentials = {{ username = "{user}", password_file = "{password}" }}
         user = env.user,
         password = password.display(),
     );
-    let config = if signed {
+    let config = if kind == Kind::PullgateSigned {
         format!(
             "{config}\n[[registry.signatures]]\nrepositories = [\"bench/**\"]\nkeys = [\"{}\"]\n",
             env.signature_key.display()

@@ -24,6 +24,7 @@ use super::RequestCtx;
 use crate::oci::{Digest, Repository};
 use crate::store::{BlobSource, BlobStore, FillFailure, Links, SourceBody, SourceError};
 use crate::upstream::{UpstreamClient, UpstreamError, UpstreamRequest};
+use crate::warm::pace::{paced, Bucket};
 
 /// Everything a cached blob request needs.
 pub struct BlobJob<'a> {
@@ -38,6 +39,9 @@ pub struct BlobJob<'a> {
     pub digest: &'a Digest,
     pub method: Method,
     pub range: Option<String>,
+    /// Set for a warm request under `cache.warm_bandwidth`: a fill it starts reads the upstream
+    /// at that cap (a client joining that fill gets the same pace).
+    pub pace: Option<Arc<Bucket>>,
     /// Set on a cluster member that does not own the digest: a fill asks the owner
     /// (`peer.rs`). `None` on the owner, outside a cluster, and for a peer's request.
     pub forward: Option<Forward<'a>>,
@@ -88,6 +92,7 @@ pub async fn serve(
         partition: job.partition.to_owned(),
         repository: job.repository.clone(),
         digest: job.digest.clone(),
+        pace: job.pace.clone(),
     };
     let me = ctx
         .gateway
@@ -200,13 +205,15 @@ async fn unsatisfiable(
     Ok(true)
 }
 
-/// The upstream as a fill's byte source: GET, resumed with `Range: bytes=<offset>-`.
+/// The upstream as a fill's byte source: GET, resumed with `Range: bytes=<offset>-`; read at
+/// `pace` when a warm request started the fill.
 pub(super) struct UpstreamBlob {
     client: Arc<UpstreamClient>,
     links: Arc<Links>,
     partition: String,
     repository: Repository,
     digest: Digest,
+    pace: Option<Arc<Bucket>>,
 }
 
 #[async_trait]
@@ -255,9 +262,13 @@ impl BlobSource for UpstreamBlob {
             // The upstream ignored Range: skip what the fill already has.
             (_, offset) => (answer.content_length(), offset),
         };
+        let chunks = skip_bytes(answer, skip);
         Ok(SourceBody {
             total_len,
-            chunks: skip_bytes(answer, skip),
+            chunks: match &self.pace {
+                Some(bucket) => paced(chunks, Arc::clone(bucket)),
+                None => chunks,
+            },
         })
     }
 }

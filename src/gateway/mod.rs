@@ -85,6 +85,8 @@ pub struct Gateway {
     verdicts: Arc<signature::Verdicts>,
     /// Marks this process's own warm requests (one per process, carried across reloads).
     warm_key: crate::warm::WarmKey,
+    /// `cache.warm_bandwidth`, shared with the warm engine: paces the fills warm requests start.
+    warm_pace: crate::warm::Pace,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -102,6 +104,7 @@ struct Stores {
     keys: Option<Arc<KeyService>>,
     links: Arc<Links>,
     warm_key: crate::warm::WarmKey,
+    warm_pace: crate::warm::Pace,
 }
 
 /// Everything an upstream client is built from besides its metrics: the registry's name,
@@ -220,6 +223,7 @@ impl Gateway {
             keys,
             links,
             warm_key: crate::warm::WarmKey::generate(),
+            warm_pace: crate::warm::Pace::default(),
         };
         let gateway = Gateway::build(config, metrics, stores, None)?;
         gateway.apply_keys();
@@ -236,6 +240,7 @@ impl Gateway {
             keys: start_keys(&config, self.keys.as_ref())?,
             links: Arc::clone(&self.links),
             warm_key: self.warm_key.clone(),
+            warm_pace: self.warm_pace.clone(),
         };
         Gateway::build(config, Arc::clone(&self.metrics), stores, Some(self))
     }
@@ -405,6 +410,7 @@ impl Gateway {
             cluster,
             verdicts,
             warm_key: stores.warm_key,
+            warm_pace: stores.warm_pace,
         })
     }
 
@@ -421,6 +427,11 @@ impl Gateway {
     /// The secret of this process's warm requests, for its warm engine.
     pub fn warm_key(&self) -> crate::warm::WarmKey {
         self.warm_key.clone()
+    }
+
+    /// The warm bandwidth cap, for its warm engine (which sets it from the config).
+    pub fn warm_pace(&self) -> crate::warm::Pace {
+        self.warm_pace.clone()
     }
 
     /// Whether `ip` is in this config's `server.trusted_proxies` (the PROXY protocol hook).

@@ -301,6 +301,8 @@ pub async fn serve(
         method: Method::GET,
         range,
         forward: None,
+        // A peer's request is never paced here, even for a warm job on the asking replica.
+        pace: None,
     };
     if blob::serve(session, ctx, &job).await? {
         return Ok(());

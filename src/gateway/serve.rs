@@ -203,6 +203,7 @@ pub async fn serve(
                                 owner,
                             })
                         }),
+                        pace: ctx.warm.as_ref().and_then(|_| gw.warm_pace.bucket()),
                     };
                     if blob::serve(session, ctx, &cached).await? {
                         return Ok(());

@@ -115,6 +115,7 @@ fn build(launch: Launch) -> Result<(Server, Arc<ArcSwap<Gateway>>), String> {
     ));
     let warmer = crate::warm::Warmer::new(
         gateway.load().warm_key(),
+        gateway.load().warm_pace(),
         gateway.load().store(),
         metrics.clone(),
     );

@@ -15,6 +15,7 @@ use http::header;
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
+use super::pace::Pace;
 use super::plan::{self, Descriptor, Target};
 use super::{WarmKey, ACCOUNT_HEADER, KEY_HEADER};
 use crate::config::model::{Config, WarmEntry};
@@ -31,8 +32,6 @@ const MAX_MANIFEST: usize = 64 << 20;
 const READ_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a job waits for pullgate's own listener to accept (at start).
 const LISTENER_WAIT: Duration = Duration::from_secs(30);
-/// Bytes the bandwidth cap lets through at once after an idle spell.
-const BURST: Duration = Duration::from_millis(100);
 
 /// What a job is, as `GET /warm/<id>` shows it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -105,6 +104,8 @@ pub struct Warmer {
 
 struct Inner {
     key: WarmKey,
+    /// The bandwidth cap, shared with the gateway's warm fills.
+    pace: Pace,
     store: BlobStore,
     metrics: Arc<Metrics>,
     http: reqwest::Client,
@@ -137,11 +138,10 @@ struct State {
 #[derive(Clone)]
 struct Limits {
     fetches: Arc<Semaphore>,
-    bandwidth: Option<Arc<Bucket>>,
 }
 
 impl Warmer {
-    pub fn new(key: WarmKey, store: BlobStore, metrics: Arc<Metrics>) -> Warmer {
+    pub fn new(key: WarmKey, pace: Pace, store: BlobStore, metrics: Arc<Metrics>) -> Warmer {
         let http = reqwest::Client::builder()
             .no_proxy()
             .redirect(reqwest::redirect::Policy::none())
@@ -152,6 +152,7 @@ impl Warmer {
         Warmer {
             inner: Arc::new(Inner {
                 key,
+                pace,
                 store,
                 metrics,
                 http,
@@ -161,7 +162,6 @@ impl Warmer {
                     base: None,
                     limits: Limits {
                         fetches: Arc::new(Semaphore::new(1)),
-                        bandwidth: None,
                     },
                     next_id: 1,
                     jobs: VecDeque::new(),
@@ -226,8 +226,8 @@ impl Warmer {
         let cache = &config.cache;
         state.limits = Limits {
             fetches: Arc::new(Semaphore::new(cache.warm_concurrency.max(1))),
-            bandwidth: cache.warm_bandwidth.map(|rate| Arc::new(Bucket::new(rate))),
         };
+        self.inner.pace.set(cache.warm_bandwidth);
         state.base = config.server.listen.first().map(|a| base_url(*a));
         state.config = Some(Arc::clone(&config));
         let Some(runtime) = runtime else {
@@ -782,9 +782,8 @@ impl Run<'_> {
     }
 
     async fn blob(&self, target: &Target, blob: &Descriptor) -> Result<(), String> {
-        // Paid before asking: the fill a request starts runs at the upstream's speed whoever
-        // reads it, so the cap spaces out the fills a job starts.
-        self.bandwidth(blob.size).await;
+        // Not paid here: a fill this request starts reads its upstream through the same
+        // bucket (`gateway::blob`), so paying again would halve the cap.
         let _permit = self
             .limits
             .fetches
@@ -828,11 +827,8 @@ impl Run<'_> {
     }
 
     async fn bandwidth(&self, bytes: u64) {
-        if let Some(bucket) = &self.limits.bandwidth {
-            let wait = bucket.take(bytes, Instant::now());
-            if !wait.is_zero() {
-                tokio::time::sleep(wait).await;
-            }
+        if let Some(bucket) = self.warmer.inner.pace.bucket() {
+            bucket.pay(bytes).await;
         }
     }
 }
@@ -872,55 +868,9 @@ fn answer_error(status: reqwest::StatusCode, body: &[u8]) -> String {
     }
 }
 
-/// The bandwidth cap: bytes are let through at `rate` per second, with a burst of
-/// [`BURST`]'s worth after an idle spell. Shared by every job of a config.
-pub struct Bucket {
-    rate: u64,
-    /// When the bytes taken so far will have gone through at `rate`.
-    next: Mutex<Option<Instant>>,
-}
-
-impl Bucket {
-    pub fn new(rate: u64) -> Bucket {
-        Bucket {
-            rate: rate.max(1),
-            next: Mutex::new(None),
-        }
-    }
-
-    /// Takes `bytes` at `now`; how long to wait before using them.
-    pub fn take(&self, bytes: u64, now: Instant) -> Duration {
-        let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
-        // Idle time earns at most BURST of credit.
-        let floor = now.checked_sub(BURST).unwrap_or(now);
-        let start = next.map_or(floor, |t| t.max(floor));
-        let done = start + Duration::from_secs_f64(bytes as f64 / self.rate as f64);
-        *next = Some(done);
-        done.saturating_duration_since(now)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_bucket_lets_a_burst_through_then_holds_to_the_rate() {
-        let b = Bucket::new(1_000_000);
-        let t0 = Instant::now() + Duration::from_secs(10);
-        // 100 ms of burst: 100 kB now costs nothing.
-        assert_eq!(b.take(100_000, t0), Duration::ZERO);
-        // The next 500 kB take half a second.
-        let wait = b.take(500_000, t0);
-        assert!(
-            wait >= Duration::from_millis(490) && wait <= Duration::from_millis(510),
-            "{wait:?}"
-        );
-        // After a long idle spell the debt is forgotten, but the burst does not grow.
-        let later = t0 + Duration::from_secs(60);
-        assert_eq!(b.take(100_000, later), Duration::ZERO);
-        assert!(b.take(200_000, later) >= Duration::from_millis(190));
-    }
 
     #[test]
     fn listeners_on_any_address_are_reached_on_loopback() {

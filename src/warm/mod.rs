@@ -3,7 +3,8 @@
 //!
 //! Owns: the planning of a job (`plan`: image names routed as clients route them, platform
 //! selection, the blobs a manifest needs), the engine that runs jobs and refresh loops
-//! (`engine`), the per-process secret that marks a warm request ([`WarmKey`]), and the pins
+//! (`engine`), the per-process secret that marks a warm request ([`WarmKey`]), the bandwidth
+//! cap shared with the fills warm requests start (`pace`), and the pins
 //! warm entries hold. A warm job pulls THROUGH pullgate's own plain listener over loopback, with
 //! the clients' Accept lists, so its cache keys, single-flight fills, negotiation variants and
 //! per-account views are exactly those of the clients that pull afterwards.
@@ -11,9 +12,11 @@
 //! anywhere but to its own listener, or unpin a digest another entry still holds.
 
 pub mod engine;
+pub mod pace;
 pub mod plan;
 
 pub use engine::{JobView, Warmer};
+pub use pace::Pace;
 
 /// The header that carries the secret of a warm request; the edge checks and drops it.
 pub const KEY_HEADER: &str = "x-pullgate-warm";
