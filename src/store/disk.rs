@@ -6,7 +6,8 @@
 //! ([`ChunkReader`]), the one place a transform such as encryption at rest would sit.
 //! Must never: build a path from anything but a verified [`Digest`] hex or a name it checked
 //! itself (invariant 2), make a file visible under `blobs/` before the fill verified it
-//! (invariant 3), or read more than one chunk into memory (invariant 7).
+//! (invariant 3), or hold more than two chunks of a reader in memory (the one being sent and,
+//! for a sealed blob, the next one being opened; invariant 7).
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -230,6 +231,8 @@ pub(crate) struct ChunkReader {
     pos: u64,
     end: u64,
     buf: BytesMut,
+    /// The second buffer of a sealed blob's read-ahead ([`BlobReader`]).
+    spare: BytesMut,
     sealed: Option<Arc<SealedFile>>,
 }
 
@@ -270,6 +273,7 @@ impl ChunkReader {
             pos: start,
             end: end.max(start),
             buf: BytesMut::new(),
+            spare: BytesMut::new(),
             sealed,
         }
     }
@@ -284,6 +288,49 @@ impl ChunkReader {
 
     pub(crate) fn is_done(&self) -> bool {
         self.pos >= self.end
+    }
+
+    /// For a sealed, complete file: starts reading and opening the next chunk on a blocking
+    /// thread and moves past it; `None` when there is nothing (or too little) left, or the file
+    /// is plaintext (the page cache makes its reads cheap enough).
+    fn read_ahead(&mut self, extent: Extent) -> Option<Ahead> {
+        let sealed = Arc::clone(self.sealed.as_ref()?);
+        let len = usize::try_from(extent.written.min(self.end).saturating_sub(self.pos))
+            .unwrap_or(MAX_CHUNK)
+            .min(MAX_CHUNK);
+        if !extent.complete || len < BLOCKING_READ_MIN {
+            return None;
+        }
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        let (from, to) = (self.pos, self.pos + len as u64);
+        let (_, _, raw_len) = seal::span(from, to, extent.written);
+        let file = Arc::clone(&self.file);
+        self.pos = to;
+        // Allocated (once) and sized here, not on the blocking thread: memory freed on another
+        // thread than the one that allocated it is what makes RSS grow under many readers.
+        let mut buf = std::mem::take(&mut self.spare);
+        buf.reserve(raw_len);
+        buf.resize(raw_len, 0);
+        Some(runtime.spawn_blocking(move || {
+            let n = open_sealed(&file, &sealed, &mut buf, from, to, extent);
+            (buf, n)
+        }))
+    }
+
+    /// A sealed file's generation key is still there (not revoked).
+    fn check_key(&self) -> io::Result<()> {
+        let Some(sealed) = &self.sealed else {
+            return Ok(());
+        };
+        match &sealed.keys {
+            Some(keys) if keys.opening_key(sealed.key.header().generation).is_err() => {
+                Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    "the encryption key of this file is no longer available",
+                ))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Reads the next chunk of `[pos, min(available, end))`, at most [`MAX_CHUNK`] bytes.
@@ -445,6 +492,8 @@ impl Blob {
         BlobReader {
             inner: ChunkReader::new(Arc::clone(&self.file), start, end, self.sealed.clone()),
             len: self.len,
+            ahead: None,
+            may_read_ahead: None,
         }
     }
 }
@@ -454,24 +503,56 @@ impl Blob {
 pub struct BlobReader {
     inner: ChunkReader,
     len: u64,
+    /// A sealed blob's next chunk, read and opened on a blocking thread while the caller sends
+    /// the current one, so decryption overlaps the socket writes (two chunks in memory at most).
+    ahead: Option<Ahead>,
+    /// Held while this reader may read ahead (and keeps its second buffer).
+    may_read_ahead: Option<tokio::sync::SemaphorePermit<'static>>,
 }
+
+/// A chunk being read and opened on a blocking thread: the buffer comes back with it.
+type Ahead = tokio::task::JoinHandle<(BytesMut, io::Result<usize>)>;
+
+/// Readers that may read ahead at once, process-wide: each holds a second buffer of about
+/// 1 MiB for its life, so this bounds the extra memory however many clients stream (the others
+/// read as plaintext readers do). A few readers gain the most: many already use both cores.
+static READ_AHEADS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
 
 impl BlobReader {
     /// The next chunk; `Ok(None)` only after every byte of the range was returned.
     pub async fn next_chunk(&mut self) -> io::Result<Option<Bytes>> {
-        if self.inner.is_done() {
-            return Ok(None);
-        }
-        if self.inner.pos() >= self.len {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "range extends past the end of the blob",
-            ));
-        }
         let extent = Extent {
             written: self.len,
             complete: true,
         };
-        self.inner.read(self.len, extent).await.map(Some)
+        let chunk = if let Some(ahead) = self.ahead.take() {
+            let (mut buf, n) = ahead.await.map_err(io::Error::other)?;
+            buf.truncate(n?);
+            // Opened before a revocation, perhaps: never handed out after one.
+            self.inner.check_key()?;
+            let chunk = buf.split().freeze();
+            // The two buffers take turns: the next read-ahead gets the one whose chunk the
+            // caller has sent by now, so both allocations are reused.
+            self.inner.spare = std::mem::replace(&mut self.inner.buf, buf);
+            chunk
+        } else {
+            if self.inner.is_done() {
+                return Ok(None);
+            }
+            if self.inner.pos() >= self.len {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "range extends past the end of the blob",
+                ));
+            }
+            self.inner.read(self.len, extent).await?
+        };
+        if self.may_read_ahead.is_none() && self.inner.sealed.is_some() {
+            self.may_read_ahead = READ_AHEADS.try_acquire().ok();
+        }
+        if self.may_read_ahead.is_some() {
+            self.ahead = self.inner.read_ahead(extent);
+        }
+        Ok(Some(chunk))
     }
 }
