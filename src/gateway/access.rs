@@ -198,7 +198,14 @@ fn warm_allowed(
         }
     }
     ctx.decision = "allow";
-    ctx.credential = match &account {
+    ctx.credential = credential_name(registry, account.as_deref());
+    Ok(account)
+}
+
+/// The config key of the upstream credentials a request uses (for the audit line: the name,
+/// never the value): `account`'s scoped credentials, else the registry's own, if it has any.
+pub(super) fn credential_name(registry: &Registry, account: Option<&str>) -> Option<String> {
+    match account {
         Some(name) => Some(format!(
             "registry.{}.scoped_credentials.{name}",
             registry.name
@@ -207,6 +214,5 @@ fn warm_allowed(
             .credentials
             .as_ref()
             .map(|_| format!("registry.{}.credentials", registry.name)),
-    };
-    Ok(account)
+    }
 }

@@ -90,16 +90,7 @@ pub fn admit(
         return Err(deny(ctx, SignatureError::Invalid));
     }
     ctx.decision = "allow";
-    ctx.credential = match &grant.account {
-        Some(name) => Some(format!(
-            "registry.{}.scoped_credentials.{name}",
-            registry.name
-        )),
-        None => registry
-            .credentials
-            .as_ref()
-            .map(|_| format!("registry.{}.credentials", registry.name)),
-    };
+    ctx.credential = super::access::credential_name(registry, grant.account.as_deref());
     Ok(partition)
 }
 

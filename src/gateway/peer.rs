@@ -284,10 +284,7 @@ pub async fn serve(
         .into());
     }
     ctx.decision = "allow";
-    ctx.credential = Some(match &grant.account {
-        Some(name) => format!("registry.{registry}.scoped_credentials.{name}"),
-        None => format!("registry.{registry}.credentials"),
-    });
+    ctx.credential = super::access::credential_name(client.registry(), grant.account.as_deref());
     gw.metrics.forwards_served.inc();
     let job = BlobJob {
         store: &gw.store,
