@@ -106,8 +106,9 @@ fn write_out(shared: &Shared, mut out: impl Write) {
             // the requests go on.
             let _ = out.write_all(&spare).and_then(|()| out.flush());
             spare.clear();
-            // Keep a burst's allocation only up to the bound.
-            spare.shrink_to(MAX_WAITING);
+            // A burst (a disk that stalled) may have grown the buffer to the bound; keep only
+            // what a normal interval needs, so the burst's memory is given back.
+            spare.shrink_to(2 * WAKE_AT);
         }
         if stopping && shared.lock().bytes.is_empty() {
             return;
