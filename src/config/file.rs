@@ -106,6 +106,19 @@ pub(super) struct CacheFile {
     pub warm_concurrency: Option<i64>,
     pub warm_bandwidth: Option<String>,
     pub encryption: Option<EncryptionFile>,
+    pub l2: Option<L2File>,
+}
+
+/// `[cache.l2]`: the object store the replicas share.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct L2File {
+    pub url: Option<String>,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub access_key_id_env: Option<String>,
+    pub secret_access_key_file: Option<String>,
+    pub ca: Option<String>,
 }
 
 /// `[cache.encryption]`: every provider's keys in one table; validation checks which belong.

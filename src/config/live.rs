@@ -23,6 +23,7 @@ pub fn fixed_keys_changed(old: &Config, new: &Config) -> Vec<String> {
     differs("server.threads", a.threads == b.threads);
     differs("server.log_format", a.log_format == b.log_format);
     differs("cache.dir", old.cache.dir == new.cache.dir);
+    differs("cache.l2", old.cache.l2 == new.cache.l2);
     if a.tls.len() != b.tls.len() {
         changed.push("server.tls".to_owned());
     } else {

@@ -127,6 +127,24 @@ pub struct Cache {
     pub warm_bandwidth: Option<u64>,
     /// `[cache.encryption]`: blobs and manifests sealed at rest; `None` = plaintext.
     pub encryption: Option<Encryption>,
+    /// `[cache.l2]`: a second tier in an object store; `None` = disk only.
+    pub l2: Option<L2>,
+}
+
+/// `[cache.l2]`: an S3 bucket (or an S3-compatible store) shared by every replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct L2 {
+    pub bucket: String,
+    /// Object names start with this (no leading or trailing `/`; may be empty).
+    pub prefix: String,
+    /// `None`: AWS's own endpoint for `region`.
+    pub endpoint: Option<url::Url>,
+    pub region: String,
+    /// The name of the environment variable holding the access key id.
+    pub access_key_id_env: Option<String>,
+    pub secret_access_key_file: Option<PathBuf>,
+    /// CA bundle for an `https` endpoint with a private CA.
+    pub ca: Option<PathBuf>,
 }
 
 /// One `[[warm]]` entry, checked for its own values (not yet routed).

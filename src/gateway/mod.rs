@@ -216,6 +216,9 @@ impl Gateway {
         manifests.share_integrity_counter(store.integrity_counter());
         let links = Arc::new(Links::open(&config.cache.dir).map_err(cache_error)?);
         store.set_pinned_max_size(config.cache.pinned_max_size);
+        if let Some(l2) = &config.cache.l2 {
+            store.set_l2(Arc::new(crate::store::L2::from_config(l2)?));
+        }
         let keys = start_keys(&config, None)?;
         let stores = Stores {
             store,

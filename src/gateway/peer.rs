@@ -30,7 +30,7 @@ use crate::cluster::{Membership, Owner, DEFAULT_BACKOFF};
 use crate::metrics::Metrics;
 use crate::oci::{Digest, ErrorCode, OciError, Repository};
 use crate::sign::{self, Grant, Presented, RedirectKey};
-use crate::store::{BlobSource, SourceBody, SourceError};
+use crate::store::{BlobSource, Origin, SourceBody, SourceError};
 
 /// The path of peer blob requests on a member's plain listener. Outside `/v2/`, so no client
 /// request is ever taken for one.
@@ -159,6 +159,14 @@ impl BlobSource for PeerBlob {
             }
         }
         self.upstream.open(offset).await
+    }
+
+    fn origin(&self) -> Origin {
+        if self.fell_back.load(Ordering::Relaxed) {
+            Origin::Upstream
+        } else {
+            Origin::Peer
+        }
     }
 }
 

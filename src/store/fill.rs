@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::disk::{Blob, ChunkReader, Extent, SealedFile};
-use super::{BlobSource, Shared, SourceBody, SourceError};
+use super::{BlobSource, Origin, Shared, SourceBody, SourceError};
 use crate::crypt::{FileKey, Sealer};
 use crate::oci::{Digest, DigestHasher, ErrorCode, OciError};
 
@@ -482,18 +482,41 @@ impl FillTask {
                 self.tx.send_modify(|p| p.state = FillState::Done);
                 drop(guard);
                 tracing::debug!(digest = %self.digest, len, "fill committed");
+                self.hand_to_l2();
             }
             Err(failure) => {
                 if let Err(e) = tokio::fs::remove_file(&self.temp).await {
                     tracing::warn!(path = %self.temp.display(), error = %e, "could not delete temp file");
                 }
                 self.shared.counters.failed(&failure);
+                if let (FillFailure::Invalid(_), Some(l2)) = (&failure, self.shared.l2.get()) {
+                    if self.source.origin() == Origin::L2 {
+                        l2.forget(&self.digest);
+                    }
+                }
                 // Leave the map first so the next request starts a fresh fill.
                 drop(guard);
                 tracing::warn!(digest = %self.digest, error = %failure, "fill failed");
                 self.tx
                     .send_modify(|p| p.state = FillState::Failed(failure));
             }
+        }
+    }
+
+    /// A blob this fill fetched from the upstream goes to the object store too, read back from
+    /// the verified file just committed.
+    fn hand_to_l2(&self) {
+        let Some(l2) = self.shared.l2.get() else {
+            return;
+        };
+        if self.source.origin() != Origin::Upstream {
+            return;
+        }
+        let store = super::BlobStore {
+            shared: Arc::clone(&self.shared),
+        };
+        if let Some(blob) = store.open_committed(&self.digest) {
+            l2.upload(&self.digest, blob);
         }
     }
 

@@ -17,6 +17,7 @@ mod disk;
 mod fill;
 mod handover;
 mod index;
+mod l2;
 mod links;
 mod manifest;
 mod seal;
@@ -36,6 +37,7 @@ use crate::oci::{Digest, OciError};
 
 pub use disk::{Blob, BlobReader, MAX_CHUNK};
 pub use fill::{Fill, FillFailure, FillPolicy, FillReader, FillState, Progress};
+pub use l2::{L2Stats, L2};
 pub use links::Links;
 pub use manifest::{
     CachedManifest, ManifestStats, ManifestStore, ReferrersEntry, ReferrersKey, TagEntry, TagKey,
@@ -56,6 +58,22 @@ pub trait BlobSource: Send + Sync + 'static {
     /// request). Returns the TOTAL blob length if known and a stream of chunks from `offset`.
     /// A source that cannot resume should answer `Broken` for `offset > 0`, never restart at 0.
     async fn open(&self, offset: u64) -> Result<SourceBody, SourceError>;
+
+    /// Where the bytes of this fill came from, asked once the fill ended: only what came from
+    /// the upstream is uploaded to L2 (a peer's copy is uploaded by that peer).
+    fn origin(&self) -> Origin {
+        Origin::Upstream
+    }
+}
+
+/// Where a fill's bytes came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Upstream,
+    /// The object store ([`L2`]).
+    L2,
+    /// Another replica of the cluster.
+    Peer,
 }
 
 /// An opened source body.
@@ -118,6 +136,8 @@ pub struct StoreStats {
     pub integrity_failures: u64,
     /// Files deleted because encryption was turned on or off, or their key was revoked.
     pub resealed_evictions: u64,
+    /// The object store's counters, when there is one.
+    pub l2: Option<L2Stats>,
 }
 
 #[derive(Debug, Default)]
@@ -173,6 +193,8 @@ pub(crate) struct Shared {
     /// Shared with the manifest store ([`BlobStore::integrity_counter`]).
     integrity_failures: Arc<AtomicU64>,
     stale_evictions: Counter,
+    /// The object store behind the disk ([`BlobStore::set_l2`]).
+    l2: std::sync::OnceLock<Arc<L2>>,
 }
 
 impl Shared {
@@ -272,6 +294,7 @@ impl BlobStore {
             keys: std::sync::RwLock::new(None),
             integrity_failures: Arc::new(AtomicU64::new(0)),
             stale_evictions: Counter::default(),
+            l2: std::sync::OnceLock::new(),
         };
         tracing::info!(dir = %dir.display(), entries = stats.entries, bytes = stats.bytes,
             temp_files_removed, elapsed = ?stats.elapsed, "blob store opened");
@@ -446,6 +469,10 @@ impl BlobStore {
         };
         let shared = &self.shared;
         let hex = digest.hex();
+        let source = match shared.l2.get() {
+            Some(l2) => Arc::new(l2::L2Source::new(Arc::clone(l2), digest, source)),
+            None => source,
+        };
         // Joining a running fill needs no disk look (below); only a new fill does.
         if let Some(fill) = shared.inflight().get(hex).cloned() {
             shared.counters.joined.inc();
@@ -536,7 +563,14 @@ impl BlobStore {
             fills_storage: shared.counters.storage.get(),
             integrity_failures: shared.integrity_failures.load(Ordering::Relaxed),
             resealed_evictions: shared.stale_evictions.get(),
+            l2: shared.l2.get().map(|l2| l2.stats()),
         }
+    }
+
+    /// Puts `l2` behind the disk: every fill asks it first, and every blob fetched from the
+    /// upstream is uploaded to it once verified. Set once, at start.
+    pub fn set_l2(&self, l2: Arc<L2>) {
+        let _ = self.shared.l2.set(l2);
     }
 
     /// A new `cache.max_size` (a reload): shrinking evicts down to it now.

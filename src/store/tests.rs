@@ -1211,3 +1211,130 @@ async fn a_sealed_blob_another_process_committed_is_opened_checked_and_taken() {
         &std::fs::read(blob_path(dir.path(), &digest)).unwrap()
     ));
 }
+
+// ---------------------------------------------------------------------------------------------
+// The object store tier (L2), on object_store's in-memory store
+
+/// A source that says its bytes came from another replica.
+struct FromPeer(FakeSource);
+
+#[async_trait::async_trait]
+impl BlobSource for FromPeer {
+    async fn open(&self, offset: u64) -> Result<SourceBody, SourceError> {
+        self.0.open(offset).await
+    }
+    fn origin(&self) -> Origin {
+        Origin::Peer
+    }
+}
+
+async fn wait_uploads(l2: &L2, n: u64) {
+    for _ in 0..500 {
+        if l2.stats().uploads >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{n} uploads expected, stats {:?}", l2.stats());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_fetched_upstream_goes_to_l2_and_a_store_with_an_empty_disk_fills_from_it() {
+    let objects = Arc::new(object_store::memory::InMemory::new());
+    let l2 = Arc::new(L2::new(objects.clone(), "/cache/"));
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = new_store(dir_a.path(), 1 << 30);
+    a.set_l2(Arc::clone(&l2));
+    // Small enough for one PUT, and large enough for a multipart upload.
+    let blobs = [blob_bytes(100_000, 7), blob_bytes(9 * MAX_CHUNK + 3, 8)];
+    for data in &blobs {
+        let fill = a.fill_or_join(&digest_of(data), Arc::new(FakeSource::new(data)));
+        fill.wait_done().await.unwrap();
+    }
+    wait_uploads(&l2, 2).await;
+    assert_eq!(l2.stats().misses, 2);
+    let path = object_store::path::Path::from(format!(
+        "cache/blobs/sha256/{}",
+        digest_of(&blobs[1]).hex()
+    ));
+    let object = object_store::ObjectStoreExt::get(objects.as_ref(), &path)
+        .await
+        .expect("the object is named by its digest")
+        .bytes()
+        .await
+        .unwrap();
+    assert!(object == blobs[1]);
+
+    let b = new_store(dir_b.path(), 1 << 30);
+    b.set_l2(Arc::clone(&l2));
+    for data in &blobs {
+        let refused = Plan {
+            error: Some(SourceError::Refused(OciError::new(
+                ErrorCode::BlobUnknown,
+                "must not be asked",
+            ))),
+            ..Plan::default()
+        };
+        let source = Arc::new(FakeSource::new(data).with_plans(vec![refused]));
+        let fill = b.fill_or_join(&digest_of(data), source.clone());
+        assert!(drain(fill.reader(0, data.len() as u64)).await.unwrap() == *data);
+        fill.wait_done().await.unwrap();
+        assert!(source.opens().is_empty(), "the next source was not asked");
+    }
+    let stats = l2.stats();
+    assert_eq!(
+        (stats.hits, stats.uploads),
+        (2, 2),
+        "nothing uploaded twice"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l2_uploads_only_what_came_from_the_upstream_and_deletes_what_does_not_verify() {
+    let objects = Arc::new(object_store::memory::InMemory::new());
+    let l2 = Arc::new(L2::new(objects.clone(), ""));
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(dir.path(), 1 << 30);
+    store.set_l2(Arc::clone(&l2));
+    let data = blob_bytes(300_000, 9);
+    let digest = digest_of(&data);
+    let fill = store.fill_or_join(&digest, Arc::new(FromPeer(FakeSource::new(&data))));
+    fill.wait_done().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(l2.stats().uploads, 0, "the peer that fetched it uploads it");
+
+    // A damaged object: the fill fails verification (nothing committed) and the object goes.
+    let other = blob_bytes(200_000, 10);
+    let other_digest = digest_of(&other);
+    let path = object_store::path::Path::from(format!("blobs/sha256/{}", other_digest.hex()));
+    let mut damaged = other.to_vec();
+    damaged[1000] ^= 1;
+    object_store::ObjectStoreExt::put(objects.as_ref(), &path, damaged.into())
+        .await
+        .unwrap();
+    let source = Arc::new(FakeSource::new(&other));
+    let fill = store.fill_or_join(&other_digest, source.clone());
+    assert!(matches!(
+        fill.wait_done().await,
+        Err(FillFailure::Invalid(_))
+    ));
+    assert!(store.lookup(&other_digest).is_none(), "nothing committed");
+    assert!(source.opens().is_empty());
+    for _ in 0..500 {
+        if object_store::ObjectStoreExt::head(objects.as_ref(), &path)
+            .await
+            .is_err()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(object_store::ObjectStoreExt::head(objects.as_ref(), &path)
+        .await
+        .is_err());
+    // The next fill asks the upstream and puts the good copy up.
+    let fill = store.fill_or_join(&other_digest, source.clone());
+    fill.wait_done().await.unwrap();
+    assert_eq!(source.opens(), vec![0]);
+    wait_uploads(&l2, 1).await;
+}

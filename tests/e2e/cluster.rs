@@ -11,6 +11,7 @@ use futures_util::StreamExt;
 
 use crate::api::push_blob_upstream;
 use crate::harness::{get, registry, registry_at};
+use crate::support::s3;
 use crate::support::{
     block_on, can_connect, digest_of, http_client, sha256_hex, wait_until, ChildGuard, Fault,
     Relay, Upstream, UpstreamOptions,
@@ -20,14 +21,14 @@ const BIN: &str = env!("CARGO_BIN_EXE_pullgate");
 const MIB: usize = 1024 * 1024;
 
 /// A free port on `ip` (a loopback alias).
-fn free_port_on(ip: [u8; 4]) -> SocketAddr {
+pub(super) fn free_port_on(ip: [u8; 4]) -> SocketAddr {
     TcpListener::bind((std::net::Ipv4Addr::from(ip), 0))
         .and_then(|l| l.local_addr())
         .expect("bind a loopback alias")
 }
 
 /// Bytes that do not compress and differ per `seed` (xorshift).
-fn noise(len: usize, seed: u64) -> Vec<u8> {
+pub(super) fn noise(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed | 1;
     (0..len)
         .map(|_| {
@@ -39,13 +40,13 @@ fn noise(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
-struct Replica {
-    addr: SocketAddr,
-    admin: SocketAddr,
-    child: ChildGuard,
+pub(super) struct Replica {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub child: ChildGuard,
 }
 
-fn start(
+pub(super) fn start(
     dir: &std::path::Path,
     i: usize,
     addr: SocketAddr,
@@ -67,6 +68,7 @@ fn start(
         .args(["serve", "-c"])
         .arg(&config)
         .env("RUST_LOG", "warn")
+        .env(s3::ACCESS_KEY_ENV, s3::ACCESS_KEY)
         .spawn()
         .expect("spawn pullgate");
     Replica {
@@ -78,7 +80,7 @@ fn start(
 
 /// Three replicas on 127.0.0.11-13 with `registry`, sharing a cluster key; returns once all
 /// three accept connections.
-fn start_cluster(
+pub(super) fn start_cluster(
     dir: &std::path::Path,
     registry: &str,
 ) -> (Vec<SocketAddr>, Vec<SocketAddr>, Vec<Replica>) {
@@ -109,7 +111,7 @@ fn start_cluster(
     (addrs, admins, replicas)
 }
 
-fn metric(admin: SocketAddr, name: &str) -> u64 {
+pub(super) fn metric(admin: SocketAddr, name: &str) -> u64 {
     let text = get(&format!("http://{admin}/metrics")).body;
     String::from_utf8_lossy(&text)
         .lines()

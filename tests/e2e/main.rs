@@ -24,6 +24,7 @@ mod encryption;
 mod errors;
 mod faults;
 mod input;
+mod l2;
 mod manifests;
 mod negotiation;
 mod observability;

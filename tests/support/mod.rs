@@ -25,6 +25,7 @@ pub mod openbao;
 pub mod pki;
 pub mod podman;
 pub mod relay;
+pub mod s3;
 pub mod signing;
 pub mod skopeo;
 pub mod storage;
@@ -52,6 +53,7 @@ pub use openbao::OpenBao;
 pub use pki::Pki;
 pub use podman::Podman;
 pub use relay::{Fault, Relay};
+pub use s3::S3Server;
 pub use signing::CosignKey;
 pub use skopeo::{
     skopeo_copy_to_dir, skopeo_copy_to_oci, skopeo_copy_to_registry, skopeo_inspect_raw, ClientTls,

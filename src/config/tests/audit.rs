@@ -56,3 +56,25 @@ fn audit_rules_name_the_rule_and_the_key() {
         );
     }
 }
+
+#[test]
+fn an_object_store_over_plain_http_off_the_host_is_named() {
+    let rules = |endpoint: &str| -> Vec<String> {
+        ok(&format!(
+            "[cache.l2]\nurl = \"s3://b\"\nendpoint = \"{endpoint}\"\n{HUB}"
+        ))
+        .warnings
+        .iter()
+        .map(|w| format!("{} {}", w.key, w.message))
+        .collect()
+    };
+    let remote = rules("http://s3.internal:9000");
+    assert!(
+        remote
+            .iter()
+            .any(|f| f.starts_with("cache.l2.endpoint [l2-plain-http]")),
+        "{remote:?}"
+    );
+    assert!(rules("https://s3.internal:9000").is_empty());
+    assert!(rules("http://127.0.0.1:9000").is_empty());
+}

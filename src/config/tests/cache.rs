@@ -174,3 +174,76 @@ fn check_warns_about_an_exec_helper_that_cannot_run() {
         .iter()
         .any(|w| w.message.contains("kms-helper")));
 }
+
+#[test]
+fn l2_bucket_prefix_endpoint_and_credentials() {
+    let dir = dir_with(&["s3.secret"]);
+    let secret = dir.path().join("s3.secret");
+    // PATH is set in every environment the tests run in.
+    let text = format!(
+        "[cache.l2]\nurl = \"s3://pullgate-cache/blobs/\"\nendpoint = \"http://127.0.0.1:9000\"\n\
+         access_key_id_env = \"PATH\"\nsecret_access_key_file = \"{}\"\n{HUB}",
+        secret.display()
+    );
+    let l2 = ok(&text).cache.l2.expect("l2 on");
+    assert_eq!(
+        (l2.bucket.as_str(), l2.prefix.as_str()),
+        ("pullgate-cache", "blobs")
+    );
+    assert_eq!(l2.region, "us-east-1");
+    assert_eq!(
+        l2.endpoint.as_ref().map(|u| u.as_str()),
+        Some("http://127.0.0.1:9000/")
+    );
+    assert_eq!(l2.secret_access_key_file, Some(secret));
+    let bare = ok(&format!("[cache.l2]\nurl = \"s3://b\"\n{HUB}"))
+        .cache
+        .l2
+        .unwrap();
+    assert_eq!((bare.prefix.as_str(), bare.endpoint), ("", None));
+    assert!(ok(HUB).cache.l2.is_none());
+}
+
+#[test]
+fn l2_errors_name_their_key() {
+    assert_err(
+        &format!("[cache.l2]\nregion = \"eu-west-1\"\n{HUB}"),
+        "cache.l2.url",
+        "is required",
+    );
+    assert_err(
+        &format!("[cache.l2]\nurl = \"gs://bucket\"\n{HUB}"),
+        "cache.l2.url",
+        "only s3://",
+    );
+    assert_err(
+        &format!("[cache.l2]\nurl = \"s3://b\"\nendpoint = \"s3.internal:9000\"\n{HUB}"),
+        "cache.l2.endpoint",
+        "http(s) URL",
+    );
+    assert_err(
+        &format!("[cache.l2]\nurl = \"s3://b\"\naccess_key_id_env = \"PATH\"\n{HUB}"),
+        "cache.l2.access_key_id_env",
+        "or neither",
+    );
+    let dir = dir_with(&["s3.secret"]);
+    assert_err(
+        &format!(
+            "[cache.l2]\nurl = \"s3://b\"\naccess_key_id_env = \"PULLGATE_NO_SUCH_VARIABLE\"\n\
+             secret_access_key_file = \"{}\"\n{HUB}",
+            dir.path().join("s3.secret").display()
+        ),
+        "cache.l2.access_key_id_env",
+        "is not set",
+    );
+    let kek = dir_with(&["cache.kek"]);
+    assert_err(
+        &format!(
+            "[cache.l2]\nurl = \"s3://b\"\n[cache.encryption]\nprovider = \"file\"\n\
+             key_file = \"{}\"\n{HUB}",
+            kek.path().join("cache.kek").display()
+        ),
+        "cache.l2",
+        "cannot be combined with cache.encryption yet",
+    );
+}

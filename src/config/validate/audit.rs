@@ -74,6 +74,25 @@ pub(super) fn audit_rules(config: &Config) -> Vec<Warning> {
     if let Some(enc) = &config.cache.encryption {
         encryption_rules(enc, server.admin_listen, &mut warn);
     }
+    if let Some(endpoint) = config.cache.l2.as_ref().and_then(|l2| l2.endpoint.as_ref()) {
+        let loopback = match endpoint.host() {
+            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+            Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+            Some(url::Host::Domain(name)) => name == "localhost",
+            None => false,
+        };
+        if endpoint.scheme() == "http" && !loopback {
+            warn(
+                "cache.l2.endpoint".into(),
+                "l2-plain-http",
+                format!(
+                    "{endpoint} is plain HTTP: every cached blob crosses the network \
+                     unencrypted and unauthenticated (the requests are signed, the answers \
+                     are not); use https"
+                ),
+            );
+        }
+    }
     for zone in &config.zones {
         if zone.nets.iter().any(|n| n.prefix_len() == 0) {
             warn(

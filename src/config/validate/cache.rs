@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::values::{parse_size, GIB, KIB, MIB};
 use super::{check_duration, Ctx};
-use crate::config::file::{CacheFile, EncryptionFile, RawSize};
+use crate::config::file::{CacheFile, EncryptionFile, L2File, RawSize};
 use crate::config::model::*;
 
 const DEFAULT_MAX_SIZE: u64 = 20 * GIB;
@@ -82,6 +82,15 @@ pub(super) fn check_cache(ctx: &mut Ctx<'_>, file: &CacheFile) -> Cache {
         .encryption
         .as_ref()
         .and_then(|e| check_encryption(ctx, e));
+    let l2 = file.l2.as_ref().and_then(|l2| check_l2(ctx, l2));
+    if l2.is_some() && encryption.is_some() {
+        ctx.err(
+            "cache.l2",
+            "cannot be combined with cache.encryption yet: the replicas would need each \
+             other's generation keys to read a sealed object, and the object store must never \
+             hold plaintext of an encrypted cache",
+        );
+    }
     Cache {
         dir,
         max_size,
@@ -94,7 +103,92 @@ pub(super) fn check_cache(ctx: &mut Ctx<'_>, file: &CacheFile) -> Cache {
         warm_concurrency,
         warm_bandwidth,
         encryption,
+        l2,
     }
+}
+
+/// `[cache.l2]`: `s3://bucket/prefix`, an optional endpoint (S3-compatible stores), and
+/// either both credential keys or neither (then the usual AWS chain: environment, profile,
+/// instance role).
+fn check_l2(ctx: &mut Ctx<'_>, file: &L2File) -> Option<L2> {
+    const P: &str = "cache.l2";
+    let key = |k: &str| format!("{P}.{k}");
+    let Some(raw) = file.url.as_deref().filter(|u| !u.is_empty()) else {
+        ctx.err(key("url"), "is required: \"s3://bucket/prefix\"");
+        return None;
+    };
+    let (bucket, prefix) = match url::Url::parse(raw) {
+        Ok(u) if u.scheme() == "s3" => match u.host_str().filter(|h| !h.is_empty()) {
+            Some(bucket) => (bucket.to_owned(), u.path().trim_matches('/').to_owned()),
+            None => {
+                ctx.err(key("url"), format!("names no bucket: {raw:?}"));
+                return None;
+            }
+        },
+        Ok(u) => {
+            ctx.err(
+                key("url"),
+                format!(
+                    "only s3:// (S3 and S3-compatible stores) is built, got {}://",
+                    u.scheme()
+                ),
+            );
+            return None;
+        }
+        Err(e) => {
+            ctx.err(key("url"), format!("{e}: {raw:?}"));
+            return None;
+        }
+    };
+    let endpoint = file
+        .endpoint
+        .as_deref()
+        .and_then(|e| match url::Url::parse(e) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Some(u),
+            _ => {
+                ctx.err(
+                    key("endpoint"),
+                    format!("must be an http(s) URL, got {e:?}"),
+                );
+                None
+            }
+        });
+    let region = file
+        .region
+        .clone()
+        .unwrap_or_else(|| "us-east-1".to_owned());
+    let access_key_id_env = file.access_key_id_env.clone();
+    let secret_access_key_file = file
+        .secret_access_key_file
+        .as_deref()
+        .and_then(|f| ctx.existing_file(&key("secret_access_key_file"), f));
+    if access_key_id_env.is_some() != file.secret_access_key_file.is_some() {
+        ctx.err(
+            key("access_key_id_env"),
+            "set both access_key_id_env and secret_access_key_file, or neither",
+        );
+    }
+    if let Some(var) = &access_key_id_env {
+        if std::env::var_os(var).is_none_or(|v| v.is_empty()) {
+            ctx.err(
+                key("access_key_id_env"),
+                format!("the environment variable {var} is not set"),
+            );
+        }
+    }
+    let ca = file
+        .ca
+        .as_deref()
+        .and_then(|c| ctx.existing_file(&key("ca"), c));
+    Some(L2 {
+        bucket,
+        prefix,
+        endpoint,
+        region,
+        access_key_id_env,
+        secret_access_key_file,
+        ca,
+    })
 }
 
 /// `"50MiB/s"` (or `"50MiB"`, per second implied) as bytes per second; at least 64 KiB/s, so a
