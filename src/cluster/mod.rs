@@ -1,8 +1,8 @@
 //! Cluster membership and the owner of each blob digest (issue 16, first step: forwarding
 //! without a shared object store).
 //!
-//! Owns: the member list of `[cluster]`, which member owns a digest, and which peers are in
-//! back-off after a failed forward. Pure Rust: no HTTP, no Pingora, no clock of its own (callers
+//! Owns: the member list of `[cluster]` (fixed, or replaced when DNS answers differently),
+//! which member owns a digest, and which peers are in back-off after a failed forward. Pure Rust: no HTTP, no Pingora, no clock of its own (callers
 //! pass `Instant`s), so every rule here is unit-tested without a server.
 //!
 //! Must never: name this replica's own address as a peer to forward to (callers get
@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest as _, Sha256};
@@ -39,8 +39,9 @@ pub enum Owner {
 #[derive(Debug)]
 pub struct Membership {
     me: SocketAddr,
-    /// Every member, this replica included, sorted and without duplicates.
-    members: Vec<SocketAddr>,
+    /// Every member, this replica included, sorted and without duplicates. Replaced whole
+    /// when DNS answers differently ([`Membership::set_members`]).
+    members: RwLock<Vec<SocketAddr>>,
     backoff: Duration,
     /// Peer -> until when it is skipped.
     down: Mutex<HashMap<SocketAddr, Instant>>,
@@ -49,13 +50,9 @@ pub struct Membership {
 impl Membership {
     /// `me` is counted as a member even when `peers` leaves it out.
     pub fn new(me: SocketAddr, peers: &[SocketAddr], backoff: Duration) -> Membership {
-        let mut members: Vec<SocketAddr> = peers.to_vec();
-        members.push(me);
-        members.sort();
-        members.dedup();
         Membership {
             me,
-            members,
+            members: RwLock::new(with_me(me, peers)),
             backoff,
             down: Mutex::new(HashMap::new()),
         }
@@ -66,15 +63,30 @@ impl Membership {
         self.me
     }
 
-    pub fn members(&self) -> &[SocketAddr] {
-        &self.members
+    pub fn members(&self) -> Vec<SocketAddr> {
+        self.members
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// A new member list (from DNS); `me` stays a member whether or not it is listed (a
+    /// replica not yet published still fills what it owns). Returns whether it changed.
+    pub fn set_members(&self, found: &[SocketAddr]) -> bool {
+        let next = with_me(self.me, found);
+        let mut members = self.members.write().unwrap_or_else(|e| e.into_inner());
+        if *members == next {
+            return false;
+        }
+        *members = next;
+        true
     }
 
     /// The owner of `digest` among the members not in back-off at `now`.
     pub fn owner(&self, digest: &str, now: Instant) -> Owner {
         let down = self.down.lock().unwrap_or_else(|e| e.into_inner());
-        let live = self
-            .members
+        let members = self.members.read().unwrap_or_else(|e| e.into_inner());
+        let live = members
             .iter()
             .copied()
             .filter(|m| *m == self.me || down.get(m).is_none_or(|until| *until <= now));
@@ -92,6 +104,14 @@ impl Membership {
         let mut down = self.down.lock().unwrap_or_else(|e| e.into_inner());
         down.insert(peer, now + self.backoff);
     }
+}
+
+fn with_me(me: SocketAddr, peers: &[SocketAddr]) -> Vec<SocketAddr> {
+    let mut members: Vec<SocketAddr> = peers.to_vec();
+    members.push(me);
+    members.sort();
+    members.dedup();
+    members
 }
 
 /// The member with the highest score for `digest`; ties (never seen with SHA-256) go to the
@@ -120,6 +140,8 @@ fn score(member: SocketAddr, digest: &str) -> u64 {
     first.copy_from_slice(&out[..8]);
     u64::from_be_bytes(first)
 }
+
+pub mod dns;
 
 #[cfg(test)]
 mod tests;

@@ -95,5 +95,37 @@ fn never_its_own_peer() {
     for d in digests(50) {
         assert_eq!(me.owner(&d, Instant::now()), Owner::Me);
     }
-    assert_eq!(me.members(), &[addr(11)]);
+    assert_eq!(me.members(), vec![addr(11)]);
+}
+
+#[test]
+fn a_new_member_list_from_dns_keeps_me_and_moves_only_what_changed_owner() {
+    let m = Membership::new(addr(11), &[], DEFAULT_BACKOFF);
+    assert_eq!(m.members(), vec![addr(11)], "alone until DNS answers");
+    assert!(m.set_members(&[addr(12), addr(11), addr(13)]));
+    assert!(
+        !m.set_members(&[addr(13), addr(12), addr(11)]),
+        "same set, any order"
+    );
+    let before: Vec<Owner> = digests(300)
+        .iter()
+        .map(|d| m.owner(d, Instant::now()))
+        .collect();
+    // A fourth replica joins: it takes only digests, it moves none between the others.
+    assert!(m.set_members(&[addr(11), addr(12), addr(13), addr(14)]));
+    let mut moved = 0;
+    for (d, old) in digests(300).iter().zip(&before) {
+        let now = m.owner(d, Instant::now());
+        if now != *old {
+            assert_eq!(now, Owner::Peer(addr(14)), "{d} moved to the newcomer only");
+            moved += 1;
+        }
+    }
+    assert!(
+        (40..=110).contains(&moved),
+        "about a quarter moved: {moved}"
+    );
+    // DNS that no longer lists this replica (not ready yet) leaves it a member.
+    assert!(m.set_members(&[addr(12)]));
+    assert_eq!(m.members(), vec![addr(11), addr(12)]);
 }

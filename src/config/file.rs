@@ -37,7 +37,9 @@ pub(super) struct ClusterFile {
     #[serde(default)]
     pub peers: Vec<String>,
     pub peers_dns: Option<String>,
+    pub peers_dns_refresh: Option<String>,
     pub advertise: Option<String>,
+    pub advertise_env: Option<String>,
     pub key_file: Option<String>,
 }
 

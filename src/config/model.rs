@@ -35,12 +35,23 @@ pub struct Config {
 /// `[cluster]`, validated: `advertise` is one of `peers`, `key_file` holds a usable key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cluster {
-    /// Every member, this replica included (`peers`).
+    /// Every member, this replica included (`peers`); empty with `peers_dns`.
     pub peers: Vec<SocketAddr>,
-    /// How peers reach this replica: one of `peers`.
+    /// Members from DNS instead: every address the name resolves to, re-resolved.
+    pub peers_dns: Option<PeersDns>,
+    /// How peers reach this replica: one of `peers` (or of what `peers_dns` resolves to).
     pub advertise: SocketAddr,
     /// The key that authenticates peer-to-peer requests.
     pub key_file: PathBuf,
+}
+
+/// `cluster.peers_dns`: a name whose addresses are the members (a Kubernetes headless Service).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeersDns {
+    pub name: String,
+    pub port: u16,
+    /// How often the name is resolved again (`peers_dns_refresh`, default 10 s).
+    pub refresh: Duration,
 }
 
 /// A non-fatal finding about the config, tied to the key it is about.

@@ -26,6 +26,7 @@ use pingora::proxy::Session;
 use super::blob::{self, content_range_total, BlobJob, UpstreamBlob};
 use super::job::{partition, Failure};
 use super::{Gateway, RequestCtx};
+use crate::cluster::dns::DnsMembers;
 use crate::cluster::{Membership, Owner, DEFAULT_BACKOFF};
 use crate::metrics::Metrics;
 use crate::oci::{Digest, ErrorCode, OciError, Repository};
@@ -46,7 +47,9 @@ const PEER_TTL: Duration = Duration::from_secs(60);
 
 /// `[cluster]` at run time: membership, the key, the HTTP client to the peers.
 pub struct Cluster {
-    pub membership: Membership,
+    pub membership: Arc<Membership>,
+    /// Set with `cluster.peers_dns`: the member list is refreshed from DNS.
+    dns: Option<Arc<DnsMembers>>,
     key: RedirectKey,
     http: reqwest::Client,
 }
@@ -63,15 +66,53 @@ impl Cluster {
             .http1_only()
             .build()
             .map_err(|e| format!("cluster: cannot build the peer HTTP client: {e}"))?;
-        Ok(Cluster {
-            membership: Membership::new(config.advertise, &config.peers, DEFAULT_BACKOFF),
+        let membership = Arc::new(Membership::new(
+            config.advertise,
+            &config.peers,
+            DEFAULT_BACKOFF,
+        ));
+        let dns = config.peers_dns.as_ref().map(|d| {
+            let dns = Arc::new(DnsMembers::new(&d.name, d.port, d.refresh));
+            if tokio::runtime::Handle::try_current().is_err() && dns.start_refresh(Instant::now()) {
+                // At start, before serving: the first requests already see every member.
+                dns.apply(dns.resolve_blocking(), &membership);
+                dns.finished();
+            }
+            dns
+        });
+        let cluster = Cluster {
+            membership,
+            dns,
             key,
             http,
-        })
+        };
+        // On a reload (inside the runtime) the first list is asked for at once.
+        cluster.refresh_members();
+        Ok(cluster)
+    }
+
+    /// Starts a DNS refresh of the member list in the background when one is due.
+    fn refresh_members(&self) {
+        let Some(dns) = &self.dns else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if !dns.start_refresh(Instant::now()) {
+            return;
+        }
+        let (dns, membership) = (Arc::clone(dns), Arc::clone(&self.membership));
+        runtime.spawn(async move {
+            let answer = dns.resolve().await;
+            dns.apply(answer, &membership);
+            dns.finished();
+        });
     }
 
     /// The member to fill `digest` from, when it is not this replica.
     pub fn owner_of(&self, digest: &Digest) -> Option<SocketAddr> {
+        self.refresh_members();
         match self.membership.owner(&digest.to_string(), Instant::now()) {
             Owner::Me => None,
             Owner::Peer(peer) => Some(peer),

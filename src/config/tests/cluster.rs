@@ -1,4 +1,4 @@
-//! `[cluster]` tests: members, `advertise` among them, the key file, DNS refused for now.
+//! `[cluster]` tests: members (a list or a DNS name), `advertise` among them, the key file.
 
 use std::net::SocketAddr;
 
@@ -75,7 +75,25 @@ fn a_cluster_and_its_errors() {
         (
             format!("{good}\npeers_dns = \"peers.svc:5000\""),
             "cluster.peers_dns",
-            "not built yet",
+            "not both",
+        ),
+        (
+            "peers_dns = \"peers.svc\"\nadvertise = \"10.0.0.1:5000\"\nkey_file = \"cluster.key\""
+                .to_owned(),
+            "cluster.peers_dns",
+            "name:port",
+        ),
+        (
+            "peers_dns = \"peers.svc:5000\"\npeers_dns_refresh = \"10ms\"\nadvertise = \"10.0.0.1:5000\"\nkey_file = \"cluster.key\""
+                .to_owned(),
+            "cluster.peers_dns_refresh",
+            "between 100ms and 5m",
+        ),
+        (
+            "peers_dns = \"peers.svc:5000\"\nadvertise_env = \"PULLGATE_NO_SUCH_VARIABLE\"\nkey_file = \"cluster.key\""
+                .to_owned(),
+            "cluster.advertise_env",
+            "is not set",
         ),
         (
             "advertise = \"127.0.0.11:5000\"\nkey_file = \"cluster.key\"".to_owned(),
@@ -88,4 +106,36 @@ fn a_cluster_and_its_errors() {
         assert_error(&errs, key, fragment);
         assert!(!errs.to_string().contains("hunter2"), "{errs}");
     }
+}
+
+#[test]
+fn members_from_dns_with_the_advertised_address_from_the_environment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("cluster.key"), "k".repeat(48)).expect("key");
+    // A variable every test environment has, holding no address, and one that cannot hold one:
+    // the variable's value is checked, so use a literal address through `advertise` here and
+    // the environment form's errors above.
+    let text = format!(
+        "{HUB}[cluster]\npeers_dns = \"pullgate-peers.pullgate.svc.cluster.local:5000\"\n\
+         peers_dns_refresh = \"2s\"\nadvertise = \"10.1.2.3:5000\"\nkey_file = \"cluster.key\"\n"
+    );
+    let cluster = load_str(&text, dir.path())
+        .unwrap_or_else(|e| panic!("{e}"))
+        .cluster
+        .expect("cluster");
+    let dns = cluster.peers_dns.expect("peers_dns");
+    assert_eq!(
+        (dns.name.as_str(), dns.port, dns.refresh),
+        (
+            "pullgate-peers.pullgate.svc.cluster.local",
+            5000,
+            std::time::Duration::from_secs(2)
+        )
+    );
+    assert!(cluster.peers.is_empty());
+    // With DNS the advertised address need not be listed anywhere (the answer changes).
+    assert_eq!(
+        cluster.advertise,
+        "10.1.2.3:5000".parse::<std::net::SocketAddr>().unwrap()
+    );
 }
