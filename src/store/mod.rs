@@ -469,15 +469,15 @@ impl BlobStore {
         };
         let shared = &self.shared;
         let hex = digest.hex();
-        let source = match shared.l2.get() {
-            Some(l2) => Arc::new(l2::L2Source::new(Arc::clone(l2), digest, source)),
-            None => source,
-        };
         // Joining a running fill needs no disk look (below); only a new fill does.
         if let Some(fill) = shared.inflight().get(hex).cloned() {
             shared.counters.joined.inc();
             return fill;
         }
+        let source = match shared.l2.get() {
+            Some(l2) => Arc::new(l2::L2Source::new(Arc::clone(l2), digest, source)),
+            None => source,
+        };
         // A blob another process on this cache (the old one, during an upgrade) is filling, or
         // committed after this one indexed the directory: the fill re-verifies it from disk.
         // Looked at outside the map's lock (it reads `tmp/`); the map is checked again below.
