@@ -48,7 +48,7 @@ pub struct AuditRecord<'a> {
     /// The name of the upstream credential used (`registry.<name>.credentials`), never its value.
     pub credential: Option<&'a str>,
     /// For a blob fill: the cluster member that fetched it from the upstream (`advertise`;
-    /// `self` outside a cluster). Absent otherwise.
+    /// `self` outside a cluster), or `l2` when the object store had it. Absent otherwise.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub filled_by: Option<&'a str>,
 }

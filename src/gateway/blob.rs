@@ -22,7 +22,7 @@ use super::range::{self, RangeAnswer};
 use super::respond::{self, Body};
 use super::RequestCtx;
 use crate::oci::{Digest, Repository};
-use crate::store::{BlobSource, BlobStore, FillFailure, Links, SourceBody, SourceError};
+use crate::store::{BlobSource, BlobStore, FillFailure, Links, Origin, SourceBody, SourceError};
 use crate::upstream::{UpstreamClient, UpstreamError, UpstreamRequest};
 use crate::warm::pace::{paced, Bucket};
 
@@ -137,7 +137,10 @@ pub async fn serve(
     };
     let body = Body::Fill(fill.reader(start, end));
     let streamed = stream(session, ctx, resp, body).await;
-    if peer.is_some_and(|p| p.fell_back.load(Ordering::Relaxed)) {
+    let fill_origin = fill.progress().origin;
+    if fill_origin == Some(Origin::L2) {
+        ctx.filled_by = Some("l2".to_owned());
+    } else if peer.is_some_and(|p| p.fell_back.load(Ordering::Relaxed)) {
         ctx.filled_by = Some(me);
     }
     streamed

@@ -133,6 +133,8 @@ pub struct Progress {
     /// The file's bytes were verified, even if the commit failed afterwards: readers already
     /// streaming may finish from their open file.
     pub verified: bool,
+    /// Where the bytes came from, once verified (the audit's `filled_by`).
+    pub origin: Option<Origin>,
 }
 
 /// A running (or finished) fill that any number of readers follow.
@@ -156,6 +158,7 @@ impl Fill {
             total_len: None,
             state: FillState::Failed(failure),
             verified: false,
+            origin: None,
         };
         Fill::finished(digest, None, None, progress)
     }
@@ -167,6 +170,7 @@ impl Fill {
             total_len: Some(blob.len),
             state: FillState::Done,
             verified: true,
+            origin: None,
         };
         Fill::finished(digest, Some(blob.file), blob.sealed, progress)
     }
@@ -393,6 +397,7 @@ pub(crate) fn new_fill(
         total_len: None,
         state: FillState::Running,
         verified: false,
+        origin: None,
     });
     let fill = Arc::new(Fill {
         id,
@@ -464,9 +469,11 @@ impl FillTask {
                 Ok(()) => {
                     // Waiting clients get their last bytes now; the fsync and rename of a
                     // large blob take a while and need not hold them up.
+                    let origin = self.source.origin();
                     self.tx.send_modify(|p| {
                         p.state = FillState::Verified;
                         p.verified = true;
+                        p.origin = Some(origin);
                     });
                     self.commit().await
                 }

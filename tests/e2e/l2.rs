@@ -83,6 +83,15 @@ fn a_blob_in_the_object_store_is_never_fetched_from_the_upstream_again() {
         assert_eq!(upstream_fetches(&up, d), 1, "{d} fetched once in all");
     }
     assert_eq!(metric(second.admin, "pullgate_l2_hits_total"), 2);
+    // The audit says where the bytes came from.
+    wait_until(Duration::from_secs(10), "audit lines written", || {
+        let text = std::fs::read_to_string(dir.path().join("audit1.log")).unwrap_or_default();
+        text.lines()
+            .filter(|l| l.contains(r#""filled_by":"l2""#))
+            .count()
+            == 2
+    })
+    .expect("two fills audited as filled_by l2");
     assert_eq!(metric(second.admin, "pullgate_l2_uploads_total"), 0);
     // The object store holds no repository rule: a repository the upstream does not say has
     // the blob gets no byte of it (invariant 5 holds with L2 as with the disk).
