@@ -70,6 +70,8 @@ pub struct Metrics {
     pub forwards_served: IntCounter,
     /// Cluster: forwards that fell back to the upstream (the owner failed or refused).
     pub forwards_failed_over: IntCounter,
+    cluster_members: IntGauge,
+    cluster_member_changes: IntCounter,
     // Mirrors of the object store's (L2) counters.
     l2_hits: IntCounter,
     l2_misses: IntCounter,
@@ -282,6 +284,14 @@ impl Metrics {
                 "pullgate_cluster_forwards_failed_over_total",
                 "Forwards that fell back to the upstream because the owner failed or refused.",
             ),
+            cluster_members: gauge(
+                "pullgate_cluster_members",
+                "Members of the cluster as this replica sees them, itself included (0 without [cluster]).",
+            ),
+            cluster_member_changes: counter(
+                "pullgate_cluster_member_changes_total",
+                "Times the member list changed (cluster.peers_dns answered differently); each change moves the owners of some digests.",
+            ),
             l2_hits: counter(
                 "pullgate_l2_hits_total",
                 "Blob fills served from the object store (cache.l2) instead of the upstream or a peer.",
@@ -415,6 +425,8 @@ impl Metrics {
             &self.forwards_sent,
             &self.forwards_served,
             &self.forwards_failed_over,
+            &self.cluster_members,
+            &self.cluster_member_changes,
             &self.l2_hits,
             &self.l2_misses,
             &self.l2_errors,
@@ -439,6 +451,12 @@ impl Metrics {
             tracing::warn!(error = %e, "cannot encode metrics");
         }
         String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// The cluster's member count and membership changes, brought up to date before a render.
+    pub fn sync_cluster(&self, members: usize, changes: u64) {
+        self.cluster_members.set(clamp(members as u64));
+        catch_up(&self.cluster_member_changes, changes);
     }
 
     fn sync_store(&self, s: &StoreStats) {

@@ -35,6 +35,15 @@ pub enum Owner {
     Peer(SocketAddr),
 }
 
+/// Member list changes in this process (`pullgate_cluster_member_changes_total`); process-wide
+/// so that a reload, which builds a new [`Membership`], does not reset the counter.
+static MEMBER_CHANGES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many times a member list changed in this process.
+pub fn member_changes() -> u64 {
+    MEMBER_CHANGES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The members and their health as this replica sees them.
 #[derive(Debug)]
 pub struct Membership {
@@ -79,6 +88,7 @@ impl Membership {
             return false;
         }
         *members = next;
+        MEMBER_CHANGES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         true
     }
 

@@ -319,6 +319,15 @@ impl Gateway {
         self.keys.clone()
     }
 
+    /// Members of the cluster as this replica sees them (0 without `[cluster]`). A scrape also
+    /// starts a due DNS refresh, so an idle replica's list (and this figure) stays current.
+    pub fn cluster_members(&self) -> usize {
+        self.cluster.as_ref().map_or(0, |c| {
+            c.refresh_members();
+            c.membership.members().len()
+        })
+    }
+
     fn build(
         config: Arc<Config>,
         metrics: Arc<Metrics>,

@@ -92,7 +92,7 @@ impl Cluster {
     }
 
     /// Starts a DNS refresh of the member list in the background when one is due.
-    fn refresh_members(&self) {
+    pub fn refresh_members(&self) {
         let Some(dns) = &self.dns else {
             return;
         };

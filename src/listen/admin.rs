@@ -245,11 +245,17 @@ async fn answer(state: Arc<State>, req: Request<hyper::body::Incoming>) -> Respo
         };
     }
     match req.uri().path() {
-        "/metrics" => text(
-            200,
-            state.metrics.render(&state.store.stats()),
-            "text/plain; version=0.0.4",
-        ),
+        "/metrics" => {
+            let members = state.reloader.current().cluster_members();
+            state
+                .metrics
+                .sync_cluster(members, crate::cluster::member_changes());
+            text(
+                200,
+                state.metrics.render(&state.store.stats()),
+                "text/plain; version=0.0.4",
+            )
+        }
         "/healthz" => text(200, "ok\n".into(), "text/plain"),
         "/-/config" => text(
             200,

@@ -412,7 +412,7 @@ fn private_endpoint_service_pdb_and_network_policy_agree_with_the_pods() {
     assert!(replicas >= 2, "more than one replica");
 
     // Clients reach the TLS listener through the Service, which keeps their address.
-    let svc = only(&docs, "Service");
+    let svc = find(&docs, "Service", "pullgate").expect("Service pullgate");
     assert!(
         selects(&svc["spec"]["selector"], labels),
         "Service selects the pods"
@@ -440,6 +440,61 @@ fn private_endpoint_service_pdb_and_network_policy_agree_with_the_pods() {
         "load balancer ranges = the config's zones"
     );
 
+    // The replicas are one cluster: the headless Service is cluster.peers_dns and targets the
+    // plain listener, each pod advertises its own address, and the key is a Secret.
+    let config = crate::parse_toml(&pod.text);
+    let cluster = &config["cluster"];
+    let (dns_name, dns_port) = cluster["peers_dns"]
+        .as_str()
+        .and_then(|d| d.rsplit_once(':'))
+        .expect("cluster.peers_dns = \"name:port\"");
+    let peers = find(&docs, "Service", "pullgate-peers").expect("Service pullgate-peers");
+    let namespace = find(&docs, "Namespace", "pullgate").map(|_| "pullgate");
+    assert_eq!(
+        dns_name,
+        format!(
+            "pullgate-peers.{}.svc.cluster.local",
+            namespace.expect("namespace")
+        ),
+        "peers_dns names the headless Service"
+    );
+    assert_eq!(
+        peers["spec"]["clusterIP"].as_str(),
+        Some("None"),
+        "headless"
+    );
+    assert_eq!(
+        peers["spec"]["publishNotReadyAddresses"].as_bool(),
+        Some(true),
+        "members before they are ready"
+    );
+    assert!(selects(&peers["spec"]["selector"], labels));
+    let peer_port = list(&peers["spec"]["ports"])
+        .iter()
+        .map(|p| container_port(container, &p["targetPort"]))
+        .next()
+        .expect("a port");
+    assert_eq!(peer_port.to_string(), dns_port, "the members' port");
+    assert!(
+        pod.facts
+            .listen
+            .iter()
+            .any(|a| a.port() == peer_port && a.ip().is_unspecified()),
+        "a plain listener on the pod's address for peers"
+    );
+    let advertise = cluster["advertise_env"].as_str().expect("advertise_env");
+    assert!(
+        list(&container["env"])
+            .iter()
+            .any(|e| e["name"].as_str() == Some(advertise)
+                && e["valueFrom"]["fieldRef"]["fieldPath"].as_str() == Some("status.podIP")),
+        "{advertise} from the downward API"
+    );
+    assert!(
+        config["cache"]["l2"]["url"].as_str().is_some(),
+        "the replicas share an object store"
+    );
+
     let pdb = only(&docs, "PodDisruptionBudget");
     assert_eq!(pdb["apiVersion"].as_str(), Some("policy/v1"));
     assert!(selects(&pdb["spec"]["selector"]["matchLabels"], labels));
@@ -449,15 +504,22 @@ fn private_endpoint_service_pdb_and_network_policy_agree_with_the_pods() {
         "a drain can proceed and one pod stays"
     );
 
-    // The network policy admits exactly the config's zones to the registry port and names
-    // only ports the container has.
+    // The network policy admits exactly the config's zones to the registry port, only the
+    // pullgate pods to the peer port, and names only ports the container has.
     let np = only(&docs, "NetworkPolicy");
     assert!(selects(&np["spec"]["podSelector"]["matchLabels"], labels));
     let mut registry_sources = Vec::new();
     for rule in list(&np["spec"]["ingress"]) {
         for port in list(&rule["ports"]) {
             let number = container_port(container, &port["port"]);
-            if number != pod.facts.admin.port() {
+            if number == peer_port {
+                let from = list(&rule["from"]);
+                assert_eq!(from.len(), 1, "peers only");
+                assert!(selects(&from[0]["podSelector"]["matchLabels"], labels));
+                assert!(
+                    from[0]["ipBlock"].is_badvalue() && from[0]["namespaceSelector"].is_badvalue()
+                );
+            } else if number != pod.facts.admin.port() {
                 registry_sources.extend(
                     list(&rule["from"])
                         .iter()
@@ -469,15 +531,23 @@ fn private_endpoint_service_pdb_and_network_policy_agree_with_the_pods() {
     registry_sources.sort();
     assert_eq!(registry_sources, pod.facts.zones);
 
-    // The secret example holds placeholders only.
-    let secret = only(&docs, "Secret");
-    for (_, value) in secret["stringData"].as_hash().expect("stringData") {
-        assert!(
-            s(value, "value").starts_with("REPLACE-"),
-            "placeholder values only"
-        );
+    // The secret examples hold placeholders only.
+    for secret in docs
+        .iter()
+        .filter(|d| d.yaml["kind"].as_str() == Some("Secret"))
+    {
+        assert!(secret.file.ends_with("-example.yaml"), "{}", secret.file);
+        for (_, value) in secret.yaml["stringData"].as_hash().expect("stringData") {
+            assert!(
+                s(value, "value").starts_with("REPLACE-"),
+                "placeholder values only"
+            );
+        }
     }
 
     check_config(&pod);
+    // Run on loopback, the members' name is one the hosts file answers: no DNS query leaves.
+    let mut pod = pod;
+    pod.text = pod.text.replace(dns_name, "localhost");
     probe_the_real_binary(&pod);
 }

@@ -252,6 +252,12 @@ pub fn lay_out(docs: &[Doc], workload: &Yaml) -> Pod {
             if let Some(value) = e["value"].as_str() {
                 return (name, value.to_owned());
             }
+            // The downward API: the pod's own address is loopback here.
+            let field = &e["valueFrom"]["fieldRef"]["fieldPath"];
+            if !field.is_badvalue() {
+                assert_eq!(field.as_str(), Some("status.podIP"), "env {name}");
+                return (name, "127.0.0.1".to_owned());
+            }
             let key_ref = &e["valueFrom"]["secretKeyRef"];
             let secret = find(docs, "Secret", s(&key_ref["name"], "secretKeyRef.name"))
                 .unwrap_or_else(|| panic!("env {name}: its Secret is not in the manifests"));

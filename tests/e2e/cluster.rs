@@ -53,6 +53,20 @@ pub(super) fn start(
     admin: SocketAddr,
     shared: &str,
 ) -> Replica {
+    start_with(dir, i, addr, admin, shared, None, &[])
+}
+
+/// [`start`], with `/etc/hosts` replaced by `hosts` for this replica alone (a mount namespace
+/// of its own, `unshare -m`; the replica is the process the PID names) and extra variables.
+pub(super) fn start_with(
+    dir: &std::path::Path,
+    i: usize,
+    addr: SocketAddr,
+    admin: SocketAddr,
+    shared: &str,
+    hosts: Option<&std::path::Path>,
+    env: &[(&str, String)],
+) -> Replica {
     let config = dir.join(format!("r{i}.toml"));
     std::fs::write(
         &config,
@@ -64,9 +78,25 @@ pub(super) fn start(
         ),
     )
     .expect("config");
-    let child = Command::new(BIN)
+    let mut command = match hosts {
+        None => Command::new(BIN),
+        Some(hosts) => {
+            let mut c = Command::new("unshare");
+            c.args([
+                "-m",
+                "sh",
+                "-c",
+                "mount --bind \"$0\" /etc/hosts && exec \"$@\"",
+            ])
+            .arg(hosts)
+            .arg(BIN);
+            c
+        }
+    };
+    let child = command
         .args(["serve", "-c"])
         .arg(&config)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .env("RUST_LOG", "warn")
         .env(s3::ACCESS_KEY_ENV, s3::ACCESS_KEY)
         .spawn()

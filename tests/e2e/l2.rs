@@ -13,7 +13,7 @@ use crate::support::{can_connect, digest_of, wait_until, S3Server, Upstream, Ups
 const MIB: usize = 1024 * 1024;
 
 /// Upstream GETs of `digest` that returned the blob (401s are the token flow).
-fn upstream_fetches(up: &Upstream, digest: &str) -> usize {
+pub(super) fn upstream_fetches(up: &Upstream, digest: &str) -> usize {
     let path = format!("/blobs/{digest}");
     up.requests()
         .iter()
@@ -32,7 +32,7 @@ fn one_replica(dir: &std::path::Path, i: usize, shared: &str) -> Replica {
     r
 }
 
-fn pull(r: &Replica, repo: &str, digest: &str) -> (u16, Option<String>) {
+pub(super) fn pull(r: &Replica, repo: &str, digest: &str) -> (u16, Option<String>) {
     let answer = get(&format!("http://{}/v2/{repo}/blobs/{digest}", r.addr));
     (
         answer.status,

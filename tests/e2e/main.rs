@@ -20,6 +20,7 @@ mod credentials;
 mod data_endpoints;
 mod deletes;
 mod digests;
+mod dns_members;
 mod encryption;
 mod errors;
 mod faults;
