@@ -79,6 +79,9 @@ pub struct Metrics {
     l2_read_bytes: IntCounter,
     l2_uploads: IntCounter,
     l2_uploaded_bytes: IntCounter,
+    l2_manifest_hits: IntCounter,
+    l2_manifest_misses: IntCounter,
+    l2_manifest_uploads: IntCounter,
 }
 
 impl Metrics {
@@ -316,6 +319,18 @@ impl Metrics {
                 "pullgate_l2_uploaded_bytes_total",
                 "Bytes uploaded to the object store.",
             ),
+            l2_manifest_hits: counter(
+                "pullgate_l2_manifest_hits_total",
+                "Manifests by digest read from the object store instead of the upstream.",
+            ),
+            l2_manifest_misses: counter(
+                "pullgate_l2_manifest_misses_total",
+                "Manifests by digest asked of the object store and not there.",
+            ),
+            l2_manifest_uploads: counter(
+                "pullgate_l2_manifest_uploads_total",
+                "Verified manifests uploaded to the object store.",
+            ),
             key_operations: counter_vec(
                 "pullgate_key_operations_total",
                 "Operations on the cache encryption keys (unwrap, wrap, rewrap, rotate, check, revoked, unavailable, restored), by outcome.",
@@ -433,6 +448,9 @@ impl Metrics {
             &self.l2_read_bytes,
             &self.l2_uploads,
             &self.l2_uploaded_bytes,
+            &self.l2_manifest_hits,
+            &self.l2_manifest_misses,
+            &self.l2_manifest_uploads,
         ];
         let mut names: Vec<String> = collectors
             .iter()
@@ -478,6 +496,9 @@ impl Metrics {
             catch_up(&self.l2_read_bytes, l2.read_bytes);
             catch_up(&self.l2_uploads, l2.uploads);
             catch_up(&self.l2_uploaded_bytes, l2.uploaded_bytes);
+            catch_up(&self.l2_manifest_hits, l2.manifest_hits);
+            catch_up(&self.l2_manifest_misses, l2.manifest_misses);
+            catch_up(&self.l2_manifest_uploads, l2.manifest_uploads);
         }
         for (reason, n) in [
             ("refused", s.fills_refused),

@@ -43,6 +43,9 @@ const CONTEXT: &[u8] = b"pullgate blob url v1";
 /// request never stand for each other, even under one key.
 const PEER_CONTEXT: &[u8] = b"pullgate peer blob v1";
 
+/// The context of a peer tag request: a blob grant never stands for a tag grant.
+const PEER_TAG_CONTEXT: &[u8] = b"pullgate peer tag v1";
+
 type HmacSha256 = Hmac<Sha256>;
 
 /// The secret behind every signature. Never printed: `Debug` is redacted and there is no
@@ -67,7 +70,7 @@ pub struct Grant {
     pub account: Option<String>,
     /// The repository as the upstream knows it (after prefix stripping and `library/`).
     pub repository: String,
-    /// `algorithm:hex`.
+    /// `algorithm:hex` (for a peer tag request, the tag).
     pub digest: String,
     /// Unix seconds after which the signature is refused.
     pub expires: u64,
@@ -233,6 +236,23 @@ impl RedirectKey {
         now: SystemTime,
     ) -> Result<Grant, SignatureError> {
         self.verify_in(PEER_CONTEXT, presented, registry, repository, digest, now)
+    }
+
+    /// The query of a peer tag request: `grant.digest` holds the tag.
+    pub fn peer_tag_query(&self, grant: &Grant) -> String {
+        self.query_in(PEER_TAG_CONTEXT, grant)
+    }
+
+    /// [`verify`](Self::verify) for a peer tag request.
+    pub fn verify_peer_tag(
+        &self,
+        presented: &Presented,
+        registry: &str,
+        repository: &str,
+        tag: &str,
+        now: SystemTime,
+    ) -> Result<Grant, SignatureError> {
+        self.verify_in(PEER_TAG_CONTEXT, presented, registry, repository, tag, now)
     }
 
     fn query_in(&self, context: &[u8], grant: &Grant) -> String {

@@ -23,8 +23,8 @@ pub struct RequestCtx {
     pub namespace: Option<String>,
     pub upstream_status: Option<u16>,
     /// Cache outcome: `hit`, `fill` (a blob fill started or joined), `miss` (a manifest
-    /// fetched), `revalidated` (a tag asked again), `negative` (a remembered 404), `bypass`,
-    /// or `-`.
+    /// fetched), `revalidated` (a tag asked again), `peer` (a tag answered by its owner in
+    /// the cluster), `negative` (a remembered 404), `bypass`, or `-`.
     pub cache: &'static str,
     /// Served from the cache while the upstream could not be asked (`stale_if_error`); the
     /// response carries a `Warning` header.

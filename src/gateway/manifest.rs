@@ -45,6 +45,8 @@ struct ManifestJob<'a> {
     full_missing_key: String,
     /// The request names a signature artifact's tag: no signature policy applies.
     exempt: bool,
+    /// Asked by another member (this replica owns the tag): never forwarded again.
+    for_peer: bool,
 }
 
 /// Which cached answer of a tag a request is served from: the tag's real target (the answer
@@ -63,42 +65,137 @@ pub async fn serve(
     job: &Job<'_>,
     reference: &Reference,
 ) -> Result<(), Failure> {
-    let accept = accept_of(&job.headers);
-    let full = oci::takes_every_modern_type(&accept);
-    let mut upstream_headers = upstream::forwarded_headers(&job.headers, false);
-    let every_type = HeaderValue::from_static(oci::MANIFEST_ACCEPT);
-    if job.headers.get(header::ACCEPT).is_none() {
-        upstream_headers.insert(header::ACCEPT, every_type.clone());
-    } else if full && oci::has_wildcard(&accept) {
-        upstream_headers.append(header::ACCEPT, every_type.clone());
-    }
-    let full_headers = if full {
-        upstream_headers.clone()
-    } else {
-        HeaderMap::from_iter([(header::ACCEPT, every_type)])
-    };
-    let base = format!(
-        "{}\0{}\0{reference}",
-        job.partition,
-        job.routed.repository.as_str()
-    );
-    let m = ManifestJob {
-        gw,
-        job,
-        missing_key: ManifestStore::missing_key_for(
-            &base,
-            (!full).then(|| oci::accept_set(&accept)),
-        ),
-        full_missing_key: base,
-        exempt: matches!(reference, Reference::Tag(t) if signature::is_signature_tag(t.as_str())),
-        accept,
-        full,
-        upstream_headers,
-        full_headers,
-    };
+    let m = ManifestJob::new(gw, job, reference, false);
     match reference {
         Reference::Digest(digest) => m.by_digest(session, ctx, digest).await,
         Reference::Tag(tag) => m.by_tag(session, ctx, tag).await,
+    }
+}
+
+/// The owner's side of a peer tag request (`peer.rs`, after its signature was checked): what
+/// the tag points at, from this replica's fresh answer or asked of the upstream now (at most
+/// once per `tag_ttl` for the cluster), and for `get` the manifest's bytes. Never forwarded.
+#[allow(clippy::too_many_arguments)]
+pub async fn serve_for_peer(
+    gw: &Gateway,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    client: &crate::upstream::UpstreamClient,
+    routed: &crate::route::Routed,
+    partition: &str,
+    tag: &Tag,
+    get: bool,
+) -> Result<(), Failure> {
+    let job = Job {
+        client,
+        routed,
+        partition: partition.to_owned(),
+        method: if get { Method::GET } else { Method::HEAD },
+        headers: HeaderMap::new(),
+        query: String::new(),
+        max_manifest: gw.config.cache.max_manifest_size,
+        revalidate_tags: false,
+    };
+    let reference = Reference::Tag(tag.clone());
+    let m = ManifestJob::new(gw, &job, &reference, true);
+    let key = TagKey::new(partition, &routed.repository, tag);
+    let cached = gw.manifests.tag(&key).filter(|e| m.live(e));
+    let (entry, manifest) = match m.resolve(ctx, tag, &key, Slot::Primary, cached).await? {
+        TagAnswer::Entry(entry) => {
+            let manifest = match get {
+                true => m.manifest_of(ctx, &entry, None).await?,
+                false => None,
+            };
+            (entry, manifest)
+        }
+        TagAnswer::Fetched(manifest) => {
+            let entry = gw
+                .manifests
+                .tag(&key)
+                .filter(|e| e.digest == manifest.digest)
+                .unwrap_or_else(|| entry_of(&manifest, SystemTime::now()));
+            (entry, Some(manifest))
+        }
+        // Not cached here either (schema 1): the asking replica asks the upstream itself.
+        TagAnswer::Uncached(_) | TagAnswer::Refused => {
+            return Err(OciError::new(
+                ErrorCode::Unsupported,
+                "this tag's answer is not cacheable; ask the upstream",
+            )
+            .with_status(409)
+            .into())
+        }
+    };
+    gw.links.confirm(
+        partition,
+        &routed.repository,
+        &entry.digest,
+        entry.validated_at,
+    );
+    let mut resp = respond::head(200, ctx)?;
+    resp.insert_header(header::CONTENT_TYPE, entry.media_type.as_str())?;
+    resp.insert_header("Docker-Content-Digest", entry.digest.as_str())?;
+    resp.insert_header(super::peer::HEADER_SIZE, entry.size)?;
+    resp.insert_header(
+        super::peer::HEADER_VALIDATED_AT,
+        crate::store::unix_secs(entry.validated_at),
+    )?;
+    if ctx.stale {
+        resp.insert_header(super::peer::HEADER_STALE, "1")?;
+    }
+    let body = manifest.map(|m| m.body.clone()).unwrap_or_default();
+    respond::write_body(session, ctx, resp, body).await?;
+    Ok(())
+}
+
+/// What the tag logic decided, before anything is written.
+enum TagAnswer {
+    /// Serve from this entry (fresh, revalidated, from the tag's owner, or stale: see `ctx`).
+    Entry(TagEntry),
+    /// A GET fetched the manifest itself.
+    Fetched(Arc<CachedManifest>),
+    /// A HEAD of a schema 1 answer: served from the entry, never cached.
+    Uncached(TagEntry),
+    /// The primary answer is of a type this client refuses: try its variant.
+    Refused,
+}
+
+impl<'a> ManifestJob<'a> {
+    fn new(gw: &'a Gateway, job: &'a Job<'a>, reference: &Reference, for_peer: bool) -> Self {
+        let accept = accept_of(&job.headers);
+        let full = oci::takes_every_modern_type(&accept);
+        let mut upstream_headers = upstream::forwarded_headers(&job.headers, false);
+        let every_type = HeaderValue::from_static(oci::MANIFEST_ACCEPT);
+        if job.headers.get(header::ACCEPT).is_none() {
+            upstream_headers.insert(header::ACCEPT, every_type.clone());
+        } else if full && oci::has_wildcard(&accept) {
+            upstream_headers.append(header::ACCEPT, every_type.clone());
+        }
+        let full_headers = if full {
+            upstream_headers.clone()
+        } else {
+            HeaderMap::from_iter([(header::ACCEPT, every_type)])
+        };
+        let base = format!(
+            "{}\0{}\0{reference}",
+            job.partition,
+            job.routed.repository.as_str()
+        );
+        ManifestJob {
+            gw,
+            job,
+            missing_key: ManifestStore::missing_key_for(
+                &base,
+                (!full).then(|| oci::accept_set(&accept)),
+            ),
+            full_missing_key: base,
+            exempt: matches!(reference, Reference::Tag(t) if signature::is_signature_tag(t.as_str())),
+            accept,
+            full,
+            upstream_headers,
+            full_headers,
+            for_peer,
+        }
     }
 }
 
@@ -173,12 +270,19 @@ impl ManifestJob<'_> {
         ctx: &mut RequestCtx,
         digest: &Digest,
     ) -> Result<(), Failure> {
-        if let Some(cached) = self.gw.manifests.get(digest) {
+        let mut cached = self.gw.manifests.get(digest);
+        let in_cache = cached.is_some();
+        if !in_cache {
+            cached = self.read_l2(ctx, digest).await;
+        }
+        if let Some(cached) = cached {
             if oci::accepts(&self.accept, &cached.media_type) {
+                // From the disk or the object store alike, only once this repository is
+                // confirmed to have it (invariant 5).
                 let confirmed = self.confirm().check(Kind::Manifest, digest).await?;
                 self.confirm()
                     .references(digest, &cached.body, confirmed.at);
-                ctx.cache = "hit";
+                ctx.cache = if in_cache { "hit" } else { "miss" };
                 ctx.mark_stale(confirmed.stale);
                 return self.send(session, ctx, &cached).await;
             }
@@ -194,6 +298,29 @@ impl ManifestJob<'_> {
         self.send(session, ctx, &fetched).await
     }
 
+    /// The manifest from the object store (`cache.l2`), verified there and kept on this
+    /// replica's disk. The caller confirms the repository.
+    async fn read_l2(&self, ctx: &mut RequestCtx, digest: &Digest) -> Option<Arc<CachedManifest>> {
+        let (media_type, body) = self.gw.store.l2()?.manifest(digest).await?;
+        ctx.filled_by = Some("l2".to_owned());
+        Some(self.gw.manifests.put(CachedManifest {
+            digest: digest.clone(),
+            media_type,
+            body,
+        }))
+    }
+
+    /// A tag answer not undone by a delete made through pullgate since.
+    fn live(&self, entry: &TagEntry) -> bool {
+        let routed = self.job.routed;
+        let deleted =
+            super::delete::deleted_scope(&routed.registry.name, routed.repository.as_str());
+        !self
+            .gw
+            .manifests
+            .deleted_since(&deleted, &entry.digest, entry.validated_at)
+    }
+
     async fn by_tag(
         &self,
         session: &mut Session,
@@ -202,15 +329,7 @@ impl ManifestJob<'_> {
     ) -> Result<(), Failure> {
         let routed = self.job.routed;
         let key = TagKey::new(&self.job.partition, &routed.repository, tag);
-        let deleted =
-            super::delete::deleted_scope(&routed.registry.name, routed.repository.as_str());
-        let live = |e: &TagEntry| {
-            !self
-                .gw
-                .manifests
-                .deleted_since(&deleted, &e.digest, e.validated_at)
-        };
-        let primary = self.gw.manifests.tag(&key).filter(live);
+        let primary = self.gw.manifests.tag(&key).filter(|e| self.live(e));
         let use_primary = self.full
             || primary
                 .as_ref()
@@ -228,17 +347,16 @@ impl ManifestJob<'_> {
             .manifests
             .tag_variants(&key)
             .into_iter()
-            .filter(live)
+            .filter(|e| self.live(e))
             .find(|v| oci::accepts(&self.accept, &v.media_type));
         self.tag_in(session, ctx, tag, &key, Slot::Variant, variant)
             .await?;
         Ok(())
     }
 
-    /// Serves a tag from one slot: a fresh answer from the cache, else asked again (a HEAD,
-    /// which Docker Hub does not count as a pull, and a GET only when the answer changed or
-    /// cannot tell), a stale answer while the upstream fails. `Ok(false)`: the primary answer
-    /// turned out to be of a type this client refuses (nothing was sent; try the variant).
+    /// Serves a tag from one slot (see [`resolve`](Self::resolve)). `Ok(false)`: the primary
+    /// answer turned out to be of a type this client refuses (nothing was sent; try the
+    /// variant).
     async fn tag_in(
         &self,
         session: &mut Session,
@@ -248,6 +366,27 @@ impl ManifestJob<'_> {
         slot: Slot,
         cached: Option<TagEntry>,
     ) -> Result<bool, Failure> {
+        match self.resolve(ctx, tag, key, slot, cached).await? {
+            TagAnswer::Refused => return Ok(false),
+            TagAnswer::Entry(entry) => self.send_tag(session, ctx, tag, entry).await?,
+            TagAnswer::Fetched(manifest) => self.send(session, ctx, &manifest).await?,
+            TagAnswer::Uncached(entry) => self.send_head(session, ctx, &entry).await?,
+        }
+        Ok(true)
+    }
+
+    /// What a tag points at in one slot: a fresh answer from the cache; in a cluster, the
+    /// tag owner's answer; else asked again (a HEAD, which Docker Hub does not count as a
+    /// pull, and a GET only when the answer changed or cannot tell); a stale answer while the
+    /// upstream fails.
+    async fn resolve(
+        &self,
+        ctx: &mut RequestCtx,
+        tag: &Tag,
+        key: &TagKey,
+        slot: Slot,
+        cached: Option<TagEntry>,
+    ) -> Result<TagAnswer, Failure> {
         let routed = self.job.routed;
         let now = SystemTime::now();
         let ttl = routed.registry.tag_ttl(&self.gw.config.cache);
@@ -256,22 +395,25 @@ impl ManifestJob<'_> {
             .filter(|e| !self.job.revalidate_tags && e.age(now) < ttl)
         {
             ctx.cache = "hit";
-            self.send_tag(session, ctx, tag, entry).await?;
-            return Ok(true);
+            return Ok(TagAnswer::Entry(entry));
         }
-        let reference = Reference::Tag(tag.clone());
         if cached.is_none() {
             self.refuse_if_known_missing(ctx, slot)?;
-            if self.job.method == Method::GET {
-                let fetched = self.fetch(ctx, &reference, slot).await?;
-                self.store(slot, key, entry_of(&fetched, now));
-                if self.refuses(slot, &fetched.media_type) {
-                    return Ok(false);
-                }
-                ctx.cache = "miss";
-                self.send(session, ctx, &fetched).await?;
-                return Ok(true);
+        }
+        if slot == Slot::Primary {
+            if let Some(answer) = self.ask_owner(ctx, tag, key).await? {
+                return Ok(answer);
             }
+        }
+        let reference = Reference::Tag(tag.clone());
+        if cached.is_none() && self.job.method == Method::GET {
+            let fetched = self.fetch(ctx, &reference, slot).await?;
+            self.store(slot, key, entry_of(&fetched, now));
+            if self.refuses(slot, &fetched.media_type) {
+                return Ok(TagAnswer::Refused);
+            }
+            ctx.cache = "miss";
+            return Ok(TagAnswer::Fetched(fetched));
         }
         let asked = self
             .job
@@ -282,8 +424,8 @@ impl ManifestJob<'_> {
         let stale = cached
             .clone()
             .filter(|e| e.age(now) < self.gw.config.cache.stale_if_error);
-        match asked {
-            Ok(answer) if answer.status().is_success() => {
+        match (asked, stale) {
+            (Ok(answer), stale) if answer.status().is_success() => {
                 ctx.upstream_status = Some(answer.status().as_u16());
                 ctx.cache = if stale.is_some() {
                     "revalidated"
@@ -294,36 +436,33 @@ impl ManifestJob<'_> {
                     Some(entry) if !oci::media::is_schema1(&entry.media_type) => {
                         self.store(slot, key, entry.clone());
                         if self.refuses(slot, &entry.media_type) {
-                            return Ok(false);
+                            return Ok(TagAnswer::Refused);
                         }
-                        self.send_tag(session, ctx, tag, entry).await?;
+                        Ok(TagAnswer::Entry(entry))
                     }
                     Some(entry) if self.job.method == Method::HEAD => {
                         ctx.cache = "bypass";
-                        self.send_head(session, ctx, &entry).await?;
+                        Ok(TagAnswer::Uncached(entry))
                     }
                     _ => {
                         let fetched = self.fetch(ctx, &reference, slot).await?;
                         self.store(slot, key, entry_of(&fetched, now));
                         if self.refuses(slot, &fetched.media_type) {
-                            return Ok(false);
+                            return Ok(TagAnswer::Refused);
                         }
-                        self.send(session, ctx, &fetched).await?;
+                        Ok(TagAnswer::Fetched(fetched))
                     }
                 }
-                Ok(true)
             }
-            Ok(answer) if is_unavailable_status(answer.status()) && stale.is_some() => {
+            (Ok(answer), Some(stale)) if is_unavailable_status(answer.status()) => {
                 ctx.upstream_status = Some(answer.status().as_u16());
-                self.send_stale(session, ctx, tag, stale).await?;
-                Ok(true)
+                Ok(self.stale(ctx, stale))
             }
-            Err(e) if is_unavailable_error(&e) && stale.is_some() => {
+            (Err(e), Some(stale)) if is_unavailable_error(&e) => {
                 ctx.note_error(&e.to_string());
-                self.send_stale(session, ctx, tag, stale).await?;
-                Ok(true)
+                Ok(self.stale(ctx, stale))
             }
-            Ok(answer) => {
+            (Ok(answer), _) => {
                 ctx.upstream_status = Some(answer.status().as_u16());
                 if answer.status().as_u16() == 404 {
                     match (slot, &cached) {
@@ -343,20 +482,95 @@ impl ManifestJob<'_> {
                         .into(),
                 )
             }
-            Err(e) => Err(Failure::Respond(upstream_error(&e))),
+            (Err(e), _) => Err(Failure::Respond(upstream_error(&e))),
         }
     }
 
-    async fn send_stale(
+    /// In a cluster only the tag's owner asks the upstream about it, so the cluster asks at
+    /// most once per `tag_ttl` (Docker Hub counts per source address or account, not per
+    /// replica). `None`: this replica is the owner, the request came from a peer, or the
+    /// owner failed (then this replica asks the upstream itself: a duplicate, never an error).
+    async fn ask_owner(
         &self,
-        session: &mut Session,
         ctx: &mut RequestCtx,
         tag: &Tag,
-        entry: Option<TagEntry>,
-    ) -> Result<(), Failure> {
-        let Some(entry) = entry else {
-            return Err(OciError::new(ErrorCode::Unavailable, "no cached answer").into());
+        key: &TagKey,
+    ) -> Result<Option<TagAnswer>, Failure> {
+        let Some(cluster) = self.gw.cluster.as_ref() else {
+            return Ok(None);
         };
+        if self.for_peer || self.job.revalidate_tags {
+            return Ok(None);
+        }
+        let Some(owner) = cluster.owner_of_tag(key) else {
+            return Ok(None);
+        };
+        let routed = self.job.routed;
+        let registry = &routed.registry.name;
+        let grant = super::peer::tag_grant(registry, &self.job.partition, &routed.repository, tag);
+        let get = self.job.method == Method::GET;
+        self.gw.metrics.forwards_sent.inc();
+        let asked = cluster
+            .ask_tag(owner, &grant, get, self.job.max_manifest)
+            .await;
+        let (entry, stale, manifest) = match asked {
+            Ok(super::peer::PeerTag::Found {
+                entry,
+                stale,
+                manifest,
+            }) if self.live(&entry) => (entry, stale, manifest),
+            // A delete made through this replica since the owner's answer: the upstream
+            // tells what the tag is now.
+            Ok(super::peer::PeerTag::Found { .. }) => return Ok(None),
+            Ok(super::peer::PeerTag::Missing) => {
+                self.gw.manifests.forget_tag(key);
+                self.gw
+                    .manifests
+                    .remember_missing(self.missing(Slot::Primary).to_owned());
+                ctx.upstream_status = Some(404);
+                return Err(OciError::new(
+                    ErrorCode::ManifestUnknown,
+                    format!(
+                        "upstream registry {registry:?} has no tag {tag} in {}",
+                        routed.client_name
+                    ),
+                )
+                .with_status(404)
+                .into());
+            }
+            Err((unwell, why)) => {
+                tracing::warn!(%owner, %tag, reason = %why,
+                    "cluster owner of the tag failed; asking the upstream");
+                if unwell {
+                    cluster.membership.failed(owner, std::time::Instant::now());
+                }
+                self.gw.metrics.forwards_failed_over.inc();
+                return Ok(None);
+            }
+        };
+        ctx.cache = "peer";
+        ctx.filled_by = Some(owner.to_string());
+        ctx.mark_stale(stale);
+        if let Some(body) = manifest {
+            // Verified against the digest by `ask_tag`.
+            let stored = self.gw.manifests.put(CachedManifest {
+                digest: entry.digest.clone(),
+                media_type: entry.media_type.clone(),
+                body,
+            });
+            self.confirm()
+                .references(&stored.digest, &stored.body, entry.validated_at);
+        }
+        if !stale {
+            self.store(Slot::Primary, key, entry.clone());
+        }
+        if self.refuses(Slot::Primary, &entry.media_type) {
+            return Ok(Some(TagAnswer::Refused));
+        }
+        Ok(Some(TagAnswer::Entry(entry)))
+    }
+
+    fn stale(&self, ctx: &mut RequestCtx, entry: TagEntry) -> TagAnswer {
         tracing::warn!(
             registry = %self.job.routed.registry.name,
             request_id = %ctx.request_id,
@@ -364,7 +578,7 @@ impl ManifestJob<'_> {
         );
         ctx.cache = "hit";
         ctx.mark_stale(true);
-        self.send_tag(session, ctx, tag, entry).await
+        TagAnswer::Entry(entry)
     }
 
     /// Answers a tag from its cached digest: HEAD from the entry alone, GET from the cached
@@ -385,21 +599,15 @@ impl ManifestJob<'_> {
         );
         // A HEAD needs no body: the entry has its headers, so only memory is looked at (a tag
         // poller's HEAD opens no file).
-        let cached = if self.job.method == Method::HEAD {
-            self.gw.manifests.get_in_memory(&entry.digest)
-        } else {
-            self.gw.manifests.get(&entry.digest)
-        };
-        if let Some(cached) = cached {
-            self.confirm()
-                .references(&entry.digest, &cached.body, entry.validated_at);
-            return self.send(session, ctx, &cached).await;
-        }
         if self.job.method == Method::HEAD {
-            return self.send_head(session, ctx, &entry).await;
+            return match self.gw.manifests.get_in_memory(&entry.digest) {
+                Some(cached) => self.send(session, ctx, &cached).await,
+                None => self.send_head(session, ctx, &entry).await,
+            };
         }
-        if ctx.stale {
-            return Err(OciError::new(
+        match self.manifest_of(ctx, &entry, Some(tag)).await? {
+            Some(manifest) => self.send(session, ctx, &manifest).await,
+            None => Err(OciError::new(
                 ErrorCode::Unavailable,
                 format!(
                     "upstream registry {:?} is unavailable and tag {tag} of {} is not cached",
@@ -407,13 +615,76 @@ impl ManifestJob<'_> {
                 ),
             )
             .with_status(503)
-            .into());
+            .into()),
         }
-        // By digest, in terms that take the entry's type whatever this client sent.
-        let fetched = self
-            .fetch(ctx, &Reference::Digest(entry.digest.clone()), Slot::Primary)
-            .await?;
-        self.send(session, ctx, &fetched).await
+    }
+
+    /// The manifest a tag entry names: from the disk, the object store, the tag's owner (in a
+    /// cluster: it fetched it, so the cluster GETs each manifest once), or fetched by digest
+    /// (in terms that take the entry's type whatever this client sent); `None` when only the
+    /// upstream has it and it cannot be asked now (a stale answer).
+    async fn manifest_of(
+        &self,
+        ctx: &mut RequestCtx,
+        entry: &TagEntry,
+        tag: Option<&Tag>,
+    ) -> Result<Option<Arc<CachedManifest>>, Failure> {
+        let cached = match self.gw.manifests.get(&entry.digest) {
+            Some(cached) => Some(cached),
+            // Confirmed for this repository by the tag answer itself.
+            None => self.read_l2(ctx, &entry.digest).await,
+        };
+        if let Some(cached) = cached {
+            self.confirm()
+                .references(&entry.digest, &cached.body, entry.validated_at);
+            return Ok(Some(cached));
+        }
+        if let Some(from_owner) = self.owner_manifest(entry, tag).await {
+            return Ok(Some(from_owner));
+        }
+        if ctx.stale {
+            return Ok(None);
+        }
+        let reference = Reference::Digest(entry.digest.clone());
+        Ok(Some(self.fetch(ctx, &reference, Slot::Primary).await?))
+    }
+
+    /// The manifest of `entry` from the owner of `tag`, when that is another member and its
+    /// answer names the same digest. Failures are the caller's to fall back from.
+    async fn owner_manifest(
+        &self,
+        entry: &TagEntry,
+        tag: Option<&Tag>,
+    ) -> Option<Arc<CachedManifest>> {
+        let (cluster, tag) = (self.gw.cluster.as_ref()?, tag?);
+        if self.for_peer {
+            return None;
+        }
+        let routed = self.job.routed;
+        let key = TagKey::new(&self.job.partition, &routed.repository, tag);
+        let owner = cluster.owner_of_tag(&key)?;
+        let grant = super::peer::tag_grant(
+            &routed.registry.name,
+            &self.job.partition,
+            &routed.repository,
+            tag,
+        );
+        self.gw.metrics.forwards_sent.inc();
+        match cluster
+            .ask_tag(owner, &grant, true, self.job.max_manifest)
+            .await
+        {
+            Ok(super::peer::PeerTag::Found {
+                entry: found,
+                manifest: Some(body),
+                ..
+            }) if found.digest == entry.digest => Some(self.gw.manifests.put(CachedManifest {
+                digest: found.digest,
+                media_type: found.media_type,
+                body,
+            })),
+            _ => None,
+        }
     }
 
     /// GETs a manifest from the upstream, verifies it, caches it and records the repository's
@@ -478,6 +749,9 @@ impl ManifestJob<'_> {
             media_type,
             body: Bytes::from(body),
         });
+        if let Some(l2) = self.gw.store.l2() {
+            l2.upload_manifest(&stored.digest, &stored.media_type, stored.body.clone());
+        }
         self.gw
             .links
             .confirm(&self.job.partition, &routed.repository, &stored.digest, now);

@@ -1,5 +1,6 @@
-//! Cluster forwarding (issue 16, first step): a blob fill on a replica that does not own the
-//! digest gets its bytes from the owner, which fills once from the upstream for the cluster.
+//! Cluster forwarding: a blob fill on a replica that does not own the digest gets its bytes
+//! from the owner, which fills once from the upstream for the cluster; a tag that needs asking
+//! again is asked of its owner (`manifest.rs`), which asks the upstream once per `tag_ttl`.
 //!
 //! Policy is decided on the replica the client reached, before anything here runs. The peer
 //! request then carries that decision (registry, repository, digest, the upstream account,
@@ -8,8 +9,8 @@
 //! asks for, and serves a valid one through its own blob path, where it is one more follower of
 //! the owner's single-flight fill.
 //!
-//! Owns: the peer path [`PATH`] (both sides), the [`PeerBlob`] source and its fallback to the
-//! upstream. Must never: forward to this replica itself (`cluster::Membership` answers `Me`),
+//! Owns: the peer paths [`PATH`] and [`TAG_PATH`] (both sides), the [`PeerBlob`] source and
+//! its fallback to the upstream. Must never: forward to this replica itself (`cluster::Membership` answers `Me`),
 //! forward a request that came from a peer (the owner always fills from the upstream, so there
 //! are no loops), or fail a pull because a peer failed (it falls back to the upstream, counted).
 
@@ -29,17 +30,29 @@ use super::{Gateway, RequestCtx};
 use crate::cluster::dns::DnsMembers;
 use crate::cluster::{Membership, Owner, DEFAULT_BACKOFF};
 use crate::metrics::Metrics;
-use crate::oci::{Digest, ErrorCode, OciError, Repository};
+use crate::oci::{Digest, ErrorCode, OciError, Repository, Tag};
+use crate::route::{Routed, RoutedBy};
 use crate::sign::{self, Grant, Presented, RedirectKey};
-use crate::store::{BlobSource, Origin, SourceBody, SourceError};
+use crate::store::{BlobSource, Origin, SourceBody, SourceError, TagEntry, TagKey};
 
 /// The path of peer blob requests on a member's plain listener. Outside `/v2/`, so no client
 /// request is ever taken for one.
 pub const PATH: &str = "/_pullgate/peer/blob";
+/// The path of peer tag requests: the tag's owner answers what the tag points at, asking the
+/// upstream at most once per `tag_ttl` for the whole cluster.
+pub const TAG_PATH: &str = "/_pullgate/peer/tag";
 
 const PARAM_REGISTRY: &str = "registry";
 const PARAM_REPOSITORY: &str = "repository";
 const PARAM_DIGEST: &str = "digest";
+const PARAM_TAG: &str = "tag";
+/// `HEAD` when the asking client wants no manifest body (unsigned: it changes no permission).
+const PARAM_METHOD: &str = "method";
+
+/// Headers of a peer tag answer besides `Content-Type` and `Docker-Content-Digest`.
+pub const HEADER_SIZE: &str = "x-pullgate-manifest-size";
+pub const HEADER_VALIDATED_AT: &str = "x-pullgate-validated-at";
+pub const HEADER_STALE: &str = "x-pullgate-stale";
 
 /// How long a peer request stays valid: long enough for clock skew between replicas and a
 /// retry, short enough that a captured one is soon useless.
@@ -117,6 +130,91 @@ impl Cluster {
             Owner::Me => None,
             Owner::Peer(peer) => Some(peer),
         }
+    }
+
+    /// The member that asks the upstream about the tag of `key`, when it is not this replica.
+    pub fn owner_of_tag(&self, key: &TagKey) -> Option<SocketAddr> {
+        self.refresh_members();
+        match self
+            .membership
+            .owner(&format!("tag:{}", key.as_str()), Instant::now())
+        {
+            Owner::Me => None,
+            Owner::Peer(peer) => Some(peer),
+        }
+    }
+
+    /// Asks `owner` what the tag of `grant` points at (and, for `get`, the manifest itself).
+    /// `Err((unwell, why))`: the owner failed; `unwell` when it should be skipped a while.
+    pub async fn ask_tag(
+        &self,
+        owner: SocketAddr,
+        grant: &Grant,
+        get: bool,
+        max_manifest: u64,
+    ) -> Result<PeerTag, (bool, String)> {
+        let query = url::form_urlencoded::Serializer::new(String::new())
+            .append_pair(PARAM_REGISTRY, &grant.registry)
+            .append_pair(PARAM_REPOSITORY, &grant.repository)
+            .append_pair(PARAM_TAG, &grant.digest)
+            .append_pair(PARAM_METHOD, if get { "GET" } else { "HEAD" })
+            .finish();
+        let url = format!(
+            "http://{owner}{TAG_PATH}?{query}&{}",
+            self.key.peer_tag_query(grant)
+        );
+        let answer = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| (true, e.without_url().to_string()))?;
+        let status = answer.status();
+        if status == StatusCode::NOT_FOUND {
+            return Ok(PeerTag::Missing);
+        }
+        if !status.is_success() {
+            return Err((status.is_server_error(), format!("owner answered {status}")));
+        }
+        let text = |name: &str| {
+            answer
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let entry = (|| {
+            Some(TagEntry {
+                digest: Digest::parse(&text("docker-content-digest")?).ok()?,
+                media_type: text("content-type")
+                    .filter(|t| crate::oci::is_manifest_media_type(t))?,
+                size: text(HEADER_SIZE)?.parse().ok()?,
+                validated_at: SystemTime::UNIX_EPOCH
+                    + Duration::from_secs(text(HEADER_VALIDATED_AT)?.parse().ok()?),
+            })
+        })()
+        .ok_or((false, "owner's tag answer lacks a header".to_owned()))?;
+        let stale = text(HEADER_STALE).is_some();
+        if answer.content_length().is_some_and(|n| n > max_manifest) {
+            return Err((
+                false,
+                "owner's manifest is over cache.max_manifest_size".into(),
+            ));
+        }
+        let body = answer
+            .bytes()
+            .await
+            .map_err(|e| (true, e.without_url().to_string()))?;
+        let manifest = match body.is_empty() {
+            true => None,
+            false if body.len() as u64 == entry.size && entry.digest.verify(&body) => Some(body),
+            false => return Err((false, "owner's manifest does not match its digest".into())),
+        };
+        Ok(PeerTag::Found {
+            entry,
+            stale,
+            manifest,
+        })
     }
 
     fn url(&self, owner: SocketAddr, grant: &Grant) -> String {
@@ -211,9 +309,32 @@ impl BlobSource for PeerBlob {
     }
 }
 
+/// The owner's answer to a peer tag request.
+pub enum PeerTag {
+    /// What the tag points at, as the owner last had it from the upstream (`stale`: served
+    /// while the upstream fails), with the manifest's verified bytes when they were asked for
+    /// and the owner had them.
+    Found {
+        entry: TagEntry,
+        stale: bool,
+        manifest: Option<bytes::Bytes>,
+    },
+    /// The upstream has no such tag.
+    Missing,
+}
+
 /// The grant a non-owner sends for a fill of `digest` in `repository` with `partition`'s
 /// account.
 pub fn grant(registry: &str, partition: &str, repository: &Repository, digest: &Digest) -> Grant {
+    grant_for(registry, partition, repository, digest.to_string())
+}
+
+/// The grant a non-owner sends to ask for `tag` of `repository` with `partition`'s account.
+pub fn tag_grant(registry: &str, partition: &str, repository: &Repository, tag: &Tag) -> Grant {
+    grant_for(registry, partition, repository, tag.as_str().to_owned())
+}
+
+fn grant_for(registry: &str, partition: &str, repository: &Repository, reference: String) -> Grant {
     let account = partition
         .strip_prefix(registry)
         .and_then(|rest| rest.strip_prefix('/'))
@@ -222,13 +343,13 @@ pub fn grant(registry: &str, partition: &str, repository: &Repository, digest: &
         registry: registry.to_owned(),
         account,
         repository: repository.as_str().to_owned(),
-        digest: digest.to_string(),
+        digest: reference,
         expires: sign::expiry(SystemTime::now(), PEER_TTL),
     }
 }
 
-/// The owner's side: a peer request, checked, then served like a client's blob GET, always
-/// filled from the upstream (never forwarded again).
+/// The owner's side: a peer request, checked, then served like a client's blob GET or tag
+/// lookup, always from this replica's cache or the upstream (never forwarded again).
 pub async fn serve(
     gw: &Gateway,
     session: &mut Session,
@@ -237,10 +358,11 @@ pub async fn serve(
     ctx.kind = "peer";
     ctx.client = Some(super::access::client_address(gw, session));
     let req = session.req_header();
+    let for_tag = req.uri.path() == TAG_PATH;
     if req.method != Method::GET {
         return Err(OciError::new(
             ErrorCode::Unsupported,
-            "the peer path answers GET of one blob only",
+            "the peer path answers GET of one blob or tag only",
         )
         .with_status(405)
         .into());
@@ -272,28 +394,29 @@ pub async fn serve(
             .find(|(k, _)| k == key)
             .map(|(_, v)| v.into_owned())
     };
-    let (Some(registry), Some(repository), Some(digest)) = (
+    let (Some(registry), Some(repository), Some(reference)) = (
         value(PARAM_REGISTRY),
         value(PARAM_REPOSITORY),
-        value(PARAM_DIGEST),
+        value(if for_tag { PARAM_TAG } else { PARAM_DIGEST }),
     ) else {
         return Err(deny(
             ctx,
             "peer_invalid",
-            "a peer request names a registry, a repository and a digest",
+            "a peer request names a registry, a repository and a digest or tag",
         ));
     };
     ctx.registry = Some(registry.clone());
     ctx.repository = Some(repository.clone());
-    ctx.reference = Some(digest.clone());
+    ctx.reference = Some(reference.clone());
     let grant = Presented::from_query(&query).and_then(|presented| {
-        cluster.key.verify_peer(
-            &presented,
-            &registry,
-            &repository,
-            &digest,
-            SystemTime::now(),
-        )
+        let now = SystemTime::now();
+        if for_tag {
+            let key = &cluster.key;
+            key.verify_peer_tag(&presented, &registry, &repository, &reference, now)
+        } else {
+            let key = &cluster.key;
+            key.verify_peer(&presented, &registry, &repository, &reference, now)
+        }
     });
     let grant = match grant {
         Ok(grant) => grant,
@@ -308,12 +431,11 @@ pub async fn serve(
             return Err(deny(ctx, why.label(), message));
         }
     };
-    let (Ok(digest), Ok(repository)) = (Digest::parse(&digest), Repository::parse(&repository))
-    else {
+    let Ok(repository) = Repository::parse(&repository) else {
         return Err(deny(
             ctx,
             "peer_invalid",
-            "a peer request's name or digest is malformed",
+            "a peer request's name is malformed",
         ));
     };
     let partition = partition(&registry, grant.account.as_deref());
@@ -334,6 +456,37 @@ pub async fn serve(
     }
     ctx.decision = "allow";
     ctx.credential = super::access::credential_name(client.registry(), grant.account.as_deref());
+    if for_tag {
+        let (Ok(tag), Some(config)) = (
+            Tag::parse(&reference),
+            gw.config.registries.iter().find(|r| r.name == registry),
+        ) else {
+            return Err(deny(
+                ctx,
+                "peer_invalid",
+                "a peer request's tag is malformed",
+            ));
+        };
+        gw.metrics.forwards_served.inc();
+        let routed = Routed {
+            registry: Arc::clone(config),
+            by: RoutedBy::Host,
+            client_name: repository.as_str().to_owned(),
+            repository,
+        };
+        let get = value(PARAM_METHOD).as_deref() != Some("HEAD");
+        return super::manifest::serve_for_peer(
+            gw, session, ctx, &client, &routed, &partition, &tag, get,
+        )
+        .await;
+    }
+    let Ok(digest) = Digest::parse(&reference) else {
+        return Err(deny(
+            ctx,
+            "peer_invalid",
+            "a peer request's digest is malformed",
+        ));
+    };
     gw.metrics.forwards_served.inc();
     let job = BlobJob {
         store: &gw.store,

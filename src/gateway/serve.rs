@@ -62,8 +62,8 @@ pub async fn serve(
     let host = request_host(req).map(str::to_string);
     let ns = query.as_deref().and_then(|q| query_value(q, "ns"));
 
-    if path == peer::PATH {
-        // Another cluster member asking this one, the digest's owner (`peer.rs`).
+    if path == peer::PATH || path == peer::TAG_PATH {
+        // Another cluster member asking this one, the digest's or tag's owner (`peer.rs`).
         return peer::serve(gw, session, ctx).await;
     }
     match oci::parse_path(&path)? {

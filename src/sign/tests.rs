@@ -289,3 +289,31 @@ fn peer_requests_and_blob_urls_never_stand_for_each_other() {
         Err(SignatureError::Expired { .. })
     ));
 }
+
+#[test]
+fn peer_tag_requests_are_their_own_context() {
+    let k = key(7);
+    let mut g = grant(Some("build"));
+    g.digest = "v1.2".to_owned();
+    let tag = Presented::from_query(&k.peer_tag_query(&g)).expect("parameters");
+    assert_eq!(
+        k.verify_peer_tag(&tag, "icr", "team/app", "v1.2", at(1_000_000)),
+        Ok(g.clone())
+    );
+    assert_eq!(
+        k.verify_peer_tag(&tag, "icr", "team/app", "latest", at(1_000_000)),
+        Err(SignatureError::Invalid),
+        "another tag"
+    );
+    assert_eq!(
+        k.verify_peer(&tag, "icr", "team/app", "v1.2", at(1_000_000)),
+        Err(SignatureError::Invalid),
+        "a tag grant is no blob grant"
+    );
+    let blob = Presented::from_query(&k.peer_query(&grant(Some("build")))).expect("parameters");
+    assert_eq!(
+        k.verify_peer_tag(&blob, "icr", "team/app", DIGEST, at(1_000_000)),
+        Err(SignatureError::Invalid),
+        "a blob grant is no tag grant"
+    );
+}

@@ -41,6 +41,10 @@ pub struct L2Stats {
     pub read_bytes: u64,
     pub uploads: u64,
     pub uploaded_bytes: u64,
+    /// Manifests by digest read from the store, asked for and not there, and uploaded.
+    pub manifest_hits: u64,
+    pub manifest_misses: u64,
+    pub manifest_uploads: u64,
 }
 
 #[derive(Default)]
@@ -51,6 +55,9 @@ struct Counters {
     read_bytes: Arc<AtomicU64>,
     uploads: AtomicU64,
     uploaded_bytes: AtomicU64,
+    manifest_hits: AtomicU64,
+    manifest_misses: AtomicU64,
+    manifest_uploads: AtomicU64,
 }
 
 /// The object store and where pullgate's objects live in it.
@@ -133,17 +140,117 @@ impl L2 {
             read_bytes: c.read_bytes.load(Ordering::Relaxed),
             uploads: c.uploads.load(Ordering::Relaxed),
             uploaded_bytes: c.uploaded_bytes.load(Ordering::Relaxed),
+            manifest_hits: c.manifest_hits.load(Ordering::Relaxed),
+            manifest_misses: c.manifest_misses.load(Ordering::Relaxed),
+            manifest_uploads: c.manifest_uploads.load(Ordering::Relaxed),
         }
     }
 
     /// `<prefix>/blobs/<algorithm>/<hex>`: content-addressed, so any replica's copy is the
     /// same object.
     fn blob_path(&self, digest: &Digest) -> ObjectPath {
-        let name = format!("blobs/{}/{}", digest.algorithm(), digest.hex());
+        self.path("blobs", digest)
+    }
+
+    /// `<prefix>/manifests/<algorithm>/<hex>`: the media type on the first line, then the
+    /// manifest's bytes as the upstream sent them (the disk cache's format).
+    fn manifest_path(&self, digest: &Digest) -> ObjectPath {
+        self.path("manifests", digest)
+    }
+
+    fn path(&self, kind: &str, digest: &Digest) -> ObjectPath {
+        let name = format!("{kind}/{}/{}", digest.algorithm(), digest.hex());
         match self.prefix.as_str() {
             "" => ObjectPath::from(name),
             prefix => ObjectPath::from(format!("{prefix}/{name}")),
         }
+    }
+
+    /// The manifest named `digest` (media type, bytes), verified against its digest; `None`
+    /// when the store does not hold it, cannot be reached within [`OPEN_TIMEOUT`], or holds a
+    /// copy that does not match (deleted). Never an error: the caller asks the upstream.
+    pub async fn manifest(&self, digest: &Digest) -> Option<(String, bytes::Bytes)> {
+        let counters = &self.counters;
+        let read = async {
+            let got = self.objects.get(&self.manifest_path(digest)).await?;
+            got.bytes().await
+        };
+        let object = match tokio::time::timeout(OPEN_TIMEOUT, read).await {
+            Ok(Ok(object)) => object,
+            Ok(Err(object_store::Error::NotFound { .. })) => {
+                counters.manifest_misses.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+            Ok(Err(e)) => {
+                counters.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%digest, error = %e, "object store (cache.l2) failed; asking the upstream");
+                return None;
+            }
+            Err(_) => {
+                counters.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%digest, timeout = ?OPEN_TIMEOUT, "object store (cache.l2) too slow; asking the upstream");
+                return None;
+            }
+        };
+        let parsed = object
+            .iter()
+            .position(|b| *b == b'\n')
+            .and_then(|end| {
+                let media_type = std::str::from_utf8(&object[..end]).ok()?.to_owned();
+                let body = object.slice(end + 1..);
+                digest.verify(&body).then_some((media_type, body))
+            })
+            .filter(|(media_type, _)| crate::oci::is_manifest_media_type(media_type));
+        match parsed {
+            Some(found) => {
+                counters.manifest_hits.fetch_add(1, Ordering::Relaxed);
+                Some(found)
+            }
+            None => {
+                counters.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(%digest, "the object store's manifest does not match its digest; deleting it");
+                if let Err(e) = self.objects.delete(&self.manifest_path(digest)).await {
+                    tracing::warn!(%digest, error = %e, "cannot delete the damaged object");
+                }
+                None
+            }
+        }
+    }
+
+    /// Uploads a verified manifest in the background (one PUT; manifests are small and
+    /// content-addressed, so a second upload of the same one writes the same bytes).
+    pub fn upload_manifest(
+        self: &Arc<Self>,
+        digest: &Digest,
+        media_type: &str,
+        body: bytes::Bytes,
+    ) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let key = format!("m{}", digest.hex());
+        if !self.lock_uploading().insert(key.clone()) {
+            return;
+        }
+        let mut object = Vec::with_capacity(media_type.len() + 1 + body.len());
+        object.extend_from_slice(media_type.as_bytes());
+        object.push(b'\n');
+        object.extend_from_slice(&body);
+        let (l2, digest) = (Arc::clone(self), digest.clone());
+        runtime.spawn(async move {
+            let path = l2.manifest_path(&digest);
+            match l2.objects.put(&path, PutPayload::from(object)).await {
+                Ok(_) => {
+                    l2.counters.manifest_uploads.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%digest, "manifest uploaded to the object store");
+                }
+                Err(e) => {
+                    l2.counters.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%digest, error = %e, "cannot upload the manifest to the object store (cache.l2)");
+                }
+            }
+            l2.lock_uploading().remove(&key);
+        });
     }
 
     /// The blob from `offset`, or `None` when the store does not hold it.

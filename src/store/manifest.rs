@@ -78,6 +78,11 @@ impl TagKey {
         }
         TagKey(hex::encode(hasher.finalize()))
     }
+
+    /// The key as hex: the same on every replica for the same tag, account and repository.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 /// Everything known about one tag: its answer to clients that take every manifest type, and

@@ -38,6 +38,7 @@ use crate::oci::{Digest, OciError};
 pub use disk::{Blob, BlobReader, MAX_CHUNK};
 pub use fill::{Fill, FillFailure, FillPolicy, FillReader, FillState, Progress};
 pub use l2::{L2Stats, L2};
+pub(crate) use links::unix_secs;
 pub use links::Links;
 pub use manifest::{
     CachedManifest, ManifestStats, ManifestStore, ReferrersEntry, ReferrersKey, TagEntry, TagKey,
@@ -571,6 +572,11 @@ impl BlobStore {
     /// upstream is uploaded to it once verified. Set once, at start.
     pub fn set_l2(&self, l2: Arc<L2>) {
         let _ = self.shared.l2.set(l2);
+    }
+
+    /// The object store behind the disk, when there is one.
+    pub fn l2(&self) -> Option<&Arc<L2>> {
+        self.shared.l2.get()
     }
 
     /// A new `cache.max_size` (a reload): shrinking evicts down to it now.

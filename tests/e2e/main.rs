@@ -14,6 +14,7 @@ mod challenges;
 mod cli;
 mod clients;
 mod cluster;
+mod cluster_tags;
 mod containerd;
 mod crash;
 mod credentials;
