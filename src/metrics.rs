@@ -71,6 +71,7 @@ pub struct Metrics {
     /// Cluster: forwards that fell back to the upstream (the owner failed or refused).
     pub forwards_failed_over: IntCounter,
     cluster_members: IntGauge,
+    cluster_members_down: IntGauge,
     cluster_member_changes: IntCounter,
     // Mirrors of the object store's (L2) counters.
     l2_hits: IntCounter,
@@ -291,6 +292,10 @@ impl Metrics {
                 "pullgate_cluster_members",
                 "Members of the cluster as this replica sees them, itself included (0 without [cluster]).",
             ),
+            cluster_members_down: gauge(
+                "pullgate_cluster_members_down",
+                "Members skipped for now: a forward to them or a health probe of them failed within the back-off (10 s).",
+            ),
             cluster_member_changes: counter(
                 "pullgate_cluster_member_changes_total",
                 "Times the member list changed (cluster.peers_dns answered differently); each change moves the owners of some digests.",
@@ -441,6 +446,7 @@ impl Metrics {
             &self.forwards_served,
             &self.forwards_failed_over,
             &self.cluster_members,
+            &self.cluster_members_down,
             &self.cluster_member_changes,
             &self.l2_hits,
             &self.l2_misses,
@@ -472,8 +478,9 @@ impl Metrics {
     }
 
     /// The cluster's member count and membership changes, brought up to date before a render.
-    pub fn sync_cluster(&self, members: usize, changes: u64) {
+    pub fn sync_cluster(&self, members: usize, down: usize, changes: u64) {
         self.cluster_members.set(clamp(members as u64));
+        self.cluster_members_down.set(clamp(down as u64));
         catch_up(&self.cluster_member_changes, changes);
     }
 

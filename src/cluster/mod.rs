@@ -2,7 +2,8 @@
 //! without a shared object store).
 //!
 //! Owns: the member list of `[cluster]` (fixed, or replaced when DNS answers differently),
-//! which member owns a digest, and which peers are in back-off after a failed forward. Pure Rust: no HTTP, no Pingora, no clock of its own (callers
+//! which member owns a digest, and which peers are in back-off after a failed forward or
+//! health probe. Pure Rust: no HTTP, no Pingora, no clock of its own (callers
 //! pass `Instant`s), so every rule here is unit-tested without a server.
 //!
 //! Must never: name this replica's own address as a peer to forward to (callers get
@@ -106,7 +107,24 @@ impl Membership {
         }
     }
 
-    /// `peer` failed a forward at `now`: skip it for the back-off.
+    /// Members in back-off at `now` (`pullgate_cluster_members_down`).
+    pub fn down_count(&self, now: Instant) -> usize {
+        let down = self.down.lock().unwrap_or_else(|e| e.into_inner());
+        let members = self.members.read().unwrap_or_else(|e| e.into_inner());
+        members
+            .iter()
+            .filter(|m| down.get(m).is_some_and(|until| *until > now))
+            .count()
+    }
+
+    /// The other members, to probe.
+    pub fn peers(&self) -> Vec<SocketAddr> {
+        let mut members = self.members();
+        members.retain(|m| *m != self.me);
+        members
+    }
+
+    /// `peer` failed a forward or a health probe at `now`: skip it for the back-off.
     pub fn failed(&self, peer: SocketAddr, now: Instant) {
         if peer == self.me {
             return;

@@ -82,10 +82,13 @@ fn a_failed_peer_is_skipped_for_the_backoff_only() {
         Owner::Peer(next)
     };
     assert_eq!(me.owner(&d, now + Duration::from_secs(9)), expect);
+    assert_eq!(me.down_count(now + Duration::from_secs(9)), 1);
     assert_eq!(
         me.owner(&d, now + Duration::from_secs(10)),
         Owner::Peer(addr(12))
     );
+    assert_eq!(me.down_count(now + Duration::from_secs(10)), 0);
+    assert_eq!(me.peers(), vec![addr(12), addr(13)], "the others, to probe");
 }
 
 #[test]

@@ -104,7 +104,7 @@ pub async fn serve(
             let peer = Arc::new(PeerBlob {
                 cluster: forward.cluster.clone(),
                 metrics: forward.metrics.clone(),
-                owner: forward.owner,
+                owner: std::sync::Mutex::new(forward.owner),
                 grant: super::peer::grant(job.registry, job.partition, job.repository, job.digest),
                 upstream,
                 fell_back: AtomicBool::new(false),

@@ -42,6 +42,7 @@ use crate::route::RouteTable;
 use crate::store::{BlobStore, FillPolicy, Links, ManifestStore};
 use crate::upstream::UpstreamClient;
 pub use ctx::RequestCtx;
+pub use peer::PROBE_INTERVAL;
 
 /// Connecting to an upstream for a push.
 const PUSH_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -321,11 +322,21 @@ impl Gateway {
 
     /// Members of the cluster as this replica sees them (0 without `[cluster]`). A scrape also
     /// starts a due DNS refresh, so an idle replica's list (and this figure) stays current.
-    pub fn cluster_members(&self) -> usize {
-        self.cluster.as_ref().map_or(0, |c| {
+    /// The members this replica hashes over, and how many of them are in back-off (0, 0
+    /// outside a cluster). Also refreshes a DNS member list that is due.
+    pub fn cluster_members(&self) -> (usize, usize) {
+        self.cluster.as_ref().map_or((0, 0), |c| {
             c.refresh_members();
-            c.membership.members().len()
+            let m = &c.membership;
+            (m.members().len(), m.down_count(std::time::Instant::now()))
         })
+    }
+
+    /// Probes the other members once (`peer::Cluster::probe`); nothing outside a cluster.
+    pub async fn probe_peers(&self) {
+        if let Some(cluster) = &self.cluster {
+            cluster.probe().await;
+        }
     }
 
     fn build(
@@ -641,6 +652,11 @@ impl ProxyHttp for Edge {
     }
 
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut RequestCtx) {
+        if ctx.kind == peer::HEALTH_KIND {
+            // Every member probes every other every 2 s: not worth a line; the prober logs a
+            // probe that failed.
+            return;
+        }
         let status = session
             .response_written()
             .map(|r| r.status.as_u16())

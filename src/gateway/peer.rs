@@ -41,6 +41,18 @@ pub const PATH: &str = "/_pullgate/peer/blob";
 /// The path of peer tag requests: the tag's owner answers what the tag points at, asking the
 /// upstream at most once per `tag_ttl` for the whole cluster.
 pub const TAG_PATH: &str = "/_pullgate/peer/tag";
+/// The path members probe each other on ([`Cluster::probe`]): `200 ok`, unauthenticated (it
+/// tells only that a pullgate peer listener is there).
+pub const HEALTH_PATH: &str = "/_pullgate/peer/health";
+
+/// The request kind of a health probe: neither logged nor counted.
+pub const HEALTH_KIND: &str = "peer_health";
+
+/// How often each member probes the others, and how long a probe may take. A member that
+/// fails one is skipped for the back-off, so a replica that died is out of every member's
+/// hashing within seconds, before a client's fill would have to find out.
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(2);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 const PARAM_REGISTRY: &str = "registry";
 const PARAM_REPOSITORY: &str = "repository";
@@ -130,6 +142,30 @@ impl Cluster {
             Owner::Me => None,
             Owner::Peer(peer) => Some(peer),
         }
+    }
+
+    /// Asks every other member for [`HEALTH_PATH`] at once; one that does not answer 2xx
+    /// within [`PROBE_TIMEOUT`] goes into back-off.
+    pub async fn probe(&self) {
+        self.refresh_members();
+        let probes = self.membership.peers().into_iter().map(|peer| async move {
+            let asked = self
+                .http
+                .get(format!("http://{peer}{HEALTH_PATH}"))
+                .timeout(PROBE_TIMEOUT)
+                .send()
+                .await;
+            let healthy = asked.as_ref().is_ok_and(|a| a.status().is_success());
+            if !healthy {
+                let why = match asked {
+                    Ok(a) => a.status().to_string(),
+                    Err(e) => e.without_url().to_string(),
+                };
+                tracing::warn!(%peer, reason = %why, "cluster member failed its health probe; skipping it");
+                self.membership.failed(peer, Instant::now());
+            }
+        });
+        futures_util::future::join_all(probes).await;
     }
 
     /// The member that asks the upstream about the tag of `key`, when it is not this replica.
@@ -231,24 +267,31 @@ impl Cluster {
     }
 }
 
-/// A fill's source on a non-owner: the owner over the peer path, resumed with `Range`; the
-/// upstream once the owner failed (then for the rest of this fill, so at most one extra
-/// upstream fetch).
+/// A fill's source on a non-owner: the owner over the peer path, resumed with `Range`. When
+/// the owner dies (a transport error or 5xx) the fill resumes from the digest's next owner
+/// among the members still up, so followers on every replica converge on one new fill (one
+/// extra upstream fetch for the cluster); when that is this replica, or the owner refused
+/// the request, from the upstream for the rest of this fill.
 pub struct PeerBlob {
     pub cluster: Arc<Cluster>,
     pub metrics: Arc<Metrics>,
-    pub owner: SocketAddr,
+    pub owner: std::sync::Mutex<SocketAddr>,
     pub grant: Grant,
     pub upstream: UpstreamBlob,
     pub fell_back: AtomicBool,
 }
 
 impl PeerBlob {
-    async fn ask_owner(&self, offset: u64) -> Result<SourceBody, (bool, String)> {
-        let mut request = self
-            .cluster
-            .http
-            .get(self.cluster.url(self.owner, &self.grant));
+    fn owner(&self) -> SocketAddr {
+        *self.owner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn ask_owner(
+        &self,
+        owner: SocketAddr,
+        offset: u64,
+    ) -> Result<SourceBody, (bool, String)> {
+        let mut request = self.cluster.http.get(self.cluster.url(owner, &self.grant));
         if offset > 0 {
             request = request.header(header::RANGE, format!("bytes={offset}-"));
         }
@@ -282,21 +325,41 @@ impl PeerBlob {
 #[async_trait]
 impl BlobSource for PeerBlob {
     async fn open(&self, offset: u64) -> Result<SourceBody, SourceError> {
-        if !self.fell_back.load(Ordering::Relaxed) {
+        // Each failure puts a member in back-off, so the next owner is another one: at most
+        // one try per member.
+        for _ in 0..self.cluster.membership.members().len() {
+            if self.fell_back.load(Ordering::Relaxed) {
+                break;
+            }
+            let owner = self.owner();
             self.metrics.forwards_sent.inc();
-            match self.ask_owner(offset).await {
+            let (unwell, why) = match self.ask_owner(owner, offset).await {
                 Ok(body) => return Ok(body),
-                Err((unwell, why)) => {
-                    tracing::warn!(owner = %self.owner, digest = %self.grant.digest, reason = %why,
+                Err(failed) => failed,
+            };
+            self.metrics.forwards_failed_over.inc();
+            let membership = &self.cluster.membership;
+            let next = match unwell {
+                true => {
+                    membership.failed(owner, Instant::now());
+                    membership.owner(&self.grant.digest, Instant::now())
+                }
+                false => Owner::Me,
+            };
+            match next {
+                Owner::Peer(next) if next != owner => {
+                    tracing::warn!(%owner, %next, digest = %self.grant.digest, reason = %why,
+                        "cluster owner failed; resuming from the next owner");
+                    *self.owner.lock().unwrap_or_else(|e| e.into_inner()) = next;
+                }
+                _ => {
+                    tracing::warn!(%owner, digest = %self.grant.digest, reason = %why,
                         "cluster owner failed; filling from the upstream");
-                    if unwell {
-                        self.cluster.membership.failed(self.owner, Instant::now());
-                    }
-                    self.metrics.forwards_failed_over.inc();
-                    self.fell_back.store(true, Ordering::Relaxed);
+                    break;
                 }
             }
         }
+        self.fell_back.store(true, Ordering::Relaxed);
         self.upstream.open(offset).await
     }
 
@@ -358,6 +421,13 @@ pub async fn serve(
     ctx.kind = "peer";
     ctx.client = Some(super::access::client_address(gw, session));
     let req = session.req_header();
+    if req.uri.path() == HEALTH_PATH {
+        ctx.kind = HEALTH_KIND;
+        let mut resp = super::respond::head(200, ctx)?;
+        resp.insert_header(header::CONTENT_TYPE, "text/plain")?;
+        super::respond::write_body(session, ctx, resp, bytes::Bytes::from_static(b"ok\n")).await?;
+        return Ok(());
+    }
     let for_tag = req.uri.path() == TAG_PATH;
     if req.method != Method::GET {
         return Err(OciError::new(

@@ -62,7 +62,7 @@ pub async fn serve(
     let host = request_host(req).map(str::to_string);
     let ns = query.as_deref().and_then(|q| query_value(q, "ns"));
 
-    if path == peer::PATH || path == peer::TAG_PATH {
+    if [peer::PATH, peer::TAG_PATH, peer::HEALTH_PATH].contains(&path.as_str()) {
         // Another cluster member asking this one, the digest's or tag's owner (`peer.rs`).
         return peer::serve(gw, session, ctx).await;
     }

@@ -246,10 +246,10 @@ async fn answer(state: Arc<State>, req: Request<hyper::body::Incoming>) -> Respo
     }
     match req.uri().path() {
         "/metrics" => {
-            let members = state.reloader.current().cluster_members();
+            let (members, down) = state.reloader.current().cluster_members();
             state
                 .metrics
-                .sync_cluster(members, crate::cluster::member_changes());
+                .sync_cluster(members, down, crate::cluster::member_changes());
             text(
                 200,
                 state.metrics.render(&state.store.stats()),

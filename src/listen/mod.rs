@@ -131,6 +131,10 @@ fn build(launch: Launch) -> Result<(Server, Arc<ArcSwap<Gateway>>), String> {
         "keys",
         StopKeys(gateway.clone()),
     ));
+    server.add_service(pingora::services::background::background_service(
+        "cluster-probe",
+        ProbePeers(gateway.clone()),
+    ));
     let reloader = Arc::new(reload::Reloader::new(
         source,
         gateway.clone(),
@@ -303,6 +307,26 @@ impl pingora::services::background::BackgroundService for StopKeys {
         let _ = shutdown.changed().await;
         if let Some(keys) = self.0.load().keys() {
             keys.stop();
+        }
+    }
+}
+
+/// Probes the cluster's other members every [`PROBE_INTERVAL`] with the gateway in use (a
+/// reload may add or remove `[cluster]`), until shutdown.
+///
+/// [`PROBE_INTERVAL`]: crate::gateway::PROBE_INTERVAL
+struct ProbePeers(Arc<ArcSwap<Gateway>>);
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for ProbePeers {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(crate::gateway::PROBE_INTERVAL) => {}
+                _ = shutdown.changed() => return,
+            }
+            let gateway = self.0.load_full();
+            gateway.probe_peers().await;
         }
     }
 }

@@ -141,6 +141,20 @@ pub(super) fn start_cluster(
     (addrs, admins, replicas)
 }
 
+/// Upstream GETs this replica sent that got a 2xx (`pullgate_upstream_requests_total`).
+fn upstream_gets_ok(admin: SocketAddr) -> u64 {
+    let text = get(&format!("http://{admin}/metrics")).body;
+    String::from_utf8_lossy(&text)
+        .lines()
+        .filter(|l| {
+            l.starts_with("pullgate_upstream_requests_total{")
+                && l.contains("method=\"GET\"")
+                && l.contains("status=\"2xx\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
 pub(super) fn metric(admin: SocketAddr, name: &str) -> u64 {
     let text = get(&format!("http://{admin}/metrics")).body;
     String::from_utf8_lossy(&text)
@@ -254,9 +268,21 @@ fn three_replicas_fetch_a_blob_once_and_survive_the_owner() {
         assert_eq!(answer.oci_code().as_deref(), Some("DENIED"), "{query}");
     }
 
-    // The owner killed: the survivors still serve what they hold, and a cold blob the dead
-    // owner would own comes from the upstream (once) through a survivor.
+    // The owner killed: the survivors' health probes find out within seconds (before any
+    // client's fill has to), they still serve what they hold, and a cold blob the dead owner
+    // would own comes from the upstream (once) through a survivor, with no failed forward.
     replicas[o].child.kill();
+    let survivors: Vec<SocketAddr> = (0..3).filter(|i| *i != o).map(|i| admins[i]).collect();
+    wait_until(
+        Duration::from_secs(10),
+        "the survivors skip the dead owner",
+        || {
+            survivors
+                .iter()
+                .all(|a| metric(*a, "pullgate_cluster_members_down") == 1)
+        },
+    )
+    .expect("health probes");
     let cold = (1..)
         .map(|seed| noise(MIB, 1000 + seed))
         .find(|b| {
@@ -277,7 +303,8 @@ fn three_replicas_fetch_a_blob_once_and_survive_the_owner() {
             survivor.admin,
             "pullgate_cluster_forwards_failed_over_total"
         ),
-        1
+        0,
+        "the probes took the dead owner out of the hashing first"
     );
     let cold_path = format!("/blobs/{cold_digest}");
     assert_eq!(up.count_requests("GET", &cold_path), 1);
@@ -309,41 +336,50 @@ fn an_owner_killed_mid_fill_leaves_a_complete_blob_or_an_aborted_body() {
         .iter()
         .position(|a| *a == owner)
         .expect("owner is a replica");
-    let asked = (o + 1) % 3;
-    let url = format!("http://{}/v2/team/big/blobs/{digest}", addrs[asked]);
-    let client = std::thread::spawn(move || get(&url));
+    // A client on each of the other two replicas, both following the owner's fill.
+    let others: Vec<usize> = (0..3).filter(|i| *i != o).collect();
+    let clients: Vec<_> = others
+        .iter()
+        .map(|i| {
+            let url = format!("http://{}/v2/team/big/blobs/{digest}", addrs[*i]);
+            std::thread::spawn(move || get(&url))
+        })
+        .collect();
     let owner_tmp = dir.path().join(format!("cache{o}/tmp"));
     wait_until(Duration::from_secs(20), "the owner's fill to start", || {
         std::fs::read_dir(&owner_tmp).is_ok_and(|mut d| d.next().is_some())
     })
     .expect("owner fill started");
     replicas[o].child.kill();
-    let answer = client.join().expect("client thread");
-    // Never a short body that looks complete: either the whole verified blob or an error.
-    if answer.status == 200 && answer.body.len() == body.len() {
-        assert_eq!(digest_of(&answer.body), digest);
-    } else {
-        assert!(answer.body.len() < body.len(), "status {}", answer.status);
+    for client in clients {
+        let answer = client.join().expect("client thread");
+        // Never a short body that looks complete: the whole verified blob or an error.
+        if answer.status == 200 && answer.body.len() == body.len() {
+            assert_eq!(digest_of(&answer.body), digest);
+        } else {
+            assert!(answer.body.len() < body.len(), "status {}", answer.status);
+        }
     }
-    // A second pull on the survivor gets the whole blob; at most one extra upstream fetch.
-    let again = get(&format!(
-        "http://{}/v2/team/big/blobs/{digest}",
-        addrs[asked]
-    ));
-    assert_eq!(again.status, 200);
-    assert_eq!(digest_of(&again.body), digest);
-    assert_eq!(
-        metric(admins[asked], "pullgate_cluster_forwards_failed_over_total"),
-        1
-    );
+    // Both resumed from the same next owner: a second pull on each survivor gets the whole
+    // blob, and the cluster fetched it at most once more.
+    for i in &others {
+        let again = get(&format!("http://{}/v2/team/big/blobs/{digest}", addrs[*i]));
+        assert_eq!(again.status, 200);
+        assert_eq!(digest_of(&again.body), digest);
+        assert!(metric(admins[*i], "pullgate_cluster_forwards_failed_over_total") >= 1);
+    }
     let blob_path = format!("/blobs/{digest}");
     let gets = up
         .requests()
         .iter()
         .filter(|r| r.method == "GET" && r.uri.contains(&blob_path) && r.status != 401)
         .count();
-    // The owner's (cut by the kill) and the survivor's fallback; 401s are the token flow.
+    // The owner's (cut by the kill) and the next owner's; 401s are the token flow.
     assert!(gets <= 2, "{gets} upstream GETs: {:?}", up.requests());
+    // Counted where they were sent: of the two survivors, only the next owner went to the
+    // upstream (the other resumed from it).
+    let survivor_gets: u64 = others.iter().map(|i| upstream_gets_ok(admins[*i])).sum();
+    assert_eq!(survivor_gets, 1, "one extra upstream fetch for the cluster");
     for r in &mut replicas {
         r.child.kill();
     }
