@@ -1,5 +1,4 @@
-//! Cluster membership and the owner of each blob digest (issue 16, first step: forwarding
-//! without a shared object store).
+//! Cluster membership and the owner of each blob digest and tag.
 //!
 //! Owns: the member list of `[cluster]` (fixed, or replaced when DNS answers differently),
 //! which member owns a digest, and which peers are in back-off after a failed forward or
