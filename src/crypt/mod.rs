@@ -464,6 +464,60 @@ impl Sealer {
     }
 }
 
+/// Opens a sealed file as it streams in, chunk by chunk (a sealed object read from the shared
+/// object store): a chunk's plaintext comes out once all of it and its tag are in and it
+/// authenticated, the last as the last; nothing past the last chunk is taken.
+#[derive(Debug)]
+pub struct Opener {
+    key: FileKey,
+    geometry: Geometry,
+    /// The chunk being gathered.
+    next: u64,
+    buf: Vec<u8>,
+}
+
+impl Opener {
+    /// For a sealed file of `geometry` whose header `key` was derived from; it takes the
+    /// bytes after the header.
+    pub fn new(key: FileKey, geometry: Geometry) -> Opener {
+        Opener {
+            key,
+            geometry,
+            next: 0,
+            buf: Vec::with_capacity(SEALED_CHUNK),
+        }
+    }
+
+    /// Takes the next sealed bytes; appends the plaintext of every chunk they complete to
+    /// `out`. An error is final (a chunk that does not authenticate, or bytes past the end).
+    pub fn push(&mut self, mut data: &[u8], out: &mut Vec<u8>) -> Result<(), FormatError> {
+        while !data.is_empty() {
+            if self.done() {
+                return Err(FormatError::Length(
+                    self.geometry.file_len() + data.len() as u64,
+                ));
+            }
+            let want = self.geometry.chunk_len(self.next) + TAG_LEN;
+            let take = (want - self.buf.len()).min(data.len());
+            self.buf.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.buf.len() == want {
+                let last = self.geometry.is_last(self.next);
+                let plain = self.key.open_chunk(self.next, last, &mut self.buf)?;
+                out.extend_from_slice(plain);
+                self.buf.clear();
+                self.next += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every chunk arrived and authenticated.
+    pub fn done(&self) -> bool {
+        self.next == self.geometry.chunks()
+    }
+}
+
 /// A whole plaintext sealed into one buffer (manifests; tests).
 pub fn seal_all(key: &FileKey, plaintext: &[u8]) -> Vec<u8> {
     let geometry = Geometry::new(plaintext.len() as u64);

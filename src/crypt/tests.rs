@@ -339,3 +339,37 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_stream_opens_chunk_by_chunk_in_any_pieces_and_refuses_damage() {
+    let gk = key(3);
+    for len in [0, 1, C - 1, C, C + 1, 3 * C + 17] {
+        let plain = data(len, len as u64);
+        let fk = file_key(&gk, &plain);
+        let sealed = seal_all(&fk, &plain);
+        let geometry = Geometry::of_file(sealed.len() as u64).unwrap();
+        for piece in [1, 7, 4096, SEALED_CHUNK + 3, sealed.len()] {
+            let mut opener = Opener::new(fk.clone(), geometry);
+            let mut out = Vec::new();
+            for part in sealed[HEADER_LEN..].chunks(piece) {
+                opener.push(part, &mut out).unwrap();
+            }
+            assert!(opener.done(), "len {len}, pieces of {piece}");
+            assert_eq!(out, plain, "len {len}, pieces of {piece}");
+        }
+        // A flipped bit fails the chunk it lands in; nothing of that chunk comes out.
+        let mut bad = sealed.clone();
+        let at = bad.len() - 1;
+        bad[at] ^= 1;
+        let mut opener = Opener::new(fk.clone(), geometry);
+        let mut out = Vec::new();
+        assert!(opener.push(&bad[HEADER_LEN..], &mut out).is_err());
+        assert!(!opener.done());
+        assert!(out.len() < plain.len() || plain.is_empty());
+        // Bytes past the end are refused.
+        let mut opener = Opener::new(fk, geometry);
+        let mut longer = sealed[HEADER_LEN..].to_vec();
+        longer.push(0);
+        assert!(opener.push(&longer, &mut Vec::new()).is_err());
+    }
+}

@@ -301,7 +301,8 @@ impl ManifestJob<'_> {
     /// The manifest from the object store (`cache.l2`), verified there and kept on this
     /// replica's disk. The caller confirms the repository.
     async fn read_l2(&self, ctx: &mut RequestCtx, digest: &Digest) -> Option<Arc<CachedManifest>> {
-        let (media_type, body) = self.gw.store.l2()?.manifest(digest).await?;
+        let store = &self.gw.store;
+        let (media_type, body) = store.l2()?.manifest(digest, store.keys()).await?;
         ctx.filled_by = Some("l2".to_owned());
         Some(self.gw.manifests.put(CachedManifest {
             digest: digest.clone(),
@@ -750,7 +751,13 @@ impl ManifestJob<'_> {
             body: Bytes::from(body),
         });
         if let Some(l2) = self.gw.store.l2() {
-            l2.upload_manifest(&stored.digest, &stored.media_type, stored.body.clone());
+            let keys = self.gw.store.keys();
+            l2.upload_manifest(
+                &stored.digest,
+                &stored.media_type,
+                stored.body.clone(),
+                keys,
+            );
         }
         self.gw
             .links

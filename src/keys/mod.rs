@@ -72,7 +72,8 @@ pub enum Health {
 /// One audited key operation.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct KeyEvent {
-    /// `unwrap`, `wrap`, `rewrap`, `rotate`, `check`, `revoked`, `unavailable`, `restored`.
+    /// `unwrap`, `wrap`, `rewrap`, `rotate`, `check`, `revoked`, `unavailable`, `restored`,
+    /// `unwrap_shared` (another replica's generation key, met in the shared object store).
     pub operation: &'static str,
     /// `ok`, `denied`, `unavailable`, `error`.
     pub outcome: &'static str,
@@ -108,6 +109,8 @@ pub struct GenerationStatus {
 struct State {
     ring: Keyring,
     keys: HashMap<u32, Arc<SecretKey>>,
+    /// Other replicas' generation keys met in the shared object store, by wrapped ciphertext.
+    shared: HashMap<String, Arc<SecretKey>>,
     /// Generations of the keyring the provider refused to unwrap (another KEK): their files
     /// are deleted, not counted as damaged.
     lost: HashSet<u32>,
@@ -144,7 +147,25 @@ pub struct KeyService {
     /// interleave, so a check that returns has seen a rotation requested before it.
     checking: tokio::sync::Mutex<()>,
     config: Encryption,
+    /// Unwraps of other replicas' keys, run on the key thread (provider clients live there).
+    unwraps: tokio::sync::mpsc::UnboundedSender<UnwrapJob>,
 }
+
+type UnwrapJob = (
+    Wrapped,
+    tokio::sync::oneshot::Sender<Result<Arc<SecretKey>, KeyMissing>>,
+);
+
+/// A generation key as it travels with a sealed object in the shared object store: which KEK
+/// wrapped it (a replica with another KEK knows at once it cannot open it) and how.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SharedKey {
+    provider: String,
+    wrapped: Wrapped,
+}
+
+/// Most other replicas' keys remembered at once (one per replica and generation in use).
+const SHARED_KEYS: usize = 1024;
 
 impl std::fmt::Debug for KeyService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -186,6 +207,7 @@ impl KeyService {
     ) -> Result<Arc<KeyService>, String> {
         let dir = keys_dir(cache_dir);
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let (unwraps_tx, mut unwraps_rx) = tokio::sync::mpsc::unbounded_channel::<UnwrapJob>();
         let mut ring = Keyring::load(&dir)
             .map_err(|e| format!("keyring {}: {e}", Keyring::path(&dir).display()))?;
         if ring.provider != provider.identity() {
@@ -203,6 +225,7 @@ impl KeyService {
             state: RwLock::new(State {
                 ring,
                 keys: HashMap::new(),
+                shared: HashMap::new(),
                 lost: HashSet::new(),
                 health: Health::Unavailable {
                     since: Instant::now(),
@@ -219,6 +242,7 @@ impl KeyService {
             rotate_now: AtomicBool::new(false),
             checking: tokio::sync::Mutex::new(()),
             config: config.clone(),
+            unwraps: unwraps_tx,
         });
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         // The thread holds the service weakly: when the last snapshot using it is dropped (a
@@ -235,6 +259,15 @@ impl KeyService {
                     return;
                 };
                 rt.block_on(async move {
+                    let shared = run.clone();
+                    tokio::spawn(async move {
+                        while let Some((wrapped, reply)) = unwraps_rx.recv().await {
+                            let Some(service) = shared.upgrade() else {
+                                return;
+                            };
+                            let _ = reply.send(service.unwrap_shared(&wrapped).await);
+                        }
+                    });
                     if let Some(service) = run.upgrade() {
                         service.load().await;
                     }
@@ -675,6 +708,7 @@ impl KeyService {
             let ids: Vec<u32> = state.ring.generations.iter().map(|g| g.id).collect();
             state.lost.extend(ids);
             state.keys.clear();
+            state.shared.clear();
         }
         self.audit(self.event("revoked", Err(e), None));
         if let Some(hook) = self
@@ -688,6 +722,47 @@ impl KeyService {
     }
 }
 
+impl KeyService {
+    /// Keys may be handed out: not revoked, and not unreachable past the grace.
+    fn usable(&self, state: &State) -> Result<(), KeyMissing> {
+        let grace = self.timings.lock().unwrap_or_else(|e| e.into_inner()).grace;
+        match state.health {
+            Health::Denied => Err(KeyMissing::Revoked),
+            Health::Unavailable { since } if since.elapsed() >= grace => Err(KeyMissing::Revoked),
+            _ => Ok(()),
+        }
+    }
+
+    /// On the key thread: one provider call for another replica's generation key.
+    async fn unwrap_shared(&self, wrapped: &Wrapped) -> Result<Arc<SecretKey>, KeyMissing> {
+        if let Some(key) = self.read().shared.get(&wrapped.ciphertext) {
+            // A duplicate that queued behind the first.
+            return Ok(Arc::clone(key));
+        }
+        let result = self.call(self.provider.unwrap(wrapped)).await;
+        let version = Some(wrapped.kek_version.clone());
+        self.audit(self.event("unwrap_shared", result.as_ref().map(|_| version), None));
+        match result {
+            Ok(key) => {
+                let key = Arc::new(key);
+                let mut state = self.write();
+                if state.health == Health::Denied {
+                    return Err(KeyMissing::Revoked);
+                }
+                if state.shared.len() >= SHARED_KEYS {
+                    state.shared.clear();
+                }
+                state
+                    .shared
+                    .insert(wrapped.ciphertext.clone(), Arc::clone(&key));
+                Ok(key)
+            }
+            Err(ProviderError::Denied(_)) => Err(KeyMissing::Revoked),
+            Err(ProviderError::Unavailable(_)) => Err(KeyMissing::Unavailable),
+        }
+    }
+}
+
 impl Drop for KeyService {
     fn drop(&mut self) {
         self.stop();
@@ -697,14 +772,7 @@ impl Drop for KeyService {
 impl Keys for KeyService {
     fn sealing_key(&self) -> Result<(u32, Arc<SecretKey>), KeyMissing> {
         let state = self.read();
-        let grace = self.timings.lock().unwrap_or_else(|e| e.into_inner()).grace;
-        match state.health {
-            Health::Denied => return Err(KeyMissing::Revoked),
-            Health::Unavailable { since } if since.elapsed() >= grace => {
-                return Err(KeyMissing::Revoked)
-            }
-            _ => {}
-        }
+        self.usable(&state)?;
         let id = state.ring.current.ok_or(KeyMissing::Unavailable)?;
         let key = state.keys.get(&id).ok_or(KeyMissing::Unavailable)?;
         Ok((id, Arc::clone(key)))
@@ -722,5 +790,55 @@ impl Keys for KeyService {
             Some(_) => Err(KeyMissing::Unavailable),
             None => Err(KeyMissing::Unknown),
         }
+    }
+
+    fn wrapped_key(&self, id: u32) -> Option<Vec<u8>> {
+        let state = self.read();
+        let shared = SharedKey {
+            provider: self.provider.identity(),
+            wrapped: state.ring.generation(id)?.wrapped.clone(),
+        };
+        serde_json::to_vec(&shared).ok()
+    }
+
+    fn unwrap_key(
+        self: Arc<Self>,
+        wrapped: Vec<u8>,
+    ) -> futures_util::future::BoxFuture<'static, Result<Arc<SecretKey>, KeyMissing>> {
+        Box::pin(async move {
+            let shared: SharedKey =
+                serde_json::from_slice(&wrapped).map_err(|_| KeyMissing::Unknown)?;
+            if shared.provider != self.provider.identity() {
+                // Another operator's key: this replica cannot open it, ever.
+                return Err(KeyMissing::Unknown);
+            }
+            {
+                let state = self.read();
+                self.usable(&state)?;
+                if let Some(own) = state
+                    .ring
+                    .generations
+                    .iter()
+                    .find(|g| g.wrapped == shared.wrapped)
+                {
+                    return state
+                        .keys
+                        .get(&own.id)
+                        .cloned()
+                        .ok_or(KeyMissing::Unavailable);
+                }
+                if let Some(key) = state.shared.get(&shared.wrapped.ciphertext) {
+                    return Ok(Arc::clone(key));
+                }
+            }
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            self.unwraps
+                .send((shared.wrapped, reply))
+                .map_err(|_| KeyMissing::Unavailable)?;
+            match tokio::time::timeout(Duration::from_secs(15), answer).await {
+                Ok(Ok(result)) => result,
+                _ => Err(KeyMissing::Unavailable),
+            }
+        })
     }
 }

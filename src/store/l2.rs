@@ -21,7 +21,9 @@ use object_store::path::Path as ObjectPath;
 use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 
 use super::disk::Blob;
+use super::seal::{self, Keys};
 use super::{BlobSource, Origin, SourceBody, SourceError};
+use crate::crypt::{self, FileKey, Geometry, Header, Kind, Opener, HEADER_LEN};
 use crate::oci::Digest;
 
 /// How long the object store may take to start answering a read before the fill goes on to
@@ -31,6 +33,43 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(3);
 const PART_SIZE: usize = 8 * 1024 * 1024;
 /// Parts of one upload in flight at once.
 const PARTS_IN_FLIGHT: usize = 2;
+
+/// How a sealed object starts (`[cache.encryption]` on): these 8 bytes, the length of the
+/// wrapped generation key (u32 big-endian), the wrapped key (`Keys::wrapped_key`), then the
+/// sealed file exactly as on the writing replica's disk. Any replica with the same operator's
+/// key unwraps the key (one key-service call per generation, then from memory) and opens the
+/// chunks as they stream in; the object store never sees plaintext.
+const ENVELOPE_MAGIC: &[u8; 8] = b"PGL2ENV1";
+const ENVELOPE_FIXED: usize = ENVELOPE_MAGIC.len() + 4;
+/// A wrapped key is a few hundred bytes at most; longer is not an envelope.
+const MAX_WRAPPED: usize = 16 * 1024;
+
+/// The envelope prefix for `wrapped`.
+fn envelope(wrapped: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(ENVELOPE_FIXED + wrapped.len());
+    out.extend_from_slice(ENVELOPE_MAGIC);
+    out.extend_from_slice(&(wrapped.len() as u32).to_be_bytes());
+    out.extend_from_slice(wrapped);
+    out
+}
+
+/// The length of the envelope prefix `head` starts with: `Ok(None)` while more bytes are
+/// needed to tell, `Err` when it is not an envelope (a plaintext object).
+fn envelope_len(head: &[u8]) -> Result<Option<usize>, ()> {
+    let magic = head.len().min(ENVELOPE_MAGIC.len());
+    if head[..magic] != ENVELOPE_MAGIC[..magic] {
+        return Err(());
+    }
+    if head.len() < ENVELOPE_FIXED {
+        return Ok(None);
+    }
+    let mut n = [0u8; 4];
+    n.copy_from_slice(&head[ENVELOPE_MAGIC.len()..ENVELOPE_FIXED]);
+    match u32::from_be_bytes(n) as usize {
+        n if n > MAX_WRAPPED => Err(()),
+        n => Ok(Some(ENVELOPE_FIXED + n)),
+    }
+}
 
 /// Counters, read by the metrics at each scrape.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -166,10 +205,15 @@ impl L2 {
         }
     }
 
-    /// The manifest named `digest` (media type, bytes), verified against its digest; `None`
-    /// when the store does not hold it, cannot be reached within [`OPEN_TIMEOUT`], or holds a
-    /// copy that does not match (deleted). Never an error: the caller asks the upstream.
-    pub async fn manifest(&self, digest: &Digest) -> Option<(String, bytes::Bytes)> {
+    /// The manifest named `digest` (media type, bytes), verified against its digest (and
+    /// opened with `keys` when encryption is on); `None` when the store does not hold it in
+    /// this replica's mode, cannot be reached within [`OPEN_TIMEOUT`], or holds a copy that
+    /// does not match (deleted). Never an error: the caller asks the upstream.
+    pub async fn manifest(
+        &self,
+        digest: &Digest,
+        keys: Option<Arc<dyn Keys>>,
+    ) -> Option<(String, bytes::Bytes)> {
         let counters = &self.counters;
         let read = async {
             let got = self.objects.get(&self.manifest_path(digest)).await?;
@@ -189,6 +233,26 @@ impl L2 {
             Err(_) => {
                 counters.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%digest, timeout = ?OPEN_TIMEOUT, "object store (cache.l2) too slow; asking the upstream");
+                return None;
+            }
+        };
+        let object = match (envelope_len(&object), keys) {
+            // Sealed by a replica with encryption on: opened here, or not ours to read.
+            (Ok(Some(prefix)), Some(keys)) if object.len() >= prefix => {
+                match open_manifest(&object, prefix, digest, keys).await {
+                    Ok(plain) => bytes::Bytes::from(plain),
+                    Err(why) => {
+                        counters.errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(%digest, error = %why, "cannot open the object store's sealed manifest; asking the upstream");
+                        return None;
+                    }
+                }
+            }
+            (Err(()), None) => object,
+            // Plaintext while this replica encrypts (an upload replaces it), or sealed while
+            // it does not: a miss.
+            _ => {
+                counters.manifest_misses.fetch_add(1, Ordering::Relaxed);
                 return None;
             }
         };
@@ -218,24 +282,44 @@ impl L2 {
     }
 
     /// Uploads a verified manifest in the background (one PUT; manifests are small and
-    /// content-addressed, so a second upload of the same one writes the same bytes).
+    /// content-addressed, so a second upload of the same one writes the same bytes), sealed
+    /// under the current generation when `keys` is set.
     pub fn upload_manifest(
         self: &Arc<Self>,
         digest: &Digest,
         media_type: &str,
         body: bytes::Bytes,
+        keys: Option<Arc<dyn Keys>>,
     ) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
+        };
+        let mut plain = Vec::with_capacity(media_type.len() + 1 + body.len());
+        plain.extend_from_slice(media_type.as_bytes());
+        plain.push(b'\n');
+        plain.extend_from_slice(&body);
+        let object = match keys {
+            None => plain,
+            Some(keys) => {
+                let sealed = seal::new_file_key(keys.as_ref(), Kind::Manifest, digest)
+                    .ok()
+                    .and_then(|fk| {
+                        let wrapped = keys.wrapped_key(fk.header().generation)?;
+                        let mut object = envelope(&wrapped);
+                        object.extend_from_slice(&crypt::seal_all(&fk, &plain));
+                        Some(object)
+                    });
+                // No key at hand: nothing goes up (never plaintext while encryption is on).
+                let Some(object) = sealed else {
+                    return;
+                };
+                object
+            }
         };
         let key = format!("m{}", digest.hex());
         if !self.lock_uploading().insert(key.clone()) {
             return;
         }
-        let mut object = Vec::with_capacity(media_type.len() + 1 + body.len());
-        object.extend_from_slice(media_type.as_bytes());
-        object.push(b'\n');
-        object.extend_from_slice(&body);
         let (l2, digest) = (Arc::clone(self), digest.clone());
         runtime.spawn(async move {
             let path = l2.manifest_path(&digest);
@@ -270,8 +354,33 @@ impl L2 {
         };
         let total_len = got.meta.size;
         let read_bytes = Arc::clone(&self.counters.read_bytes);
-        let chunks = got
-            .into_stream()
+        let mut stream = got.into_stream();
+        let mut head: Vec<bytes::Bytes> = Vec::new();
+        if offset == 0 {
+            // A sealed object (a replica with encryption on wrote it) is not this replica's
+            // to read, nor its to delete as damaged: a miss.
+            let mut seen = 0;
+            while seen < ENVELOPE_MAGIC.len() {
+                match stream.next().await {
+                    Some(Ok(chunk)) => {
+                        seen += chunk.len();
+                        head.push(chunk);
+                    }
+                    Some(Err(e)) => return Err(e.to_string()),
+                    None => break,
+                }
+            }
+            let start: Vec<u8> = head
+                .iter()
+                .flat_map(|c| c.iter().copied())
+                .take(8)
+                .collect();
+            if envelope_len(&start).is_ok() && start.len() == ENVELOPE_MAGIC.len() {
+                return Ok(None);
+            }
+        }
+        let chunks = futures_util::stream::iter(head.into_iter().map(Ok))
+            .chain(stream)
             .map(move |chunk| {
                 chunk
                     .inspect(|c| {
@@ -284,6 +393,90 @@ impl L2 {
             total_len: Some(total_len),
             chunks,
         }))
+    }
+
+    /// A sealed blob object from `offset` (of the plaintext), opened chunk by chunk as it
+    /// arrives: the whole object is read (a resume decrypts from the start and skips what the
+    /// fill has; resumes are rare). `None` when the store does not hold a sealed copy. A
+    /// damaged object (a header that does not fit, a chunk that does not authenticate) is
+    /// deleted, and `passed` set so the fill's next try goes to the next source.
+    async fn read_sealed(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        keys: Arc<dyn Keys>,
+        passed: Arc<AtomicBool>,
+    ) -> Result<Option<SourceBody>, String> {
+        let path = self.blob_path(digest);
+        let got = match self.objects.get(&path).await {
+            Ok(got) => got,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e.to_string()),
+        };
+        let size = got.meta.size;
+        let mut stream = got.into_stream();
+        let mut head: Vec<u8> = Vec::new();
+        let prefix = loop {
+            match envelope_len(&head) {
+                // Plaintext, written while encryption was off: not read (an upload of this
+                // replica's sealed copy replaces it).
+                Err(()) => return Ok(None),
+                Ok(Some(n)) if head.len() >= n + HEADER_LEN => break n,
+                Ok(_) => {}
+            }
+            match stream.next().await {
+                Some(Ok(chunk)) => head.extend_from_slice(&chunk),
+                Some(Err(e)) => return Err(e.to_string()),
+                None => break head.len() + 1,
+            }
+        };
+        self.counters
+            .read_bytes
+            .fetch_add(head.len() as u64, Ordering::Relaxed);
+        let damaged = |why: &str| {
+            self.delete_damaged(&path);
+            format!("the sealed object is damaged ({why}); deleted")
+        };
+        if head.len() < prefix + HEADER_LEN {
+            return Err(damaged("shorter than its header"));
+        }
+        let key = keys
+            .unwrap_key(head[ENVELOPE_FIXED..prefix].to_vec())
+            .await
+            .map_err(|missing| format!("its key cannot be unwrapped ({missing:?})"))?;
+        let header = Header::parse(&head[prefix..]).map_err(|e| damaged(&e.to_string()))?;
+        if header.kind != Kind::Blob || header.digest != seal::header_digest(digest) {
+            return Err(damaged("its header names another blob"));
+        }
+        let geometry = Geometry::of_file(size.saturating_sub(prefix as u64))
+            .map_err(|e| damaged(&e.to_string()))?;
+        let mut opener = Opener::new(FileKey::derive(&key, &header), geometry);
+        let mut first = Vec::new();
+        opener
+            .push(&head[prefix + HEADER_LEN..], &mut first)
+            .map_err(|e| damaged(&e.to_string()))?;
+        let opened = Opened {
+            opener,
+            skip: offset,
+            read_bytes: Arc::clone(&self.counters.read_bytes),
+            on_damage: {
+                let (objects, path) = (Arc::clone(&self.objects), path.clone());
+                Box::new(move || {
+                    passed.store(true, Ordering::Relaxed);
+                    spawn_delete(Arc::clone(&objects), path.clone());
+                })
+            },
+        };
+        Ok(Some(SourceBody {
+            total_len: Some(geometry.plaintext_len),
+            chunks: opened.stream(first, stream),
+        }))
+    }
+
+    /// Deletes an object found damaged, in the background.
+    fn delete_damaged(&self, path: &ObjectPath) {
+        tracing::error!(object = %path, "the object store's copy is damaged; deleting it");
+        spawn_delete(Arc::clone(&self.objects), path.clone());
     }
 
     /// Uploads a verified, committed blob in the background unless the store already holds it
@@ -317,24 +510,30 @@ impl L2 {
     }
 
     /// `Some(len)` when uploaded, `None` when the store already had it.
+    /// A sealed blob (encryption on) goes up as the envelope and its file's bytes as they
+    /// are on disk: the object store never sees plaintext.
     async fn put(&self, digest: &Digest, blob: Blob) -> Result<Option<u64>, String> {
         let path = self.blob_path(digest);
+        let mut reader = UploadReader::new(&blob)?;
         match self.objects.head(&path).await {
-            Ok(meta) if meta.size == blob.len => return Ok(None),
+            Ok(meta) if meta.size == reader.len() => return Ok(None),
+            // Without encryption, any copy there stays: a sealed one must never be replaced
+            // by plaintext (a damaged one is deleted when a fill finds it out).
+            Ok(_) if blob.sealed.is_none() => return Ok(None),
             Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => return Err(e.to_string()),
         }
-        let mut reader = blob.reader(0, blob.len);
-        if blob.len <= PART_SIZE as u64 {
-            let mut payload = Vec::with_capacity(blob.len as usize);
-            while let Some(chunk) = reader.next_chunk().await.map_err(|e| e.to_string())? {
+        let total = reader.len();
+        if total <= PART_SIZE as u64 {
+            let mut payload = Vec::with_capacity(total as usize);
+            while let Some(chunk) = reader.next_chunk().await? {
                 payload.extend_from_slice(&chunk);
             }
             self.objects
                 .put(&path, PutPayload::from(payload))
                 .await
                 .map_err(|e| e.to_string())?;
-            return Ok(Some(blob.len));
+            return Ok(Some(total));
         }
         let upload = self
             .objects
@@ -344,7 +543,7 @@ impl L2 {
         let mut parts = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
         loop {
             let next = match parts.wait_for_capacity(PARTS_IN_FLIGHT).await {
-                Ok(()) => reader.next_chunk().await.map_err(|e| e.to_string()),
+                Ok(()) => reader.next_chunk().await,
                 Err(e) => Err(e.to_string()),
             };
             match next {
@@ -361,7 +560,7 @@ impl L2 {
         }
         // `finish` aborts the upload itself when a part or the completion fails.
         parts.finish().await.map_err(|e| e.to_string())?;
-        Ok(Some(blob.len))
+        Ok(Some(total))
     }
 
     /// Deletes an object that failed verification, so the next fill asks the next source.
@@ -384,26 +583,200 @@ impl L2 {
     }
 }
 
+/// What an upload sends: a plaintext blob's bytes, or a sealed blob's envelope and then its
+/// file's bytes as they are on disk (header and sealed chunks, never opened).
+enum UploadReader {
+    Plain {
+        reader: super::disk::BlobReader,
+        len: u64,
+    },
+    Sealed {
+        envelope: Option<Vec<u8>>,
+        file: Arc<std::fs::File>,
+        at: u64,
+        file_len: u64,
+        len: u64,
+    },
+}
+
+impl UploadReader {
+    fn new(blob: &Blob) -> Result<UploadReader, String> {
+        let Some(sealed) = &blob.sealed else {
+            return Ok(UploadReader::Plain {
+                reader: blob.reader(0, blob.len),
+                len: blob.len,
+            });
+        };
+        let generation = sealed.key.header().generation;
+        let wrapped = sealed
+            .keys
+            .as_ref()
+            .and_then(|keys| keys.wrapped_key(generation))
+            .ok_or_else(|| format!("generation {generation} is not in the keyring"))?;
+        let envelope = envelope(&wrapped);
+        let file_len = Geometry::new(blob.len).file_len();
+        Ok(UploadReader::Sealed {
+            len: envelope.len() as u64 + file_len,
+            envelope: Some(envelope),
+            file: Arc::clone(&blob.file),
+            at: 0,
+            file_len,
+        })
+    }
+
+    async fn next_chunk(&mut self) -> Result<Option<bytes::Bytes>, String> {
+        match self {
+            UploadReader::Plain { reader, .. } => {
+                reader.next_chunk().await.map_err(|e| e.to_string())
+            }
+            UploadReader::Sealed {
+                envelope,
+                file,
+                at,
+                file_len,
+                ..
+            } => {
+                if let Some(envelope) = envelope.take() {
+                    return Ok(Some(bytes::Bytes::from(envelope)));
+                }
+                if *at >= *file_len {
+                    return Ok(None);
+                }
+                let want = (*file_len - *at).min(1 << 20) as usize;
+                let (file, from) = (Arc::clone(file), *at);
+                let chunk = tokio::task::spawn_blocking(move || {
+                    use std::os::unix::fs::FileExt;
+                    let mut buf = vec![0; want];
+                    file.read_exact_at(&mut buf, from).map(|()| buf)
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+                *at += chunk.len() as u64;
+                Ok(Some(bytes::Bytes::from(chunk)))
+            }
+        }
+    }
+
+    fn len(&self) -> u64 {
+        match self {
+            UploadReader::Plain { len, .. } | UploadReader::Sealed { len, .. } => *len,
+        }
+    }
+}
+
+fn spawn_delete(objects: Arc<dyn ObjectStore>, path: ObjectPath) {
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async move {
+            if let Err(e) = objects.delete(&path).await {
+                tracing::warn!(object = %path, error = %e, "cannot delete the damaged object");
+            }
+        });
+    }
+}
+
+/// A sealed object's chunks opened as they stream in.
+struct Opened {
+    opener: Opener,
+    /// Plaintext bytes the fill already has (a resume).
+    skip: u64,
+    read_bytes: Arc<AtomicU64>,
+    on_damage: Box<dyn Fn() + Send + Sync>,
+}
+
+type ObjectStream = futures_util::stream::BoxStream<'static, object_store::Result<bytes::Bytes>>;
+
+impl Opened {
+    /// The plaintext: `first` (opened from the bytes read with the header), then the rest.
+    fn stream(
+        self,
+        first: Vec<u8>,
+        rest: ObjectStream,
+    ) -> futures_util::stream::BoxStream<'static, Result<bytes::Bytes, String>> {
+        futures_util::stream::unfold(Some((self, Some(first), rest)), |state| async move {
+            let (mut me, mut pending, mut rest) = state?;
+            loop {
+                if let Some(plain) = pending.take().map(|p| me.skipped(p)) {
+                    if !plain.is_empty() {
+                        return Some((Ok(plain), Some((me, None, rest))));
+                    }
+                }
+                match rest.next().await {
+                    Some(Ok(chunk)) => {
+                        me.read_bytes
+                            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                        let mut plain = Vec::new();
+                        if let Err(e) = me.opener.push(&chunk, &mut plain) {
+                            (me.on_damage)();
+                            return Some((Err(format!("sealed object: {e}")), None));
+                        }
+                        pending = Some(plain);
+                    }
+                    Some(Err(e)) => return Some((Err(format!("object store: {e}")), None)),
+                    None if me.opener.done() => return None,
+                    None => return Some((Err("the sealed object ended early".to_owned()), None)),
+                }
+            }
+        })
+        .boxed()
+    }
+
+    /// `plain` without the bytes still to skip.
+    fn skipped(&mut self, plain: Vec<u8>) -> bytes::Bytes {
+        let drop = self.skip.min(plain.len() as u64) as usize;
+        self.skip -= drop as u64;
+        bytes::Bytes::from(plain).slice(drop..)
+    }
+}
+
+/// The plaintext of a sealed manifest object whose envelope is `prefix` bytes long.
+async fn open_manifest(
+    object: &[u8],
+    prefix: usize,
+    digest: &Digest,
+    keys: Arc<dyn Keys>,
+) -> Result<Vec<u8>, String> {
+    let wrapped = object[ENVELOPE_FIXED..prefix].to_vec();
+    let key = keys
+        .unwrap_key(wrapped)
+        .await
+        .map_err(|missing| format!("its key cannot be unwrapped ({missing:?})"))?;
+    let sealed = &object[prefix..];
+    let header = Header::parse(sealed).map_err(|e| e.to_string())?;
+    if header.kind != Kind::Manifest || header.digest != seal::header_digest(digest) {
+        return Err("its header names another manifest".into());
+    }
+    crypt::open_all(&FileKey::derive(&key, &header), sealed).map_err(|e| e.to_string())
+}
+
 /// A fill's source with L2 in front: the object store first, then `next` (the upstream or
 /// the owner) from the point where L2 missed, failed or was slow.
 pub(crate) struct L2Source {
     l2: Arc<L2>,
     digest: Digest,
     next: Arc<dyn BlobSource>,
+    /// Set while encryption is on: objects are sealed, and opened with these.
+    keys: Option<Arc<dyn Keys>>,
     /// The object store held the blob (so it needs no upload, and a mismatch is its fault).
     had_it: AtomicBool,
-    /// L2 is not asked again during this fill.
-    passed: AtomicBool,
+    /// L2 is not asked again during this fill (also set by a sealed chunk that failed).
+    passed: Arc<AtomicBool>,
 }
 
 impl L2Source {
-    pub(crate) fn new(l2: Arc<L2>, digest: &Digest, next: Arc<dyn BlobSource>) -> L2Source {
+    pub(crate) fn new(
+        l2: Arc<L2>,
+        digest: &Digest,
+        next: Arc<dyn BlobSource>,
+        keys: Option<Arc<dyn Keys>>,
+    ) -> L2Source {
         L2Source {
             l2,
             digest: digest.clone(),
             next,
+            keys,
             had_it: AtomicBool::new(false),
-            passed: AtomicBool::new(false),
+            passed: Arc::new(AtomicBool::new(false)),
         }
     }
 }
@@ -413,7 +786,18 @@ impl BlobSource for L2Source {
     async fn open(&self, offset: u64) -> Result<SourceBody, SourceError> {
         if !self.passed.load(Ordering::Relaxed) {
             let counters = &self.l2.counters;
-            match tokio::time::timeout(OPEN_TIMEOUT, self.l2.read(&self.digest, offset)).await {
+            let read = async {
+                match &self.keys {
+                    None => self.l2.read(&self.digest, offset).await,
+                    Some(keys) => {
+                        let (keys, passed) = (Arc::clone(keys), Arc::clone(&self.passed));
+                        self.l2
+                            .read_sealed(&self.digest, offset, keys, passed)
+                            .await
+                    }
+                }
+            };
+            match tokio::time::timeout(OPEN_TIMEOUT, read).await {
                 Ok(Ok(Some(body))) => {
                     counters.hits.fetch_add(1, Ordering::Relaxed);
                     self.had_it.store(true, Ordering::Relaxed);

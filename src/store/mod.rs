@@ -476,7 +476,12 @@ impl BlobStore {
             return fill;
         }
         let source = match shared.l2.get() {
-            Some(l2) => Arc::new(l2::L2Source::new(Arc::clone(l2), digest, source)),
+            Some(l2) => Arc::new(l2::L2Source::new(
+                Arc::clone(l2),
+                digest,
+                source,
+                shared.keys(),
+            )),
             None => source,
         };
         // A blob another process on this cache (the old one, during an upgrade) is filling, or
@@ -572,6 +577,11 @@ impl BlobStore {
     /// upstream is uploaded to it once verified. Set once, at start.
     pub fn set_l2(&self, l2: Arc<L2>) {
         let _ = self.shared.l2.set(l2);
+    }
+
+    /// The key hierarchy while encryption is on.
+    pub(crate) fn keys(&self) -> Option<Arc<dyn Keys>> {
+        self.shared.keys()
     }
 
     /// The object store behind the disk, when there is one.

@@ -36,6 +36,20 @@ pub trait Keys: Send + Sync + 'static {
     fn sealing_key(&self) -> Result<(u32, Arc<SecretKey>), KeyMissing>;
     /// The key of generation `id`.
     fn opening_key(&self, id: u32) -> Result<Arc<SecretKey>, KeyMissing>;
+    /// Generation `id`'s key as the operator's key service wrapped it, to travel with a sealed
+    /// object to the other replicas (the shared object store); `None` when this keyring has no
+    /// such generation. Opaque to the store.
+    fn wrapped_key(&self, _id: u32) -> Option<Vec<u8>> {
+        None
+    }
+    /// The key a [`wrapped_key`](Keys::wrapped_key) of any replica with the same operator's
+    /// key stands for: from memory when known, else one call to the key service.
+    fn unwrap_key(
+        self: Arc<Self>,
+        _wrapped: Vec<u8>,
+    ) -> futures_util::future::BoxFuture<'static, Result<Arc<SecretKey>, KeyMissing>> {
+        Box::pin(async { Err(KeyMissing::Unknown) })
+    }
 }
 
 /// The header's 32-byte digest field: a sha256 digest itself, the SHA-256 of the hex of any

@@ -921,6 +921,24 @@ impl Keys for TestKeys {
         }
         self.keys.get(&id).cloned().ok_or(KeyMissing::Unknown)
     }
+
+    /// Test only: the "wrapped" key is the key itself in hex, which any `TestKeys` opens
+    /// (as replicas under one operator's key do).
+    fn wrapped_key(&self, id: u32) -> Option<Vec<u8>> {
+        Some(hex::encode(self.keys.get(&id)?.expose()).into_bytes())
+    }
+
+    fn unwrap_key(
+        self: Arc<Self>,
+        wrapped: Vec<u8>,
+    ) -> futures_util::future::BoxFuture<'static, Result<Arc<crate::crypt::SecretKey>, KeyMissing>>
+    {
+        Box::pin(async move {
+            let mut raw = [0u8; 32];
+            hex::decode_to_slice(&wrapped, &mut raw).map_err(|_| KeyMissing::Unknown)?;
+            Ok(Arc::new(crate::crypt::SecretKey::from_bytes(raw)))
+        })
+    }
 }
 
 fn sealed_store(dir: &Path, keys: &Arc<TestKeys>) -> BlobStore {
@@ -1337,4 +1355,72 @@ async fn l2_uploads_only_what_came_from_the_upstream_and_deletes_what_does_not_v
     fill.wait_done().await.unwrap();
     assert_eq!(source.opens(), vec![0]);
     wait_uploads(&l2, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sealed_objects_open_on_another_keyring_and_a_damaged_one_is_replaced_from_the_next_source()
+{
+    let objects = Arc::new(object_store::memory::InMemory::new());
+    let data = blob_bytes(300_000, 21);
+    let digest = digest_of(&data);
+    let sealed_store = |keys: &Arc<TestKeys>| {
+        let dir = tempfile::tempdir().unwrap();
+        let store = sealed_store(dir.path(), keys);
+        let l2 = Arc::new(L2::new(objects.clone(), ""));
+        store.set_l2(Arc::clone(&l2));
+        (dir, store, l2)
+    };
+    let (_a, first, l2) = sealed_store(&TestKeys::new(&[1]));
+    let fill = first.fill_or_join(&digest, Arc::new(FakeSource::new(&data)));
+    fill.wait_done().await.unwrap();
+    wait_uploads(&l2, 1).await;
+    let path = object_store::path::Path::from(format!("blobs/sha256/{}", digest.hex()));
+    let object = object_store::ObjectStoreExt::get(objects.as_ref(), &path)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert!(object.starts_with(b"PGL2ENV1"), "sealed");
+    assert!(
+        !object.windows(64).any(|w| w == &data[1000..1064]),
+        "no plaintext"
+    );
+
+    // Another store, its own generations: opened from the object store, the source unasked.
+    let (_b, second, _) = sealed_store(&TestKeys::new(&[1, 2]));
+    let source = Arc::new(FakeSource::new(&data));
+    let fill = second.fill_or_join(&digest, source.clone());
+    fill.wait_done().await.unwrap();
+    assert!(source.opens().is_empty());
+    let blob = second.lookup(&digest).unwrap();
+    assert_eq!(drain_blob(blob.reader(0, blob.len)).await.unwrap(), data);
+
+    // A flipped bit in a late chunk: the fill takes what is missing from the next source,
+    // verifies, and the damaged object is deleted.
+    let mut damaged = object.to_vec();
+    let at = damaged.len() - 100;
+    damaged[at] ^= 1;
+    object_store::ObjectStoreExt::put(objects.as_ref(), &path, damaged.clone().into())
+        .await
+        .unwrap();
+    let (_c, third, _) = sealed_store(&TestKeys::new(&[3]));
+    let source = Arc::new(FakeSource::new(&data));
+    let fill = third.fill_or_join(&digest, source.clone());
+    fill.wait_done().await.unwrap();
+    assert_eq!(source.opens().len(), 1, "the next source, once");
+    let blob = third.lookup(&digest).unwrap();
+    assert_eq!(drain_blob(blob.reader(0, blob.len)).await.unwrap(), data);
+    // Deleted, or already replaced by this store's good copy.
+    for _ in 0..500 {
+        let now = match object_store::ObjectStoreExt::get(objects.as_ref(), &path).await {
+            Ok(got) => got.bytes().await.unwrap().to_vec(),
+            Err(_) => return,
+        };
+        if now != damaged {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the damaged object is still there");
 }

@@ -145,6 +145,16 @@ fn a_tag_is_asked_of_the_upstream_once_per_tag_ttl_for_the_whole_cluster() {
 
 #[test]
 fn manifests_by_digest_come_from_the_object_store_to_an_empty_disk() {
+    manifests_through_the_object_store(false);
+}
+
+#[test]
+fn sealed_manifests_come_from_the_object_store_to_an_empty_disk() {
+    manifests_through_the_object_store(true);
+}
+
+/// With `encrypted`, every replica seals with its own keyring under one operator's key.
+fn manifests_through_the_object_store(encrypted: bool) {
     let up = Upstream::start(UpstreamOptions::default());
     let img = TestImage::two_platform_index("l2-manifests");
     let other = TestImage::small("l2-manifests-other");
@@ -152,8 +162,12 @@ fn manifests_by_digest_come_from_the_object_store_to_an_empty_disk() {
     up.push(&other, "team/b:v1");
     let dir = tempfile::tempdir().expect("tempdir");
     let s3 = S3Server::start(dir.path());
+    let kek = match encrypted {
+        true => crate::l2::file_kek(dir.path(), "cache.kek", 5),
+        false => String::new(),
+    };
     let shared = format!(
-        "{}\n{}",
+        "{}\n{}\n{kek}",
         registry("hub", &up, "default = true"),
         s3.l2_table(dir.path())
     );
@@ -172,6 +186,23 @@ fn manifests_by_digest_come_from_the_object_store_to_an_empty_disk() {
     for r in &mut replicas {
         r.child.kill();
     }
+    let object = s3
+        .blob_object(img.manifest_digest())
+        .to_string_lossy()
+        .replace("/cache/blobs/", "/cache/manifests/");
+    let stored = std::fs::read(&object).expect("the manifest's object");
+    assert_eq!(
+        stored.starts_with(b"PGL2ENV1"),
+        encrypted,
+        "sealed exactly when the cache is encrypted"
+    );
+    assert_eq!(
+        stored
+            .windows(img.manifest_bytes().len())
+            .any(|w| w == img.manifest_bytes()),
+        !encrypted,
+        "the manifest's bytes in the bucket only without encryption"
+    );
     for i in 0..3 {
         std::fs::remove_dir_all(dir.path().join(format!("cache{i}"))).expect("empty the disk");
     }

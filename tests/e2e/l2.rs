@@ -217,3 +217,142 @@ fn a_cluster_restarted_on_empty_disks_pulls_nothing_from_the_upstream() {
         r.child.kill();
     }
 }
+
+/// A `[cache.encryption]` table with the `file` provider and a KEK of `byte` x 32 (base64) in
+/// `dir/name`; no periodic checks during the test, so provider calls are the unwraps alone.
+pub(super) fn file_kek(dir: &std::path::Path, name: &str, byte: u8) -> String {
+    use base64::Engine as _;
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(
+        &path,
+        base64::engine::general_purpose::STANDARD.encode([byte; 32]),
+    )
+    .expect("kek");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("mode");
+    format!(
+        "[cache.encryption]\nprovider = \"file\"\nkey_file = \"{}\"\ncheck_interval = \"60s\"\n",
+        path.display()
+    )
+}
+
+/// `pullgate_kms_calls_total`, all providers.
+fn kms_calls(r: &Replica) -> u64 {
+    let text = get(&format!("http://{}/metrics", r.admin)).body;
+    String::from_utf8_lossy(&text)
+        .lines()
+        .filter(|l| l.starts_with("pullgate_kms_calls_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+#[test]
+fn with_the_encrypted_cache_the_object_store_holds_sealed_objects_only() {
+    let up = Upstream::start(UpstreamOptions::default());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s3 = S3Server::start(dir.path());
+    // One blob large enough for a multipart upload, one small.
+    let blobs = [noise(9 * MIB + 4321, 90), noise(100_000, 92)];
+    let digests: Vec<String> = blobs.iter().map(|b| digest_of(b)).collect();
+    for (b, d) in blobs.iter().zip(&digests) {
+        push_blob_upstream(&up, "team/app", d, b);
+    }
+    let registry = registry("hub", &up, "default = true");
+    let with_kek = |name: &str, byte: u8| {
+        format!(
+            "{registry}\n{}\n{}",
+            s3.l2_table(dir.path()),
+            file_kek(dir.path(), name, byte)
+        )
+    };
+    let same_key = with_kek("a.kek", 7);
+
+    let first = one_replica(dir.path(), 0, &same_key);
+    for d in &digests {
+        assert_eq!(pull(&first, "team/app", d), (200, Some(d.clone())));
+    }
+    wait_until(Duration::from_secs(20), "both blobs uploaded", || {
+        metric(first.admin, "pullgate_l2_uploads_total") == 2
+    })
+    .expect("uploads");
+
+    // The bucket (s3s-fs keeps objects as files) holds sealed envelopes only: no window of
+    // either blob's plaintext is anywhere in it.
+    let mut objects = Vec::new();
+    let mut dirs = vec![dir.path().join("s3")];
+    while let Some(d) = dirs.pop() {
+        for entry in std::fs::read_dir(&d).expect("read dir").flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                objects.push(path);
+            }
+        }
+    }
+    let needles: Vec<&[u8]> = blobs
+        .iter()
+        .flat_map(|b| {
+            [
+                &b[..64],
+                &b[b.len() / 2..b.len() / 2 + 64],
+                &b[b.len() - 64..],
+            ]
+        })
+        .collect();
+    let mut sealed = 0;
+    for path in &objects {
+        let bytes = std::fs::read(path).expect("object");
+        if path.to_string_lossy().contains("/blobs/sha256/") {
+            assert!(
+                bytes.starts_with(b"PGL2ENV1"),
+                "{}: not sealed",
+                path.display()
+            );
+            sealed += 1;
+        }
+        for needle in &needles {
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == *needle),
+                "{}: holds plaintext",
+                path.display()
+            );
+        }
+    }
+    assert_eq!(sealed, 2, "both blobs in the bucket: {objects:?}");
+
+    // A replica with an empty disk and its own keyring, under the same operator's key: both
+    // blobs from the object store, one key-service call for the other replica's generation
+    // (none per blob), nothing from the upstream.
+    let second = one_replica(dir.path(), 1, &same_key);
+    let calls = kms_calls(&second);
+    for d in &digests {
+        assert_eq!(pull(&second, "team/app", d), (200, Some(d.clone())));
+        assert_eq!(upstream_fetches(&up, d), 1, "{d}");
+    }
+    assert_eq!(metric(second.admin, "pullgate_l2_hits_total"), 2);
+    assert_eq!(
+        kms_calls(&second) - calls,
+        1,
+        "one unwrap, then from memory"
+    );
+
+    // Under another operator's key the objects open for nothing: the pull comes from the
+    // upstream, and the other replicas' objects stay.
+    let stranger = one_replica(dir.path(), 2, &with_kek("c.kek", 9));
+    assert_eq!(
+        pull(&stranger, "team/app", &digests[1]),
+        (200, Some(digests[1].clone()))
+    );
+    assert_eq!(upstream_fetches(&up, &digests[1]), 2);
+    assert!(metric(stranger.admin, "pullgate_l2_errors_total") >= 1);
+    let third = one_replica(dir.path(), 3, &same_key);
+    assert_eq!(
+        pull(&third, "team/app", &digests[1]),
+        (200, Some(digests[1].clone()))
+    );
+    assert_eq!(metric(third.admin, "pullgate_l2_hits_total"), 1);
+    for mut r in [first, second, stranger, third] {
+        r.child.kill();
+    }
+}

@@ -83,14 +83,6 @@ pub(super) fn check_cache(ctx: &mut Ctx<'_>, file: &CacheFile) -> Cache {
         .as_ref()
         .and_then(|e| check_encryption(ctx, e));
     let l2 = file.l2.as_ref().and_then(|l2| check_l2(ctx, l2));
-    if l2.is_some() && encryption.is_some() {
-        ctx.err(
-            "cache.l2",
-            "cannot be combined with cache.encryption yet: the replicas would need each \
-             other's generation keys to read a sealed object, and the object store must never \
-             hold plaintext of an encrypted cache",
-        );
-    }
     Cache {
         dir,
         max_size,
