@@ -7,6 +7,7 @@
 //! process.
 
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -63,6 +64,8 @@ pub struct Env {
 pub struct Server {
     pub kind: Kind,
     pub port: u16,
+    /// Where it listens: 127.0.0.1, or a loopback alias for a cluster replica.
+    pub addr: SocketAddr,
     /// pullgate's admin listener (`/metrics`; W7 starts warm jobs there); `None` for the others.
     pub admin_port: Option<u16>,
     proc: Proc,
@@ -90,9 +93,10 @@ impl Server {
                 .map_err(|e| e.to_string())?
                 .keep();
             let log = dir.join("server.log");
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
             let cmd = match kind {
                 Kind::Pullgate | Kind::PullgateSigned | Kind::PullgateEncrypted => {
-                    pullgate_cmd(env, port, admin, state, &dir, kind, cache_extra)?
+                    pullgate_cmd(env, addr, admin, state, &dir, kind, cache_extra, "")?
                 }
                 Kind::Distribution => distribution_cmd(env, port, state, &dir)?,
                 Kind::NginxCache => nginx_cmd(&nginx_cache_conf(env, port, state, &dir), &dir)?,
@@ -103,13 +107,14 @@ impl Server {
                 &log,
                 matches!(kind, Kind::NginxCache | Kind::NginxStatic),
             )?;
-            match wait_ready(&mut proc, port) {
+            match wait_ready(&mut proc, addr) {
                 Ok(()) => {
                     let admin_port =
                         matches!(kind, Kind::Pullgate | Kind::PullgateEncrypted).then_some(admin);
                     return Ok(Server {
                         kind,
                         port,
+                        addr,
                         admin_port,
                         proc,
                     });
@@ -131,8 +136,48 @@ impl Server {
         Err(last)
     }
 
+    /// A pullgate replica of the cluster round: pullgate's plain config on `addr` (a loopback
+    /// alias chosen by the caller, who lists every replica in `extra`), with `extra` (TOML
+    /// tables: `[cluster]`, `[cache.l2]`) and the environment `vars`.
+    pub fn start_replica(
+        env: &Env,
+        addr: SocketAddr,
+        state: &Path,
+        run: &Path,
+        extra: &str,
+        vars: &[(&str, &str)],
+    ) -> Result<Server, String> {
+        std::fs::create_dir_all(state).map_err(|e| e.to_string())?;
+        let admin = free_port();
+        let dir = tempfile::Builder::new()
+            .prefix("pullgate-replica-")
+            .tempdir_in(run)
+            .map_err(|e| e.to_string())?
+            .keep();
+        let log = dir.join("server.log");
+        let kind = Kind::Pullgate;
+        let mut cmd = pullgate_cmd(env, addr, admin, state, &dir, kind, "", extra)?;
+        cmd.envs(vars.iter().copied());
+        let mut proc = Proc::spawn(cmd, &log, false)?;
+        if let Err(e) = wait_ready(&mut proc, addr) {
+            proc.stop();
+            let text = crate::support::read_lossy(&log);
+            return Err(format!(
+                "replica on {addr} did not start: {e}\n--- log:\n{}",
+                tail(&text, 20)
+            ));
+        }
+        Ok(Server {
+            kind,
+            port: addr.port(),
+            addr,
+            admin_port: Some(admin),
+            proc,
+        })
+    }
+
     pub fn target(&self) -> Target {
-        Target::plain(self.port)
+        Target::Plain(self.addr)
     }
 
     pub fn pid(&self) -> u32 {
@@ -157,10 +202,10 @@ impl Server {
     }
 }
 
-/// Polls until the process answers an HTTP request on `port`.
-fn wait_ready(proc: &mut Proc, port: u16) -> Result<(), String> {
+/// Polls until the process answers an HTTP request on `addr`.
+fn wait_ready(proc: &mut Proc, addr: SocketAddr) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(20);
-    let target = Target::plain(port);
+    let target = Target::Plain(addr);
     loop {
         if !proc.running() {
             return Err("process exited".into());
@@ -169,24 +214,26 @@ fn wait_ready(proc: &mut Proc, port: u16) -> Result<(), String> {
             return Ok(());
         }
         if Instant::now() > deadline {
-            return Err(format!("no HTTP answer on 127.0.0.1:{port} after 20 s"));
+            return Err(format!("no HTTP answer on {addr} after 20 s"));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
-/// pullgate's config for `kind`: the admin listener on `admin` and `cache_extra` in `[cache]`;
-/// `pullgate-signed` adds a signature policy over the benchmark repositories, `pullgate-enc`
-/// seals the cache under a `file` KEK kept next to the state (the same KEK for every process on
-/// that state).
+/// pullgate's config for `kind`: listening on `listen`, the admin listener on `admin`,
+/// `cache_extra` in `[cache]` and `extra` (tables) at the end; `pullgate-signed` adds a
+/// signature policy over the benchmark repositories, `pullgate-enc` seals the cache under a
+/// `file` KEK kept next to the state (the same KEK for every process on that state).
+#[allow(clippy::too_many_arguments)]
 fn pullgate_cmd(
     env: &Env,
-    port: u16,
+    listen: SocketAddr,
     admin: u16,
     state: &Path,
     dir: &Path,
     kind: Kind,
     cache_extra: &str,
+    extra: &str,
 ) -> Result<Command, String> {
     let password = dir.join("password");
     std::fs::write(&password, format!("{}\n", env.password)).map_err(|e| e.to_string())?;
@@ -207,7 +254,7 @@ fn pullgate_cmd(
     };
     let config = format!(
         r#"[server]
-listen = ["127.0.0.1:{port}"]
+listen = ["{listen}"]
 admin_listen = "127.0.0.1:{admin}"
 
 [cache]
@@ -221,6 +268,7 @@ upstream = "{url}"
 ca = "{ca}"
 default = true
 credentials = {{ username = "{user}", password_file = "{password}" }}
+{extra}
 "#,
         cache = state.join("cache").display(),
         url = env.upstream_url,

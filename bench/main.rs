@@ -11,6 +11,7 @@ mod support;
 
 mod chart;
 mod client;
+mod cluster;
 mod contestants;
 mod load;
 mod quiet;
@@ -61,7 +62,7 @@ struct Opts {
 
 fn usage(code: i32) -> ! {
     eprintln!(
-        "usage: bench [--quick] [--reps N] [--load-secs S] [--no-big16] [--only pullgate,pullgate-signed,distribution,nginx-cache,limits] [--out DIR] [--pullgate PATH] [--perf DIR] [--no-nice] [--wait-idle S] [--redo N]\n\
+        "usage: bench [--quick] [--reps N] [--load-secs S] [--no-big16] [--only pullgate,pullgate-signed,pullgate-enc,pullgate-cluster,distribution,nginx-cache,limits] [--out DIR] [--pullgate PATH] [--perf DIR] [--no-nice] [--wait-idle S] [--redo N]\n\
          --quick      one repetition, 1 s load runs, no 16 × 500 MiB run (a smoke test, ~1 min)\n\
          --reps N     repetitions of every measurement (default 3)\n\
          --load-secs  duration of each W3 load run (default 3)\n\
@@ -242,6 +243,7 @@ fn main() {
         ];
         let n = order.len();
         order.rotate_left(rep % n);
+        order.push(Round::Cluster);
         order.push(Round::Limits);
         for round in order {
             if bed.opts.runs(round.id()) && !stopping.load(Ordering::SeqCst) {
@@ -260,6 +262,8 @@ fn main() {
 #[derive(Clone, Copy)]
 enum Round {
     Proxy(Kind),
+    /// Three pullgate replicas in one cluster with a shared object store (`cluster.rs`).
+    Cluster,
     Limits,
 }
 
@@ -267,6 +271,7 @@ impl Round {
     fn id(self) -> &'static str {
         match self {
             Round::Proxy(k) => k.id(),
+            Round::Cluster => cluster::ID,
             Round::Limits => "limits",
         }
     }
@@ -292,6 +297,12 @@ fn run_round(bed: &Bed, round: Round, rep: usize, results: &mut Results) -> Roun
         let mut r = Results::default();
         match round {
             Round::Proxy(kind) => proxy_round(bed, kind, rep, &mut r),
+            Round::Cluster => {
+                settle();
+                if let Err(e) = cluster::round(bed, rep, &mut r) {
+                    r.fail(format!("{} rep {}: {e}", cluster::ID, rep + 1));
+                }
+            }
             Round::Limits => limits_round(bed, rep, &mut r),
         }
         let (others, _) = snap.others_since();

@@ -175,6 +175,10 @@ pub const CONTESTANTS: &[(&str, &str)] = &[
     ("pullgate", "pullgate"),
     ("pullgate-signed", "pullgate, signature policy on (W3)"),
     ("pullgate-enc", "pullgate, cache encrypted"),
+    (
+        "pullgate-cluster",
+        "pullgate, 3 replicas (cluster + object store; W5, W2)",
+    ),
     ("distribution", "distribution 2.8 proxy"),
     ("nginx-cache", "nginx proxy_cache"),
     ("nginx-static", "limit: nginx static file"),
@@ -329,12 +333,36 @@ impl Results {
             w4.map(|r| r <= 1.05),
             w4.map(fmt).unwrap_or_default(),
         );
-        let w5 = self.samples("w5_upstream", "pullgate");
-        check(
-            "W5 upstream bytes ratio = 1.0 (every run)".into(),
-            (!w5.is_empty()).then(|| w5.iter().all(|r| (r - 1.0).abs() < 1e-6)),
-            w5.iter().map(|r| fmt(*r)).collect::<Vec<_>>().join(", "),
-        );
+        for (c, what) in [("pullgate", ""), ("pullgate-cluster", " across 3 replicas")] {
+            let w5 = self.samples("w5_upstream", c);
+            if w5.is_empty() && c != "pullgate" {
+                continue;
+            }
+            check(
+                format!("W5 upstream bytes ratio = 1.0{what} (every run)"),
+                (!w5.is_empty()).then(|| w5.iter().all(|r| (r - 1.0).abs() < 1e-6)),
+                w5.iter().map(|r| fmt(*r)).collect::<Vec<_>>().join(", "),
+            );
+        }
+        // Issue 16: the cluster's slowest cold client within 1.5× a single replica's, and
+        // every replica's peak RSS under 64 MiB.
+        if let (Some(c), Some(p)) = (
+            med("w5_slowest", "pullgate-cluster"),
+            med("w5_slowest", "pullgate"),
+        ) {
+            check(
+                "W5 slowest client across 3 replicas ≤ 1.5 × one replica's".into(),
+                Some(c <= 1.5 * p),
+                format!("{} s vs {} s ({}×)", fmt(c), fmt(p), fmt(c / p)),
+            );
+        }
+        if let Some(s) = self.get("w6_rss_w2", "pullgate-cluster") {
+            check(
+                "cluster W2 peak RSS per replica < 64 MiB (max of runs)".into(),
+                Some(s.max < 64.0),
+                fmt(s.max),
+            );
+        }
         // Issue 19: a warm tag with a signature policy costs at most 10 % of HEAD throughput.
         for m in ["w3_head_rps", "w3_head1_rps"] {
             if let (Some(p), Some(s)) = (med(m, "pullgate"), med(m, "pullgate-signed")) {

@@ -21,7 +21,7 @@ pub struct S3Server {
 }
 
 /// `$PULLGATE_S3S_FS`, else the one install-deps.sh built, else `s3s-fs` on PATH.
-fn s3s_fs_bin() -> PathBuf {
+pub fn s3s_fs_bin() -> PathBuf {
     if let Ok(path) = std::env::var("PULLGATE_S3S_FS") {
         return PathBuf::from(path);
     }
