@@ -48,9 +48,15 @@ pub struct AuditRecord<'a> {
     /// The name of the upstream credential used (`registry.<name>.credentials`), never its value.
     pub credential: Option<&'a str>,
     /// For a blob fill: the cluster member that fetched it from the upstream (`advertise`;
-    /// `self` outside a cluster), or `l2` when the object store had it. Absent otherwise.
+    /// `self` outside a cluster), or `l2` when the object store had it; for a manifest, `l2`
+    /// when it came from the object store, and for a tag the member that owns it when that
+    /// member answered. Absent otherwise.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub filled_by: Option<&'a str>,
+    /// In a cluster: this replica (`cluster.advertise`), the one the client reached. Absent
+    /// outside a cluster.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub served_by: Option<&'a str>,
 }
 
 impl AuditRecord<'_> {
@@ -150,6 +156,7 @@ mod tests {
                 bytes: 10,
                 cache: "hit",
                 filled_by: None,
+                served_by: None,
                 credential: Some("registry.hub.credentials"),
             });
         }

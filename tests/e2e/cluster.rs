@@ -231,12 +231,15 @@ fn three_replicas_fetch_a_blob_once_and_survive_the_owner() {
         .sum();
     assert!(sent >= 2, "both non-owners forwarded: {sent}");
     assert_eq!(metric(admins[o], "pullgate_cluster_forwards_sent_total"), 0);
-    // The audit line of a client on a non-owner names the owner as the replica that filled.
+    // The audit line of a client on a non-owner names it as the replica that served and the
+    // owner as the one that filled.
     let non_owner = (o + 1) % 3;
     let audit = dir.path().join(format!("audit{non_owner}.log"));
+    let served_here = addrs[non_owner].to_string();
     let filled_by = |line: &str| -> Option<String> {
         let v: serde_json::Value = serde_json::from_str(line).ok()?;
-        (v["reference"] == digest.as_str()).then(|| v["filled_by"].as_str().map(str::to_owned))?
+        let ours = v["reference"] == digest.as_str() && v["served_by"] == served_here.as_str();
+        ours.then(|| v["filled_by"].as_str().map(str::to_owned))?
     };
     wait_until(Duration::from_secs(5), "10 audit lines", || {
         let text = std::fs::read_to_string(&audit).unwrap_or_default();
