@@ -388,6 +388,28 @@ impl FileKey {
     }
 }
 
+impl FileKey {
+    /// Opens chunk `index` whose ciphertext and tag fill `buf` from `src` to its end, writing
+    /// the plaintext to the front of `buf` in the same pass (so a reader compacting several
+    /// chunks moves no byte twice); returns the plaintext's length.
+    pub fn open_chunk_to_front(
+        &self,
+        index: u64,
+        last: bool,
+        buf: &mut [u8],
+        src: usize,
+    ) -> Result<usize, FormatError> {
+        let sealed = buf.len().checked_sub(src);
+        if !sealed.is_some_and(|n| (TAG_LEN..=SEALED_CHUNK).contains(&n)) {
+            return Err(FormatError::Authentication(index));
+        }
+        self.key
+            .open_within(nonce(index, last), Aad::from(&self.aad), buf, src..)
+            .map(|plain| plain.len())
+            .map_err(|_| FormatError::Authentication(index))
+    }
+}
+
 /// 11-byte big-endian chunk counter, then the last-chunk flag.
 fn nonce(index: u64, last: bool) -> Nonce {
     let mut n = [0u8; aead::NONCE_LEN];

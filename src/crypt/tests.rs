@@ -373,3 +373,31 @@ fn a_stream_opens_chunk_by_chunk_in_any_pieces_and_refuses_damage() {
         assert!(opener.push(&longer, &mut Vec::new()).is_err());
     }
 }
+
+#[test]
+fn a_chunk_opens_to_the_front_of_its_buffer_and_fails_like_in_place() {
+    let gk = key(4);
+    let plain = data(2 * C + 5, 4);
+    let fk = file_key(&gk, &plain);
+    let sealed = seal_all(&fk, &plain);
+    let geometry = Geometry::of_file(sealed.len() as u64).unwrap();
+    for index in 0..geometry.chunks() {
+        let start = Geometry::file_offset(index) as usize;
+        let end = start + geometry.chunk_len(index) + TAG_LEN;
+        for shift in [0, 16, 1000] {
+            let mut buf = vec![0u8; shift];
+            buf.extend_from_slice(&sealed[start..end]);
+            let n = fk
+                .open_chunk_to_front(index, geometry.is_last(index), &mut buf, shift)
+                .unwrap();
+            let from = Geometry::plaintext_start(index) as usize;
+            assert_eq!(&buf[..n], &plain[from..from + n]);
+            // The wrong position or last flag fails, as in place.
+            let mut again = vec![0u8; shift];
+            again.extend_from_slice(&sealed[start..end]);
+            assert!(fk
+                .open_chunk_to_front(index + 1, geometry.is_last(index), &mut again, shift)
+                .is_err());
+        }
+    }
+}

@@ -174,14 +174,17 @@ pub(crate) fn open_span_in_place(
         let len = (written - start).min(crypt::CHUNK_SIZE as u64) as usize;
         let last = complete && start + len as u64 == written;
         let end = at + len + crypt::TAG_LEN;
-        let chunk = buf
-            .get_mut(at..end)
+        // Decrypted straight to where it belongs (`out <= at`): one pass over the bytes.
+        let region = buf
+            .get_mut(out..end)
             .ok_or(crypt::FormatError::Authentication(index))?;
-        let plain_len = key.open_chunk(index, last, chunk)?.len();
+        let plain_len = key.open_chunk_to_front(index, last, region, at - out)?;
         let lo = from.saturating_sub(start) as usize;
         let hi = ((to - start) as usize).min(plain_len);
-        // The plaintext only ever moves towards the front: `out <= at + lo`.
-        buf.copy_within(at + lo..at + hi, out);
+        if lo > 0 {
+            // Only the first chunk of a range that starts inside it.
+            buf.copy_within(out + lo..out + hi, out);
+        }
         out += hi - lo;
         at = end;
         index += 1;
