@@ -1424,3 +1424,56 @@ async fn sealed_objects_open_on_another_keyring_and_a_damaged_one_is_replaced_fr
     }
     panic!("the damaged object is still there");
 }
+
+/// What opening a sealed 1 MiB read costs, decrypting each chunk to its place (what reads do)
+/// against opening in place and then moving the plaintext over the tags (what they did):
+/// `cargo test --release --lib -- --ignored --nocapture sealed_read_throughput`. Prints, asserts
+/// nothing about speed.
+#[test]
+#[ignore]
+fn sealed_read_throughput() {
+    use crate::crypt::{self, FileKey, Geometry, Header, Kind, CHUNK_SIZE, TAG_LEN};
+    let plain = blob_bytes(1 << 20, 3);
+    let header = Header::new(Kind::Blob, 1, [7; 32]).unwrap();
+    let key = FileKey::derive(&crate::crypt::SecretKey::random().unwrap(), &header);
+    let sealed = crypt::seal_all(&key, &plain);
+    let body = &sealed[crypt::HEADER_LEN..];
+    let len = plain.len() as u64;
+    let rounds = 2000;
+    let mut buf = vec![0u8; body.len()];
+    let time = |f: &mut dyn FnMut(&mut [u8]) -> usize, buf: &mut Vec<u8>| {
+        let started = std::time::Instant::now();
+        for _ in 0..rounds {
+            buf.copy_from_slice(body);
+            assert_eq!(f(buf), plain.len());
+        }
+        (rounds as f64 * len as f64) / started.elapsed().as_secs_f64() / 1e9
+    };
+    for _ in 0..3 {
+        let to_place = time(
+            &mut |b| super::seal::open_span_in_place(&key, b, 0, len, true, 0..len).unwrap(),
+            &mut buf,
+        );
+        let in_place_then_move = time(
+            &mut |b| {
+                let (mut at, mut out) = (0, 0);
+                for index in 0..Geometry::new(len).chunks() {
+                    let n =
+                        (len - Geometry::plaintext_start(index)).min(CHUNK_SIZE as u64) as usize;
+                    let last = Geometry::new(len).is_last(index);
+                    let end = at + n + TAG_LEN;
+                    key.open_chunk(index, last, &mut b[at..end]).unwrap();
+                    b.copy_within(at..at + n, out);
+                    out += n;
+                    at = end;
+                }
+                out
+            },
+            &mut buf,
+        );
+        println!(
+            "sealed 1 MiB reads: to place {to_place:.2} GB/s, in place then moved {in_place_then_move:.2} GB/s ({:.2}x)",
+            to_place / in_place_then_move
+        );
+    }
+}
