@@ -298,6 +298,7 @@ impl L2 {
         plain.extend_from_slice(media_type.as_bytes());
         plain.push(b'\n');
         plain.extend_from_slice(&body);
+        let sealing = keys.is_some();
         let object = match keys {
             None => plain,
             Some(keys) => {
@@ -323,6 +324,12 @@ impl L2 {
         let (l2, digest) = (Arc::clone(self), digest.clone());
         runtime.spawn(async move {
             let path = l2.manifest_path(&digest);
+            // Without encryption, any copy there stays: a sealed one is never replaced by
+            // plaintext (a damaged one was deleted by the read that found it out).
+            if !sealing && l2.objects.head(&path).await.is_ok() {
+                l2.lock_uploading().remove(&key);
+                return;
+            }
             match l2.objects.put(&path, PutPayload::from(object)).await {
                 Ok(_) => {
                     l2.counters.manifest_uploads.fetch_add(1, Ordering::Relaxed);
