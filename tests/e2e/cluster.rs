@@ -387,3 +387,72 @@ fn an_owner_killed_mid_fill_leaves_a_complete_blob_or_an_aborted_body() {
         r.child.kill();
     }
 }
+
+#[test]
+fn replicas_that_disagree_about_the_members_cost_at_most_a_duplicate_fetch() {
+    let up = Upstream::start(UpstreamOptions::default());
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("cluster.key"),
+        format!("{}\n", "k".repeat(48)),
+    )
+    .expect("key");
+    let addrs: Vec<SocketAddr> = (11..=13).map(|n| free_port_on([127, 0, 0, n])).collect();
+    // Replicas 1 and 2 list all three; replica 0 does not know replica 1 yet (a list it has
+    // not reloaded). The blob: owned by 1, whom replica 0 does not know. Forwards only ever go
+    // to a member with a higher score for the digest, so views that differ cannot make two
+    // members wait on each other; they can only make a member fill on its own.
+    let body = (1..)
+        .map(|seed| noise(4 * MIB, 5000 + 2 * seed))
+        .find(|b| {
+            pullgate::cluster::owner_among(addrs.iter().copied(), &digest_of(b)) == Some(addrs[1])
+        })
+        .expect("a blob replica 1 owns");
+    let digest = digest_of(&body);
+    push_blob_upstream(&up, "team/app", &digest, &body);
+    let lists = [vec![addrs[0], addrs[2]], addrs.clone(), addrs.clone()];
+    let mut replicas: Vec<Replica> = (0..3)
+        .map(|i| {
+            let peers = lists[i]
+                .iter()
+                .map(|a| format!("\"{a}\""))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let shared = format!(
+                "{}\n[cluster]\npeers = [{peers}]\nadvertise = \"{}\"\nkey_file = \"{}\"\n",
+                registry("hub", &up, "default = true"),
+                addrs[i],
+                dir.path().join("cluster.key").display()
+            );
+            let admin = free_port_on([127, 0, 0, 11 + i as u8]);
+            start(dir.path(), i, addrs[i], admin, &shared)
+        })
+        .collect();
+    for r in &replicas {
+        wait_until(Duration::from_secs(20), "replica listening", || {
+            can_connect(r.addr)
+        })
+        .expect("replica starts");
+    }
+    // Three clients on each replica at once: 2 forwards to 1, and 0 fills itself or forwards
+    // to 2 (whichever of the two it takes for the owner).
+    let clients: Vec<_> = (0..9)
+        .map(|i| {
+            let url = format!("http://{}/v2/team/app/blobs/{digest}", addrs[i % 3]);
+            std::thread::spawn(move || get(&url))
+        })
+        .collect();
+    for client in clients {
+        let answer = client.join().expect("client");
+        assert_eq!(answer.status, 200);
+        assert_eq!(digest_of(&answer.body), digest);
+    }
+    let fetched = crate::l2::upstream_fetches(&up, &digest);
+    assert!(
+        (1..=2).contains(&fetched),
+        "{fetched} upstream GETs: at most one duplicate"
+    );
+    for r in &mut replicas {
+        r.child.kill();
+    }
+}
