@@ -231,16 +231,20 @@ impl Cluster {
         })()
         .ok_or((false, "owner's tag answer lacks a header".to_owned()))?;
         let stale = text(HEADER_STALE).is_some();
-        if answer.content_length().is_some_and(|n| n > max_manifest) {
-            return Err((
-                false,
-                "owner's manifest is over cache.max_manifest_size".into(),
-            ));
+        // Read under the cap as it arrives: a length header is a claim, not a bound.
+        let mut body = Vec::new();
+        let mut chunks = answer.bytes_stream();
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk.map_err(|e| (true, e.without_url().to_string()))?;
+            if (body.len() + chunk.len()) as u64 > max_manifest {
+                return Err((
+                    false,
+                    "owner's manifest is over cache.max_manifest_size".into(),
+                ));
+            }
+            body.extend_from_slice(&chunk);
         }
-        let body = answer
-            .bytes()
-            .await
-            .map_err(|e| (true, e.without_url().to_string()))?;
+        let body = bytes::Bytes::from(body);
         let manifest = match body.is_empty() {
             true => None,
             false if body.len() as u64 == entry.size && entry.digest.verify(&body) => Some(body),
