@@ -38,10 +38,10 @@ fn a_tag_is_asked_of_the_upstream_once_per_tag_ttl_for_the_whole_cluster() {
     let v2 = TestImage::small("cluster-tag-v2");
     up.push(&v1, "team/app:stable");
     let dir = tempfile::tempdir().expect("tempdir");
-    let ttl = Duration::from_secs(2);
+    let ttl = Duration::from_secs(4);
     let (_, admins, mut replicas) = start_cluster(
         dir.path(),
-        &registry("hub", &up, "default = true\ntag_ttl = \"2s\""),
+        &registry("hub", &up, "default = true\ntag_ttl = \"4s\""),
     );
     let tag_path = "/v2/team/app/manifests/stable";
     let by_digest = |img: &TestImage| format!("/manifests/{}", img.manifest_digest());
@@ -87,7 +87,8 @@ fn a_tag_is_asked_of_the_upstream_once_per_tag_ttl_for_the_whole_cluster() {
     // The tag moves upstream; once the TTL has passed the owner asks again, once, and every
     // replica answers the new manifest.
     up.push(&v2, "team/app:stable");
-    std::thread::sleep(ttl.saturating_sub(started.elapsed()) + Duration::from_millis(200));
+    // Past the owner's TTL, which started at its first answer (a moment after `started`).
+    std::thread::sleep(ttl.saturating_sub(started.elapsed()) + Duration::from_millis(1500));
     for r in &replicas {
         let got = manifest(r.addr, "GET", tag_path);
         assert_eq!(got.status, 200);
