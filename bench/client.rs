@@ -324,11 +324,12 @@ impl Sink {
     }
 }
 
-/// Runs `n` fetches at once (threads released together); returns each result and the wall time
-/// from the release to the last completion.
+/// Runs `n` fetches at once (threads released together), fetch `i` on `targets[i % len]` (one
+/// server, or clients spread over replicas as a load balancer would); returns each result and
+/// the wall time from the release to the last completion.
 pub fn fetch_many(
     n: usize,
-    target: &Target,
+    targets: &[Target],
     path: &str,
     headers: &[(&str, &str)],
 ) -> (Vec<Result<Fetched, String>>, Duration) {
@@ -338,10 +339,10 @@ pub fn fetch_many(
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     let handles: Vec<_> = (0..n)
-        .map(|_| {
+        .map(|i| {
             let (barrier, target, path, owned) = (
                 barrier.clone(),
-                target.clone(),
+                targets[i % targets.len()].clone(),
                 path.to_string(),
                 owned.clone(),
             );

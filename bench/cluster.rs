@@ -7,13 +7,12 @@
 //! cluster ÷ single replica.
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
-use std::sync::{Arc, Barrier};
 
-use crate::client::{fetch, BodyMode, Target};
+use crate::client::Target;
 use crate::contestants::Server;
 use crate::report::Results;
 use crate::support::s3::{self, S3Server};
-use crate::{settled_upstream_bytes, verify, Bed, Blob, GB, MIB};
+use crate::{many_over, settled_upstream_bytes, verify, Bed, MIB};
 
 /// The column's id in the results.
 pub const ID: &str = "pullgate-cluster";
@@ -85,7 +84,7 @@ fn measure(bed: &Bed, replicas: &[Server], results: &mut Results) -> Result<(), 
 
     // W5: every replica cold, the object store empty.
     let mark = bed.up.log_text().len();
-    let (_, slowest) = spread(&targets, &bed.medium, 20)?;
+    let (_, slowest) = many_over(&targets, &bed.medium, 20)?;
     let (fetches, bytes) = settled_upstream_bytes(bed, mark, &bed.medium);
     let ratio = bytes as f64 / bed.medium.size as f64;
     println!(
@@ -100,7 +99,7 @@ fn measure(bed: &Bed, replicas: &[Server], results: &mut Results) -> Result<(), 
     // W2: the blob warm on every replica (each kept a verified copy), 16 clients over the 3.
     let mut line = Vec::new();
     for _ in 0..crate::W2_RUNS {
-        let (gbps, _) = spread(&targets, &bed.medium, 16)?;
+        let (gbps, _) = many_over(&targets, &bed.medium, 16)?;
         results.add("w2_gbps", ID, gbps);
         line.push(format!("{gbps:.2}"));
     }
@@ -114,42 +113,6 @@ fn measure(bed: &Bed, replicas: &[Server], results: &mut Results) -> Result<(), 
         line.join(" ")
     );
     Ok(())
-}
-
-/// `n` clients at once, client `i` on replica `i % 3`, whole blob each: aggregate GB/s and the
-/// slowest client's seconds.
-fn spread(targets: &[Target], blob: &Blob, n: usize) -> Result<(f64, f64), String> {
-    let barrier = Arc::new(Barrier::new(n + 1));
-    let handles: Vec<_> = (0..n)
-        .map(|i| {
-            let (barrier, target, path) = (
-                Arc::clone(&barrier),
-                targets[i % targets.len()].clone(),
-                blob.path.clone(),
-            );
-            std::thread::spawn(move || {
-                barrier.wait();
-                fetch(&target, "GET", &path, &[], BodyMode::Discard)
-            })
-        })
-        .collect();
-    barrier.wait();
-    let started = std::time::Instant::now();
-    let mut slowest: f64 = 0.0;
-    for h in handles {
-        let a = h
-            .join()
-            .map_err(|_| "client thread panicked".to_string())??;
-        if a.status != 200 || a.bytes != blob.size {
-            return Err(format!(
-                "GET {}: status {} with {} of {} bytes",
-                blob.repo, a.status, a.bytes, blob.size
-            ));
-        }
-        slowest = slowest.max(a.elapsed.as_secs_f64());
-    }
-    let wall = started.elapsed().as_secs_f64();
-    Ok((n as f64 * blob.size as f64 / wall / GB, slowest))
 }
 
 /// A free port on 127.0.0.`n`.

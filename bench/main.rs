@@ -947,7 +947,12 @@ fn one(target: Target, blob: &Blob) -> Result<f64, String> {
 
 /// `n` clients at once, whole blob; aggregate GB/s and the slowest client's seconds.
 fn many(target: Target, blob: &Blob, n: usize) -> Result<(f64, f64), String> {
-    let (answers, wall) = fetch_many(n, &target, &blob.path, &[]);
+    many_over(&[target], blob, n)
+}
+
+/// [`many`] with client `i` on `targets[i % len]`.
+fn many_over(targets: &[Target], blob: &Blob, n: usize) -> Result<(f64, f64), String> {
+    let (answers, wall) = fetch_many(n, targets, &blob.path, &[]);
     let mut slowest: f64 = 0.0;
     for a in answers {
         let a = a?;

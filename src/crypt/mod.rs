@@ -386,9 +386,7 @@ impl FileKey {
             .open_in_place(nonce(index, last), Aad::from(&self.aad), buf)
             .map_err(|_| FormatError::Authentication(index))
     }
-}
 
-impl FileKey {
     /// Opens chunk `index` whose ciphertext and tag fill `buf` from `src` to its end, writing
     /// the plaintext to the front of `buf` in the same pass (so a reader compacting several
     /// chunks moves no byte twice); returns the plaintext's length.

@@ -98,7 +98,7 @@ pub async fn serve(
         .gateway
         .cluster
         .as_ref()
-        .map_or_else(|| "self".to_owned(), |c| c.membership.me().to_string());
+        .map_or_else(|| "self".to_owned(), |c| c.advertise().to_owned());
     let (fill, peer) = match &job.forward {
         Some(forward) => {
             let peer = Arc::new(PeerBlob {

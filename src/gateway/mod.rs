@@ -669,7 +669,6 @@ impl ProxyHttp for Edge {
         ctx.log_access(status);
         let gw = Arc::clone(&ctx.gateway);
         if ctx.kind != "other" {
-            let served_by = gw.cluster.as_ref().map(|c| c.membership.me().to_string());
             gw.audit.record(&AuditRecord {
                 time: AuditRecord::now(),
                 request_id: &ctx.request_id,
@@ -688,7 +687,7 @@ impl ProxyHttp for Edge {
                 cache: ctx.cache,
                 credential: ctx.credential.as_deref(),
                 filled_by: ctx.filled_by.as_deref(),
-                served_by: served_by.as_deref(),
+                served_by: gw.cluster.as_deref().map(peer::Cluster::advertise),
             });
         }
         gw.metrics.request(&RequestRecord {

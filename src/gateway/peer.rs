@@ -77,9 +77,16 @@ pub struct Cluster {
     dns: Option<Arc<DnsMembers>>,
     key: RedirectKey,
     http: reqwest::Client,
+    /// `cluster.advertise` as text, for every audit line (made once, not per request).
+    advertise: String,
 }
 
 impl Cluster {
+    /// This replica's address as the others know it.
+    pub fn advertise(&self) -> &str {
+        &self.advertise
+    }
+
     pub fn from_config(config: &crate::config::Cluster) -> Result<Cluster, String> {
         let key =
             RedirectKey::load(&config.key_file).map_err(|e| format!("cluster.key_file: {e}"))?;
@@ -110,6 +117,7 @@ impl Cluster {
             dns,
             key,
             http,
+            advertise: config.advertise.to_string(),
         };
         // On a reload (inside the runtime) the first list is asked for at once.
         cluster.refresh_members();
