@@ -193,6 +193,12 @@ impl Server {
             .sum()
     }
 
+    /// CPU time the server's processes have used so far (user + system, all threads), in
+    /// seconds: what a request costs the server, whoever else shares the cores.
+    pub fn cpu_seconds(&self) -> f64 {
+        self.proc.tree().iter().map(|p| cpu_seconds(*p)).sum()
+    }
+
     pub fn log_path(&self) -> &Path {
         &self.proc.log
     }
@@ -518,6 +524,38 @@ fn parent_of(pid: u32) -> Option<u32> {
     // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
     let after = &stat[stat.rfind(')')? + 2..];
     after.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// User + system CPU time of `pid` (every thread), in seconds (0 when gone).
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // After "pid (comm) ": state is field 3, utime 14 and stime 15.
+    let Some(after) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+        return 0.0;
+    };
+    let ticks: u64 = after
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse::<u64>().ok())
+        .sum();
+    ticks as f64 / clock_ticks_per_second()
+}
+
+/// `getconf CLK_TCK` (the unit of `/proc/PID/stat`'s times), asked once.
+fn clock_ticks_per_second() -> f64 {
+    static HZ: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *HZ.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
 }
 
 /// A `kB` field of `/proc/PID/status` (0 when gone).

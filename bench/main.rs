@@ -48,6 +48,8 @@ struct Opts {
     load_secs: u64,
     big16: bool,
     only: Option<Vec<String>>,
+    /// The workloads of a proxy round to run (default all): w1..w5, w7.
+    workloads: Option<Vec<String>>,
     out: PathBuf,
     pullgate: PathBuf,
     /// Record every pullgate process with `perf record` into this folder.
@@ -62,12 +64,13 @@ struct Opts {
 
 fn usage(code: i32) -> ! {
     eprintln!(
-        "usage: bench [--quick] [--reps N] [--load-secs S] [--no-big16] [--only pullgate,pullgate-signed,pullgate-enc,pullgate-cluster,distribution,nginx-cache,limits] [--out DIR] [--pullgate PATH] [--perf DIR] [--no-nice] [--wait-idle S] [--redo N]\n\
+        "usage: bench [--quick] [--reps N] [--load-secs S] [--no-big16] [--only pullgate,pullgate-signed,pullgate-enc,pullgate-cluster,distribution,nginx-cache,limits] [--workloads w1,w2,w3,w4,w5,w7] [--out DIR] [--pullgate PATH] [--perf DIR] [--no-nice] [--wait-idle S] [--redo N]\n\
          --quick      one repetition, 1 s load runs, no 16 × 500 MiB run (a smoke test, ~1 min)\n\
          --reps N     repetitions of every measurement (default 3)\n\
          --load-secs  duration of each W3 load run (default 3)\n\
          --no-big16   skip the 16 clients × 500 MiB warm run (issue 3's peak-RSS case)\n\
          --only       contestants to run (default all); 'limits' = nginx static, dd, loopback\n\
+         --workloads  the workloads of each contestant's round (default all; W6 comes with W2 and W4)\n\
          --out DIR    where results.json and results.md go (default: bench/)\n\
          --pullgate   the pullgate binary (default: target/release/pullgate next to this one)\n\
          --perf DIR   record each pullgate process with perf (DWARF call graphs) into DIR/<phase>-<rep>.data\n\
@@ -92,6 +95,7 @@ fn parse_args() -> Opts {
         load_secs: 3,
         big16: true,
         only: None,
+        workloads: None,
         out: Path::new(env!("CARGO_MANIFEST_DIR")).join("bench"),
         pullgate: default_pg,
         perf: None,
@@ -116,6 +120,7 @@ fn parse_args() -> Opts {
             }
             "--no-big16" => o.big16 = false,
             "--only" => o.only = Some(val().split(',').map(str::to_string).collect()),
+            "--workloads" => o.workloads = Some(val().split(',').map(str::to_lowercase).collect()),
             "--out" => o.out = PathBuf::from(val()),
             "--pullgate" => o.pullgate = PathBuf::from(val()),
             "--perf" => o.perf = Some(PathBuf::from(val())),
@@ -146,6 +151,13 @@ impl Opts {
         self.only
             .as_ref()
             .is_none_or(|l| l.iter().any(|x| x == what))
+    }
+
+    /// Whether a proxy round runs workload `w` ("w1" .. "w7").
+    fn does(&self, w: &str) -> bool {
+        self.workloads
+            .as_ref()
+            .is_none_or(|l| l.iter().any(|x| x == w))
     }
 }
 
@@ -571,104 +583,107 @@ fn proxy_round(bed: &Bed, kind: Kind, rep: usize, results: &mut Results) {
         }
     };
     if kind == Kind::PullgateSigned {
+        if !bed.opts.does("w3") {
+            return;
+        }
         // Only W3: what a signature policy costs a warm tag poller.
         settle();
         let r = with_server(bed, kind, &state, &format!("w3-{rep}"), |srv| {
-            w3(
-                bed,
-                srv.port,
-                &bed.small.path,
-                &manifest_path(),
-                id,
-                results,
-            )
+            w3(bed, srv, &bed.small.path, &manifest_path(), id, results)
         });
         step(results, "W3", r);
         let _ = std::fs::remove_dir_all(&state);
         return;
     }
 
+    let does = |w: &str| bed.opts.does(w);
     // W5: 20 clients at once on a cold 50 MiB blob (empty cache, new process).
-    settle();
-    let r = with_server(bed, kind, &state, &format!("w5-{rep}"), |srv| {
-        w5(bed, srv, results)
-    });
-    step(results, "W5", r);
+    if does("w5") {
+        settle();
+        let r = with_server(bed, kind, &state, &format!("w5-{rep}"), |srv| {
+            w5(bed, srv, results)
+        });
+        step(results, "W5", r);
+    }
 
     // W4 (+ W6 during W4): a cold 500 MiB pull on a new process, right after a direct pull
     // from the upstream (the pair gives one ratio).
-    settle();
-    let direct = direct_pull(bed, results);
-    let r = with_server(bed, kind, &state, &format!("w4-{rep}"), |srv| {
-        w4(bed, srv, rep, direct, results)
-    });
-    step(results, "W4", r);
+    if does("w4") {
+        settle();
+        let direct = direct_pull(bed, results);
+        let r = with_server(bed, kind, &state, &format!("w4-{rep}"), |srv| {
+            w4(bed, srv, rep, direct, results)
+        });
+        step(results, "W4", r);
+    }
 
     // W2 (+ W6 during W2): a new process on the warm cache.
-    settle();
-    let r = with_server(bed, kind, &state, &format!("w2-{rep}"), |srv| {
-        warm_up(bed, srv)?;
-        let mut line = Vec::new();
-        for _ in 0..W2_RUNS {
-            let (gbps, _) = many(srv.target(), &bed.medium, 16)?;
-            results.add("w2_gbps", id, gbps);
-            line.push(format!("{gbps:.2}"));
-        }
-        let rss = srv.peak_rss() as f64 / MIB as f64;
-        results.add("w6_rss_w2", id, rss);
-        if let Some(admin) = srv.admin_port {
-            // Key provider calls per 1,000 warm pulls of the small blob (want: 0).
-            let before = kms_calls(admin)?;
-            for _ in 0..1000 {
-                fetch(
-                    &srv.target(),
-                    "GET",
-                    &bed.small.path,
-                    &[],
-                    BodyMode::Discard,
-                )?;
+    if does("w2") {
+        settle();
+        let r = with_server(bed, kind, &state, &format!("w2-{rep}"), |srv| {
+            warm_up(bed, srv)?;
+            let mut line = Vec::new();
+            for _ in 0..W2_RUNS {
+                let (gbps, _) = many(srv.target(), &bed.medium, 16)?;
+                results.add("w2_gbps", id, gbps);
+                line.push(format!("{gbps:.2}"));
             }
-            let per_1000 = kms_calls(admin)? - before;
-            results.add("kms_per_1000", id, per_1000);
-            println!("  {id}: {per_1000} KMS calls per 1,000 pulls");
-        }
-        println!(
-            "  {id}: W2 16 × 50 MiB warm {} GB/s, peak RSS {rss:.1} MiB",
-            line.join(" ")
-        );
-        Ok(())
-    });
-    step(results, "W2", r);
+            let rss = srv.peak_rss() as f64 / MIB as f64;
+            results.add("w6_rss_w2", id, rss);
+            if let Some(admin) = srv.admin_port {
+                // Key provider calls per 1,000 warm pulls of the small blob (want: 0).
+                let before = kms_calls(admin)?;
+                for _ in 0..1000 {
+                    fetch(
+                        &srv.target(),
+                        "GET",
+                        &bed.small.path,
+                        &[],
+                        BodyMode::Discard,
+                    )?;
+                }
+                let per_1000 = kms_calls(admin)? - before;
+                results.add("kms_per_1000", id, per_1000);
+                println!("  {id}: {per_1000} KMS calls per 1,000 pulls");
+            }
+            println!(
+                "  {id}: W2 16 × 50 MiB warm {} GB/s, peak RSS {rss:.1} MiB",
+                line.join(" ")
+            );
+            Ok(())
+        });
+        step(results, "W2", r);
+    }
 
     // 16 × 500 MiB (issue 3's peak RSS case), then W1 and W3, on another new process.
-    settle();
-    let r = with_server(bed, kind, &state, &format!("w1w3-{rep}"), |srv| {
-        warm_up(bed, srv)?;
-        if bed.opts.big16 {
-            let (gbps, _) = many(srv.target(), &bed.big, 16)?;
-            let rss = srv.peak_rss() as f64 / MIB as f64;
-            println!("  {id}: 16 × 500 MiB warm {gbps:.2} GB/s, peak RSS {rss:.1} MiB");
-            results.add("x_16x500_gbps", id, gbps);
-            results.add("x_rss_16x500", id, rss);
-        }
-        let w1 = w1_runs(srv.target(), &bed.big, id, results)?;
-        println!("  {id}: W1 1 × 500 MiB warm {w1} GB/s");
-        w3(
-            bed,
-            srv.port,
-            &bed.small.path,
-            &manifest_path(),
-            id,
-            results,
-        )
-    });
-    step(results, "W1/W3", r);
+    if does("w1") || does("w3") {
+        settle();
+        let r = with_server(bed, kind, &state, &format!("w1w3-{rep}"), |srv| {
+            warm_up(bed, srv)?;
+            if bed.opts.big16 && does("w1") {
+                let (gbps, _) = many(srv.target(), &bed.big, 16)?;
+                let rss = srv.peak_rss() as f64 / MIB as f64;
+                println!("  {id}: 16 × 500 MiB warm {gbps:.2} GB/s, peak RSS {rss:.1} MiB");
+                results.add("x_16x500_gbps", id, gbps);
+                results.add("x_rss_16x500", id, rss);
+            }
+            if does("w1") {
+                let w1 = w1_runs(srv.target(), &bed.big, id, results)?;
+                println!("  {id}: W1 1 × 500 MiB warm {w1} GB/s");
+            }
+            if !does("w3") {
+                return Ok(());
+            }
+            w3(bed, srv, &bed.small.path, &manifest_path(), id, results)
+        });
+        step(results, "W1/W3", r);
+    }
     let _ = std::fs::remove_dir_all(&state);
 
     // W7 (pullgate only): the clients' p99 on a warm blob, without and then with a warm job
     // filling the cold 500 MiB image (a new process on an empty cache), under the bandwidth
     // cap an operator who minds the clients would set.
-    if kind == Kind::Pullgate {
+    if kind == Kind::Pullgate && does("w7") {
         settle();
         let w7_state = bed.run.join(format!("state-w7-{rep}"));
         let cap = format!("warm_bandwidth = \"{W7_WARM_BANDWIDTH}\"\n");
@@ -1032,12 +1047,13 @@ fn w4(
 /// W3 on one server: HEAD manifest by tag (hammer), GET small blob (wrk).
 fn w3(
     bed: &Bed,
-    port: u16,
+    srv: &Server,
     blob_path: &str,
     manifest: &str,
     id: &str,
     results: &mut Results,
 ) -> Result<(), String> {
+    let port = srv.port;
     let t = Target::plain(port);
     let head = fetch(
         &t,
@@ -1065,35 +1081,55 @@ fn w3(
         ));
     }
     let d = Duration::from_secs(bed.opts.load_secs);
+    // The server's CPU time per request of each run: steadier than req/s, which also
+    // depends on how the load generator and the server share the cores.
+    let cpu_per_request = |run: &dyn Fn() -> Result<load::LoadResult, String>| {
+        let cpu = srv.cpu_seconds();
+        let r = run()?;
+        let us = (srv.cpu_seconds() - cpu) * 1e6 / r.requests.max(1) as f64;
+        Ok::<_, String>((r, us))
+    };
     let before = bed.up.requests().len();
-    let h = load::hammer(
-        port,
-        "HEAD",
-        manifest,
-        &[("Accept", MANIFEST_ACCEPT)],
-        64,
-        d,
-    );
+    let (h, h_cpu) = cpu_per_request(&|| {
+        Ok(load::hammer(
+            port,
+            "HEAD",
+            manifest,
+            &[("Accept", MANIFEST_ACCEPT)],
+            64,
+            d,
+        ))
+    })?;
     let mid_full = bed.up.requests().len();
-    let h1 = load::hammer(
-        port,
-        "HEAD",
-        manifest,
-        &[("Accept", ONE_TYPE_ACCEPT)],
-        64,
-        d,
-    );
+    let (h1, h1_cpu) = cpu_per_request(&|| {
+        Ok(load::hammer(
+            port,
+            "HEAD",
+            manifest,
+            &[("Accept", ONE_TYPE_ACCEPT)],
+            64,
+            d,
+        ))
+    })?;
     let mid = bed.up.requests().len();
-    let g = load::wrk(&format!("http://127.0.0.1:{port}{blob_path}"), &[], 64, d)?;
+    let (g, g_cpu) =
+        cpu_per_request(&|| load::wrk(&format!("http://127.0.0.1:{port}{blob_path}"), &[], 64, d))?;
     let after = bed.up.requests().len();
     // How often each kind of request reached the upstream (1.0: every time).
     let per = |n: usize, r: &load::LoadResult| n as f64 / r.requests.max(1) as f64;
     println!(
-        "  {id}: W3 HEAD manifest {:.0} req/s p99 {:.2} ms ({} errors, {}, upstream {:.2}/req); one-type Accept {:.0} req/s p99 {:.2} ms ({} errors, upstream {:.2}/req); GET small blob {:.0} req/s p99 {:.2} ms ({} errors, {}, upstream {:.2}/req)",
+        "  {id}: W3 HEAD manifest {:.0} req/s p99 {:.2} ms {h_cpu:.1} µs CPU/req ({} errors, {}, upstream {:.2}/req); one-type Accept {:.0} req/s p99 {:.2} ms {h1_cpu:.1} µs CPU/req ({} errors, upstream {:.2}/req); GET small blob {:.0} req/s p99 {:.2} ms {g_cpu:.1} µs CPU/req ({} errors, {}, upstream {:.2}/req)",
         h.rps, h.p99_ms, h.errors, h.tool, per(mid_full - before, &h),
         h1.rps, h1.p99_ms, h1.errors, per(mid - mid_full, &h1),
         g.rps, g.p99_ms, g.errors, g.tool, per(after - mid, &g)
     );
+    for (cpu, metric) in [
+        (h_cpu, "w3_head_cpu"),
+        (h1_cpu, "w3_head1_cpu"),
+        (g_cpu, "w3_get_cpu"),
+    ] {
+        results.add(metric, id, cpu);
+    }
     for (r, rps, p99) in [
         (&h, "w3_head_rps", "w3_head_p99"),
         (&h1, "w3_head1_rps", "w3_head1_p99"),
@@ -1176,14 +1212,7 @@ fn limits_round(bed: &Bed, rep: usize, results: &mut Results) {
         }
         let w1 = w1_runs(srv.target(), &big, "nginx-static", results)?;
         println!("  nginx-static: W1 {w1} GB/s, W2 {} GB/s", w2.join(" "));
-        w3(
-            bed,
-            srv.port,
-            "/small",
-            "/manifest",
-            "nginx-static",
-            results,
-        )
+        w3(bed, srv, "/small", "/manifest", "nginx-static", results)
     });
     if let Err(e) = r {
         results.fail(format!("nginx-static rep {}: {e}", rep + 1));

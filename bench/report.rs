@@ -50,6 +50,13 @@ pub const METRICS: &[Metric] = &[
         better: Better::Lower,
     },
     Metric {
+        id: "w3_head_cpu",
+        workload: "W3",
+        title: "HEAD manifest by tag, server CPU per request",
+        unit: "µs/req",
+        better: Better::Lower,
+    },
+    Metric {
         id: "w3_head1_rps",
         workload: "W3",
         title: "HEAD manifest by tag, one-type Accept, 64 conns",
@@ -64,6 +71,13 @@ pub const METRICS: &[Metric] = &[
         better: Better::Lower,
     },
     Metric {
+        id: "w3_head1_cpu",
+        workload: "W3",
+        title: "HEAD manifest by tag, one-type Accept, server CPU per request",
+        unit: "µs/req",
+        better: Better::Lower,
+    },
+    Metric {
         id: "w3_get_rps",
         workload: "W3",
         title: "GET small blob, 64 conns (wrk)",
@@ -75,6 +89,13 @@ pub const METRICS: &[Metric] = &[
         workload: "W3",
         title: "GET small blob, p99 (wrk)",
         unit: "ms",
+        better: Better::Lower,
+    },
+    Metric {
+        id: "w3_get_cpu",
+        workload: "W3",
+        title: "GET small blob, server CPU per request (wrk)",
+        unit: "µs/req",
         better: Better::Lower,
     },
     Metric {
@@ -433,6 +454,9 @@ impl Results {
             "w3_head1_p99",
             "w3_get_rps",
             "w3_get_p99",
+            "w3_head_cpu",
+            "w3_head1_cpu",
+            "w3_get_cpu",
         ] {
             let def = METRICS.iter().find(|d| d.id == m).expect("metric");
             for (c, verb) in [
