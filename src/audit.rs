@@ -105,14 +105,25 @@ impl Audit {
 
     /// Any other audited event (key operations) as one JSON line of its own shape.
     pub fn record_value<T: Serialize>(&self, record: &T) {
-        let Ok(mut line) = serde_json::to_vec(record) else {
-            return;
-        };
-        line.push(b'\n');
-        // One call per line: lines are never split or interleaved.
-        if let Err(e) = self.out.clone().write_all(&line) {
-            tracing::warn!(error = %e, "cannot write the audit log");
+        thread_local! {
+            /// Reused for every line this thread writes (one request's line at a time).
+            static LINE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
+        LINE.with(|line| {
+            let mut line = line.borrow_mut();
+            line.clear();
+            if serde_json::to_writer(&mut *line, record).is_err() {
+                return;
+            }
+            line.push(b'\n');
+            // One call per line: lines are never split or interleaved.
+            if let Err(e) = self.out.clone().write_all(&line) {
+                tracing::warn!(error = %e, "cannot write the audit log");
+            }
+            if line.capacity() > 64 * 1024 {
+                *line = Vec::new();
+            }
+        });
     }
 }
 

@@ -6,20 +6,21 @@
 //! at start and again on every reload (`listen::reload`), each time into a new immutable
 //! `gateway::Gateway` snapshot. ARCHITECTURE.md walks through all of it.
 //!
-//! Dependency rule: `oci`, `secret`, `sign` (signed data-endpoint URLs), `crypt` (the
-//! sealed file format of the encrypted cache) and `lines` (batched log writing) depend on
-//! nothing else in the crate; nor does `cluster` (the owner of each digest); `verify` (image
-//! signatures) only on `oci`; `config` only on `secret`, `sign` and `verify` (to check key
-//! files at load); `route` only on `oci` and the config model; `policy` only on `oci`, the
-//! config model and `secret`; `store` only on `oci` and `crypt`; `keys` (the encrypted cache's
-//! key hierarchy) on `crypt`, the config model, `store` (its `Keys` seam), `metrics` and
-//! `upstream::tls`; `metrics` only reads the store's counters, and any module may record into the `Metrics`
-//! handle it is given; `audit` only on the config model; `upstream` on `oci`, `config`,
-//! `secret` and `metrics`; `client_config` only on the config model; `warm` (warm jobs, which pull
-//! through pullgate's own listener) on `oci`, `route`, the config model, `store`, `metrics`
-//! and `policy`'s constant-time compare;
-//! only `gateway` and `listen` (and this file) touch Pingora.
+//! Dependency rule: `oci`, `secret`, `sign` (signed data-endpoint URLs), `crypt` (the sealed
+//! file format of the encrypted cache) and `lines` (batched log writing) depend on nothing else
+//! in the crate; nor does `cluster` (the owner of each digest); `access_log` (the access line)
+//! only on `lines`; `verify` (image signatures) only on `oci`; `config` only on `secret`,
+//! `sign` and `verify` (to check key files at load); `route` only on `oci` and the config
+//! model; `policy` only on `oci`, the config model and `secret`; `store` only on `oci` and
+//! `crypt`; `keys` (the encrypted cache's key hierarchy) on `crypt`, the config model, `store`
+//! (its `Keys` seam), `metrics` and `upstream::tls`; `metrics` only reads the store's counters,
+//! and any module may record into the `Metrics` handle it is given; `audit` only on the config
+//! model; `upstream` on `oci`, `config`, `secret` and `metrics`; `client_config` only on the
+//! config model; `warm` (warm jobs, which pull through pullgate's own listener) on `oci`,
+//! `route`, the config model, `store`, `metrics` and `policy`'s constant-time compare; only
+//! `gateway` and `listen` (and this file) touch Pingora.
 
+pub mod access_log;
 pub mod audit;
 pub mod client_config;
 pub mod cluster;
@@ -65,19 +66,29 @@ pub fn init_logging(format: config::LogFormat) -> LogGuard {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Colours only for a person at a terminal; a log file or journald gets plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let (writer, guard) = match lines::spawn("pullgate-log", std::io::stderr()) {
-        Ok((writer, guard)) => (BoxMakeWriter::new(move || writer.clone()), Some(guard)),
+    let (lines, guard) = match lines::spawn("pullgate-log", std::io::stderr()) {
+        Ok((writer, guard)) => (Some(writer), Some(guard)),
         // No thread to spare: every line is written by the request that logs it.
-        Err(_) => (BoxMakeWriter::new(std::io::stderr), None),
+        Err(_) => (None, None),
+    };
+    let writer = match lines.clone() {
+        Some(writer) => BoxMakeWriter::new(move || writer.clone()),
+        None => BoxMakeWriter::new(std::io::stderr),
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
         .with_writer(writer);
-    let _ = match format {
-        config::LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        config::LogFormat::Text => builder.try_init(),
+    let json = format == config::LogFormat::Json;
+    let installed = if json {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder.try_init()
     };
+    if let (Ok(()), Some(lines)) = (installed, lines) {
+        // Access lines skip tracing's formatter but land in the same buffer (`access_log`).
+        access_log::install(lines, json);
+    }
     LogGuard(guard)
 }
 

@@ -172,9 +172,12 @@ fn head_for(
         RangeAnswer::Unsatisfiable => return Ok(None),
     };
     let mut resp = respond::head(status, ctx)?;
-    resp.insert_header(header::CONTENT_TYPE, "application/octet-stream")?;
+    resp.insert_header(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    )?;
     resp.insert_header(header::CONTENT_LENGTH, end - start)?;
-    resp.insert_header(header::ACCEPT_RANGES, "bytes")?;
+    resp.insert_header(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"))?;
     resp.insert_header("Docker-Content-Digest", job.digest.to_string())?;
     if status == 206 {
         resp.insert_header(

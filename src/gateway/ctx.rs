@@ -114,36 +114,61 @@ impl RequestCtx {
 
     /// One access line per request.
     pub fn log_access(&self, status: u16) {
-        tracing::info!(
-            target: "pullgate::access",
-            request_id = %self.request_id,
-            method = %self.method,
-            path = %self.path,
+        crate::access_log::AccessLine {
+            request_id: &self.request_id,
+            method: &self.method,
+            path: &self.path,
             status,
-            registry = self.registry.as_deref().unwrap_or("-"),
-            kind = self.kind,
-            upstream_status = self.upstream_status.unwrap_or(0),
-            cache = self.cache,
-            stale = self.stale,
-            client = %self.client.map(|c| c.to_string()).unwrap_or_default(),
-            zone = self.zone.as_deref().unwrap_or(""),
-            identity = self.identity.as_deref().unwrap_or(""),
-            decision = self.decision,
-            bytes = self.bytes_sent,
-            duration_ms = self.started.elapsed().as_millis() as u64,
-            error = self.error.as_deref().unwrap_or(""),
-            "request"
-        );
+            registry: self.registry.as_deref().unwrap_or("-"),
+            kind: self.kind,
+            upstream_status: self.upstream_status.unwrap_or(0),
+            cache: self.cache,
+            stale: self.stale,
+            client: self.client,
+            zone: self.zone.as_deref().unwrap_or(""),
+            identity: self.identity.as_deref().unwrap_or(""),
+            decision: self.decision,
+            bytes: self.bytes_sent,
+            duration_ms: self.started.elapsed().as_millis() as u64,
+            error: self.error.as_deref().unwrap_or(""),
+        }
+        .log();
     }
 }
 
 /// A path made safe to log: control characters escaped, at most 256 characters.
 pub fn loggable_path(path: &str) -> String {
+    let plain = |b: u8| (0x20..0x7f).contains(&b) && !matches!(b, b'\\' | b'"' | b'\'');
+    if path.len() <= 256 && path.bytes().all(plain) {
+        // What clients send: printable ASCII that `escape_debug` leaves alone.
+        return path.to_owned();
+    }
     let escaped: String = path.escape_debug().collect();
     if escaped.chars().count() > 256 {
         let cut: String = escaped.chars().take(256).collect();
         format!("{cut}...")
     } else {
         escaped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::loggable_path;
+
+    #[test]
+    fn a_plain_path_is_logged_as_it_came_and_others_escaped() {
+        for path in [
+            "/v2/team/app/manifests/v1",
+            "/v2/a b/blobs/sha256:00",
+            "/v2/a\\b\"c'd/tags/list",
+            "/v2/x\ny\u{1b}[31m/é",
+        ] {
+            let escaped: String = path.escape_debug().collect();
+            assert_eq!(loggable_path(path), escaped, "{path:?}");
+        }
+        let long = format!("/v2/{}", "a".repeat(300));
+        assert_eq!(loggable_path(&long).chars().count(), 259);
+        assert!(loggable_path(&long).ends_with("..."));
     }
 }

@@ -7,7 +7,7 @@
 //! header. Upstream 404s are remembered for `cache.negative_ttl`. Bodies are read whole under
 //! `cache.max_manifest_size` (invariant 7), verified, and passed on byte for byte.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -30,15 +30,16 @@ struct ManifestJob<'a> {
     job: &'a Job<'a>,
     /// The client's `Accept` values joined by commas; empty when it sent none.
     accept: String,
+    /// The manifest types that `Accept` admits (`oci::accept_set`), parsed once per request.
+    accepted: u8,
     /// The client takes every modern manifest type (no `Accept`, a wildcard, or all four
     /// listed): the upstream's answer to it is the tag's real target.
     full: bool,
-    /// Headers for upstream manifest requests in the client's terms: its `Accept` lines, plus
-    /// every manifest type when it sent none or a wildcard (distribution honours only the
-    /// types listed).
-    upstream_headers: HeaderMap,
-    /// Headers asking for the tag's real target: every manifest type.
-    full_headers: HeaderMap,
+    /// Headers asking for the tag's real target (every manifest type), and headers for
+    /// upstream manifest requests in the client's terms: its `Accept` lines, plus every
+    /// manifest type when it sent none or a wildcard (distribution honours only the types
+    /// listed). See [`upstream_headers`](Self::upstream_headers).
+    headers: OnceLock<(HeaderMap, HeaderMap)>,
     /// Key of remembered 404s for this reference in the client's terms (per set of accepted
     /// manifest types), and for clients that take every type.
     missing_key: String,
@@ -163,19 +164,8 @@ enum TagAnswer {
 impl<'a> ManifestJob<'a> {
     fn new(gw: &'a Gateway, job: &'a Job<'a>, reference: &Reference, for_peer: bool) -> Self {
         let accept = accept_of(&job.headers);
-        let full = oci::takes_every_modern_type(&accept);
-        let mut upstream_headers = upstream::forwarded_headers(&job.headers, false);
-        let every_type = HeaderValue::from_static(oci::MANIFEST_ACCEPT);
-        if job.headers.get(header::ACCEPT).is_none() {
-            upstream_headers.insert(header::ACCEPT, every_type.clone());
-        } else if full && oci::has_wildcard(&accept) {
-            upstream_headers.append(header::ACCEPT, every_type.clone());
-        }
-        let full_headers = if full {
-            upstream_headers.clone()
-        } else {
-            HeaderMap::from_iter([(header::ACCEPT, every_type)])
-        };
+        let accepted = oci::accept_set(&accept);
+        let full = oci::media::set_takes_every_modern_type(accepted);
         let base = format!(
             "{}\0{}\0{reference}",
             job.partition,
@@ -184,18 +174,36 @@ impl<'a> ManifestJob<'a> {
         ManifestJob {
             gw,
             job,
-            missing_key: ManifestStore::missing_key_for(
-                &base,
-                (!full).then(|| oci::accept_set(&accept)),
-            ),
+            missing_key: ManifestStore::missing_key_for(&base, (!full).then_some(accepted)),
             full_missing_key: base,
             exempt: matches!(reference, Reference::Tag(t) if signature::is_signature_tag(t.as_str())),
             accept,
+            accepted,
             full,
-            upstream_headers,
-            full_headers,
+            headers: OnceLock::new(),
             for_peer,
         }
+    }
+
+    /// The headers of upstream manifest requests for each slot: built on the first request
+    /// that needs them, so an answer from the cache never builds them.
+    fn upstream_headers(&self) -> &(HeaderMap, HeaderMap) {
+        self.headers.get_or_init(|| {
+            let client = &self.job.headers;
+            let mut upstream_headers = upstream::forwarded_headers(client, false);
+            let every_type = HeaderValue::from_static(oci::MANIFEST_ACCEPT);
+            if client.get(header::ACCEPT).is_none() {
+                upstream_headers.insert(header::ACCEPT, every_type.clone());
+            } else if self.full && oci::has_wildcard(&self.accept) {
+                upstream_headers.append(header::ACCEPT, every_type.clone());
+            }
+            let full_headers = if self.full {
+                upstream_headers.clone()
+            } else {
+                HeaderMap::from_iter([(header::ACCEPT, every_type)])
+            };
+            (full_headers, upstream_headers)
+        })
     }
 }
 
@@ -236,8 +244,8 @@ impl ManifestJob<'_> {
 
     fn headers(&self, slot: Slot) -> &HeaderMap {
         match slot {
-            Slot::Primary => &self.full_headers,
-            Slot::Variant => &self.upstream_headers,
+            Slot::Primary => &self.upstream_headers().0,
+            Slot::Variant => &self.upstream_headers().1,
         }
     }
 
@@ -261,7 +269,13 @@ impl ManifestJob<'_> {
 
     /// A primary answer this client does not take: it is served from a variant instead.
     fn refuses(&self, slot: Slot, media_type: &str) -> bool {
-        slot == Slot::Primary && !self.full && !oci::accepts(&self.accept, media_type)
+        slot == Slot::Primary && !self.full && !self.takes(media_type)
+    }
+
+    /// Whether this client's `Accept` admits `media_type`.
+    fn takes(&self, media_type: &str) -> bool {
+        oci::media::set_admits(self.accepted, media_type)
+            .unwrap_or_else(|| oci::accepts(&self.accept, media_type))
     }
 
     async fn by_digest(
@@ -276,7 +290,7 @@ impl ManifestJob<'_> {
             cached = self.read_l2(ctx, digest).await;
         }
         if let Some(cached) = cached {
-            if oci::accepts(&self.accept, &cached.media_type) {
+            if self.takes(&cached.media_type) {
                 // From the disk or the object store alike, only once this repository is
                 // confirmed to have it (invariant 5).
                 let confirmed = self.confirm().check(Kind::Manifest, digest).await?;
@@ -313,6 +327,9 @@ impl ManifestJob<'_> {
 
     /// A tag answer not undone by a delete made through pullgate since.
     fn live(&self, entry: &TagEntry) -> bool {
+        if !self.gw.manifests.any_deleted() {
+            return true;
+        }
         let routed = self.job.routed;
         let deleted =
             super::delete::deleted_scope(&routed.registry.name, routed.repository.as_str());
@@ -349,7 +366,7 @@ impl ManifestJob<'_> {
             .tag_variants(&key)
             .into_iter()
             .filter(|e| self.live(e))
-            .find(|v| oci::accepts(&self.accept, &v.media_type));
+            .find(|v| self.takes(&v.media_type));
         self.tag_in(session, ctx, tag, &key, Slot::Variant, variant)
             .await?;
         Ok(())

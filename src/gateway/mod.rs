@@ -508,6 +508,12 @@ impl ProxyHttp for Edge {
         RequestCtx::new(self.request_id(), self.current.load_full())
     }
 
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {
+        // None. Pingora's default is its compression module, switched off, which still
+        // allocates and runs its filters on every request; pullgate compresses nothing
+        // (layers are compressed already, manifests are small).
+    }
+
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         ctx.tls_subjects = client_cert_subjects(session);
         let gw = Arc::clone(&ctx.gateway);
@@ -672,7 +678,11 @@ impl ProxyHttp for Edge {
             gw.audit.record(&AuditRecord {
                 time: AuditRecord::now(),
                 request_id: &ctx.request_id,
-                client: ctx.client.map(|c| c.to_string()),
+                client: ctx.client.map(|c| {
+                    let mut text = String::with_capacity(15);
+                    crate::access_log::push_ip(&mut text, c);
+                    text
+                }),
                 zone: ctx.zone.as_deref(),
                 identity: ctx.identity.as_deref(),
                 registry: ctx.registry.as_deref(),

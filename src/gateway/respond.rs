@@ -6,7 +6,7 @@
 //! gateway drop the connection mid-body (invariant 3).
 
 use bytes::Bytes;
-use http::{header, HeaderMap, Method};
+use http::{header, HeaderMap, HeaderValue, Method};
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use pingora::Result;
@@ -35,7 +35,11 @@ pub const STALE_WARNING: &str =
 /// A response head with the headers every pullgate answer carries.
 pub fn head(status: u16, ctx: &RequestCtx) -> Result<ResponseHeader> {
     let mut resp = ResponseHeader::build(status, Some(8))?;
-    resp.insert_header("Docker-Distribution-API-Version", "registry/2.0")?;
+    // Static values: no copy per response.
+    resp.insert_header(
+        "Docker-Distribution-API-Version",
+        HeaderValue::from_static("registry/2.0"),
+    )?;
     resp.insert_header("X-Request-Id", ctx.request_id.as_str())?;
     if ctx.stale {
         resp.insert_header("Warning", STALE_WARNING)?;

@@ -226,6 +226,13 @@ pub async fn serve(
 /// constant time, on a loopback connection. The headers are dropped from the request either
 /// way, so nothing later (the push path included) can pass them on.
 fn warm_caller(gw: &Gateway, session: &mut Session) -> Option<super::ctx::WarmCaller> {
+    let headers = &session.req_header().headers;
+    if !headers.contains_key(crate::warm::KEY_HEADER)
+        && !headers.contains_key(crate::warm::ACCOUNT_HEADER)
+    {
+        // A client's request: nothing to check or strip.
+        return None;
+    }
     let req = session.req_header_mut();
     let key = req.headers.get(crate::warm::KEY_HEADER).cloned();
     let account = req

@@ -47,7 +47,12 @@ pub const DEFAULT_MAX_MANIFEST_SIZE: u64 = 4 * 1024 * 1024;
 /// The media type without parameters (`; charset=...`), trimmed. Comparison is
 /// case-insensitive (RFC 9110 media types).
 fn essence(media_type: &str) -> &str {
-    media_type.split(';').next().unwrap_or("").trim()
+    // Header values hold no whitespace but SP and HTAB (RFC 9110), so no Unicode trim.
+    media_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim_matches([' ', '\t'])
 }
 
 /// True for any manifest or index media type (parameters ignored).
@@ -127,24 +132,81 @@ pub const ACCEPT_SETS: u8 = 1 << MANIFEST_MEDIA_TYPES.len();
 /// The manifest types an `Accept` admits, one bit per [`MANIFEST_MEDIA_TYPES`] entry (bit 0:
 /// the OCI index). Clients with the same set get the same answers from a registry.
 pub fn accept_set(accept: &str) -> u8 {
+    thread_local! {
+        /// The last `Accept` this thread read, and its set: a tag poller sends the same one on
+        /// every request.
+        static LAST: std::cell::RefCell<(String, u8)> =
+            const { std::cell::RefCell::new((String::new(), ACCEPT_SETS - 1)) };
+    }
+    if accept.len() > 1024 {
+        return parse_accept_set(accept);
+    }
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        if last.0 != accept {
+            let set = parse_accept_set(accept);
+            last.0.clear();
+            last.0.push_str(accept);
+            last.1 = set;
+        }
+        last.1
+    })
+}
+
+/// [`accept_set`] without the memo.
+fn parse_accept_set(accept: &str) -> u8 {
+    // One pass over the ranges: bit i is set exactly when
+    // `accepts(accept, MANIFEST_MEDIA_TYPES[i])`.
+    const EVERY: u8 = ACCEPT_SETS - 1;
+    let mut set = 0;
+    let mut any = false;
+    for range in accept.split(',') {
+        let offered = essence(range);
+        if offered.is_empty() {
+            continue;
+        }
+        any = true;
+        if refused(range) {
+            continue;
+        }
+        if offered == "*/*" || offered.eq_ignore_ascii_case("application/*") {
+            set = EVERY;
+        } else if let Some(i) = type_index(offered) {
+            set |= 1 << i;
+        }
+    }
+    if any {
+        set
+    } else {
+        EVERY
+    }
+}
+
+/// Where `media_type` (parameters ignored) is in [`MANIFEST_MEDIA_TYPES`].
+fn type_index(media_type: &str) -> Option<usize> {
+    let essence = essence(media_type);
     MANIFEST_MEDIA_TYPES
         .iter()
-        .enumerate()
-        .filter(|(_, t)| accepts(accept, t))
-        .fold(0, |set, (i, _)| set | (1 << i))
+        .position(|t| t.eq_ignore_ascii_case(essence))
+}
+
+/// [`accepts`] for a client whose [`accept_set`] is `set`, when `media_type` is a manifest
+/// type (`None` otherwise: ask [`accepts`]).
+pub fn set_admits(set: u8, media_type: &str) -> Option<bool> {
+    type_index(media_type).map(|i| set & (1 << i) != 0)
+}
+
+/// True when an [`accept_set`] holds images and indexes in both OCI and Docker terms
+/// ([`takes_every_modern_type`]).
+pub fn set_takes_every_modern_type(set: u8) -> bool {
+    const MODERN: u8 = 0b1111;
+    set & MODERN == MODERN
 }
 
 /// True when the client takes images and indexes in both OCI and Docker terms: the
 /// registry's answer to it is the tag's real target.
 pub fn takes_every_modern_type(accept: &str) -> bool {
-    [
-        OCI_INDEX_V1,
-        OCI_MANIFEST_V1,
-        DOCKER_MANIFEST_LIST_V2,
-        DOCKER_MANIFEST_V2,
-    ]
-    .iter()
-    .all(|t| accepts(accept, t))
+    set_takes_every_modern_type(accept_set(accept))
 }
 
 /// True when the `Accept` holds a wildcard (`*/*`, `application/*`), which registries such as
@@ -228,6 +290,36 @@ mod tests {
         );
         assert_eq!(schema1_signed_payload(b"{\"schemaVersion\":2}"), None);
         assert!(is_schema1(DOCKER_MANIFEST_V1_SIGNED) && !is_schema1(DOCKER_MANIFEST_V2));
+    }
+
+    #[test]
+    fn the_one_pass_accept_set_agrees_with_accepts() {
+        for accept in [
+            "",
+            " , ",
+            "*/*",
+            "application/*;q=0.5",
+            MANIFEST_ACCEPT,
+            OCI_MANIFEST_V1,
+            "APPLICATION/VND.OCI.IMAGE.MANIFEST.V1+JSON; charset=utf-8",
+            "application/vnd.oci.image.index.v1+json;q=0, */*",
+            "application/vnd.oci.image.index.v1+json;q=0",
+            "text/html, application/json",
+            "application/vnd.docker.distribution.manifest.v2+json;q=0.9,application/vnd.docker.distribution.manifest.v1+prettyjws",
+        ] {
+            let set = accept_set(accept);
+            for (i, t) in MANIFEST_MEDIA_TYPES.iter().enumerate() {
+                assert_eq!(set & (1 << i) != 0, accepts(accept, t), "{accept:?} / {t}");
+                assert_eq!(set_admits(set, t), Some(accepts(accept, t)));
+            }
+            assert_eq!(
+                set_takes_every_modern_type(set),
+                [OCI_INDEX_V1, OCI_MANIFEST_V1, DOCKER_MANIFEST_LIST_V2, DOCKER_MANIFEST_V2]
+                    .iter()
+                    .all(|t| accepts(accept, t))
+            );
+        }
+        assert_eq!(set_admits(0, "application/json"), None);
     }
 
     #[test]

@@ -16,7 +16,7 @@
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -161,6 +161,9 @@ pub struct ManifestStore {
     /// Manifests deleted through pullgate: `<registry>\0<repository>\0<digest>` -> when. A tag
     /// answer given before that time names a manifest the upstream no longer has.
     deleted: moka::sync::Cache<String, SystemTime>,
+    /// Set by the first delete through pullgate: until then no answer can be undone by one,
+    /// and a request need not build the key to ask.
+    any_deleted: AtomicBool,
     stored: AtomicU64,
     negative_hits: AtomicU64,
     /// The key hierarchy while encryption is on (see `BlobStore::set_keys`).
@@ -206,6 +209,7 @@ impl ManifestStore {
                 .max_capacity(100_000)
                 .time_to_live(DELETED_TTL)
                 .build(),
+            any_deleted: AtomicBool::new(false),
             stored: AtomicU64::new(0),
             negative_hits: AtomicU64::new(0),
             keys: std::sync::RwLock::new(None),
@@ -422,8 +426,17 @@ impl ManifestStore {
 
     /// Records that `digest` was deleted from `scope` (`<registry>\0<repository>`) now.
     pub fn mark_deleted(&self, scope: &str, digest: &Digest) {
+        self.any_deleted.store(true, Ordering::Release);
         self.deleted
             .insert(format!("{scope}\0{digest}"), SystemTime::now());
+    }
+
+    /// False until something was deleted through this process ([`deleted_since`] is then
+    /// false for everything).
+    ///
+    /// [`deleted_since`]: Self::deleted_since
+    pub fn any_deleted(&self) -> bool {
+        self.any_deleted.load(Ordering::Acquire)
     }
 
     /// True when `digest` was deleted from `scope` at or after `at` (so an answer given at
