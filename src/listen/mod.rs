@@ -27,16 +27,6 @@ pub mod tls;
 pub mod upgrade;
 mod warm;
 
-/// Single-threaded event loops of the gateway service per `server.threads`. A connection
-/// stays on the loop it was accepted on, as in nginx's workers: no task moves between
-/// threads, so a request's memory is freed where it was allocated and no idle worker is
-/// woken to steal. (Tokio's work stealing, Pingora's default, put a warm HEAD at 27-33 µs of
-/// CPU in about half the W3 runs and 19-21 µs in the rest; single-threaded loops stay at
-/// 18-20.) Two loops per thread let the kernel even out the load when the connections split
-/// unevenly between loops, which one loop per core cannot (W2, 16 streams: 3.6 GB/s with one
-/// per core, 4.6 with two).
-const EVENT_LOOPS_PER_THREAD: usize = 2;
-
 /// Seconds in-flight requests get after SIGTERM before the runtime is shut down. Pingora sleeps
 /// this long unconditionally (its default is 300), so keep it short and below orchestrators'
 /// kill timeouts.
@@ -67,25 +57,11 @@ impl Launch {
 /// (always: it owns SIGHUP), and the admin listener. Certificate problems are errors naming
 /// their key (`server.tls[i].certs[j]`).
 pub fn build_server(launch: Launch) -> Result<Server, String> {
-    build(launch, Loops::PerThread).map(|(server, _)| server)
-}
-
-/// How the gateway service's threads share the connections.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Loops {
-    /// [`EVENT_LOOPS_PER_THREAD`] single-threaded event loops per `server.threads`: what
-    /// `pullgate serve` runs.
-    PerThread,
-    /// One work-stealing runtime: for servers started and stopped inside one process
-    /// ([`RunningGateway`]). Pingora's single-threaded loops find their runtime through a
-    /// process-wide table keyed by thread id, and thread ids are reused: a loop thread of a
-    /// second server whose id a stopped server's thread had finds that server's dead
-    /// runtimes and hands them its connections.
-    Stealing,
+    build(launch).map(|(server, _)| server)
 }
 
 /// [`build_server`], and the handle to the snapshot in use.
-fn build(launch: Launch, loops: Loops) -> Result<(Server, Arc<ArcSwap<Gateway>>), String> {
+fn build(launch: Launch) -> Result<(Server, Arc<ArcSwap<Gateway>>), String> {
     let Launch {
         checked,
         source,
@@ -103,7 +79,6 @@ fn build(launch: Launch, loops: Loops) -> Result<(Server, Arc<ArcSwap<Gateway>>)
     let run = upgrade::RunDir::create(&config.cache.dir)?;
     let conf = ServerConf {
         threads: config.server.threads,
-        work_stealing: loops == Loops::Stealing,
         grace_period_seconds: Some(GRACE_PERIOD_SECS),
         graceful_shutdown_timeout_seconds: Some(SHUTDOWN_TIMEOUT_SECS),
         upgrade_sock: run.upgrade_sock().display().to_string(),
@@ -192,9 +167,6 @@ fn build(launch: Launch, loops: Loops) -> Result<(Server, Arc<ArcSwap<Gateway>>)
     let hook = proxy_protocol::ProxyProtocol::for_config(&config, metrics.clone(), gateway.clone());
     let mut service =
         pingora::proxy::http_proxy_service(&server.configuration, Edge::new(gateway.clone()));
-    if loops == Loops::PerThread {
-        service.threads = Some(config.server.threads * EVENT_LOOPS_PER_THREAD);
-    }
     for addr in &config.server.listen {
         service.add_listener(ListenerConfig::tcp(addr.to_string()).l4_buffer(write_buffer()));
     }
@@ -267,7 +239,7 @@ impl RunningGateway {
         let launch = Launch::load(ConfigSource::File(path.to_owned()))
             .map_err(|errors| errors.join("\n"))?;
         let config = launch.checked.config.clone();
-        RunningGateway::run(build(launch, Loops::Stealing)?, &config)
+        RunningGateway::run(build(launch)?, &config)
     }
 
     /// Start `config` in this process and wait (polling, at most 10 s) until every listener
@@ -282,7 +254,7 @@ impl RunningGateway {
             source: ConfigSource::Value,
             upgrade: false,
         };
-        RunningGateway::run(build(launch, Loops::Stealing)?, &config)
+        RunningGateway::run(build(launch)?, &config)
     }
 
     fn run(
