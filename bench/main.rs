@@ -1111,6 +1111,15 @@ fn w3(
             d,
         ))
     })?;
+    let mid_head1 = bed.up.requests().len();
+    let (m, m_cpu) = cpu_per_request(&|| {
+        load::wrk(
+            &format!("http://127.0.0.1:{port}{manifest}"),
+            &[("Accept", MANIFEST_ACCEPT)],
+            64,
+            d,
+        )
+    })?;
     let mid = bed.up.requests().len();
     let (g, g_cpu) =
         cpu_per_request(&|| load::wrk(&format!("http://127.0.0.1:{port}{blob_path}"), &[], 64, d))?;
@@ -1120,12 +1129,17 @@ fn w3(
     println!(
         "  {id}: W3 HEAD manifest {:.0} req/s p99 {:.2} ms {h_cpu:.1} µs CPU/req ({} errors, {}, upstream {:.2}/req); one-type Accept {:.0} req/s p99 {:.2} ms {h1_cpu:.1} µs CPU/req ({} errors, upstream {:.2}/req); GET small blob {:.0} req/s p99 {:.2} ms {g_cpu:.1} µs CPU/req ({} errors, {}, upstream {:.2}/req)",
         h.rps, h.p99_ms, h.errors, h.tool, per(mid_full - before, &h),
-        h1.rps, h1.p99_ms, h1.errors, per(mid - mid_full, &h1),
+        h1.rps, h1.p99_ms, h1.errors, per(mid_head1 - mid_full, &h1),
         g.rps, g.p99_ms, g.errors, g.tool, per(after - mid, &g)
+    );
+    println!(
+        "  {id}: W3 GET manifest by tag {:.0} req/s p99 {:.2} ms {m_cpu:.1} µs CPU/req ({} errors, {}, upstream {:.2}/req)",
+        m.rps, m.p99_ms, m.errors, m.tool, per(mid - mid_head1, &m)
     );
     for (cpu, metric) in [
         (h_cpu, "w3_head_cpu"),
         (h1_cpu, "w3_head1_cpu"),
+        (m_cpu, "w3_mget_cpu"),
         (g_cpu, "w3_get_cpu"),
     ] {
         results.add(metric, id, cpu);
@@ -1133,6 +1147,7 @@ fn w3(
     for (r, rps, p99) in [
         (&h, "w3_head_rps", "w3_head_p99"),
         (&h1, "w3_head1_rps", "w3_head1_p99"),
+        (&m, "w3_mget_rps", "w3_mget_p99"),
         (&g, "w3_get_rps", "w3_get_p99"),
     ] {
         if r.errors > r.requests / 100 {

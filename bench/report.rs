@@ -78,6 +78,27 @@ pub const METRICS: &[Metric] = &[
         better: Better::Lower,
     },
     Metric {
+        id: "w3_mget_rps",
+        workload: "W3",
+        title: "GET manifest by tag, 64 conns (wrk)",
+        unit: "req/s",
+        better: Better::Higher,
+    },
+    Metric {
+        id: "w3_mget_p99",
+        workload: "W3",
+        title: "GET manifest by tag, p99 (wrk)",
+        unit: "ms",
+        better: Better::Lower,
+    },
+    Metric {
+        id: "w3_mget_cpu",
+        workload: "W3",
+        title: "GET manifest by tag, server CPU per request (wrk)",
+        unit: "µs/req",
+        better: Better::Lower,
+    },
+    Metric {
         id: "w3_get_rps",
         workload: "W3",
         title: "GET small blob, 64 conns (wrk)",
@@ -452,10 +473,13 @@ impl Results {
             "w3_head_p99",
             "w3_head1_rps",
             "w3_head1_p99",
+            "w3_mget_rps",
+            "w3_mget_p99",
             "w3_get_rps",
             "w3_get_p99",
             "w3_head_cpu",
             "w3_head1_cpu",
+            "w3_mget_cpu",
             "w3_get_cpu",
         ] {
             let def = METRICS.iter().find(|d| d.id == m).expect("metric");
