@@ -12,7 +12,7 @@ use crate::client::Target;
 use crate::contestants::Server;
 use crate::report::Results;
 use crate::support::s3::{self, S3Server};
-use crate::{many_over, settled_upstream_bytes, verify, Bed, MIB};
+use crate::{many_over, w5_over, Bed, MIB};
 
 /// The column's id in the results.
 pub const ID: &str = "pullgate-cluster";
@@ -83,18 +83,7 @@ fn measure(bed: &Bed, replicas: &[Server], results: &mut Results) -> Result<(), 
     let targets: Vec<Target> = replicas.iter().map(Server::target).collect();
 
     // W5: every replica cold, the object store empty.
-    let mark = bed.up.log_text().len();
-    let (_, slowest) = many_over(&targets, &bed.medium, 20)?;
-    let (fetches, bytes) = settled_upstream_bytes(bed, mark, &bed.medium);
-    let ratio = bytes as f64 / bed.medium.size as f64;
-    println!(
-        "  {ID}: W5 20 × cold 50 MiB over 3 replicas: slowest client {slowest:.2} s, upstream served {ratio:.2} × the blob ({fetches} GETs)"
-    );
-    results.add("w5_upstream", ID, ratio);
-    results.add("w5_slowest", ID, slowest);
-    for target in &targets {
-        verify(target, &bed.medium)?;
-    }
+    w5_over(bed, ID, &targets, results)?;
 
     // W2: the blob warm on every replica (each kept a verified copy), 16 clients over the 3.
     let mut line = Vec::new();

@@ -998,17 +998,25 @@ fn verify(target: &Target, blob: &Blob) -> Result<(), String> {
 }
 
 fn w5(bed: &Bed, srv: &Server, results: &mut Results) -> Result<(), String> {
-    let id = srv.kind.id();
+    w5_over(bed, srv.kind.id(), &[srv.target()], results)
+}
+
+/// W5 with client `i` on `targets[i % len]` (every target cold), recorded under `id`.
+fn w5_over(bed: &Bed, id: &str, targets: &[Target], results: &mut Results) -> Result<(), String> {
     let mark = bed.up.log_text().len();
-    let (_, slowest) = many(srv.target(), &bed.medium, 20)?;
+    let (_, slowest) = many_over(targets, &bed.medium, 20)?;
     let (fetches, bytes) = settled_upstream_bytes(bed, mark, &bed.medium);
     let ratio = bytes as f64 / bed.medium.size as f64;
+    let over = match targets.len() {
+        1 => String::new(),
+        n => format!(" over {n} replicas"),
+    };
     println!(
-        "  {id}: W5 20 × cold 50 MiB: slowest client {slowest:.2} s, upstream served {ratio:.2} × the blob ({fetches} GETs)"
+        "  {id}: W5 20 × cold 50 MiB{over}: slowest client {slowest:.2} s, upstream served {ratio:.2} × the blob ({fetches} GETs)"
     );
     results.add("w5_upstream", id, ratio);
     results.add("w5_slowest", id, slowest);
-    verify(&srv.target(), &bed.medium)
+    targets.iter().try_for_each(|t| verify(t, &bed.medium))
 }
 
 fn w4(
@@ -1089,28 +1097,22 @@ fn w3(
         let us = (srv.cpu_seconds() - cpu) * 1e6 / r.requests.max(1) as f64;
         Ok::<_, String>((r, us))
     };
+    let head = |accept: &str| {
+        cpu_per_request(&|| {
+            Ok(load::hammer(
+                port,
+                "HEAD",
+                manifest,
+                &[("Accept", accept)],
+                64,
+                d,
+            ))
+        })
+    };
     let before = bed.up.requests().len();
-    let (h, h_cpu) = cpu_per_request(&|| {
-        Ok(load::hammer(
-            port,
-            "HEAD",
-            manifest,
-            &[("Accept", MANIFEST_ACCEPT)],
-            64,
-            d,
-        ))
-    })?;
+    let (h, h_cpu) = head(MANIFEST_ACCEPT)?;
     let mid_full = bed.up.requests().len();
-    let (h1, h1_cpu) = cpu_per_request(&|| {
-        Ok(load::hammer(
-            port,
-            "HEAD",
-            manifest,
-            &[("Accept", ONE_TYPE_ACCEPT)],
-            64,
-            d,
-        ))
-    })?;
+    let (h1, h1_cpu) = head(ONE_TYPE_ACCEPT)?;
     let mid_head1 = bed.up.requests().len();
     let (m, m_cpu) = cpu_per_request(&|| {
         load::wrk(

@@ -9,8 +9,9 @@
 //! `tracing-subscriber` (a visitor per field, `Debug` for every string, styles even with
 //! colours off) cost about a fifth of the instructions the whole request took (callgrind,
 //! bench/README.md). Here it is one pass into a reused buffer. When logging was not set up
-//! by [`install`] (tests that log through their own subscriber), the line goes through
-//! `tracing` as before.
+//! by [`install`] (tests that log through their own subscriber), the same fields go through
+//! `tracing` as one event's message. One field list ([`AccessLine::fields`]) feeds every
+//! shape.
 
 use std::cell::RefCell;
 use std::fmt::Write as _;
@@ -87,59 +88,73 @@ impl AccessLine<'_> {
         });
     }
 
-    fn log_through_tracing(&self) {
-        tracing::info!(
-            target: "pullgate::access",
-            request_id = %self.request_id,
-            method = %self.method,
-            path = %self.path,
-            status = self.status,
-            registry = self.registry,
-            kind = self.kind,
-            upstream_status = self.upstream_status,
-            cache = self.cache,
-            stale = self.stale,
-            client = %self.client.map(|c| c.to_string()).unwrap_or_default(),
-            zone = self.zone,
-            identity = self.identity,
-            decision = self.decision,
-            bytes = self.bytes,
-            duration_ms = self.duration_ms,
-            error = self.error,
-            "request"
-        );
+    /// The fields in their order, each with how it is written.
+    fn fields(&self) -> [(&'static str, Value<'_>); 16] {
+        [
+            ("request_id", Value::Bare(self.request_id)),
+            ("method", Value::Bare(self.method)),
+            ("path", Value::Bare(self.path)),
+            ("status", Value::Number(self.status.into())),
+            ("registry", Value::Text(self.registry)),
+            ("kind", Value::Text(self.kind)),
+            (
+                "upstream_status",
+                Value::Number(self.upstream_status.into()),
+            ),
+            ("cache", Value::Text(self.cache)),
+            ("stale", Value::Bool(self.stale)),
+            ("client", Value::Ip(self.client)),
+            ("zone", Value::Text(self.zone)),
+            ("identity", Value::Text(self.identity)),
+            ("decision", Value::Text(self.decision)),
+            ("bytes", Value::Number(self.bytes)),
+            ("duration_ms", Value::Number(self.duration_ms)),
+            ("error", Value::Text(self.error)),
+        ]
     }
 
-    /// `tracing`'s text shape: `<time>  INFO pullgate::access: request k=v ...`, strings
-    /// quoted and escaped as `Debug` does, the request id, method, path and client bare.
+    /// Through a subscriber installed by someone else (the e2e harness captures lines per
+    /// test): the text fields as the event's message.
+    fn log_through_tracing(&self) {
+        let mut fields = String::new();
+        self.text_fields(&mut fields);
+        tracing::info!(target: "pullgate::access", "{fields}");
+    }
+
+    /// `tracing`'s text shape: `<time>  INFO pullgate::access: request k=v ...`.
     fn text(&self, out: &mut String, now: SystemTime) {
         timestamp(out, now);
-        out.push_str("  INFO pullgate::access: request request_id=");
-        out.push_str(self.request_id);
-        out.push_str(" method=");
-        out.push_str(self.method);
-        out.push_str(" path=");
-        out.push_str(self.path);
-        let _ = write!(out, " status={}", self.status);
-        quoted(out, " registry=", self.registry);
-        quoted(out, " kind=", self.kind);
-        let _ = write!(out, " upstream_status={}", self.upstream_status);
-        quoted(out, " cache=", self.cache);
-        let _ = write!(out, " stale={}", self.stale);
-        out.push_str(" client=");
-        if let Some(client) = self.client {
-            push_ip(out, client);
-        }
-        quoted(out, " zone=", self.zone);
-        quoted(out, " identity=", self.identity);
-        quoted(out, " decision=", self.decision);
-        let _ = write!(
-            out,
-            " bytes={} duration_ms={}",
-            self.bytes, self.duration_ms
-        );
-        quoted(out, " error=", self.error);
+        out.push_str("  INFO pullgate::access: ");
+        self.text_fields(out);
         out.push('\n');
+    }
+
+    /// `request k=v ...`: strings quoted and escaped as `Debug` does (what `tracing` writes
+    /// for a `&str` field), the request id, method, path and client bare.
+    fn text_fields(&self, out: &mut String) {
+        out.push_str("request");
+        for (name, value) in self.fields() {
+            out.push(' ');
+            out.push_str(name);
+            out.push('=');
+            match value {
+                Value::Bare(v) => out.push_str(v),
+                Value::Text(v) => {
+                    let _ = write!(out, "{v:?}");
+                }
+                Value::Number(n) => {
+                    let _ = write!(out, "{n}");
+                }
+                Value::Bool(b) => {
+                    let _ = write!(out, "{b}");
+                }
+                Value::Ip(ip) => {
+                    if let Some(ip) = ip {
+                        push_ip(out, ip);
+                    }
+                }
+            }
+        }
     }
 
     /// `tracing`'s JSON shape with flattened fields.
@@ -147,32 +162,42 @@ impl AccessLine<'_> {
         out.push_str("{\"timestamp\":\"");
         timestamp(out, now);
         out.push_str("\",\"level\":\"INFO\",\"message\":\"request\"");
-        json_str(out, "request_id", self.request_id);
-        json_str(out, "method", self.method);
-        json_str(out, "path", self.path);
-        let _ = write!(out, ",\"status\":{}", self.status);
-        json_str(out, "registry", self.registry);
-        json_str(out, "kind", self.kind);
-        let _ = write!(out, ",\"upstream_status\":{}", self.upstream_status);
-        json_str(out, "cache", self.cache);
-        let _ = write!(out, ",\"stale\":{}", self.stale);
-        out.push_str(",\"client\":\"");
-        if let Some(client) = self.client {
-            // An address needs no JSON escaping.
-            push_ip(out, client);
+        for (name, value) in self.fields() {
+            out.push_str(",\"");
+            out.push_str(name);
+            out.push_str("\":");
+            match value {
+                Value::Bare(v) | Value::Text(v) => json_str(out, v),
+                Value::Number(n) => {
+                    let _ = write!(out, "{n}");
+                }
+                Value::Bool(b) => {
+                    let _ = write!(out, "{b}");
+                }
+                Value::Ip(ip) => {
+                    // An address needs no JSON escaping.
+                    out.push('"');
+                    if let Some(ip) = ip {
+                        push_ip(out, ip);
+                    }
+                    out.push('"');
+                }
+            }
         }
-        out.push('"');
-        json_str(out, "zone", self.zone);
-        json_str(out, "identity", self.identity);
-        json_str(out, "decision", self.decision);
-        let _ = write!(
-            out,
-            ",\"bytes\":{},\"duration_ms\":{}",
-            self.bytes, self.duration_ms
-        );
-        json_str(out, "error", self.error);
         out.push_str(",\"target\":\"pullgate::access\"}\n");
     }
+}
+
+/// How a field of the line is written.
+enum Value<'a> {
+    /// As it is (already safe: an id, a method, an escaped path).
+    Bare(&'a str),
+    /// Quoted and escaped.
+    Text(&'a str),
+    Number(u64),
+    Bool(bool),
+    /// An address, or nothing.
+    Ip(Option<IpAddr>),
 }
 
 /// `ip` as `Display` writes it; IPv4 (nearly every client) without the formatter, which
@@ -196,17 +221,8 @@ pub fn push_ip(out: &mut String, ip: IpAddr) {
     }
 }
 
-/// ` name="value"` with `Debug`'s escaping (what `tracing` writes for a `&str` field).
-fn quoted(out: &mut String, prefix: &str, value: &str) {
-    out.push_str(prefix);
-    let _ = write!(out, "{value:?}");
-}
-
-/// `,"name":"value"`, the value escaped for JSON.
-fn json_str(out: &mut String, name: &str, value: &str) {
-    out.push_str(",\"");
-    out.push_str(name);
-    out.push_str("\":");
+/// `value` as a JSON string.
+fn json_str(out: &mut String, value: &str) {
     let plain = value
         .bytes()
         .all(|b| b >= 0x20 && b != b'"' && b != b'\\' && b != 0x7f);
