@@ -222,7 +222,7 @@ pub fn push_ip(out: &mut String, ip: IpAddr) {
 }
 
 /// `value` as a JSON string.
-fn json_str(out: &mut String, value: &str) {
+pub(crate) fn json_str(out: &mut String, value: &str) {
     let plain = value
         .bytes()
         .all(|b| b >= 0x20 && b != b'"' && b != b'\\' && b != 0x7f);
@@ -238,6 +238,20 @@ fn json_str(out: &mut String, value: &str) {
 /// RFC 3339 in UTC with microseconds, as `tracing-subscriber` writes it:
 /// `2026-12-04T21:38:21.782830Z`.
 fn timestamp(out: &mut String, now: SystemTime) {
+    let micros = rfc3339_seconds(out, now).subsec_micros();
+    let _ = write!(out, ".{micros:06}Z");
+}
+
+/// RFC 3339 in UTC with milliseconds, as `humantime::format_rfc3339_millis` writes it:
+/// `2026-12-04T21:38:21.782Z`.
+pub(crate) fn timestamp_millis(out: &mut String, now: SystemTime) {
+    let millis = rfc3339_seconds(out, now).subsec_millis();
+    let _ = write!(out, ".{millis:03}Z");
+}
+
+/// Writes `now` up to its seconds (`2026-12-04T21:38:21`, formatted once a second per thread)
+/// and returns its time since the epoch.
+fn rfc3339_seconds(out: &mut String, now: SystemTime) -> std::time::Duration {
     thread_local! {
         /// The second last formatted on this thread, and its text up to the seconds.
         static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
@@ -264,7 +278,7 @@ fn timestamp(out: &mut String, now: SystemTime) {
         }
         out.push_str(&second.1);
     });
-    let _ = write!(out, ".{:06}Z", since.subsec_micros());
+    since
 }
 
 #[cfg(test)]

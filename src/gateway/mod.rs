@@ -280,7 +280,7 @@ impl Gateway {
         keys.set_sink(Box::new(move |event| {
             metrics.key_operation(event.operation, event.outcome);
             audit.record_value(&KeyAuditLine {
-                time: AuditRecord::now(),
+                time: crate::audit::now(),
                 action: "key",
                 event,
             });
@@ -676,13 +676,9 @@ impl ProxyHttp for Edge {
         let gw = Arc::clone(&ctx.gateway);
         if ctx.kind != "other" {
             gw.audit.record(&AuditRecord {
-                time: AuditRecord::now(),
+                time: std::time::SystemTime::now(),
                 request_id: &ctx.request_id,
-                client: ctx.client.map(|c| {
-                    let mut text = String::with_capacity(15);
-                    crate::access_log::push_ip(&mut text, c);
-                    text
-                }),
+                client: ctx.client,
                 zone: ctx.zone.as_deref(),
                 identity: ctx.identity.as_deref(),
                 registry: ctx.registry.as_deref(),
