@@ -73,7 +73,7 @@ fn usage(code: i32) -> ! {
          --workloads  the workloads of each contestant's round (default all; W6 comes with W2 and W4)\n\
          --out DIR    where results.json and results.md go (default: bench/)\n\
          --pullgate   the pullgate binary (default: target/release/pullgate next to this one)\n\
-         --perf DIR   record each pullgate process with perf (DWARF call graphs) into DIR/<phase>-<rep>.data\n\
+         --perf DIR   record each pullgate process with perf (DWARF call graphs) into DIR/[<kind>-]<phase>-<rep>.data\n\
          --no-nice    do not raise the priority of the bench and its servers (nice -10 by default, as root)\n\
          --wait-idle S  before each round wait up to S s for other processes to leave the CPU (default 60; 0: no)\n\
          --redo N     measure a round again when other processes took over 10 % of the CPU, up to N times (default 2)"
@@ -517,51 +517,14 @@ fn setup(opts: Opts, root: &Path) -> Bed {
 }
 
 /// W4's denominator: a client pulling the 500 MiB blob straight from the upstream, with the
-/// bearer-token dance a registry client does (challenge, token, GET), over TLS.
+/// bearer-token dance a registry client does (challenge, token, GET), over TLS. The faster of
+/// two pulls: one direct pull alone came out either ~0.4 s or ~0.7 s on the same machine
+/// minutes apart, which moved a contestant's ratio more than the contestant did.
 fn direct_pull(bed: &Bed, results: &mut Results) -> Option<f64> {
-    let r = (|| -> Result<f64, String> {
-        let ca = bed.up.pki().ca_pem().to_string();
-        let registry = Target::tls(bed.up.port(), &ca);
-        let issuer = Target::tls(bed.up.issuer().port(), &ca);
-        let t0 = Instant::now();
-        let challenge = fetch(&registry, "GET", &bed.big.path, &[], BodyMode::Discard)?;
-        if challenge.status != 401 {
-            return Err(format!(
-                "expected a 401 challenge, got {}",
-                challenge.status
-            ));
-        }
-        let basic = base64::engine::general_purpose::STANDARD
-            .encode(format!("{}:{}", bed.env.user, bed.env.password));
-        let tok = fetch(
-            &issuer,
-            "GET",
-            &format!(
-                "/token?service={}&scope=repository:{}:pull",
-                support::upstream::SERVICE,
-                bed.big.repo
-            ),
-            &[("Authorization", &format!("Basic {basic}"))],
-            BodyMode::Keep,
-        )?;
-        let token: serde_json::Value =
-            serde_json::from_slice(&tok.body).map_err(|e| e.to_string())?;
-        let token = token["token"].as_str().ok_or("no token in the answer")?;
-        let got = fetch(
-            &registry,
-            "GET",
-            &bed.big.path,
-            &[("Authorization", &format!("Bearer {token}"))],
-            BodyMode::Discard,
-        )?;
-        if got.status != 200 || got.bytes != bed.big.size {
-            return Err(format!("status {} with {} bytes", got.status, got.bytes));
-        }
-        Ok(t0.elapsed().as_secs_f64())
-    })();
+    let r = pull_direct(bed).and_then(|first| Ok(first.min(pull_direct(bed)?)));
     match r {
         Ok(secs) => {
-            println!("  direct pull from the upstream: {secs:.2} s");
+            println!("  direct pull from the upstream (faster of two): {secs:.2} s");
             results.add("w4_secs", "direct", secs);
             Some(secs)
         }
@@ -570,6 +533,47 @@ fn direct_pull(bed: &Bed, results: &mut Results) -> Option<f64> {
             None
         }
     }
+}
+
+/// One direct pull of the 500 MiB blob; its seconds.
+fn pull_direct(bed: &Bed) -> Result<f64, String> {
+    let ca = bed.up.pki().ca_pem().to_string();
+    let registry = Target::tls(bed.up.port(), &ca);
+    let issuer = Target::tls(bed.up.issuer().port(), &ca);
+    let t0 = Instant::now();
+    let challenge = fetch(&registry, "GET", &bed.big.path, &[], BodyMode::Discard)?;
+    if challenge.status != 401 {
+        return Err(format!(
+            "expected a 401 challenge, got {}",
+            challenge.status
+        ));
+    }
+    let basic = base64::engine::general_purpose::STANDARD
+        .encode(format!("{}:{}", bed.env.user, bed.env.password));
+    let tok = fetch(
+        &issuer,
+        "GET",
+        &format!(
+            "/token?service={}&scope=repository:{}:pull",
+            support::upstream::SERVICE,
+            bed.big.repo
+        ),
+        &[("Authorization", &format!("Basic {basic}"))],
+        BodyMode::Keep,
+    )?;
+    let token: serde_json::Value = serde_json::from_slice(&tok.body).map_err(|e| e.to_string())?;
+    let token = token["token"].as_str().ok_or("no token in the answer")?;
+    let got = fetch(
+        &registry,
+        "GET",
+        &bed.big.path,
+        &[("Authorization", &format!("Bearer {token}"))],
+        BodyMode::Discard,
+    )?;
+    if got.status != 200 || got.bytes != bed.big.size {
+        return Err(format!("status {} with {} bytes", got.status, got.bytes));
+    }
+    Ok(t0.elapsed().as_secs_f64())
 }
 
 /// Every measurement of one proxy contestant for one repetition. Each phase that needs a cold
@@ -849,6 +853,11 @@ fn with_server_cache(
     let srv = Server::start(kind, &bed.env, state, &bed.run, cache_extra)?;
     let perf = match (&bed.opts.perf, kind) {
         (Some(dir), Kind::Pullgate) => Some(perf_record(dir, label, srv.pid())?),
+        (Some(dir), Kind::PullgateSigned | Kind::PullgateEncrypted) => Some(perf_record(
+            dir,
+            &format!("{}-{label}", kind.id()),
+            srv.pid(),
+        )?),
         _ => None,
     };
     let r = f(&srv);

@@ -139,12 +139,8 @@ impl AccessLine<'_> {
             out.push('=');
             match value {
                 Value::Bare(v) => out.push_str(v),
-                Value::Text(v) => {
-                    let _ = write!(out, "{v:?}");
-                }
-                Value::Number(n) => {
-                    let _ = write!(out, "{n}");
-                }
+                Value::Text(v) => debug_str(out, v),
+                Value::Number(n) => push_u64(out, n),
                 Value::Bool(b) => {
                     let _ = write!(out, "{b}");
                 }
@@ -168,9 +164,7 @@ impl AccessLine<'_> {
             out.push_str("\":");
             match value {
                 Value::Bare(v) | Value::Text(v) => json_str(out, v),
-                Value::Number(n) => {
-                    let _ = write!(out, "{n}");
-                }
+                Value::Number(n) => push_u64(out, n),
                 Value::Bool(b) => {
                     let _ = write!(out, "{b}");
                 }
@@ -221,6 +215,25 @@ pub fn push_ip(out: &mut String, ip: IpAddr) {
     }
 }
 
+/// `n` in decimal, without the formatter.
+pub(crate) fn push_u64(out: &mut String, n: u64) {
+    out.push_str(itoa::Buffer::new().format(n));
+}
+
+/// `value` quoted as `Debug` writes a `&str`; what needs no escape is copied as it is.
+fn debug_str(out: &mut String, value: &str) {
+    if value
+        .bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        out.push('"');
+        out.push_str(value);
+        out.push('"');
+    } else {
+        let _ = write!(out, "{value:?}");
+    }
+}
+
 /// `value` as a JSON string.
 pub(crate) fn json_str(out: &mut String, value: &str) {
     let plain = value
@@ -239,14 +252,19 @@ pub(crate) fn json_str(out: &mut String, value: &str) {
 /// `2026-12-04T21:38:21.782830Z`.
 fn timestamp(out: &mut String, now: SystemTime) {
     let micros = rfc3339_seconds(out, now).subsec_micros();
-    let _ = write!(out, ".{micros:06}Z");
+    // Six digits with leading zeros: the digits of 1_000_000 + micros after the first.
+    out.push('.');
+    out.push_str(&itoa::Buffer::new().format(1_000_000 + micros)[1..]);
+    out.push('Z');
 }
 
 /// RFC 3339 in UTC with milliseconds, as `humantime::format_rfc3339_millis` writes it:
 /// `2026-12-04T21:38:21.782Z`.
 pub(crate) fn timestamp_millis(out: &mut String, now: SystemTime) {
     let millis = rfc3339_seconds(out, now).subsec_millis();
-    let _ = write!(out, ".{millis:03}Z");
+    out.push('.');
+    out.push_str(&itoa::Buffer::new().format(1_000 + millis)[1..]);
+    out.push('Z');
 }
 
 /// Writes `now` up to its seconds (`2026-12-04T21:38:21`, formatted once a second per thread)

@@ -12,7 +12,6 @@
 //! when the sink is dropped (a reload's old sink, or the end of `serve`); a crash or SIGKILL
 //! loses the lines of the last 20 ms.
 
-use std::fmt::Write as _;
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::net::IpAddr;
@@ -108,7 +107,10 @@ impl AuditRecord<'_> {
         text(out, "decision", Some(self.decision));
         text(out, "reason", self.reason);
         text(out, "message", self.message);
-        let _ = write!(out, ",\"status\":{},\"bytes\":{}", self.status, self.bytes);
+        out.push_str(",\"status\":");
+        crate::access_log::push_u64(out, self.status.into());
+        out.push_str(",\"bytes\":");
+        crate::access_log::push_u64(out, self.bytes);
         text(out, "cache", Some(self.cache));
         text(out, "credential", self.credential);
         if self.filled_by.is_some() {

@@ -7,6 +7,7 @@
 //! header. Upstream 404s are remembered for `cache.negative_ttl`. Bodies are read whole under
 //! `cache.max_manifest_size` (invariant 7), verified, and passed on byte for byte.
 
+use std::borrow::Cow;
 use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
@@ -29,7 +30,7 @@ struct ManifestJob<'a> {
     gw: &'a Gateway,
     job: &'a Job<'a>,
     /// The client's `Accept` values joined by commas; empty when it sent none.
-    accept: String,
+    accept: Cow<'a, str>,
     /// The manifest types that `Accept` admits (`oci::accept_set`), parsed once per request.
     accepted: u8,
     /// The client takes every modern manifest type (no `Accept`, a wildcard, or all four
@@ -40,10 +41,8 @@ struct ManifestJob<'a> {
     /// manifest type when it sent none or a wildcard (distribution honours only the types
     /// listed). See [`upstream_headers`](Self::upstream_headers).
     headers: OnceLock<(HeaderMap, HeaderMap)>,
-    /// Key of remembered 404s for this reference in the client's terms (per set of accepted
-    /// manifest types), and for clients that take every type.
-    missing_key: String,
-    full_missing_key: String,
+    /// The tag or digest asked for (remembered 404s are keyed by it: see [`missing`](Self::missing)).
+    reference: &'a Reference,
     /// The request names a signature artifact's tag: no signature policy applies.
     exempt: bool,
     /// Asked by another member (this replica owns the tag): never forwarded again.
@@ -162,20 +161,14 @@ enum TagAnswer {
 }
 
 impl<'a> ManifestJob<'a> {
-    fn new(gw: &'a Gateway, job: &'a Job<'a>, reference: &Reference, for_peer: bool) -> Self {
+    fn new(gw: &'a Gateway, job: &'a Job<'a>, reference: &'a Reference, for_peer: bool) -> Self {
         let accept = accept_of(&job.headers);
         let accepted = oci::accept_set(&accept);
         let full = oci::media::set_takes_every_modern_type(accepted);
-        let base = format!(
-            "{}\0{}\0{reference}",
-            job.partition,
-            job.routed.repository.as_str()
-        );
         ManifestJob {
             gw,
             job,
-            missing_key: ManifestStore::missing_key_for(&base, (!full).then_some(accepted)),
-            full_missing_key: base,
+            reference,
             exempt: matches!(reference, Reference::Tag(t) if signature::is_signature_tag(t.as_str())),
             accept,
             accepted,
@@ -249,10 +242,21 @@ impl ManifestJob<'_> {
         }
     }
 
-    fn missing(&self, slot: Slot) -> &str {
+    /// The key of remembered 404s for this reference in one slot: for clients that take every
+    /// type, or in this client's terms (per set of accepted manifest types). Built when asked:
+    /// an answer from the cache never needs it.
+    fn missing(&self, slot: Slot) -> String {
+        let base = format!(
+            "{}\0{}\0{}",
+            self.job.partition,
+            self.job.routed.repository.as_str(),
+            self.reference
+        );
         match slot {
-            Slot::Primary => &self.full_missing_key,
-            Slot::Variant => &self.missing_key,
+            Slot::Primary => base,
+            Slot::Variant => {
+                ManifestStore::missing_key_for(&base, (!self.full).then_some(self.accepted))
+            }
         }
     }
 
@@ -490,9 +494,7 @@ impl ManifestJob<'_> {
                         }
                         (Slot::Variant, None) => {}
                     }
-                    self.gw
-                        .manifests
-                        .remember_missing(self.missing(slot).to_owned());
+                    self.gw.manifests.remember_missing(self.missing(slot));
                 }
                 Err(
                     error_from_upstream(&routed.registry.name, "manifest", answer)
@@ -544,7 +546,7 @@ impl ManifestJob<'_> {
                 self.gw.manifests.forget_tag(key);
                 self.gw
                     .manifests
-                    .remember_missing(self.missing(Slot::Primary).to_owned());
+                    .remember_missing(self.missing(Slot::Primary));
                 ctx.upstream_status = Some(404);
                 return Err(OciError::new(
                     ErrorCode::ManifestUnknown,
@@ -723,9 +725,7 @@ impl ManifestJob<'_> {
         ctx.upstream_status = Some(answer.status().as_u16());
         if !answer.status().is_success() {
             if answer.status().as_u16() == 404 {
-                self.gw
-                    .manifests
-                    .remember_missing(self.missing(slot).to_owned());
+                self.gw.manifests.remember_missing(self.missing(slot));
             }
             return Err(
                 error_from_upstream(&routed.registry.name, "manifest", answer)
@@ -798,7 +798,7 @@ impl ManifestJob<'_> {
     }
 
     fn refuse_if_known_missing(&self, ctx: &mut RequestCtx, slot: Slot) -> Result<(), OciError> {
-        if !self.gw.manifests.known_missing(self.missing(slot)) {
+        if !self.gw.manifests.known_missing(&self.missing(slot)) {
             return Ok(());
         }
         ctx.cache = "negative";
@@ -843,13 +843,24 @@ async fn write_head(
 }
 
 /// All `Accept` values as one string.
-fn accept_of(headers: &HeaderMap) -> String {
-    headers
+fn accept_of(headers: &HeaderMap) -> Cow<'_, str> {
+    let mut lines = headers
         .get_all(header::ACCEPT)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect::<Vec<_>>()
-        .join(",")
+        .filter_map(|v| v.to_str().ok());
+    match (lines.next(), lines.next()) {
+        (None, _) => Cow::Borrowed(""),
+        // What nearly every client sends: one line, borrowed as it is.
+        (Some(one), None) => Cow::Borrowed(one),
+        (Some(first), Some(second)) => {
+            let mut joined = format!("{first},{second}");
+            for line in lines {
+                joined.push(',');
+                joined.push_str(line);
+            }
+            Cow::Owned(joined)
+        }
+    }
 }
 
 /// A tag answer from a HEAD, when it carries a digest, a length and a media type.

@@ -706,11 +706,9 @@ fn lost_pipeline() -> FillFailure {
 const IN_FLIGHT_BYTES: usize = 4 << 20;
 
 /// A received chunk on its way to the stage; its share of [`IN_FLIGHT_BYTES`] is given back
-/// when the stage is done with it.
+/// when it is dropped, once written and hashed.
 struct Piece {
     bytes: Bytes,
-    /// Given back when the piece is dropped: after the write, or after the hash on a sealed
-    /// fill's hasher thread.
     _budget: OwnedSemaphorePermit,
 }
 
@@ -732,24 +730,17 @@ impl Pipeline {
     ) -> Pipeline {
         let (to_stage, mut pieces) = mpsc::unbounded_channel::<Piece>();
         let stage = tokio::task::spawn_blocking(move || {
-            // A sealed fill hashes on a thread of its own, so SHA-256 and AES-GCM (each about
-            // as costly) run side by side on a cold pull; a plaintext fill hashes inline.
-            let (to_hasher, hashing) = match sealer.is_some() {
-                true => {
-                    let (tx, rx) = std::sync::mpsc::channel::<Piece>();
-                    let thread = std::thread::Builder::new()
-                        .name("pullgate-hash".into())
-                        .spawn(move || {
-                            for piece in rx {
-                                hasher.update(&piece.bytes);
-                            }
-                            hasher
-                        })?;
-                    (Some(tx), HashAt::Thread(thread))
-                }
-                false => (None, HashAt::Inline(Box::new(hasher))),
-            };
-            let mut hashing = hashing;
+            // SHA-256 runs on a thread of its own, beside the write (and the sealing): on a
+            // cold pull the stage's thread was the one busy core, hashing and writing in turn.
+            let (to_hasher, from_stage) = std::sync::mpsc::channel::<Piece>();
+            let hashing = std::thread::Builder::new()
+                .name("pullgate-hash".into())
+                .spawn(move || {
+                    for piece in from_stage {
+                        hasher.update(&piece.bytes);
+                    }
+                    hasher
+                })?;
             let mut out = Output::new(&file, sealer)?;
             while let Some(piece) = pieces.blocking_recv() {
                 let mut next = Some(piece);
@@ -758,13 +749,9 @@ impl Pipeline {
                 while let Some(piece) = next.take() {
                     out.write(&piece.bytes)?;
                     burst += piece.bytes.len();
-                    match (&to_hasher, &mut hashing) {
-                        (Some(tx), _) => tx
-                            .send(piece)
-                            .map_err(|_| io::Error::other("the hasher thread stopped"))?,
-                        (None, HashAt::Inline(hasher)) => hasher.update(&piece.bytes),
-                        (None, HashAt::Thread(_)) => {}
-                    }
+                    to_hasher
+                        .send(piece)
+                        .map_err(|_| io::Error::other("the hasher thread stopped"))?;
                     if burst < WRITE_BATCH {
                         next = pieces.try_recv().ok();
                     }
@@ -774,12 +761,9 @@ impl Pipeline {
             }
             let total = out.finish()?;
             drop(to_hasher);
-            let hasher = match hashing {
-                HashAt::Inline(hasher) => *hasher,
-                HashAt::Thread(thread) => thread
-                    .join()
-                    .map_err(|_| io::Error::other("the hasher thread panicked"))?,
-            };
+            let hasher = hashing
+                .join()
+                .map_err(|_| io::Error::other("the hasher thread panicked"))?;
             progress.send_modify(|p| p.written = total);
             Ok((total, hasher))
         });
@@ -819,12 +803,6 @@ impl From<FillFailure> for io::Error {
     fn from(f: FillFailure) -> io::Error {
         io::Error::other(f)
     }
-}
-
-/// Where a fill's SHA-256 runs.
-enum HashAt {
-    Inline(Box<DigestHasher>),
-    Thread(std::thread::JoinHandle<DigestHasher>),
 }
 
 /// Where the stage's bytes go: straight into the temp file, or through a [`Sealer`] whose

@@ -76,7 +76,7 @@ impl TagKey {
             hasher.update(part.as_bytes());
             hasher.update([0]);
         }
-        TagKey(hex::encode(hasher.finalize()))
+        TagKey(crate::oci::digest::to_hex(&hasher.finalize()))
     }
 
     /// The key as hex: the same on every replica for the same tag, account and repository.

@@ -32,7 +32,7 @@ impl ReferrersKey {
             hasher.update(part.as_bytes());
             hasher.update([0]);
         }
-        ReferrersKey(hex::encode(hasher.finalize()))
+        ReferrersKey(crate::oci::digest::to_hex(&hasher.finalize()))
     }
 }
 
