@@ -13,12 +13,6 @@ use clap::{Parser, Subcommand, ValueEnum};
 use pullgate::config::{self, Config};
 use pullgate::listen::{ConfigSource, Launch};
 
-/// mimalloc instead of the system allocator: a warm request makes about a hundred small
-/// allocations (Pingora's headers, the log lines, the per-request strings), and glibc's malloc
-/// and free were a fifth of its instructions (bench/README.md, "Profiling").
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 const EXIT_USAGE: u8 = 64;
 const EXIT_CONFIG: u8 = 78;
 
