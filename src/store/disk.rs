@@ -290,6 +290,11 @@ impl ChunkReader {
         self.pos >= self.end
     }
 
+    /// Moves past `n` bytes the caller got elsewhere (a fill's live chunks).
+    pub(crate) fn skip(&mut self, n: u64) {
+        self.pos = (self.pos + n).min(self.end);
+    }
+
     /// For a sealed, complete file: starts reading and opening the next chunk on a blocking
     /// thread and moves past it; `None` when there is nothing (or too little) left, or the file
     /// is plaintext (the page cache makes its reads cheap enough).

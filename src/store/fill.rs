@@ -2,8 +2,9 @@
 //! follow as it grows, verified, then committed.
 //!
 //! Owns: the fill task (fetch, resume with `open(received)`, hash, verify, commit or clean up),
-//! the progress channel, and the readers of a growing file. The task runs on its own tokio task
-//! and belongs to no client: a reader going away never cancels it (invariant 4).
+//! the progress channel, the live chunks for readers at the front, and the readers of a growing
+//! file. The task runs on its own tokio task and belongs to no client: a reader going away
+//! never cancels it (invariant 4).
 //! Must never: commit bytes whose length or SHA-256 differ from the digest (invariant 3), let a
 //! reader report the end of its range before the fill is verified, or buffer more than one
 //! chunk per reader (invariant 7).
@@ -20,10 +21,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
+use tokio::sync::broadcast::{self, error::TryRecvError};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
-use super::disk::{Blob, ChunkReader, Extent, SealedFile};
+use super::disk::{Blob, ChunkReader, Extent, SealedFile, MAX_CHUNK};
 use super::{BlobSource, Origin, Shared, SourceBody, SourceError};
 use crate::crypt::{FileKey, Sealer};
 use crate::oci::{Digest, DigestHasher, ErrorCode, OciError};
@@ -33,6 +35,12 @@ const SPACE_RESERVE: u64 = 1 << 20;
 
 /// Most bytes the writer takes before it tells readers.
 const WRITE_BATCH: usize = 1 << 20;
+
+/// Received chunks a fill keeps for readers that have not taken them yet (see [`Live`]).
+const LIVE_CHUNKS: usize = 16;
+
+/// A received chunk and its offset in the blob.
+type Live = (u64, Bytes);
 
 /// Timing of a fill's resume logic.
 #[derive(Debug, Clone)]
@@ -148,6 +156,10 @@ pub struct Fill {
     /// How to open the file when it is sealed.
     sealed: Option<Arc<SealedFile>>,
     rx: watch::Receiver<Progress>,
+    /// The chunks of a running fill as they arrive, for readers at the front: they get the
+    /// bytes without waiting for the write and without reading them back (or decrypting them)
+    /// from the file. A reader that falls more than [`LIVE_CHUNKS`] behind reads the file.
+    live: Option<broadcast::Sender<Live>>,
 }
 
 impl Fill {
@@ -188,6 +200,7 @@ impl Fill {
             file,
             sealed,
             rx,
+            live: None,
         })
     }
 
@@ -242,6 +255,8 @@ impl Fill {
         FillReader {
             _fill: Arc::clone(self),
             rx: self.rx.clone(),
+            live: self.live.as_ref().map(broadcast::Sender::subscribe),
+            held: None,
             chunks: self
                 .file
                 .as_ref()
@@ -260,6 +275,9 @@ fn ended_without_result() -> FillFailure {
 pub struct FillReader {
     _fill: Arc<Fill>,
     rx: watch::Receiver<Progress>,
+    live: Option<broadcast::Receiver<Live>>,
+    /// The live chunk taken but not (all) handed out yet: at most one per reader (invariant 7).
+    held: Option<Live>,
     chunks: Option<ChunkReader>,
     closed: bool,
 }
@@ -279,6 +297,18 @@ impl FillReader {
             let Some(chunks) = self.chunks.as_mut() else {
                 return Err(FillFailure::Storage("fill has no file".into()));
             };
+            // Live chunks may be ahead of the file; invariant 3 (below) holds for them too.
+            let limit = match verified {
+                true => chunks.end(),
+                false => chunks
+                    .end()
+                    .min(total.unwrap_or(u64::MAX))
+                    .saturating_sub(1),
+            };
+            if let Some(bytes) = take_live(&mut self.live, &mut self.held, chunks.pos(), limit) {
+                chunks.skip(bytes.len() as u64);
+                return Ok(Some(bytes));
+            }
             // Invariant 3: the last byte of the range goes out only once the whole blob is
             // verified. With Content-Length framing a client holding every byte of its range
             // has a complete body, so handing out all of an unverified range (the whole blob
@@ -315,9 +345,64 @@ impl FillReader {
             if self.closed {
                 return Err(ended_without_result());
             }
-            if self.rx.changed().await.is_err() {
-                // The task is gone: look at its last word once more, then give up.
-                self.closed = true;
+            // Woken by the fill's progress, or by a chunk when none is held.
+            let live = self.live.as_mut().filter(|_| self.held.is_none());
+            tokio::select! {
+                changed = self.rx.changed() => {
+                    if changed.is_err() {
+                        // The task is gone: look at its last word once more, then give up.
+                        self.closed = true;
+                    }
+                }
+                received = async { live?.recv().await.ok() }, if live.is_some() => {
+                    // A lagged receiver gets nothing here: the file has what it missed.
+                    self.held = received;
+                }
+            }
+        }
+    }
+}
+
+/// Bytes of a live chunk from `pos` (up to `limit`, at most [`MAX_CHUNK`]), when one covers
+/// `pos`. Chunks behind `pos` are dropped; one ahead of it is held until the file has caught
+/// the reader up to it.
+fn take_live(
+    live: &mut Option<broadcast::Receiver<Live>>,
+    held: &mut Option<Live>,
+    pos: u64,
+    limit: u64,
+) -> Option<Bytes> {
+    loop {
+        if let Some((offset, bytes)) = held {
+            let end = *offset + bytes.len() as u64;
+            if end <= pos {
+                *held = None;
+            } else if *offset > pos {
+                return None;
+            } else {
+                let from = usize::try_from(pos - *offset).ok()?;
+                let to = usize::try_from(end.min(limit).saturating_sub(*offset))
+                    .ok()?
+                    .min(from.saturating_add(MAX_CHUNK));
+                if to <= from {
+                    // The rest waits for the verification.
+                    return None;
+                }
+                let out = bytes.slice(from..to);
+                if to == bytes.len() {
+                    *held = None;
+                }
+                return Some(out);
+            }
+        }
+        match live.as_mut()?.try_recv() {
+            Ok(chunk) => *held = Some(chunk),
+            // Older chunks were dropped for this reader: the file has them.
+            Err(TryRecvError::Lagged(_)) => {}
+            Err(TryRecvError::Empty) => return None,
+            Err(TryRecvError::Closed) => {
+                *live = None;
+                return None;
             }
         }
     }
@@ -370,6 +455,8 @@ pub(crate) struct FillTask {
     file: Arc<File>,
     temp: PathBuf,
     tx: Arc<watch::Sender<Progress>>,
+    /// Every chunk handed to the pipeline, for the readers at the front.
+    live: broadcast::Sender<Live>,
     /// The write-and-hash stage, started by `run`; `None` before that and once finished.
     pipeline: Option<Pipeline>,
     /// Bytes handed to the pipeline: where a resume starts.
@@ -392,6 +479,7 @@ pub(crate) fn new_fill(
     seal: Option<FileKey>,
 ) -> (Arc<Fill>, FillTask) {
     let file = Arc::new(file);
+    let (live, _) = broadcast::channel(LIVE_CHUNKS);
     let (tx, rx) = watch::channel(Progress {
         written: 0,
         total_len: None,
@@ -411,6 +499,7 @@ pub(crate) fn new_fill(
             })
         }),
         rx,
+        live: Some(live.clone()),
     });
     let tx = Arc::new(tx);
     let task = FillTask {
@@ -422,6 +511,7 @@ pub(crate) fn new_fill(
         file,
         temp,
         tx,
+        live,
         received: 0,
         total_len: None,
         resumes: 0,
@@ -638,12 +728,14 @@ impl FillTask {
             )));
         }
         let pipeline = self.pipeline.as_ref().ok_or_else(lost_pipeline)?;
-        if pipeline.push(chunk).await.is_err() {
+        if pipeline.push(chunk.clone()).await.is_err() {
             // A stage ended early: the writer's error says why.
             let pipeline = self.pipeline.take().ok_or_else(lost_pipeline)?;
             pipeline.finish().await?;
             return Err(FillFailure::Storage("the writer stopped early".into()));
         }
+        // No reader at the front is no error.
+        let _ = self.live.send((self.received, chunk));
         self.received = end;
         Ok(())
     }

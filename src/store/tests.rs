@@ -1032,6 +1032,42 @@ async fn range_followers_of_a_sealed_fill_get_their_bytes() {
     assert!(whole.unwrap() == data);
 }
 
+/// Readers at the front of a fill take its chunks as they arrive; one that falls behind the
+/// live window (here: not polled until the fill is verified) reads what it missed from the
+/// file. Both get every byte in order, plaintext or sealed, whole or by range.
+#[tokio::test]
+async fn readers_at_the_front_and_behind_the_live_chunks_get_every_byte() {
+    for sealed in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = TestKeys::new(&[1]);
+        let store = match sealed {
+            true => sealed_store(dir.path(), &keys),
+            false => new_store(dir.path(), 1 << 30),
+        };
+        // About 50 chunks of 64 KiB + 7: more than a fill keeps for readers.
+        let data = blob_bytes(3 * MAX_CHUNK + 11, 12);
+        let digest = digest_of(&data);
+        let source = Arc::new(FakeSource::new(&data).gated_at(0));
+        let fill = store.fill_or_join(&digest, source.clone());
+        fill.wait_started().await.unwrap();
+        let late = fill.reader(0, data.len() as u64);
+        let late_range = fill.reader(MAX_CHUNK as u64 - 3, 2 * MAX_CHUNK as u64 + 9);
+        let front = drain(fill.reader(0, data.len() as u64));
+        let opener = async {
+            source.gate.add_permits(1);
+        };
+        let (front, ()) = tokio::join!(front, opener);
+        assert!(front.unwrap() == data, "sealed: {sealed}");
+        fill.wait_done().await.unwrap();
+        assert!(drain(late).await.unwrap() == data, "sealed: {sealed}");
+        let range = drain(late_range).await.unwrap();
+        assert!(
+            range == data[MAX_CHUNK - 3..2 * MAX_CHUNK + 9],
+            "sealed: {sealed}"
+        );
+    }
+}
+
 /// Writes `change` into the committed file, then reads the blob: the read fails (never a
 /// wrong byte), the file is gone and counted, and the next fill fetches it again.
 async fn damaged(change: impl FnOnce(&mut Vec<u8>), reopen_fails: bool) {
