@@ -41,7 +41,7 @@ struct ManifestJob<'a> {
     /// manifest type when it sent none or a wildcard (distribution honours only the types
     /// listed). See [`upstream_headers`](Self::upstream_headers).
     headers: OnceLock<(HeaderMap, HeaderMap)>,
-    /// The tag or digest asked for (remembered 404s are keyed by it: see [`missing`](Self::missing)).
+    /// The tag or digest asked for: remembered 404s are keyed by it ([`missing`](Self::missing)).
     reference: &'a Reference,
     /// The request names a signature artifact's tag: no signature policy applies.
     exempt: bool,
