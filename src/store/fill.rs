@@ -39,6 +39,10 @@ const WRITE_BATCH: usize = 1 << 20;
 /// Received chunks a fill keeps for readers that have not taken them yet (see [`Live`]).
 const LIVE_CHUNKS: usize = 16;
 
+/// Larger chunks are not kept for readers (they read them from the file), so what a fill keeps
+/// is at most `LIVE_CHUNKS` × this (4 MiB) however large its source's chunks (invariant 7).
+const LIVE_CHUNK_MAX: usize = 256 << 10;
+
 /// A received chunk and its offset in the blob.
 type Live = (u64, Bytes);
 
@@ -399,11 +403,8 @@ fn take_live(
             Ok(chunk) => *held = Some(chunk),
             // Older chunks were dropped for this reader: the file has them.
             Err(TryRecvError::Lagged(_)) => {}
-            Err(TryRecvError::Empty) => return None,
-            Err(TryRecvError::Closed) => {
-                *live = None;
-                return None;
-            }
+            // (Never closed while the fill lives: it keeps a sender for new readers.)
+            Err(TryRecvError::Empty | TryRecvError::Closed) => return None,
         }
     }
 }
@@ -734,8 +735,10 @@ impl FillTask {
             pipeline.finish().await?;
             return Err(FillFailure::Storage("the writer stopped early".into()));
         }
-        // No reader at the front is no error.
-        let _ = self.live.send((self.received, chunk));
+        if chunk.len() <= LIVE_CHUNK_MAX {
+            // No reader at the front is no error.
+            let _ = self.live.send((self.received, chunk));
+        }
         self.received = end;
         Ok(())
     }

@@ -1034,20 +1034,28 @@ async fn range_followers_of_a_sealed_fill_get_their_bytes() {
 
 /// Readers at the front of a fill take its chunks as they arrive; one that falls behind the
 /// live window (here: not polled until the fill is verified) reads what it missed from the
-/// file. Both get every byte in order, plaintext or sealed, whole or by range.
+/// file, as every reader does for chunks too large to keep. All get every byte in order,
+/// plaintext or sealed, whole or by range.
 #[tokio::test]
 async fn readers_at_the_front_and_behind_the_live_chunks_get_every_byte() {
-    for sealed in [false, true] {
+    for (sealed, chunk) in [
+        (false, 64 * 1024 + 7),
+        (true, 64 * 1024 + 7),
+        (false, 300_001),
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let keys = TestKeys::new(&[1]);
         let store = match sealed {
             true => sealed_store(dir.path(), &keys),
             false => new_store(dir.path(), 1 << 30),
         };
-        // About 50 chunks of 64 KiB + 7: more than a fill keeps for readers.
+        // About 50 chunks of 64 KiB + 7 (more than a fill keeps for readers), or chunks too
+        // large to keep.
         let data = blob_bytes(3 * MAX_CHUNK + 11, 12);
         let digest = digest_of(&data);
-        let source = Arc::new(FakeSource::new(&data).gated_at(0));
+        let mut source = FakeSource::new(&data).gated_at(0);
+        source.chunk = chunk;
+        let source = Arc::new(source);
         let fill = store.fill_or_join(&digest, source.clone());
         fill.wait_started().await.unwrap();
         let late = fill.reader(0, data.len() as u64);
