@@ -234,6 +234,8 @@ pub(crate) struct ChunkReader {
     /// The second buffer of a sealed blob's read-ahead ([`BlobReader`]).
     spare: BytesMut,
     sealed: Option<Arc<SealedFile>>,
+    /// Counts this reader among a committed sealed file's readers.
+    reading: Option<Reading>,
 }
 
 /// How to open a sealed file, and what to do when a chunk does not authenticate.
@@ -243,6 +245,109 @@ pub(crate) struct SealedFile {
     pub(crate) keys: Option<Arc<dyn Keys>>,
     /// Called once when a chunk fails (quarantine and count); `None` for a fill's temp file.
     pub(crate) on_failure: Option<Box<dyn Fn() + Send + Sync>>,
+    /// Where the readers of a committed blob share its opened pieces; `None` for a temp file.
+    pub(crate) pieces: Option<OpenedPieces>,
+}
+
+/// Opened (decrypted) [`MAX_CHUNK`] pieces of committed sealed blobs, shared by the readers
+/// that stream one blob at about the same time (a burst of pulls of one layer): a piece is
+/// opened once for all of them, not once per reader, and a reader that asks while another
+/// opens it waits for that one. Only whole pieces at piece-aligned offsets, so a hit is the
+/// same bytes the reader would have opened itself. Bounded by bytes and by age, emptied when
+/// a key is revoked (the store's sweep), and a hit is served only while its generation key
+/// is still there.
+/// A lone reader opens into its own two buffers, as before: pieces are shared only while a
+/// file has more than one reader.
+#[derive(Clone)]
+pub(crate) struct OpenedPieces {
+    pieces: moka::sync::Cache<PieceKey, Arc<tokio::sync::OnceCell<Bytes>>>,
+    readers: Arc<std::sync::Mutex<std::collections::HashMap<Salt, usize>>>,
+}
+
+/// A sealed file's salt: unique to the file.
+type Salt = [u8; crate::crypt::SALT_LEN];
+/// A file and a piece's index in it.
+type PieceKey = (Salt, u64);
+
+/// One reader of a sealed committed file, counted while it lives.
+#[derive(Debug)]
+struct Reading {
+    pieces: OpenedPieces,
+    salt: Salt,
+}
+
+impl Reading {
+    fn new(pieces: &OpenedPieces, salt: Salt) -> Reading {
+        *pieces.readers().entry(salt).or_default() += 1;
+        Reading {
+            pieces: pieces.clone(),
+            salt,
+        }
+    }
+
+    /// Whether another reader reads the same file now.
+    fn shared(&self) -> bool {
+        self.pieces
+            .readers()
+            .get(&self.salt)
+            .is_some_and(|n| *n > 1)
+    }
+}
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        let mut readers = self.pieces.readers();
+        if let Some(n) = readers.get_mut(&self.salt) {
+            *n -= 1;
+            if *n == 0 {
+                readers.remove(&self.salt);
+            }
+        }
+    }
+}
+
+/// Opened pieces kept at most. Readers of one burst move in step (a reader that asks for a
+/// piece being opened waits for it), so a few pieces serve them all.
+const OPENED_PIECES: u64 = 4;
+/// How long an opened piece is kept: readers of one burst are well within it.
+const OPENED_PIECE_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl OpenedPieces {
+    pub(crate) fn new() -> OpenedPieces {
+        OpenedPieces {
+            pieces: moka::sync::Cache::builder()
+                // Each piece is read a burst of times, then never again: least recently used
+                // goes first (the default admission would keep the old, popular pieces).
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
+                .max_capacity(OPENED_PIECES)
+                .time_to_live(OPENED_PIECE_TTL)
+                .build(),
+            readers: Default::default(),
+        }
+    }
+
+    /// Forgets every opened piece (a key was revoked, or encryption changed).
+    pub(crate) fn forget(&self) {
+        self.pieces.invalidate_all();
+        self.pieces.run_pending_tasks();
+    }
+
+    /// The piece when another reader opened it already.
+    fn get(&self, key: &PieceKey) -> Option<Bytes> {
+        self.pieces.get(key)?.get().cloned()
+    }
+
+    fn readers(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<Salt, usize>> {
+        self.readers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl std::fmt::Debug for OpenedPieces {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenedPieces")
+            .field("pieces", &self.pieces.entry_count())
+            .finish()
+    }
 }
 
 impl std::fmt::Debug for SealedFile {
@@ -274,6 +379,9 @@ impl ChunkReader {
             end: end.max(start),
             buf: BytesMut::new(),
             spare: BytesMut::new(),
+            reading: sealed
+                .as_ref()
+                .and_then(|f| Some(Reading::new(f.pieces.as_ref()?, f.key.header().salt))),
             sealed,
         }
     }
@@ -306,20 +414,38 @@ impl ChunkReader {
         if !extent.complete || len < BLOCKING_READ_MIN {
             return None;
         }
+        if self.opened_piece(len, extent).is_some() {
+            // Another reader opened it: the next read takes it, nothing to overlap.
+            return None;
+        }
         let runtime = tokio::runtime::Handle::try_current().ok()?;
         let (from, to) = (self.pos, self.pos + len as u64);
-        let (_, _, raw_len) = seal::span(from, to, extent.written);
+        let shared = self.shared_piece(from, to, extent);
         let file = Arc::clone(&self.file);
         self.pos = to;
-        // Allocated (once) and sized here, not on the blocking thread: memory freed on another
-        // thread than the one that allocated it is what makes RSS grow under many readers.
-        let mut buf = std::mem::take(&mut self.spare);
-        buf.reserve(raw_len);
-        buf.resize(raw_len, 0);
-        Some(runtime.spawn_blocking(move || {
-            let n = open_sealed(&file, &sealed, &mut buf, from, to, extent);
-            (buf, n)
-        }))
+        let buf = std::mem::take(&mut self.spare);
+        Some(match shared {
+            // Started here and now: the blocking thread opens while this one sends.
+            None => start_opening(file, sealed, buf, from, to, extent),
+            shared => runtime.spawn(open_piece(file, sealed, shared, buf, from, to, extent)),
+        })
+    }
+
+    /// Where plaintext `[from, to)` is shared with the other readers of this file: when it is
+    /// a whole piece of a complete, committed sealed file that others read now.
+    fn shared_piece(&self, from: u64, to: u64, extent: Extent) -> Option<(OpenedPieces, PieceKey)> {
+        let reading = self.reading.as_ref()?;
+        let whole = to - from == MAX_CHUNK as u64 || to == extent.written;
+        (extent.complete && from % MAX_CHUNK as u64 == 0 && whole && reading.shared()).then(|| {
+            let key = (reading.salt, from / MAX_CHUNK as u64);
+            (reading.pieces.clone(), key)
+        })
+    }
+
+    /// The piece at the reader's position when another reader opened it already.
+    fn opened_piece(&self, len: usize, extent: Extent) -> Option<Bytes> {
+        let (pieces, key) = self.shared_piece(self.pos, self.pos + len as u64, extent)?;
+        pieces.get(&key)
     }
 
     /// A sealed file's generation key is still there (not revoked).
@@ -349,33 +475,21 @@ impl ChunkReader {
             return Ok(Bytes::new());
         }
         if let Some(sealed) = &self.sealed {
-            // One buffer, reused like the plaintext path's: the sealed chunks are read into it,
-            // opened in place and the plaintext moved to its front (no second allocation).
             let sealed = Arc::clone(sealed);
             let (from, to) = (self.pos, self.pos + len as u64);
-            let (_, _, raw_len) = seal::span(from, to, extent.written);
-            self.buf.reserve(raw_len);
-            self.buf.resize(raw_len, 0);
-            let mut buf = std::mem::take(&mut self.buf);
+            if let Some(piece) = self.opened_piece(len, extent) {
+                self.check_key()?;
+                self.pos = to;
+                return Ok(piece);
+            }
+            let shared = self.shared_piece(from, to, extent);
+            let buf = std::mem::take(&mut self.buf);
             let file = Arc::clone(&self.file);
-            let open = move |mut buf: BytesMut| {
-                let n = open_sealed(&file, &sealed, &mut buf, from, to, extent);
-                (buf, n)
-            };
-            let (returned, n) = if len >= BLOCKING_READ_MIN {
-                tokio::task::spawn_blocking(move || open(buf))
-                    .await
-                    .map_err(io::Error::other)?
-            } else {
-                open(buf)
-            };
-            buf = returned;
-            let n = n?;
-            buf.truncate(n);
-            let chunk = buf.split().freeze();
-            self.buf = buf;
+            let (returned, piece) = open_piece(file, sealed, shared, buf, from, to, extent).await;
+            self.buf = returned;
+            let piece = piece?;
             self.pos = to;
-            return Ok(chunk);
+            return Ok(piece);
         }
         // Reclaims the previous chunk's allocation when the consumer has dropped it.
         self.buf.reserve(len);
@@ -401,6 +515,104 @@ impl ChunkReader {
         self.pos += n as u64;
         Ok(chunk)
     }
+}
+
+/// Plaintext `[from, to)` of a sealed file, and `buf` back for reuse. A `shared` piece is
+/// opened once for every reader that asks while it is kept ([`OpenedPieces`]): the others wait
+/// for it without a buffer of their own.
+async fn open_piece(
+    file: Arc<File>,
+    sealed: Arc<SealedFile>,
+    shared: Option<(OpenedPieces, PieceKey)>,
+    buf: BytesMut,
+    from: u64,
+    to: u64,
+    extent: Extent,
+) -> (BytesMut, io::Result<Bytes>) {
+    let Some((pieces, key)) = shared else {
+        return open_into(file, sealed, buf, from, to, extent).await;
+    };
+    let cell = pieces.pieces.get_with(key, Default::default);
+    // The cache applies its bound lazily (after dozens of writes): here, at once, or it would
+    // hold most of a blob's pieces in memory.
+    pieces.pieces.run_pending_tasks();
+    let mut slot = Some(buf);
+    let back = &mut slot;
+    let piece = cell
+        .get_or_try_init(move || async move {
+            let (returned, piece) = open_into(
+                file,
+                sealed,
+                back.take().unwrap_or_default(),
+                from,
+                to,
+                extent,
+            )
+            .await;
+            *back = Some(returned);
+            piece
+        })
+        .await
+        .cloned();
+    (slot.unwrap_or_default(), piece)
+}
+
+/// Plaintext `[from, to)` of a sealed file opened in `buf`, on a blocking thread when large.
+async fn open_into(
+    file: Arc<File>,
+    sealed: Arc<SealedFile>,
+    mut buf: BytesMut,
+    from: u64,
+    to: u64,
+    extent: Extent,
+) -> (BytesMut, io::Result<Bytes>) {
+    if to - from >= BLOCKING_READ_MIN as u64 {
+        return start_opening(file, sealed, buf, from, to, extent)
+            .await
+            .unwrap_or_else(|e| (BytesMut::new(), Err(io::Error::other(e))));
+    }
+    size_for(&mut buf, from, to, extent);
+    open_in(&file, &sealed, buf, from, to, extent)
+}
+
+/// Starts opening plaintext `[from, to)` of a sealed file in `buf` on a blocking thread.
+fn start_opening(
+    file: Arc<File>,
+    sealed: Arc<SealedFile>,
+    mut buf: BytesMut,
+    from: u64,
+    to: u64,
+    extent: Extent,
+) -> Ahead {
+    size_for(&mut buf, from, to, extent);
+    tokio::task::spawn_blocking(move || open_in(&file, &sealed, buf, from, to, extent))
+}
+
+/// Sizes `buf` for the sealed chunks of plaintext `[from, to)`. Done on the async worker, not
+/// on the blocking thread: memory freed on another thread than the one that allocated it is
+/// what makes RSS grow under many readers.
+fn size_for(buf: &mut BytesMut, from: u64, to: u64, extent: Extent) {
+    let raw_len = seal::span(from, to, extent.written).2;
+    buf.reserve(raw_len);
+    buf.resize(raw_len, 0);
+}
+
+/// One buffer, reused like the plaintext path's: the sealed chunks are read into it, opened in
+/// place and the plaintext moved to its front; the plaintext is split off, the rest of `buf`
+/// goes back for reuse.
+fn open_in(
+    file: &File,
+    sealed: &SealedFile,
+    mut buf: BytesMut,
+    from: u64,
+    to: u64,
+    extent: Extent,
+) -> (BytesMut, io::Result<Bytes>) {
+    let piece = open_sealed(file, sealed, &mut buf, from, to, extent).map(|n| {
+        buf.truncate(n);
+        buf.split().freeze()
+    });
+    (buf, piece)
 }
 
 /// Plaintext `[from, to)` of a sealed file into the front of `buf` (sized for the sealed chunks
@@ -516,7 +728,7 @@ pub struct BlobReader {
 }
 
 /// A chunk being read and opened on a blocking thread: the buffer comes back with it.
-type Ahead = tokio::task::JoinHandle<(BytesMut, io::Result<usize>)>;
+type Ahead = tokio::task::JoinHandle<(BytesMut, io::Result<Bytes>)>;
 
 /// Readers that may read ahead at once, process-wide: each holds a second buffer of about
 /// 1 MiB for its life, so this bounds the extra memory however many clients stream (the others
@@ -531,15 +743,14 @@ impl BlobReader {
             complete: true,
         };
         let chunk = if let Some(ahead) = self.ahead.take() {
-            let (mut buf, n) = ahead.await.map_err(io::Error::other)?;
-            buf.truncate(n?);
-            // Opened before a revocation, perhaps: never handed out after one.
-            self.inner.check_key()?;
-            let chunk = buf.split().freeze();
+            let (buf, piece) = ahead.await.map_err(io::Error::other)?;
             // The two buffers take turns: the next read-ahead gets the one whose chunk the
             // caller has sent by now, so both allocations are reused.
             self.inner.spare = std::mem::replace(&mut self.inner.buf, buf);
-            chunk
+            let piece = piece?;
+            // Opened before a revocation, perhaps: never handed out after one.
+            self.inner.check_key()?;
+            piece
         } else {
             if self.inner.is_done() {
                 return Ok(None);

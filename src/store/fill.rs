@@ -497,6 +497,7 @@ pub(crate) fn new_fill(
                 key,
                 keys: shared.keys(),
                 on_failure: None,
+                pieces: None,
             })
         }),
         rx,
@@ -650,7 +651,9 @@ impl FillTask {
                     if let Some(wait) = *retry_after {
                         if wait > policy.max_retry_after {
                             // Holding clients that long helps nobody: they get the answer
-                            // (429 and its Retry-After) and can come back.
+                            // (429 and its Retry-After) and can come back, and until then
+                            // the store answers the same without asking again.
+                            self.shared.remember_busy(self.digest.hex(), error, wait);
                             return Err(last.into_failure(self.resumes));
                         }
                         delay = delay.max(wait);

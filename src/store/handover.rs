@@ -94,6 +94,7 @@ impl AfterOtherProcess {
                     key: *key,
                     keys: None,
                     on_failure: None,
+                    pieces: None,
                 },
                 geometry.plaintext_len,
             )),

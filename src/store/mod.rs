@@ -51,6 +51,9 @@ pub use seal::{header_digest, KeyMissing, Keys};
 
 /// The list of pinned blobs under the cache directory.
 const PINS_FILE: &str = "pins";
+/// The longest wait a source's "not now" is remembered for, whatever its `Retry-After` says:
+/// an upstream that recovers sooner is asked again after this.
+const MAX_BUSY_MEMORY: Duration = Duration::from_secs(600);
 
 /// Where a fill gets its bytes: the upstream registry today, a peer or a second tier later.
 #[async_trait::async_trait]
@@ -196,6 +199,11 @@ pub(crate) struct Shared {
     stale_evictions: Counter,
     /// The object store behind the disk ([`BlobStore::set_l2`]).
     l2: std::sync::OnceLock<Arc<L2>>,
+    /// Pieces of sealed blobs opened for one reader and kept for the others.
+    opened: disk::OpenedPieces,
+    /// hex -> a source's "not now" with a wait longer than a fill holds clients, and when that
+    /// wait ends: new fills of the blob fail with it until then, without asking the source.
+    busy: moka::sync::Cache<String, (OciError, Instant)>,
 }
 
 impl Shared {
@@ -228,6 +236,20 @@ impl Shared {
     fn inflight(&self) -> MutexGuard<'_, HashMap<String, Arc<Fill>>> {
         // No code panics while holding this lock; recover the map rather than panic if it did.
         self.inflight.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Remembers a source's answer that asked to wait `wait` (at most [`MAX_BUSY_MEMORY`]).
+    pub(crate) fn remember_busy(&self, hex: &str, error: &OciError, wait: Duration) {
+        let until = Instant::now() + wait.min(MAX_BUSY_MEMORY);
+        self.busy.insert(hex.to_owned(), (error.clone(), until));
+    }
+
+    /// The remembered answer while its wait lasts, its `Retry-After` the time left.
+    fn still_busy(&self, hex: &str) -> Option<FillFailure> {
+        let (error, until) = self.busy.get(hex)?;
+        let left = until.checked_duration_since(Instant::now())?;
+        let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+        Some(FillFailure::Busy(error.with_retry_after(secs.to_string())))
     }
 
     /// Removes fill `id` from the in-flight map (a newer fill of the same digest stays).
@@ -296,6 +318,11 @@ impl BlobStore {
             integrity_failures: Arc::new(AtomicU64::new(0)),
             stale_evictions: Counter::default(),
             l2: std::sync::OnceLock::new(),
+            opened: disk::OpenedPieces::new(),
+            busy: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(MAX_BUSY_MEMORY)
+                .build(),
         };
         tracing::info!(dir = %dir.display(), entries = stats.entries, bytes = stats.bytes,
             temp_files_removed, elapsed = ?stats.elapsed, "blob store opened");
@@ -383,6 +410,7 @@ impl BlobStore {
                         key: *key,
                         keys,
                         on_failure: Some(Box::new(on_failure)),
+                        pieces: Some(shared.opened.clone()),
                     })),
                 })
             }
@@ -415,6 +443,7 @@ impl BlobStore {
     pub fn sweep(&self) {
         // At once, before the files: nothing a revoked key opened is served from memory.
         self.shared.index.forget_small();
+        self.shared.opened.forget();
         let store = self.clone();
         let run = move || {
             let swept = store.sweep_now();
@@ -430,6 +459,7 @@ impl BlobStore {
     pub fn sweep_now(&self) -> u64 {
         let shared = &self.shared;
         shared.index.forget_small();
+        shared.opened.forget();
         let Ok(found) = shared.layout.scan() else {
             return 0;
         };
@@ -517,6 +547,9 @@ impl BlobStore {
         // map's lock, so a request racing a commit finds the blob here or joins above.
         if let Some(blob) = self.lookup(digest) {
             return Fill::committed(digest, blob);
+        }
+        if let Some(failure) = shared.still_busy(hex) {
+            return Fill::failed(digest, failure);
         }
         let seal = match shared.keys() {
             None => None,

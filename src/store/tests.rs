@@ -559,6 +559,16 @@ async fn busy_sources_are_retried_after_their_retry_after_or_reported() {
     assert_eq!(e.retry_after.as_deref(), Some("1"));
     assert_eq!(source.opens(), vec![0]);
     assert_nothing_committed(&store, dir.path(), &digest);
+    // A client after that fill ended gets the same answer, with the wait that is left, and the
+    // source is not asked again until then.
+    let late = store.fill_or_join(&digest, source.clone());
+    let Err(FillFailure::Busy(e)) = late.wait_started().await else {
+        panic!("the source's wait is remembered");
+    };
+    assert_eq!(e.code, ErrorCode::TooManyRequests);
+    let left: u64 = e.retry_after.as_deref().unwrap().parse().unwrap();
+    assert!((59..=60).contains(&left), "{left}");
+    assert_eq!(source.opens(), vec![0]);
 
     // Busy on every attempt: the last answer, after 1 + 3 attempts.
     let dir = tempfile::tempdir().unwrap();
@@ -1234,6 +1244,36 @@ async fn a_revoked_key_aborts_open_readers_deletes_files_and_caches_nothing() {
         Err(FillFailure::Storage(_))
     ));
     assert_eq!(store.stats().integrity_failures, 0);
+}
+
+#[tokio::test]
+async fn readers_of_one_sealed_blob_share_its_opened_pieces_while_its_key_lasts() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = TestKeys::new(&[4]);
+    let store = sealed_store(dir.path(), &keys);
+    let data = blob_bytes(3 * MAX_CHUNK + 777, 21);
+    let digest = fill_sealed(&store, &data).await;
+    let blob = store.lookup(&digest).unwrap();
+    let mut first = blob.reader(0, blob.len);
+    let mut second = store.lookup(&digest).unwrap().reader(0, blob.len);
+    let a = first.next_chunk().await.unwrap().unwrap();
+    let b = second.next_chunk().await.unwrap().unwrap();
+    assert_eq!(a.as_ptr(), b.as_ptr(), "the piece was opened once for both");
+    for (head, reader) in [(a, first), (b, second)] {
+        let mut got = head.to_vec();
+        got.extend(drain_blob(reader).await.unwrap());
+        assert!(got == data, "every reader gets every byte");
+    }
+    // A range that starts inside a piece opens its own bytes, and they are right too.
+    let (from, to) = (1_000, 2 * MAX_CHUNK as u64 + 5);
+    let got = drain_blob(blob.reader(from, to)).await.unwrap();
+    assert!(got == data[from as usize..to as usize]);
+    // A kept piece is not handed out once its key is revoked.
+    let (mut third, _fourth) = (blob.reader(0, blob.len), blob.reader(0, blob.len));
+    keys.revoked.store(true, Ordering::Relaxed);
+    assert!(third.next_chunk().await.is_err());
+    store.sweep_now();
+    assert!(store.lookup(&digest).is_none());
 }
 
 #[tokio::test]

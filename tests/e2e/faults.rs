@@ -492,13 +492,27 @@ fn bursts_of_429_are_ridden_out_after_retry_after_or_passed_on() {
         "{:?}",
         started.elapsed()
     );
-    assert_eq!(bed.relay.blob_gets().len() - asked, 1, "asked once");
     assert!(assert_cache_verified(cache.path()).is_empty());
+    // Clients that come back before the wait is over get the same answer with the time left,
+    // and the upstream is not asked again either (even though it would answer now).
+    bed.relay.heal();
+    let early = bed.pull(&gw, None);
+    for o in &early {
+        assert!(
+            matches!(o, Outcome::Refused { status: 429, retry_after: Some(r), .. }
+                if r.parse::<u64>().is_ok_and(|s| (100..=120).contains(&s))),
+            "{early:?}"
+        );
+    }
+    assert_eq!(bed.relay.blob_gets().len() - asked, 1, "asked once");
+    // The wait is remembered by the process: a restarted gateway asks again.
+    drop(gw);
+    let gw = bed.gateway(cache.path(), "");
     let after = assert_next_pull_succeeds(&bed, &gw, cache.path());
     summary(
         "429 burst",
         &bed.relay,
-        &[&all[0], &all[1], &all[2], &long_wait, &after],
+        &[&all[0], &all[1], &all[2], &long_wait, &early, &after],
     );
 }
 
