@@ -253,11 +253,10 @@ pub(crate) struct SealedFile {
 /// that stream one blob at about the same time (a burst of pulls of one layer): a piece is
 /// opened once for all of them, not once per reader, and a reader that asks while another
 /// opens it waits for that one. Only whole pieces at piece-aligned offsets, so a hit is the
-/// same bytes the reader would have opened itself. Bounded by bytes and by age, emptied when
-/// a key is revoked (the store's sweep), and a hit is served only while its generation key
-/// is still there.
-/// A lone reader opens into its own two buffers, as before: pieces are shared only while a
-/// file has more than one reader.
+/// same bytes the reader would have opened itself. Bounded by count and by age, emptied when
+/// a key is revoked (the store's sweep), and a piece is handed out only while its generation
+/// key is still there. A lone reader opens into its own two buffers: pieces are shared only
+/// while a file has more than one reader.
 #[derive(Clone)]
 pub(crate) struct OpenedPieces {
     pieces: moka::sync::Cache<PieceKey, Arc<tokio::sync::OnceCell<Bytes>>>,
@@ -488,6 +487,8 @@ impl ChunkReader {
             let (returned, piece) = open_piece(file, sealed, shared, buf, from, to, extent).await;
             self.buf = returned;
             let piece = piece?;
+            // Perhaps opened by another reader before a revocation: never handed out after one.
+            self.check_key()?;
             self.pos = to;
             return Ok(piece);
         }
