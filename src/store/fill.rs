@@ -854,7 +854,7 @@ impl Pipeline {
                         next = pieces.try_recv().ok();
                     }
                 }
-                let published = out.flush()?;
+                let published = out.readable();
                 progress.send_modify(|p| p.written = published);
             }
             let total = out.finish()?;
@@ -904,15 +904,13 @@ impl From<FillFailure> for io::Error {
 }
 
 /// Where the stage's bytes go: straight into the temp file, or through a [`Sealer`] whose
-/// sealed chunks are gathered and written in large writes (one per burst).
+/// sealed chunks are written from its own buffer as each completes (gathering them into larger
+/// writes cost one more copy of every byte: the encrypted cold pull took 12 % longer).
 struct Output<'a> {
     file: &'a File,
     /// Plaintext bytes taken.
     taken: u64,
     sealer: Option<Sealer>,
-    /// Sealed chunks not yet written, and the file offset of the first.
-    pending: Vec<u8>,
-    pending_at: u64,
 }
 
 impl<'a> Output<'a> {
@@ -924,8 +922,6 @@ impl<'a> Output<'a> {
             file,
             taken: 0,
             sealer,
-            pending: Vec::new(),
-            pending_at: 0,
         })
     }
 
@@ -936,32 +932,21 @@ impl<'a> Output<'a> {
             return Ok(());
         };
         self.taken += bytes.len() as u64;
-        let (pending, at) = (&mut self.pending, &mut self.pending_at);
-        sealer.push(bytes, |offset, sealed| {
-            if pending.is_empty() {
-                *at = offset;
-            }
-            pending.extend_from_slice(sealed);
-            Ok::<(), io::Error>(())
-        })
+        let file = self.file;
+        sealer.push(bytes, |offset, sealed| file.write_all_at(sealed, offset))
     }
 
-    /// Writes what is gathered; returns the plaintext bytes readers may read now (for a sealed
-    /// file: those of whole sealed chunks).
-    fn flush(&mut self) -> io::Result<u64> {
-        if !self.pending.is_empty() {
-            self.file.write_all_at(&self.pending, self.pending_at)?;
-            self.pending.clear();
-        }
-        Ok(match &self.sealer {
+    /// The plaintext bytes readers may read now (for a sealed file: those of whole sealed
+    /// chunks).
+    fn readable(&self) -> u64 {
+        match &self.sealer {
             Some(sealer) => sealer.sealed_plaintext(),
             None => self.taken,
-        })
+        }
     }
 
     /// Seals the last chunk and writes it: returns the plaintext length.
     fn finish(mut self) -> io::Result<u64> {
-        self.flush()?;
         if let Some(sealer) = self.sealer.take() {
             let file = self.file;
             sealer.finish(|offset, sealed| file.write_all_at(sealed, offset))?;
