@@ -331,6 +331,13 @@ impl OpenedPieces {
         self.pieces.run_pending_tasks();
     }
 
+    /// How many pieces are kept now.
+    #[cfg(test)]
+    pub(crate) fn kept(&self) -> u64 {
+        self.pieces.run_pending_tasks();
+        self.pieces.entry_count()
+    }
+
     /// The piece when another reader opened it already.
     fn get(&self, key: &PieceKey) -> Option<Bytes> {
         self.pieces.get(key)?.get().cloned()
@@ -418,16 +425,26 @@ impl ChunkReader {
             return None;
         }
         let runtime = tokio::runtime::Handle::try_current().ok()?;
-        let (from, to) = (self.pos, self.pos + len as u64);
-        let shared = self.shared_piece(from, to, extent);
-        let file = Arc::clone(&self.file);
-        self.pos = to;
+        let opening = self.opening(sealed, len, extent);
+        let shared = self.shared_piece(opening.from, opening.to, extent);
+        self.pos = opening.to;
         let buf = std::mem::take(&mut self.spare);
         Some(match shared {
             // Started here and now: the blocking thread opens while this one sends.
-            None => start_opening(file, sealed, buf, from, to, extent),
-            shared => runtime.spawn(open_piece(file, sealed, shared, buf, from, to, extent)),
+            None => opening.start(buf),
+            shared => runtime.spawn(opening.shared_or_own(shared, buf)),
         })
+    }
+
+    /// The next `len` plaintext bytes of this sealed file.
+    fn opening(&self, sealed: Arc<SealedFile>, len: usize, extent: Extent) -> Opening {
+        Opening {
+            file: Arc::clone(&self.file),
+            sealed,
+            from: self.pos,
+            to: self.pos + len as u64,
+            extent,
+        }
     }
 
     /// Where plaintext `[from, to)` is shared with the other readers of this file: when it is
@@ -474,17 +491,16 @@ impl ChunkReader {
             return Ok(Bytes::new());
         }
         if let Some(sealed) = &self.sealed {
-            let sealed = Arc::clone(sealed);
-            let (from, to) = (self.pos, self.pos + len as u64);
+            let opening = self.opening(Arc::clone(sealed), len, extent);
+            let to = opening.to;
             if let Some(piece) = self.opened_piece(len, extent) {
                 self.check_key()?;
                 self.pos = to;
                 return Ok(piece);
             }
-            let shared = self.shared_piece(from, to, extent);
+            let shared = self.shared_piece(opening.from, to, extent);
             let buf = std::mem::take(&mut self.buf);
-            let file = Arc::clone(&self.file);
-            let (returned, piece) = open_piece(file, sealed, shared, buf, from, to, extent).await;
+            let (returned, piece) = opening.shared_or_own(shared, buf).await;
             self.buf = returned;
             let piece = piece?;
             // Perhaps opened by another reader before a revocation: never handed out after one.
@@ -518,102 +534,83 @@ impl ChunkReader {
     }
 }
 
-/// Plaintext `[from, to)` of a sealed file, and `buf` back for reuse. A `shared` piece is
-/// opened once for every reader that asks while it is kept ([`OpenedPieces`]): the others wait
-/// for it without a buffer of their own.
-async fn open_piece(
+/// Plaintext `[from, to)` of a sealed file with `extent` on disk, to be opened.
+struct Opening {
     file: Arc<File>,
     sealed: Arc<SealedFile>,
-    shared: Option<(OpenedPieces, PieceKey)>,
-    buf: BytesMut,
     from: u64,
     to: u64,
     extent: Extent,
-) -> (BytesMut, io::Result<Bytes>) {
-    let Some((pieces, key)) = shared else {
-        return open_into(file, sealed, buf, from, to, extent).await;
-    };
-    let cell = pieces.pieces.get_with(key, Default::default);
-    // The cache applies its bound lazily (after dozens of writes): here, at once, or it would
-    // hold most of a blob's pieces in memory.
-    pieces.pieces.run_pending_tasks();
-    let mut slot = Some(buf);
-    let back = &mut slot;
-    let piece = cell
-        .get_or_try_init(move || async move {
-            let (returned, piece) = open_into(
-                file,
-                sealed,
-                back.take().unwrap_or_default(),
-                from,
-                to,
-                extent,
-            )
-            .await;
-            *back = Some(returned);
-            piece
-        })
-        .await
-        .cloned();
-    (slot.unwrap_or_default(), piece)
 }
 
-/// Plaintext `[from, to)` of a sealed file opened in `buf`, on a blocking thread when large.
-async fn open_into(
-    file: Arc<File>,
-    sealed: Arc<SealedFile>,
-    mut buf: BytesMut,
-    from: u64,
-    to: u64,
-    extent: Extent,
-) -> (BytesMut, io::Result<Bytes>) {
-    if to - from >= BLOCKING_READ_MIN as u64 {
-        return start_opening(file, sealed, buf, from, to, extent)
+impl Opening {
+    /// The plaintext, and `buf` back for reuse. A `shared` piece is opened once for every
+    /// reader that asks while it is kept ([`OpenedPieces`]): the others wait for it without a
+    /// buffer of their own.
+    async fn shared_or_own(
+        self,
+        shared: Option<(OpenedPieces, PieceKey)>,
+        buf: BytesMut,
+    ) -> (BytesMut, io::Result<Bytes>) {
+        let Some((pieces, key)) = shared else {
+            return self.run(buf).await;
+        };
+        let cell = pieces.pieces.get_with(key, Default::default);
+        // The cache applies its bound lazily (after dozens of writes): here, at once, or it
+        // would hold most of a blob's pieces in memory.
+        pieces.pieces.run_pending_tasks();
+        let mut slot = Some(buf);
+        let back = &mut slot;
+        let piece = cell
+            .get_or_try_init(move || async move {
+                let (returned, piece) = self.run(back.take().unwrap_or_default()).await;
+                *back = Some(returned);
+                piece
+            })
             .await
-            .unwrap_or_else(|e| (BytesMut::new(), Err(io::Error::other(e))));
+            .cloned();
+        (slot.unwrap_or_default(), piece)
     }
-    size_for(&mut buf, from, to, extent);
-    open_in(&file, &sealed, buf, from, to, extent)
-}
 
-/// Starts opening plaintext `[from, to)` of a sealed file in `buf` on a blocking thread.
-fn start_opening(
-    file: Arc<File>,
-    sealed: Arc<SealedFile>,
-    mut buf: BytesMut,
-    from: u64,
-    to: u64,
-    extent: Extent,
-) -> Ahead {
-    size_for(&mut buf, from, to, extent);
-    tokio::task::spawn_blocking(move || open_in(&file, &sealed, buf, from, to, extent))
-}
+    /// Opens in `buf`, on a blocking thread when large.
+    async fn run(self, buf: BytesMut) -> (BytesMut, io::Result<Bytes>) {
+        if self.to - self.from >= BLOCKING_READ_MIN as u64 {
+            return self
+                .start(buf)
+                .await
+                .unwrap_or_else(|e| (BytesMut::new(), Err(io::Error::other(e))));
+        }
+        let buf = self.sized(buf);
+        self.open_in(buf)
+    }
 
-/// Sizes `buf` for the sealed chunks of plaintext `[from, to)`. Done on the async worker, not
-/// on the blocking thread: memory freed on another thread than the one that allocated it is
-/// what makes RSS grow under many readers.
-fn size_for(buf: &mut BytesMut, from: u64, to: u64, extent: Extent) {
-    let raw_len = seal::span(from, to, extent.written).2;
-    buf.reserve(raw_len);
-    buf.resize(raw_len, 0);
-}
+    /// Starts opening in `buf` on a blocking thread.
+    fn start(self, buf: BytesMut) -> Ahead {
+        let buf = self.sized(buf);
+        tokio::task::spawn_blocking(move || self.open_in(buf))
+    }
 
-/// One buffer, reused like the plaintext path's: the sealed chunks are read into it, opened in
-/// place and the plaintext moved to its front; the plaintext is split off, the rest of `buf`
-/// goes back for reuse.
-fn open_in(
-    file: &File,
-    sealed: &SealedFile,
-    mut buf: BytesMut,
-    from: u64,
-    to: u64,
-    extent: Extent,
-) -> (BytesMut, io::Result<Bytes>) {
-    let piece = open_sealed(file, sealed, &mut buf, from, to, extent).map(|n| {
-        buf.truncate(n);
-        buf.split().freeze()
-    });
-    (buf, piece)
+    /// `buf` sized for the sealed chunks the plaintext touches. Done on the async worker, not
+    /// on the blocking thread: memory freed on another thread than the one that allocated it
+    /// is what makes RSS grow under many readers.
+    fn sized(&self, mut buf: BytesMut) -> BytesMut {
+        let raw_len = seal::span(self.from, self.to, self.extent.written).2;
+        buf.reserve(raw_len);
+        buf.resize(raw_len, 0);
+        buf
+    }
+
+    /// One buffer, reused like the plaintext path's: the sealed chunks are read into it,
+    /// opened in place and the plaintext moved to its front; the plaintext is split off, the
+    /// rest of `buf` goes back for reuse.
+    fn open_in(&self, mut buf: BytesMut) -> (BytesMut, io::Result<Bytes>) {
+        let (file, sealed) = (&self.file, &self.sealed);
+        let piece = open_sealed(file, sealed, &mut buf, self.from, self.to, self.extent).map(|n| {
+            buf.truncate(n);
+            buf.split().freeze()
+        });
+        (buf, piece)
+    }
 }
 
 /// Plaintext `[from, to)` of a sealed file into the front of `buf` (sized for the sealed chunks

@@ -1251,7 +1251,7 @@ async fn readers_of_one_sealed_blob_share_its_opened_pieces_while_its_key_lasts(
     let dir = tempfile::tempdir().unwrap();
     let keys = TestKeys::new(&[4]);
     let store = sealed_store(dir.path(), &keys);
-    let data = blob_bytes(3 * MAX_CHUNK + 777, 21);
+    let data = blob_bytes(6 * MAX_CHUNK + 777, 21);
     let digest = fill_sealed(&store, &data).await;
     let blob = store.lookup(&digest).unwrap();
     let mut first = blob.reader(0, blob.len);
@@ -1264,6 +1264,8 @@ async fn readers_of_one_sealed_blob_share_its_opened_pieces_while_its_key_lasts(
         got.extend(drain_blob(reader).await.unwrap());
         assert!(got == data, "every reader gets every byte");
     }
+    let kept = store.shared.opened.kept();
+    assert!((1..=4).contains(&kept), "{kept} pieces kept (invariant 7)");
     // A range that starts inside a piece opens its own bytes, and they are right too.
     let (from, to) = (1_000, 2 * MAX_CHUNK as u64 + 5);
     let got = drain_blob(blob.reader(from, to)).await.unwrap();
