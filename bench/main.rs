@@ -625,6 +625,11 @@ fn proxy_round(bed: &Bed, kind: Kind, rep: usize, results: &mut Results) {
             w4(bed, srv, rep, direct, results)
         });
         step(results, "W4", r);
+        if kind == Kind::PullgateEncrypted {
+            settle();
+            let r = w4_pair(bed, rep, results);
+            step(results, "W4 pair", r);
+        }
     }
 
     // W2 (+ W6 during W2): a new process on the warm cache.
@@ -1034,6 +1039,54 @@ fn w5_over(bed: &Bed, id: &str, targets: &[Target], results: &mut Results) -> Re
     targets.iter().try_for_each(|t| verify(t, &bed.medium))
 }
 
+/// W4 encrypted ÷ plaintext measured side by side: plaintext, encrypted, encrypted, plaintext
+/// (the other way round in odd repetitions), each a cold pull on a new process with an empty
+/// cache, one right after the other; the ratio of the two sums. The contestants' own W4 rounds
+/// run minutes apart, and on this 2-core VM the same direct pull moved between 0.36 and 0.66 s
+/// over a run: that drift, not the cache, decided their ratio.
+fn w4_pair(bed: &Bed, rep: usize, results: &mut Results) -> Result<(), String> {
+    let (a, b) = if rep % 2 == 1 {
+        (Kind::PullgateEncrypted, Kind::Pullgate)
+    } else {
+        (Kind::Pullgate, Kind::PullgateEncrypted)
+    };
+    let (mut plain, mut encrypted) = (0.0, 0.0);
+    for (i, kind) in [a, b, b, a].into_iter().enumerate() {
+        let state = bed.run.join(format!("state-w4-pair-{i}-{rep}"));
+        let label = format!("w4-pair-{i}-{rep}");
+        let mut secs = 0.0;
+        let r = with_server(bed, kind, &state, &label, |srv| {
+            secs = cold_pull(bed, srv)?.0;
+            Ok(())
+        });
+        let _ = std::fs::remove_dir_all(&state);
+        r?;
+        if kind == Kind::Pullgate {
+            plain += secs;
+        } else {
+            encrypted += secs;
+        }
+    }
+    let ratio = encrypted / plain;
+    results.add("w4_pair_ratio", Kind::PullgateEncrypted.id(), ratio);
+    println!(
+        "  W4 side by side: plaintext {plain:.2} s, encrypted {encrypted:.2} s for two cold pulls each (÷ {ratio:.3})"
+    );
+    Ok(())
+}
+
+/// A cold GET of the 500 MiB blob: its seconds and the server's peak RSS (MiB).
+fn cold_pull(bed: &Bed, srv: &Server) -> Result<(f64, f64), String> {
+    let r = fetch(&srv.target(), "GET", &bed.big.path, &[], BodyMode::Discard)?;
+    if r.status != 200 || r.bytes != bed.big.size {
+        return Err(format!(
+            "cold GET: status {} with {} of {} bytes",
+            r.status, r.bytes, bed.big.size
+        ));
+    }
+    Ok((r.elapsed.as_secs_f64(), srv.peak_rss() as f64 / MIB as f64))
+}
+
 fn w4(
     bed: &Bed,
     srv: &Server,
@@ -1042,15 +1095,7 @@ fn w4(
     results: &mut Results,
 ) -> Result<(), String> {
     let id = srv.kind.id();
-    let r = fetch(&srv.target(), "GET", &bed.big.path, &[], BodyMode::Discard)?;
-    if r.status != 200 || r.bytes != bed.big.size {
-        return Err(format!(
-            "cold GET: status {} with {} of {} bytes",
-            r.status, r.bytes, bed.big.size
-        ));
-    }
-    let secs = r.elapsed.as_secs_f64();
-    let rss = srv.peak_rss() as f64 / MIB as f64;
+    let (secs, rss) = cold_pull(bed, srv)?;
     results.add("w4_secs", id, secs);
     results.add("w6_rss_w4", id, rss);
     let ratio = direct.map(|d| secs / d);

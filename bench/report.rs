@@ -134,6 +134,13 @@ pub const METRICS: &[Metric] = &[
         better: Better::Lower,
     },
     Metric {
+        id: "w4_pair_ratio",
+        workload: "W4",
+        title: "encrypted ÷ plaintext cold pull, side by side (2 + 2 pulls)",
+        unit: "×",
+        better: Better::Lower,
+    },
+    Metric {
         id: "w5_upstream",
         workload: "W5",
         title: "20 clients, cold 50 MiB: upstream bytes ÷ blob size",
@@ -442,6 +449,13 @@ impl Results {
                     fmt(ratio),
                 );
             }
+        }
+        if let Some(r) = med("w4_pair_ratio", "pullgate-enc") {
+            check(
+                "W4 encrypted ÷ plaintext ≤ 1.1, side by side".into(),
+                Some(r <= 1.1),
+                fmt(r),
+            );
         }
         if let Some(s) = self.get("w6_rss_w2", "pullgate-enc") {
             check(
