@@ -627,8 +627,8 @@ fn proxy_round(bed: &Bed, kind: Kind, rep: usize, results: &mut Results) {
         step(results, "W4", r);
         if kind == Kind::PullgateEncrypted {
             settle();
-            let r = w4_pair(bed, rep, results);
-            step(results, "W4 pair", r);
+            let r = w4_side_by_side(bed, rep, results);
+            step(results, "W4 side by side", r);
         }
     }
 
@@ -1044,7 +1044,7 @@ fn w5_over(bed: &Bed, id: &str, targets: &[Target], results: &mut Results) -> Re
 /// cache, one right after the other; the ratio of the two sums. The contestants' own W4 rounds
 /// run minutes apart, and on this 2-core VM the same direct pull moved between 0.36 and 0.66 s
 /// over a run: that drift, not the cache, decided their ratio.
-fn w4_pair(bed: &Bed, rep: usize, results: &mut Results) -> Result<(), String> {
+fn w4_side_by_side(bed: &Bed, rep: usize, results: &mut Results) -> Result<(), String> {
     let (a, b) = if rep % 2 == 1 {
         (Kind::PullgateEncrypted, Kind::Pullgate)
     } else {
@@ -1052,8 +1052,8 @@ fn w4_pair(bed: &Bed, rep: usize, results: &mut Results) -> Result<(), String> {
     };
     let (mut plain, mut encrypted) = (0.0, 0.0);
     for (i, kind) in [a, b, b, a].into_iter().enumerate() {
-        let state = bed.run.join(format!("state-w4-pair-{i}-{rep}"));
-        let label = format!("w4-pair-{i}-{rep}");
+        let state = bed.run.join(format!("state-w4-side-{i}-{rep}"));
+        let label = format!("w4-side-{i}-{rep}");
         let mut secs = 0.0;
         let r = with_server(bed, kind, &state, &label, |srv| {
             secs = cold_pull(bed, srv)?.0;
@@ -1068,7 +1068,7 @@ fn w4_pair(bed: &Bed, rep: usize, results: &mut Results) -> Result<(), String> {
         }
     }
     let ratio = encrypted / plain;
-    results.add("w4_pair_ratio", Kind::PullgateEncrypted.id(), ratio);
+    results.add("w4_side_by_side", Kind::PullgateEncrypted.id(), ratio);
     println!(
         "  W4 side by side: plaintext {plain:.2} s, encrypted {encrypted:.2} s for two cold pulls each (÷ {ratio:.3})"
     );

@@ -134,7 +134,7 @@ pub const METRICS: &[Metric] = &[
         better: Better::Lower,
     },
     Metric {
-        id: "w4_pair_ratio",
+        id: "w4_side_by_side",
         workload: "W4",
         title: "encrypted ÷ plaintext cold pull, side by side (2 + 2 pulls)",
         unit: "×",
@@ -450,7 +450,7 @@ impl Results {
                 );
             }
         }
-        if let Some(r) = med("w4_pair_ratio", "pullgate-enc") {
+        if let Some(r) = med("w4_side_by_side", "pullgate-enc") {
             check(
                 "W4 encrypted ÷ plaintext ≤ 1.1, side by side".into(),
                 Some(r <= 1.1),
