@@ -15,6 +15,7 @@ const COLORS: &[(&str, &str)] = &[
     ("distribution", "#d62728"),
     ("nginx-cache", "#2ca02c"),
     ("nginx-static", "#9e9e9e"),
+    ("pingora-static", "#a9a9a9"),
     ("page-cache", "#bdbdbd"),
     ("loopback", "#d0d0d0"),
 ];

@@ -1,6 +1,7 @@
-//! The servers measured: pullgate, distribution in proxy mode, nginx `proxy_cache`, and nginx
-//! serving the blob files (a limit). Each runs as its own process (tree) on a free loopback
-//! port, is polled until it answers, and is stopped by PID.
+//! The servers measured: pullgate, distribution in proxy mode, nginx `proxy_cache`, and as
+//! limits nginx serving the blob files and Pingora answering the small ones from memory. Each
+//! runs as its own process (tree) on a free loopback port, is polled until it answers, and is
+//! stopped by PID.
 //!
 //! A server's cache lives in a state folder the caller owns, so a new process can start on a
 //! warm cache: every measurement that needs a cold cache or a fresh peak-RSS count starts a new
@@ -26,6 +27,8 @@ pub enum Kind {
     Distribution,
     NginxCache,
     NginxStatic,
+    /// This bench binary as a Pingora server answering the small files from memory (W3).
+    PingoraStatic,
 }
 
 impl Kind {
@@ -38,6 +41,7 @@ impl Kind {
             Kind::Distribution => "distribution",
             Kind::NginxCache => "nginx-cache",
             Kind::NginxStatic => "nginx-static",
+            Kind::PingoraStatic => "pingora-static",
         }
     }
 }
@@ -101,6 +105,14 @@ impl Server {
                 Kind::Distribution => distribution_cmd(env, port, state, &dir)?,
                 Kind::NginxCache => nginx_cmd(&nginx_cache_conf(env, port, state, &dir), &dir)?,
                 Kind::NginxStatic => nginx_cmd(&nginx_static_conf(env, port, &dir), &dir)?,
+                Kind::PingoraStatic => {
+                    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+                    let mut cmd = Command::new(exe);
+                    cmd.arg(crate::pingora_static::FLAG)
+                        .arg(&env.www)
+                        .arg(addr.to_string());
+                    cmd
+                }
             };
             let mut proc = Proc::spawn(
                 cmd,

@@ -14,6 +14,7 @@ mod client;
 mod cluster;
 mod contestants;
 mod load;
+mod pingora_static;
 mod quiet;
 mod report;
 
@@ -69,7 +70,7 @@ fn usage(code: i32) -> ! {
          --reps N     repetitions of every measurement (default 3)\n\
          --load-secs  duration of each W3 load run (default 3)\n\
          --no-big16   skip the 16 clients × 500 MiB warm run (issue 3's peak-RSS case)\n\
-         --only       contestants to run (default all); 'limits' = nginx static, dd, loopback\n\
+         --only       contestants to run (default all); 'limits' = nginx static, Pingora static (W3), dd, loopback\n\
          --workloads  the workloads of each contestant's round (default all; W6 comes with W2 and W4)\n\
          --out DIR    where results.json and results.md go (default: bench/)\n\
          --pullgate   the pullgate binary (default: target/release/pullgate next to this one)\n\
@@ -221,6 +222,11 @@ struct Bed {
 }
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(pingora_static::FLAG) {
+        // This binary as the `pingora-static` limit (started by `contestants`).
+        pingora_static::run(Path::new(&args[2]), &args[3]);
+    }
     let opts = parse_args();
     // Before any thread exists, so every thread and child inherits it: other work on the
     // machine (a build) then disturbs the figures less. The CPU others used is reported.
@@ -1270,8 +1276,8 @@ fn upstream_blob_bytes(log: &str, digest: &str) -> (usize, u64) {
     (n, bytes)
 }
 
-/// The machine's limits: nginx serving the files, reading them from the page cache, and
-/// loopback TCP.
+/// The machine's limits: nginx serving the files, Pingora answering them from memory (W3),
+/// reading them from the page cache, and loopback TCP.
 fn limits_round(bed: &Bed, rep: usize, results: &mut Results) {
     settle();
     let state = bed.run.join(format!("state-static-{rep}"));
@@ -1295,6 +1301,13 @@ fn limits_round(bed: &Bed, rep: usize, results: &mut Results) {
         results.fail(format!("nginx-static rep {}: {e}", rep + 1));
     }
     let _ = std::fs::remove_dir_all(&state);
+    // Pingora's own floor for W3's small answers (`pingora_static.rs`).
+    let r = with_server(bed, Kind::PingoraStatic, &state, "pingora-static", |srv| {
+        w3(bed, srv, "/small", "/manifest", "pingora-static", results)
+    });
+    if let Err(e) = r {
+        results.fail(format!("pingora-static rep {}: {e}", rep + 1));
+    }
 
     match page_cache(bed) {
         Ok((g1, g16)) => {

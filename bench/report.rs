@@ -231,6 +231,7 @@ pub const CONTESTANTS: &[(&str, &str)] = &[
     ("distribution", "distribution 2.8 proxy"),
     ("nginx-cache", "nginx proxy_cache"),
     ("nginx-static", "limit: nginx static file"),
+    ("pingora-static", "limit: Pingora, answer from memory (W3)"),
     ("page-cache", "limit: page-cache read (dd)"),
     ("loopback", "limit: loopback TCP"),
     ("direct", "upstream direct (TLS)"),
