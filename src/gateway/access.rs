@@ -6,7 +6,7 @@
 
 use std::net::IpAddr;
 
-use http::{header, Method};
+use http::{header, HeaderName, Method};
 use pingora::proxy::Session;
 
 use super::{Gateway, RequestCtx};
@@ -52,8 +52,9 @@ pub fn check_credentials(
 
 /// The client address policy sees: the peer, or the forwarded address behind a trusted proxy.
 pub fn client_address(gw: &Gateway, session: &Session) -> IpAddr {
+    static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
     let req = session.req_header();
-    let values = |name: &str| -> Vec<&str> {
+    let values = |name: &HeaderName| -> Vec<&str> {
         req.headers
             .get_all(name)
             .iter()
@@ -65,11 +66,8 @@ pub fn client_address(gw: &Gateway, session: &Session) -> IpAddr {
         .and_then(|a| a.as_inet())
         .map(|a| a.ip())
         .unwrap_or(IpAddr::from([0, 0, 0, 0]));
-    gw.policy.client_addr(
-        peer,
-        &values("x-forwarded-for"),
-        &values(header::FORWARDED.as_str()),
-    )
+    gw.policy
+        .client_addr(peer, &values(&X_FORWARDED_FOR), &values(&header::FORWARDED))
 }
 
 /// The source address and the authentication of a request.

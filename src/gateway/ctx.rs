@@ -4,10 +4,35 @@
 use std::net::IpAddr;
 use std::time::Instant;
 
+/// A request's id: 16 hex digits, kept inline (made for every request, so no allocation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestId([u8; 16]);
+
+impl RequestId {
+    pub fn new(n: u64) -> RequestId {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut id = [0; 16];
+        for (i, digit) in id.iter_mut().enumerate() {
+            *digit = DIGITS[((n >> (60 - 4 * i)) & 0xf) as usize];
+        }
+        RequestId(id)
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).unwrap_or("-")
+    }
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Per-request state, filled as the request is routed and served.
 #[derive(Debug)]
 pub struct RequestCtx {
-    pub request_id: String,
+    pub request_id: RequestId,
     /// The config snapshot this request runs on, from its start to its end (a reload during
     /// the request changes nothing for it).
     pub gateway: std::sync::Arc<super::Gateway>,
@@ -71,7 +96,7 @@ pub struct WarmCaller {
 }
 
 impl RequestCtx {
-    pub fn new(request_id: String, gateway: std::sync::Arc<super::Gateway>) -> Self {
+    pub fn new(request_id: RequestId, gateway: std::sync::Arc<super::Gateway>) -> Self {
         RequestCtx {
             request_id,
             gateway,
@@ -115,7 +140,7 @@ impl RequestCtx {
     /// One access line per request.
     pub fn log_access(&self, status: u16) {
         crate::access_log::AccessLine {
-            request_id: &self.request_id,
+            request_id: self.request_id.as_str(),
             method: &self.method,
             path: &self.path,
             status,
@@ -154,7 +179,14 @@ pub fn loggable_path(path: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::loggable_path;
+    use super::{loggable_path, RequestId};
+
+    #[test]
+    fn a_request_id_is_its_number_in_16_hex_digits() {
+        for n in [0, 1, 0xabc, 0x0123_4567_89ab_cdef, u64::MAX] {
+            assert_eq!(RequestId::new(n).as_str(), format!("{n:016x}"));
+        }
+    }
 
     #[test]
     fn a_plain_path_is_logged_as_it_came_and_others_escaped() {

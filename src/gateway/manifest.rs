@@ -412,13 +412,13 @@ impl ManifestJob<'_> {
         let routed = self.job.routed;
         let now = SystemTime::now();
         let ttl = routed.registry.tag_ttl(&self.gw.config.cache);
-        if let Some(entry) = cached
-            .clone()
-            .filter(|e| !self.job.revalidate_tags && e.age(now) < ttl)
-        {
-            ctx.cache = "hit";
-            return Ok(TagAnswer::Entry(entry));
-        }
+        let cached = match cached {
+            Some(entry) if !self.job.revalidate_tags && entry.age(now) < ttl => {
+                ctx.cache = "hit";
+                return Ok(TagAnswer::Entry(entry));
+            }
+            other => other,
+        };
         if cached.is_none() {
             self.refuse_if_known_missing(ctx, slot)?;
         }

@@ -491,12 +491,9 @@ impl Edge {
         }
     }
 
-    fn request_id(&self) -> String {
+    fn request_id(&self) -> ctx::RequestId {
         let n = self.next_request.fetch_add(1, Ordering::Relaxed);
-        format!(
-            "{:016x}",
-            n.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ self.id_nonce
-        )
+        ctx::RequestId::new(n.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ self.id_nonce)
     }
 }
 
@@ -677,7 +674,7 @@ impl ProxyHttp for Edge {
         if ctx.kind != "other" {
             gw.audit.record(&AuditRecord {
                 time: std::time::SystemTime::now(),
-                request_id: &ctx.request_id,
+                request_id: ctx.request_id.as_str(),
                 client: ctx.client,
                 zone: ctx.zone.as_deref(),
                 identity: ctx.identity.as_deref(),

@@ -181,7 +181,7 @@ impl Cluster {
         self.refresh_members();
         match self
             .membership
-            .owner(&format!("tag:{}", key.as_str()), Instant::now())
+            .owner(&format!("tag:{}", key.hex()), Instant::now())
         {
             Owner::Me => None,
             Owner::Peer(peer) => Some(peer),

@@ -67,7 +67,7 @@ mod tests {
     #[test]
     fn anonymous_callers_who_could_log_in_are_challenged() {
         let (_dir, gw) = crate::gateway::tests::snapshot();
-        let mut ctx = RequestCtx::new("id".into(), gw);
+        let mut ctx = RequestCtx::new(crate::gateway::ctx::RequestId::new(1), gw);
         let denied = upstream_denied("hub", 403, None);
         assert!(for_caller(&denied, &ctx).is_none(), "policy never allowed");
         ctx.decision = "allow";

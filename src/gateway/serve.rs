@@ -6,7 +6,7 @@
 //! digest can be checked and their bytes passed on unchanged; blobs stream.
 
 use bytes::Bytes;
-use http::{header, Method};
+use http::{header, HeaderName, Method};
 use pingora::proxy::Session;
 
 use super::access;
@@ -226,10 +226,11 @@ pub async fn serve(
 /// constant time, on a loopback connection. The headers are dropped from the request either
 /// way, so nothing later (the push path included) can pass them on.
 fn warm_caller(gw: &Gateway, session: &mut Session) -> Option<super::ctx::WarmCaller> {
+    // Parsed once: a lookup by `&str` parses the name on every request.
+    static KEY: HeaderName = HeaderName::from_static(crate::warm::KEY_HEADER);
+    static ACCOUNT: HeaderName = HeaderName::from_static(crate::warm::ACCOUNT_HEADER);
     let headers = &session.req_header().headers;
-    if !headers.contains_key(crate::warm::KEY_HEADER)
-        && !headers.contains_key(crate::warm::ACCOUNT_HEADER)
-    {
+    if !headers.contains_key(&KEY) && !headers.contains_key(&ACCOUNT) {
         // A client's request: nothing to check or strip.
         return None;
     }

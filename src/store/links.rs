@@ -19,7 +19,8 @@ use crate::oci::{Digest, Repository};
 /// hit path does not write a file per request.
 const WRITE_EVERY: Duration = Duration::from_secs(60);
 
-type Key = (String, String, String);
+/// `<registry>\0<repository>\0<digest>`: one allocation per lookup (NUL is in none of them).
+type Key = String;
 
 /// Upstream confirmations that a repository holds a digest.
 pub struct Links {
@@ -139,11 +140,12 @@ impl Links {
 }
 
 fn key(registry: &str, repository: &Repository, digest: &Digest) -> Key {
-    (
-        registry.to_owned(),
-        repository.as_str().to_owned(),
-        digest.to_string(),
-    )
+    let (repository, digest) = (repository.as_str(), digest.as_str());
+    let mut key = String::with_capacity(registry.len() + repository.len() + digest.len() + 2);
+    for part in [registry, "\0", repository, "\0", digest] {
+        key.push_str(part);
+    }
+    key
 }
 
 pub(crate) fn unix_secs(at: SystemTime) -> u64 {

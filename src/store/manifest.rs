@@ -66,22 +66,27 @@ impl TagEntry {
 
 /// The identity of a tag answer: registry, repository and tag. (Clients differ in the `Accept`
 /// lists they send; the caller decides which answers are fit to cache and to reuse.)
+///
+/// Held as the three parts joined by NUL (which none of them can contain), so a lookup in
+/// memory hashes the name and nothing else; the SHA-256 form ([`hex`](TagKey::hex)) names the
+/// file on disk and the tag's owner in a cluster, and is computed only for those.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct TagKey(String);
 
 impl TagKey {
     pub fn new(registry: &str, repository: &Repository, tag: &Tag) -> TagKey {
-        let mut hasher = Sha256::new();
-        for part in [registry, repository.as_str(), tag.as_str()] {
-            hasher.update(part.as_bytes());
-            hasher.update([0]);
+        let (repository, tag) = (repository.as_str(), tag.as_str());
+        let mut joined = String::with_capacity(registry.len() + repository.len() + tag.len() + 3);
+        for part in [registry, repository, tag] {
+            joined.push_str(part);
+            joined.push('\0');
         }
-        TagKey(crate::oci::digest::to_hex(&hasher.finalize()))
+        TagKey(joined)
     }
 
     /// The key as hex: the same on every replica for the same tag, account and repository.
-    pub fn as_str(&self) -> &str {
-        &self.0
+    pub fn hex(&self) -> String {
+        crate::oci::digest::to_hex(&Sha256::digest(self.0.as_bytes()))
     }
 }
 
@@ -609,7 +614,8 @@ impl ManifestStore {
     }
 
     fn tag_path(&self, key: &TagKey) -> PathBuf {
-        self.tags.join(&key.0[..2]).join(&key.0)
+        let hex = key.hex();
+        self.tags.join(&hex[..2]).join(&hex)
     }
 
     /// Writes a whole file under a temp name and renames it into place, so a reader or a crash
@@ -774,6 +780,22 @@ mod tests {
         reopened.forget_tag(&key);
         assert!(reopened.tag_variants(&key).is_empty());
         assert_eq!(reopened.tag(&key), None);
+    }
+
+    #[test]
+    fn a_tag_file_keeps_the_name_earlier_releases_gave_it() {
+        // SHA-256 of "registry NUL repository NUL tag NUL", as hex: a cache written by an
+        // earlier release (and every replica of a cluster) finds the same file and owner.
+        let dir = tempfile::tempdir().unwrap();
+        let store = ManifestStore::open(dir.path(), Duration::ZERO).unwrap();
+        let key = TagKey::new(
+            "hub",
+            &Repository::parse("team/app").unwrap(),
+            &Tag::parse("v1").unwrap(),
+        );
+        let hex = crate::oci::digest::to_hex(&Sha256::digest(b"hub\0team/app\0v1\0"));
+        assert_eq!(key.hex(), hex);
+        assert_eq!(store.tag_path(&key), store.tags.join(&hex[..2]).join(&hex));
     }
 
     #[test]
