@@ -33,8 +33,13 @@ pub const STALE_WARNING: &str =
     "110 pullgate \"Response is Stale: the upstream registry is unavailable\"";
 
 /// A response head with the headers every pullgate answer carries.
+///
+/// Without Pingora's case map: standard names go out in their usual case, pullgate's own
+/// (`docker-content-digest`, `x-request-id`, ...) in lower case, as over HTTP/2 (names are
+/// case-insensitive, RFC 9110). Keeping the case costs a second header map per response and
+/// a copy of each name: about 2,500 of the 58,000 instructions of a warm HEAD (callgrind).
 pub fn head(status: u16, ctx: &RequestCtx) -> Result<ResponseHeader> {
-    let mut resp = ResponseHeader::build(status, Some(8))?;
+    let mut resp = ResponseHeader::build_no_case(status, Some(10))?;
     // Static values: no copy per response.
     resp.insert_header(
         "Docker-Distribution-API-Version",
