@@ -141,9 +141,7 @@ impl AccessLine<'_> {
                 Value::Bare(v) => out.push_str(v),
                 Value::Text(v) => debug_str(out, v),
                 Value::Number(n) => push_u64(out, n),
-                Value::Bool(b) => {
-                    let _ = write!(out, "{b}");
-                }
+                Value::Bool(b) => out.push_str(if b { "true" } else { "false" }),
                 Value::Ip(ip) => {
                     if let Some(ip) = ip {
                         push_ip(out, ip);
@@ -165,9 +163,7 @@ impl AccessLine<'_> {
             match value {
                 Value::Bare(v) | Value::Text(v) => json_str(out, v),
                 Value::Number(n) => push_u64(out, n),
-                Value::Bool(b) => {
-                    let _ = write!(out, "{b}");
-                }
+                Value::Bool(b) => out.push_str(if b { "true" } else { "false" }),
                 Value::Ip(ip) => {
                     // An address needs no JSON escaping.
                     out.push('"');

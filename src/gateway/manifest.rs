@@ -819,10 +819,19 @@ async fn write(
     ctx: &mut RequestCtx,
     manifest: &CachedManifest,
 ) -> Result<(), Failure> {
+    let digest = manifest.digest.as_str();
+    let mut etag = Vec::with_capacity(digest.len() + 2);
+    etag.extend_from_slice(b"\"");
+    etag.extend_from_slice(digest.as_bytes());
+    etag.extend_from_slice(b"\"");
     let mut resp = respond::head(200, ctx)?;
-    resp.insert_header(header::CONTENT_TYPE, manifest.media_type.as_str())?;
-    resp.insert_header("Docker-Content-Digest", manifest.digest.as_str())?;
-    resp.insert_header(header::ETAG, format!("\"{}\"", manifest.digest))?;
+    resp.insert_header(
+        header::CONTENT_TYPE,
+        respond::content_type(&manifest.media_type)?,
+    )?;
+    resp.insert_header("Docker-Content-Digest", digest)?;
+    // Taken as it is: a verified digest is ASCII.
+    resp.insert_header(header::ETAG, etag)?;
     respond::write_body(session, ctx, resp, manifest.body.clone()).await?;
     Ok(())
 }
@@ -834,7 +843,10 @@ async fn write_head(
     entry: &TagEntry,
 ) -> Result<(), Failure> {
     let mut resp = respond::head(200, ctx)?;
-    resp.insert_header(header::CONTENT_TYPE, entry.media_type.as_str())?;
+    resp.insert_header(
+        header::CONTENT_TYPE,
+        respond::content_type(&entry.media_type)?,
+    )?;
     resp.insert_header(header::CONTENT_LENGTH, entry.size)?;
     resp.insert_header("Docker-Content-Digest", entry.digest.as_str())?;
     session.write_response_header(Box::new(resp), true).await?;

@@ -94,6 +94,19 @@ pub async fn oci_error(
     write_body(session, ctx, resp, body).await
 }
 
+/// A `Content-Type` value: the manifest types every answer names are static (no copy).
+pub fn content_type(media_type: &str) -> Result<HeaderValue> {
+    match crate::oci::media::MANIFEST_MEDIA_TYPES
+        .iter()
+        .find(|known| **known == media_type)
+    {
+        Some(known) => Ok(HeaderValue::from_static(known)),
+        None => HeaderValue::from_str(media_type).map_err(|_| {
+            pingora::Error::explain(pingora::ErrorType::InternalError, "invalid media type")
+        }),
+    }
+}
+
 /// A complete response with a body already in memory (HEAD gets the head only).
 pub async fn write_body(
     session: &mut Session,
