@@ -1308,6 +1308,7 @@ fn limits_round(bed: &Bed, rep: usize, results: &mut Results) {
     if let Err(e) = r {
         results.fail(format!("pingora-static rep {}: {e}", rep + 1));
     }
+    let _ = std::fs::remove_dir_all(&state);
 
     match page_cache(bed) {
         Ok((g1, g16)) => {

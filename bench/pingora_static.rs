@@ -104,10 +104,9 @@ pub fn run(dir: &Path, addr: &str) -> ! {
     let mut server = pingora::server::Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
     let mut service = pingora::proxy::http_proxy_service(&server.configuration, Static { files });
-    // pullgate's connection write buffer (src/listen/mod.rs).
     service.add_listener(
         ListenerConfig::tcp(addr.to_string())
-            .l4_buffer(L4BufferSettings::default().write(16 * 1024)),
+            .l4_buffer(L4BufferSettings::default().write(pullgate::listen::WRITE_BUFFER)),
     );
     server.add_service(service);
     server.run_forever()

@@ -206,7 +206,7 @@ fn build(launch: Launch) -> Result<(Server, Arc<ArcSwap<Gateway>>), String> {
 /// sends (and two wake-ups of the client); with room for the head and a small body they leave
 /// together when the response ends. Larger bodies are written straight through as before. The
 /// buffer is allocated per connection: 16 KiB x 1,000 keep-alive clients = 16 MiB.
-const WRITE_BUFFER: usize = 16 * 1024;
+pub const WRITE_BUFFER: usize = 16 * 1024;
 
 fn write_buffer() -> L4BufferSettings {
     L4BufferSettings::default().write(WRITE_BUFFER)

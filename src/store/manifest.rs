@@ -668,6 +668,15 @@ mod tests {
         }
     }
 
+    /// The key of `team/app:<tag>` on registry `hub`.
+    fn hub_key(tag: &str) -> TagKey {
+        TagKey::new(
+            "hub",
+            &Repository::parse("team/app").unwrap(),
+            &Tag::parse(tag).unwrap(),
+        )
+    }
+
     #[test]
     fn manifests_are_sealed_checked_and_swept_with_the_keys() {
         let dir = tempfile::tempdir().unwrap();
@@ -716,11 +725,7 @@ mod tests {
         let store = ManifestStore::open(dir.path(), Duration::ZERO).unwrap();
         let m = manifest(b"{\"schemaVersion\":2}");
         store.put(m.clone());
-        let key = TagKey::new(
-            "hub",
-            &Repository::parse("team/app").unwrap(),
-            &Tag::parse("v1").unwrap(),
-        );
+        let key = hub_key("v1");
         let at = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         let entry = TagEntry {
             digest: m.digest.clone(),
@@ -746,11 +751,7 @@ mod tests {
     fn tag_variants_are_kept_one_per_media_type_beside_the_primary_answer() {
         let dir = tempfile::tempdir().unwrap();
         let store = ManifestStore::open(dir.path(), Duration::ZERO).unwrap();
-        let key = TagKey::new(
-            "hub",
-            &Repository::parse("team/app").unwrap(),
-            &Tag::parse("v1").unwrap(),
-        );
+        let key = hub_key("v1");
         let at = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         let entry = |body: &[u8], media_type: &str| TagEntry {
             digest: Digest::compute(Algorithm::Sha256, body),
@@ -788,11 +789,7 @@ mod tests {
         // earlier release (and every replica of a cluster) finds the same file and owner.
         let dir = tempfile::tempdir().unwrap();
         let store = ManifestStore::open(dir.path(), Duration::ZERO).unwrap();
-        let key = TagKey::new(
-            "hub",
-            &Repository::parse("team/app").unwrap(),
-            &Tag::parse("v1").unwrap(),
-        );
+        let key = hub_key("v1");
         let hex = crate::oci::digest::to_hex(&Sha256::digest(b"hub\0team/app\0v1\0"));
         assert_eq!(key.hex(), hex);
         assert_eq!(store.tag_path(&key), store.tags.join(&hex[..2]).join(&hex));
@@ -802,11 +799,7 @@ mod tests {
     fn tag_files_written_before_variants_still_read() {
         let dir = tempfile::tempdir().unwrap();
         let store = ManifestStore::open(dir.path(), Duration::ZERO).unwrap();
-        let key = TagKey::new(
-            "hub",
-            &Repository::parse("team/app").unwrap(),
-            &Tag::parse("old").unwrap(),
-        );
+        let key = hub_key("old");
         let digest = Digest::compute(Algorithm::Sha256, b"x");
         let old = format!(
             r#"{{"digest":"{digest}","media_type":"{}","size":1,"validated_at":1700000000}}"#,
