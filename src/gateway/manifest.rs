@@ -5,11 +5,12 @@
 //! a HEAD (cheap, and not counted as a pull by Docker Hub). While the upstream fails (transport
 //! errors, 5xx, 429) a cached answer keeps serving for `cache.stale_if_error` with a `Warning`
 //! header. Upstream 404s are remembered for `cache.negative_ttl`. Bodies are read whole under
-//! `cache.max_manifest_size` (invariant 7), verified, and passed on byte for byte.
+//! `cache.max_manifest_size` (invariant 7), verified, and passed on byte for byte. Requests that
+//! need the upstream for the same tag or manifest at the same time ask it once (`flight.rs`).
 
 use std::borrow::Cow;
 use std::sync::{Arc, OnceLock};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method};
@@ -17,6 +18,7 @@ use pingora::proxy::Session;
 use sha2::{Digest as _, Sha256};
 
 use super::confirm::{is_unavailable_error, is_unavailable_status, Confirm, Kind};
+use super::flight::Turn;
 use super::job::{error_from_upstream, manifest_read_error, upstream_error, Failure, Job};
 use super::respond;
 use super::signature;
@@ -288,32 +290,52 @@ impl ManifestJob<'_> {
         ctx: &mut RequestCtx,
         digest: &Digest,
     ) -> Result<(), Failure> {
+        if let Some(cached) = self.cached_by_digest(ctx, digest).await? {
+            return self.send(session, ctx, &cached).await;
+        }
+        let _leader = match self.gw.flights.join(self.missing(Slot::Variant)).await {
+            Turn::Lead(leader) => Some(leader),
+            Turn::Followed => {
+                if let Some(cached) = self.cached_by_digest(ctx, digest).await? {
+                    return self.send(session, ctx, &cached).await;
+                }
+                None
+            }
+        };
+        self.refuse_if_known_missing(ctx, Slot::Variant)?;
+        let reference = Reference::Digest(digest.clone());
+        let fetched = self.fetch(ctx, &reference, Slot::Variant).await?;
+        self.send(session, ctx, &fetched).await
+    }
+
+    /// The cached manifest `digest` when this client takes its type, once this repository is
+    /// confirmed to have it (invariant 5), from the disk or the object store alike.
+    async fn cached_by_digest(
+        &self,
+        ctx: &mut RequestCtx,
+        digest: &Digest,
+    ) -> Result<Option<Arc<CachedManifest>>, Failure> {
         let mut cached = self.gw.manifests.get(digest);
         let in_cache = cached.is_some();
         if !in_cache {
             cached = self.read_l2(ctx, digest).await;
         }
-        if let Some(cached) = cached {
-            if self.takes(&cached.media_type) {
-                // From the disk or the object store alike, only once this repository is
-                // confirmed to have it (invariant 5).
-                let confirmed = self.confirm().check(Kind::Manifest, digest).await?;
-                self.confirm()
-                    .references(digest, &cached.body, confirmed.at);
-                ctx.cache = if in_cache { "hit" } else { "miss" };
-                ctx.mark_stale(confirmed.stale);
-                return self.send(session, ctx, &cached).await;
-            }
+        let Some(cached) = cached else {
+            ctx.cache = "miss";
+            return Ok(None);
+        };
+        if !self.takes(&cached.media_type) {
             // Not a type this client takes: the upstream says what it gets (distribution:
             // a 404 for a type it did not ask for).
             ctx.cache = "bypass";
-        } else {
-            ctx.cache = "miss";
+            return Ok(None);
         }
-        self.refuse_if_known_missing(ctx, Slot::Variant)?;
-        let reference = Reference::Digest(digest.clone());
-        let fetched = self.fetch(ctx, &reference, Slot::Variant).await?;
-        self.send(session, ctx, &fetched).await
+        let confirmed = self.confirm().check(Kind::Manifest, digest).await?;
+        self.confirm()
+            .references(digest, &cached.body, confirmed.at);
+        ctx.cache = if in_cache { "hit" } else { "miss" };
+        ctx.mark_stale(confirmed.stale);
+        Ok(Some(cached))
     }
 
     /// The manifest from the object store (`cache.l2`), verified there and kept on this
@@ -419,6 +441,19 @@ impl ManifestJob<'_> {
             }
             other => other,
         };
+        let _leader = match self.gw.flights.join(self.missing(slot)).await {
+            Turn::Lead(leader) => Some(leader),
+            Turn::Followed => match self.fresh_entry(slot, key, ttl) {
+                Some(entry) if self.refuses(slot, &entry.media_type) => {
+                    return Ok(TagAnswer::Refused)
+                }
+                Some(entry) => {
+                    ctx.cache = "hit";
+                    return Ok(TagAnswer::Entry(entry));
+                }
+                None => None,
+            },
+        };
         if cached.is_none() {
             self.refuse_if_known_missing(ctx, slot)?;
         }
@@ -504,6 +539,22 @@ impl ManifestJob<'_> {
             }
             (Err(e), _) => Err(Failure::Respond(upstream_error(&e))),
         }
+    }
+
+    /// This slot's answer for `key` while fresh: after a flight, what its leader cached.
+    fn fresh_entry(&self, slot: Slot, key: &TagKey, ttl: Duration) -> Option<TagEntry> {
+        let now = SystemTime::now();
+        let entry = match slot {
+            Slot::Primary => self.gw.manifests.tag(key).filter(|e| self.live(e)),
+            Slot::Variant => self
+                .gw
+                .manifests
+                .tag_variants(key)
+                .into_iter()
+                .filter(|e| self.live(e))
+                .find(|v| self.takes(&v.media_type)),
+        };
+        entry.filter(|e| e.age(now) < ttl)
     }
 
     /// In a cluster only the tag's owner asks the upstream about it, so the cluster asks at
@@ -659,6 +710,19 @@ impl ManifestJob<'_> {
                 .references(&entry.digest, &cached.body, entry.validated_at);
             return Ok(Some(cached));
         }
+        let flight = format!(
+            "{}\0{}\0{}",
+            self.job.partition,
+            self.job.routed.repository.as_str(),
+            entry.digest
+        );
+        let _leader = match self.gw.flights.join(flight).await {
+            Turn::Lead(leader) => Some(leader),
+            Turn::Followed => match self.gw.manifests.get(&entry.digest) {
+                Some(cached) => return Ok(Some(cached)),
+                None => None,
+            },
+        };
         if let Some(from_owner) = self.owner_manifest(entry, tag).await {
             return Ok(Some(from_owner));
         }

@@ -13,6 +13,7 @@ mod confirm;
 mod ctx;
 mod data;
 mod delete;
+mod flight;
 mod job;
 mod manifest;
 mod peer;
@@ -84,6 +85,8 @@ pub struct Gateway {
     cluster: Option<Arc<peer::Cluster>>,
     /// Signature verdicts; carried over a reload that changes no signature policy.
     verdicts: Arc<signature::Verdicts>,
+    /// Manifest and tag questions to the upstream in progress (`flight.rs`); carried over.
+    flights: Arc<flight::Flights>,
     /// Marks this process's own warm requests (one per process, carried across reloads).
     warm_key: crate::warm::WarmKey,
     /// `cache.warm_bandwidth`, shared with the warm engine: paces the fills warm requests start.
@@ -432,6 +435,7 @@ impl Gateway {
             redirect_key,
             cluster,
             verdicts,
+            flights: previous.map_or_else(Default::default, |p| Arc::clone(&p.flights)),
             warm_key: stores.warm_key,
             warm_pace: stores.warm_pace,
         })
