@@ -171,14 +171,22 @@ fn head_for(
         RangeAnswer::Partial { start, end } => (206, start, end),
         RangeAnswer::Unsatisfiable => return Ok(None),
     };
-    let mut resp = respond::head(status, ctx)?;
-    resp.insert_header(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
+    let mut resp = respond::head_with(
+        status,
+        ctx,
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            ),
+            (header::CONTENT_LENGTH, HeaderValue::from(end - start)),
+            (header::ACCEPT_RANGES, HeaderValue::from_static("bytes")),
+            (
+                respond::DOCKER_CONTENT_DIGEST,
+                respond::value(job.digest.as_str())?,
+            ),
+        ],
     )?;
-    resp.insert_header(header::CONTENT_LENGTH, end - start)?;
-    resp.insert_header(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"))?;
-    resp.insert_header("Docker-Content-Digest", job.digest.to_string())?;
     if status == 206 {
         resp.insert_header(
             header::CONTENT_RANGE,

@@ -888,14 +888,20 @@ async fn write(
     etag.extend_from_slice(b"\"");
     etag.extend_from_slice(digest.as_bytes());
     etag.extend_from_slice(b"\"");
-    let mut resp = respond::head(200, ctx)?;
-    resp.insert_header(
-        header::CONTENT_TYPE,
-        respond::content_type(&manifest.media_type)?,
+    let etag = HeaderValue::try_from(etag)
+        .map_err(|_| pingora::Error::explain(pingora::ErrorType::InternalError, "bad etag"))?;
+    let resp = respond::head_with(
+        200,
+        ctx,
+        [
+            (
+                header::CONTENT_TYPE,
+                respond::content_type(&manifest.media_type)?,
+            ),
+            (respond::DOCKER_CONTENT_DIGEST, respond::value(digest)?),
+            (header::ETAG, etag),
+        ],
     )?;
-    resp.insert_header("Docker-Content-Digest", digest)?;
-    // Taken as it is: a verified digest is ASCII.
-    resp.insert_header(header::ETAG, etag)?;
     respond::write_body(session, ctx, resp, manifest.body.clone()).await?;
     Ok(())
 }
@@ -906,13 +912,21 @@ async fn write_head(
     ctx: &mut RequestCtx,
     entry: &TagEntry,
 ) -> Result<(), Failure> {
-    let mut resp = respond::head(200, ctx)?;
-    resp.insert_header(
-        header::CONTENT_TYPE,
-        respond::content_type(&entry.media_type)?,
+    let resp = respond::head_with(
+        200,
+        ctx,
+        [
+            (
+                header::CONTENT_TYPE,
+                respond::content_type(&entry.media_type)?,
+            ),
+            (header::CONTENT_LENGTH, HeaderValue::from(entry.size)),
+            (
+                respond::DOCKER_CONTENT_DIGEST,
+                respond::value(entry.digest.as_str())?,
+            ),
+        ],
     )?;
-    resp.insert_header(header::CONTENT_LENGTH, entry.size)?;
-    resp.insert_header("Docker-Content-Digest", entry.digest.as_str())?;
     session.write_response_header(Box::new(resp), true).await?;
     session.write_response_body(None, true).await?;
     Ok(())
