@@ -13,12 +13,6 @@ use clap::{Parser, Subcommand, ValueEnum};
 use pullgate::config::{self, Config};
 use pullgate::listen::{ConfigSource, Launch};
 
-/// mimalloc instead of glibc's malloc: a warm request makes a few dozen small allocations
-/// (Pingora's header maps, the request's strings), and glibc spent about a fifth of a warm
-/// HEAD's instructions on them (bench/README.md, "Profiling").
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 const EXIT_USAGE: u8 = 64;
 const EXIT_CONFIG: u8 = 78;
 
