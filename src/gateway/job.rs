@@ -45,6 +45,8 @@ pub struct Job<'a> {
     /// confirmations (invariant 5 with scoped credentials). See [`partition`].
     pub partition: String,
     pub method: Method,
+    /// The client's `Accept` lines and `Range`: all that negotiation and upstream requests
+    /// read of its headers (see [`client_headers`]).
     pub headers: HeaderMap,
     /// The client's query without `ns`, `?`-less; empty when none.
     pub query: String,
@@ -74,6 +76,19 @@ impl Job<'_> {
             headers,
         }
     }
+}
+
+/// The headers of `request` a [`Job`] keeps: a copy of the whole map would cost a warm request
+/// an allocation per header.
+pub fn client_headers(request: &HeaderMap) -> HeaderMap {
+    let mut kept = HeaderMap::with_capacity(2);
+    for value in request.get_all(http::header::ACCEPT) {
+        kept.append(http::header::ACCEPT, value.clone());
+    }
+    if let Some(range) = request.get(http::header::RANGE) {
+        kept.insert(http::header::RANGE, range.clone());
+    }
+    kept
 }
 
 /// The registry's name for its own credentials, `<registry>/<scoped credentials name>` for
@@ -238,5 +253,40 @@ pub fn upstream_error(e: &UpstreamError) -> OciError {
             tracing::warn!(error = %message, "upstream redirect refused");
             OciError::new(ErrorCode::Unavailable, message).with_status(502)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::{header, HeaderMap, HeaderValue};
+
+    #[test]
+    fn a_job_keeps_the_accept_lines_and_range_and_nothing_else() {
+        let mut request = HeaderMap::new();
+        for (name, value) in [
+            (header::ACCEPT, "application/vnd.oci.image.index.v1+json"),
+            (header::AUTHORIZATION, "Basic c2VjcmV0"),
+            (header::ACCEPT, "application/vnd.oci.image.manifest.v1+json"),
+            (header::RANGE, "bytes=0-99"),
+            (header::USER_AGENT, "containerd/2.0"),
+        ] {
+            request.append(name, HeaderValue::from_static(value));
+        }
+        let kept = super::client_headers(&request);
+        let accept: Vec<_> = kept.get_all(header::ACCEPT).iter().collect();
+        assert_eq!(
+            accept,
+            [
+                "application/vnd.oci.image.index.v1+json",
+                "application/vnd.oci.image.manifest.v1+json"
+            ],
+            "every Accept line, in order"
+        );
+        assert_eq!(kept.get(header::RANGE).unwrap(), "bytes=0-99");
+        assert_eq!(
+            kept.len(),
+            3,
+            "the caller's credentials and the rest stay behind"
+        );
     }
 }

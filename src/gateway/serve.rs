@@ -14,7 +14,9 @@ use super::blob::{self, BlobJob};
 use super::ctx::loggable_path;
 use super::data;
 use super::delete;
-use super::job::{error_from_upstream, manifest_read_error, partition, rewrite_link, Failure, Job};
+use super::job::{
+    client_headers, error_from_upstream, manifest_read_error, partition, rewrite_link, Failure, Job,
+};
 use super::manifest;
 use super::peer;
 use super::push;
@@ -126,7 +128,7 @@ pub async fn serve(
                     OciError::new(ErrorCode::NameUnknown, "registry has no upstream client")
                 })?
                 .clone();
-            let headers = session.req_header().headers.clone();
+            let headers = client_headers(&session.req_header().headers);
             let query = query.as_deref().map(without_ns).unwrap_or_default();
             let range = headers
                 .get(header::RANGE)

@@ -30,6 +30,8 @@ use moka::notification::RemovalCause;
 use moka::policy::EvictionPolicy;
 use moka::sync::Cache;
 
+use super::{mem_hasher, MemCache};
+
 use super::disk::Layout;
 
 /// Weights are in KiB so a `u32` weight covers blobs up to 4 TiB.
@@ -54,12 +56,12 @@ struct Counters {
 /// `hex -> size` of every committed sha256 blob, bounded by the store's `max_size`.
 pub(crate) struct Index {
     /// Swapped whole by [`Index::resize`] (moka's capacity is fixed per cache).
-    cache: RwLock<Cache<String, u64>>,
+    cache: RwLock<MemCache<String, u64>>,
     counters: Arc<Counters>,
     layout: Layout,
     pins: Mutex<Pins>,
     /// `hex -> bytes` of small indexed blobs; never holds one the index does not.
-    small: Cache<String, Bytes>,
+    small: MemCache<String, Bytes>,
 }
 
 /// Blobs that are never evicted: `hex -> size`, their bytes, their budget, and the file that
@@ -103,7 +105,7 @@ impl Index {
         let small = Cache::builder()
             .max_capacity(SMALL_BUDGET)
             .weigher(|_hex: &String, bytes: &Bytes| u32::try_from(bytes.len()).unwrap_or(u32::MAX))
-            .build();
+            .build_with_hasher(mem_hasher());
         let cache = build_cache(&layout, &counters, &small, max_size);
         Index {
             cache: RwLock::new(cache),
@@ -233,7 +235,7 @@ impl Index {
         self.pins().blobs.keys().cloned().collect()
     }
 
-    fn cache(&self) -> RwLockReadGuard<'_, Cache<String, u64>> {
+    fn cache(&self) -> RwLockReadGuard<'_, MemCache<String, u64>> {
         // Nothing panics while holding this lock; recover rather than panic if it did.
         self.cache.read().unwrap_or_else(|e| e.into_inner())
     }
@@ -374,9 +376,9 @@ fn write_pins(pins: &Pins) {
 fn build_cache(
     layout: &Layout,
     counters: &Arc<Counters>,
-    small: &Cache<String, Bytes>,
+    small: &MemCache<String, Bytes>,
     max_size: u64,
-) -> Cache<String, u64> {
+) -> MemCache<String, u64> {
     let layout = layout.clone();
     let counters = Arc::clone(counters);
     let small = small.clone();
@@ -389,7 +391,7 @@ fn build_cache(
             small.invalidate(hex.as_str());
             on_removal(&layout, &counters, &hex, size, cause);
         })
-        .build()
+        .build_with_hasher(mem_hasher())
 }
 
 /// KiB, rounded up, at least 1 (an empty blob still occupies an entry), at most `u32::MAX`.

@@ -26,10 +26,10 @@ type Key = String;
 pub struct Links {
     dir: PathBuf,
     /// Key -> Unix seconds of the last confirmation known on disk or newer.
-    memo: moka::sync::Cache<Key, u64>,
+    memo: super::MemCache<Key, u64>,
     /// Manifest key -> Unix seconds up to which its references were recorded, so a hit does
     /// not parse the manifest again for a confirmation it already passed on.
-    references: moka::sync::Cache<Key, u64>,
+    references: super::MemCache<Key, u64>,
 }
 
 impl Links {
@@ -39,8 +39,12 @@ impl Links {
         fs::create_dir_all(&dir)?;
         Ok(Links {
             dir,
-            memo: moka::sync::Cache::builder().max_capacity(500_000).build(),
-            references: moka::sync::Cache::builder().max_capacity(100_000).build(),
+            memo: moka::sync::Cache::builder()
+                .max_capacity(500_000)
+                .build_with_hasher(super::mem_hasher()),
+            references: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .build_with_hasher(super::mem_hasher()),
         })
     }
 

@@ -155,8 +155,8 @@ pub struct ManifestStore {
     tags: PathBuf,
     referrers_dir: PathBuf,
     tmp: PathBuf,
-    hot: moka::sync::Cache<Digest, Arc<CachedManifest>>,
-    hot_tags: moka::sync::Cache<TagKey, Arc<TagRecord>>,
+    hot: super::MemCache<Digest, Arc<CachedManifest>>,
+    hot_tags: super::MemCache<TagKey, Arc<TagRecord>>,
     hot_referrers: moka::sync::Cache<ReferrersKey, Arc<ReferrersEntry>>,
     /// One tag record writer at a time (read, change, write back).
     tag_writes: std::sync::Mutex<()>,
@@ -204,8 +204,10 @@ impl ManifestStore {
                 .weigher(|_, m: &Arc<CachedManifest>| {
                     u32::try_from(m.body.len()).unwrap_or(u32::MAX)
                 })
-                .build(),
-            hot_tags: moka::sync::Cache::builder().max_capacity(HOT_TAGS).build(),
+                .build_with_hasher(super::mem_hasher()),
+            hot_tags: moka::sync::Cache::builder()
+                .max_capacity(HOT_TAGS)
+                .build_with_hasher(super::mem_hasher()),
             tag_writes: std::sync::Mutex::new(()),
             hot_referrers: moka::sync::Cache::builder().max_capacity(HOT_TAGS).build(),
             missing: std::sync::RwLock::new(missing_cache(negative_ttl)),
