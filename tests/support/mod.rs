@@ -100,10 +100,20 @@ pub fn install_crypto_provider() {
 /// A free loopback port (bind :0, read it, release it). A tiny race with other processes is
 /// accepted; callers that hand the port to a child retry on "address already in use".
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
+    // The kernel may hand the same free port to two binds in a row once the first is closed:
+    // never give a port out twice in this process (two listeners of one config would clash).
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("bind 127.0.0.1:0")
+            .port();
+        if !handed_out.contains(&port) {
+            handed_out.push(port);
+            return port;
+        }
+    }
 }
 
 /// Polls `ready` every 20 ms until it returns true or `timeout` passes.
