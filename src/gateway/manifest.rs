@@ -248,18 +248,24 @@ impl ManifestJob<'_> {
     /// type, or in this client's terms (per set of accepted manifest types). Built when asked:
     /// an answer from the cache never needs it.
     fn missing(&self, slot: Slot) -> String {
-        let base = format!(
-            "{}\0{}\0{}",
-            self.job.partition,
-            self.job.routed.repository.as_str(),
-            self.reference
-        );
+        let base = self.key_of(self.reference);
         match slot {
             Slot::Primary => base,
             Slot::Variant => {
                 ManifestStore::missing_key_for(&base, (!self.full).then_some(self.accepted))
             }
         }
+    }
+
+    /// `reference` in this job's account and repository: the base of remembered-404 and
+    /// flight keys.
+    fn key_of(&self, reference: &dyn std::fmt::Display) -> String {
+        format!(
+            "{}\0{}\0{}",
+            self.job.partition,
+            self.job.routed.repository.as_str(),
+            reference
+        )
     }
 
     /// Records a tag answer in its slot; schema 1 answers are never cached (see `fetch`).
@@ -373,7 +379,7 @@ impl ManifestJob<'_> {
     ) -> Result<(), Failure> {
         let routed = self.job.routed;
         let key = TagKey::new(&self.job.partition, &routed.repository, tag);
-        let primary = self.gw.manifests.tag(&key).filter(|e| self.live(e));
+        let primary = self.cached_entry(Slot::Primary, &key);
         let use_primary = self.full
             || primary
                 .as_ref()
@@ -386,13 +392,7 @@ impl ManifestJob<'_> {
             return Ok(());
         }
         // A client that refuses the tag's real type: its own variant.
-        let variant = self
-            .gw
-            .manifests
-            .tag_variants(&key)
-            .into_iter()
-            .filter(|e| self.live(e))
-            .find(|v| self.takes(&v.media_type));
+        let variant = self.cached_entry(Slot::Variant, &key);
         self.tag_in(session, ctx, tag, &key, Slot::Variant, variant)
             .await?;
         Ok(())
@@ -541,10 +541,10 @@ impl ManifestJob<'_> {
         }
     }
 
-    /// This slot's answer for `key` while fresh: after a flight, what its leader cached.
-    fn fresh_entry(&self, slot: Slot, key: &TagKey, ttl: Duration) -> Option<TagEntry> {
-        let now = SystemTime::now();
-        let entry = match slot {
+    /// This slot's cached answer for `key`, not undone by a delete; a variant only of a type
+    /// this client takes.
+    fn cached_entry(&self, slot: Slot, key: &TagKey) -> Option<TagEntry> {
+        match slot {
             Slot::Primary => self.gw.manifests.tag(key).filter(|e| self.live(e)),
             Slot::Variant => self
                 .gw
@@ -553,8 +553,14 @@ impl ManifestJob<'_> {
                 .into_iter()
                 .filter(|e| self.live(e))
                 .find(|v| self.takes(&v.media_type)),
-        };
-        entry.filter(|e| e.age(now) < ttl)
+        }
+    }
+
+    /// [`cached_entry`](Self::cached_entry) while fresh: after a flight, what its leader
+    /// cached.
+    fn fresh_entry(&self, slot: Slot, key: &TagKey, ttl: Duration) -> Option<TagEntry> {
+        let now = SystemTime::now();
+        self.cached_entry(slot, key).filter(|e| e.age(now) < ttl)
     }
 
     /// In a cluster only the tag's owner asks the upstream about it, so the cluster asks at
@@ -710,13 +716,7 @@ impl ManifestJob<'_> {
                 .references(&entry.digest, &cached.body, entry.validated_at);
             return Ok(Some(cached));
         }
-        let flight = format!(
-            "{}\0{}\0{}",
-            self.job.partition,
-            self.job.routed.repository.as_str(),
-            entry.digest
-        );
-        let _leader = match self.gw.flights.join(flight).await {
+        let _leader = match self.gw.flights.join(self.key_of(&entry.digest)).await {
             Turn::Lead(leader) => Some(leader),
             Turn::Followed => match self.gw.manifests.get(&entry.digest) {
                 Some(cached) => return Ok(Some(cached)),

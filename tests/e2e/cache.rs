@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::harness::{get, registry, registry_at, request, Gateway};
+use crate::harness::{concurrent_gets, get, registry, registry_at, request, Gateway};
 use crate::support::{
     block_on, http_client, sha256_hex, wait_until, Fault, Relay, TestImage, Upstream,
     UpstreamOptions,
@@ -20,28 +20,6 @@ fn upstream_blob_gets(up: &Upstream, digest: &str) -> usize {
         .count()
 }
 
-/// GET `url` from `n` clients at once; each answer's status and SHA-256.
-fn concurrent_gets(url: &str, n: usize) -> Vec<(u16, String)> {
-    let url = url.to_string();
-    block_on(async move {
-        let client = http_client(None);
-        let tasks = (0..n).map(|_| {
-            let (client, url) = (client.clone(), url.clone());
-            tokio::spawn(async move {
-                let resp = client.get(&url).send().await.expect("send");
-                let status = resp.status().as_u16();
-                let body = resp.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
-                (status, format!("sha256:{}", sha256_hex(&body)))
-            })
-        });
-        let mut out = Vec::new();
-        for t in tasks.collect::<Vec<_>>() {
-            out.push(t.await.expect("task"));
-        }
-        out
-    })
-}
-
 #[test]
 fn twenty_concurrent_cold_pulls_fetch_the_blob_once() {
     let up = Upstream::start(UpstreamOptions::default());
@@ -50,10 +28,14 @@ fn twenty_concurrent_cold_pulls_fetch_the_blob_once() {
     let gw = Gateway::start(&registry("hub", &up, "default = true"));
     let layer = img.layer_digests()[0].clone();
 
-    let answers = concurrent_gets(&gw.url(&format!("/v2/team/big/blobs/{layer}")), 20);
-    for (status, digest) in &answers {
+    let answers = concurrent_gets(&gw.url(&format!("/v2/team/big/blobs/{layer}")), &[], 20);
+    for (status, body) in &answers {
         assert_eq!(*status, 200);
-        assert_eq!(digest, &layer, "every client got the verified bytes");
+        assert_eq!(
+            format!("sha256:{}", sha256_hex(body)),
+            layer,
+            "every client got the verified bytes"
+        );
     }
     assert_eq!(
         upstream_blob_gets(&up, &layer),

@@ -261,6 +261,37 @@ pub fn get(url: &str) -> Answer {
     request("GET", url, &[])
 }
 
+/// GET `url` with `headers` from `n` clients at once; each answer's status and body.
+pub fn concurrent_gets(url: &str, headers: &[(&str, &str)], n: usize) -> Vec<(u16, Vec<u8>)> {
+    let url = url.to_string();
+    let headers: Vec<(String, String)> = headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    crate::support::block_on(async move {
+        let client = crate::support::http_client(None);
+        let tasks: Vec<_> = (0..n)
+            .map(|_| {
+                let mut request = client.get(&url);
+                for (k, v) in &headers {
+                    request = request.header(k, v);
+                }
+                tokio::spawn(async move {
+                    let resp = request.send().await.expect("send");
+                    let status = resp.status().as_u16();
+                    let body = resp.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
+                    (status, body)
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.expect("task"));
+        }
+        out
+    })
+}
+
 /// Accept lines a registry client sends for manifests.
 pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
 

@@ -2,8 +2,8 @@
 //! again with a HEAD after it, manifests by digest served from disk, upstream 404s remembered,
 //! the cross-repository rule for manifests, and one upstream question for many clients.
 
-use crate::harness::{registry, request, Answer, Gateway, MANIFEST_ACCEPT};
-use crate::support::{block_on, http_client, TestImage, Upstream, UpstreamOptions};
+use crate::harness::{concurrent_gets, registry, request, Answer, Gateway, MANIFEST_ACCEPT};
+use crate::support::{TestImage, Upstream, UpstreamOptions};
 
 fn manifest(gw: &Gateway, method: &str, path: &str) -> Answer {
     request(method, &gw.url(path), &[("Accept", MANIFEST_ACCEPT)])
@@ -95,29 +95,6 @@ fn tags_are_reused_within_tag_ttl_and_asked_again_with_a_head_after_it() {
     );
 }
 
-/// GET `url` (every manifest type accepted) from `n` clients at once: each status and body.
-fn concurrent_manifest_gets(url: &str, n: usize) -> Vec<(u16, Vec<u8>)> {
-    let url = url.to_string();
-    block_on(async move {
-        let client = http_client(None);
-        let tasks: Vec<_> = (0..n)
-            .map(|_| {
-                let request = client.get(&url).header("Accept", MANIFEST_ACCEPT);
-                tokio::spawn(async move {
-                    let resp = request.send().await.expect("send");
-                    let status = resp.status().as_u16();
-                    (status, resp.bytes().await.expect("body").to_vec())
-                })
-            })
-            .collect();
-        let mut out = Vec::new();
-        for t in tasks {
-            out.push(t.await.expect("task"));
-        }
-        out
-    })
-}
-
 #[test]
 fn many_clients_asking_at_once_cost_one_upstream_manifest_request() {
     let up = Upstream::start(UpstreamOptions::default());
@@ -128,16 +105,15 @@ fn many_clients_asking_at_once_cost_one_upstream_manifest_request() {
     up.push(&polled, "team/polled:v1");
     up.push(&pinned, "team/pinned:v1");
     let gw = Gateway::start(&registry("hub", &up, "default = true"));
-    let every_answer = |answers: Vec<(u16, Vec<u8>)>, want: &[u8]| {
-        for (status, body) in answers {
+    let every_answer = |path: &str, want: &[u8]| {
+        for (status, body) in concurrent_gets(&gw.url(path), &[("Accept", MANIFEST_ACCEPT)], 24) {
             assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
             assert_eq!(body, want, "byte for byte");
         }
     };
 
     // A new tag, 24 clients at once (a rollout): one upstream GET, no HEAD.
-    let answers = concurrent_manifest_gets(&gw.url("/v2/team/rollout/manifests/v1"), 24);
-    every_answer(answers, &img.manifest_bytes());
+    every_answer("/v2/team/rollout/manifests/v1", &img.manifest_bytes());
     assert_eq!(upstream_ok(&up, "GET", "/v2/team/rollout/manifests/"), 1);
     assert_eq!(upstream_ok(&up, "HEAD", "/v2/team/rollout/manifests/"), 0);
 
@@ -146,14 +122,12 @@ fn many_clients_asking_at_once_cost_one_upstream_manifest_request() {
         manifest(&gw, "HEAD", "/v2/team/polled/manifests/v1").status,
         200
     );
-    let answers = concurrent_manifest_gets(&gw.url("/v2/team/polled/manifests/v1"), 24);
-    every_answer(answers, &polled.manifest_bytes());
+    every_answer("/v2/team/polled/manifests/v1", &polled.manifest_bytes());
     assert_eq!(upstream_ok(&up, "GET", "/v2/team/polled/manifests/"), 1);
 
     // By digest, never seen before: one upstream GET.
     let by_digest = format!("/v2/team/pinned/manifests/{}", pinned.manifest_digest());
-    let answers = concurrent_manifest_gets(&gw.url(&by_digest), 24);
-    every_answer(answers, &pinned.manifest_bytes());
+    every_answer(&by_digest, &pinned.manifest_bytes());
     assert_eq!(upstream_ok(&up, "GET", "/v2/team/pinned/manifests/"), 1);
 }
 
